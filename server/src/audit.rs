@@ -1,0 +1,313 @@
+//! The tamper-evident audit hash chain: how a record's hash is computed, and verification.
+//!
+//! This module knows no SQL. Stores call [`record_hash`] when they append (it is the single
+//! source of truth for the scheme) and [`verify`] walks any [`Store`] through
+//! [`Store::audit_chain`].
+
+use std::fmt;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::model::AuditRecord;
+use crate::store::{Store, StoreError};
+
+/// The `prev_hash` of the first record: 64 zeros (the hex width of a SHA-256).
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Records fetched per round trip while verifying.
+const PAGE: usize = 1000;
+
+/// The hash of one audit record, chained to the previous record's hash.
+///
+/// Scheme (version 1), stable across releases because stored chains depend on it:
+///
+/// ```text
+/// hash = lowercase_hex( SHA-256( prev_hash_ascii ‖ canonical_json ) )
+/// canonical_json = JSON array, compact (no whitespace), of
+///     [id, ts, actor, channel, operation, targets, params, outcome, ref_id]
+/// ```
+///
+/// where `id`, `ts` are integers, `channel` is its lowercase name (`"rest"`, ...), `targets`
+/// is the array of strings in stored order, `params` is the JSON value, `ref_id` is an
+/// integer or `null`. Object keys at every depth are sorted by byte order; strings use
+/// serde_json's escaping; numbers use serde_json's rendering. `prev_hash` and `hash` are
+/// not part of the content. The canonical form is written by hand rather than trusting
+/// `serde_json::to_string`, so enabling serde_json's `preserve_order` feature anywhere in
+/// the dependency graph cannot change existing hashes.
+pub fn record_hash(prev_hash: &str, r: &AuditRecord) -> String {
+    let content = serde_json::json!([
+        r.id,
+        r.ts,
+        r.actor,
+        r.channel.as_str(),
+        r.operation,
+        r.targets,
+        r.params,
+        r.outcome,
+        r.ref_id,
+    ]);
+    let mut canonical = String::new();
+    write_canonical(&content, &mut canonical);
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(canonical.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Compact JSON with object keys sorted at every depth.
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {
+            // Scalars have a single serde_json rendering; serialising a scalar cannot fail.
+            out.push_str(&serde_json::to_string(v).unwrap_or_default());
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push('{');
+            for (i, (k, val)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push(':');
+                write_canonical(val, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// The first record at which the chain does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// Id of the first record that fails a check.
+    pub id: i64,
+    pub reason: String,
+}
+
+impl fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "record {}: {}", self.id, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("audit chain broken at {0}")]
+    Broken(ChainBreak),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Walks the whole audit trail in id order and checks every link and every hash.
+///
+/// Returns how many records were checked, or the first broken record. A deleted record
+/// cannot be seen directly; it shows up as the next surviving record failing to link to
+/// its predecessor, and the reason then names the missing ids.
+pub async fn verify(store: &dyn Store) -> Result<u64, VerifyError> {
+    let mut checked: u64 = 0;
+    let mut prev: Option<(i64, String)> = None;
+    let mut after = 0i64;
+    loop {
+        let page = store.audit_chain(after, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        let short = page.len() < PAGE;
+        for r in &page {
+            if let Some(reason) = check(prev.as_ref(), r) {
+                return Err(VerifyError::Broken(ChainBreak { id: r.id, reason }));
+            }
+            prev = Some((r.id, r.hash.clone()));
+            checked += 1;
+        }
+        if short {
+            break;
+        }
+    }
+    Ok(checked)
+}
+
+/// Why `r` does not follow `prev` (id and hash of the previous record), if it does not.
+fn check(prev: Option<&(i64, String)>, r: &AuditRecord) -> Option<String> {
+    match prev {
+        None => {
+            if r.prev_hash != GENESIS {
+                return Some(if r.id > 1 {
+                    format!(
+                        "prev_hash is not the genesis hash; records 1..={} are missing (deleted?)",
+                        r.id - 1
+                    )
+                } else {
+                    "prev_hash is not the genesis hash".to_string()
+                });
+            }
+        }
+        Some((prev_id, prev_hash)) => {
+            if r.id <= *prev_id {
+                return Some(format!(
+                    "id is not greater than the previous record's id {prev_id}"
+                ));
+            }
+            if r.prev_hash != *prev_hash {
+                return Some(if r.id > prev_id + 1 {
+                    let missing = if r.id - 1 == prev_id + 1 {
+                        format!("record {} is", prev_id + 1)
+                    } else {
+                        format!("records {}..={} are", prev_id + 1, r.id - 1)
+                    };
+                    format!(
+                        "prev_hash does not link to record {prev_id}; {missing} missing (deleted?)"
+                    )
+                } else {
+                    format!("prev_hash does not link to record {prev_id}")
+                });
+            }
+        }
+    }
+    if record_hash(&r.prev_hash, r) != r.hash {
+        return Some("content does not match its hash".to_string());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Caller, Channel, NewAudit};
+    use crate::store::sqlite::SqliteStore;
+
+    fn rec(params: Value) -> AuditRecord {
+        AuditRecord {
+            id: 7,
+            ts: 1_700_000_000_000,
+            actor: "alice".into(),
+            channel: Channel::Rest,
+            operation: "command.restart".into(),
+            targets: vec!["b".into(), "a".into()],
+            params,
+            outcome: "ok".into(),
+            ref_id: Some(3),
+            prev_hash: GENESIS.into(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn canonical_form_sorts_keys_at_every_depth() {
+        let mut out = String::new();
+        let mut inner = serde_json::Map::new();
+        inner.insert("z".into(), Value::from(1));
+        inner.insert("a".into(), Value::from("x\"y"));
+        let mut outer = serde_json::Map::new();
+        outer.insert("k".into(), Value::Object(inner));
+        outer.insert("b".into(), serde_json::json!([null, true, 1.5]));
+        write_canonical(&Value::Object(outer), &mut out);
+        assert_eq!(out, r#"{"b":[null,true,1.5],"k":{"a":"x\"y","z":1}}"#);
+    }
+
+    #[test]
+    fn hash_is_deterministic_and_covers_every_field() {
+        let base = rec(serde_json::json!({"delay": 5, "why": "upgrade"}));
+        let h = record_hash(GENESIS, &base);
+        assert_eq!(h.len(), 64);
+        assert_eq!(h, record_hash(GENESIS, &base.clone()));
+        // prev_hash and hash are links, not content: changing `hash` changes nothing.
+        let mut same = base.clone();
+        same.hash = "whatever".into();
+        assert_eq!(h, record_hash(GENESIS, &same));
+
+        type Change = Box<dyn Fn(&mut AuditRecord)>;
+        let variants: Vec<Change> = vec![
+            Box::new(|r| r.id += 1),
+            Box::new(|r| r.ts += 1),
+            Box::new(|r| r.actor.push('x')),
+            Box::new(|r| r.channel = Channel::Cli),
+            Box::new(|r| r.operation.push('x')),
+            Box::new(|r| r.targets.reverse()),
+            Box::new(|r| r.params = serde_json::json!({"delay": 6, "why": "upgrade"})),
+            Box::new(|r| r.outcome = "error".into()),
+            Box::new(|r| r.ref_id = None),
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut r = base.clone();
+            change(&mut r);
+            assert_ne!(record_hash(GENESIS, &r), h, "variant {i} not covered");
+        }
+        assert_ne!(record_hash(&"1".repeat(64), &base), h);
+    }
+
+    #[tokio::test]
+    async fn verify_empty_and_intact_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        assert_eq!(verify(&store).await.unwrap(), 0);
+        let caller = Caller::system();
+        for i in 0..5 {
+            let mut a = NewAudit::new(&caller, "test.op");
+            // Floats must survive the trip through the database bit-exactly for the hash.
+            a.params = serde_json::json!({"i": i, "f": 0.1 + f64::from(i) / 3.0, "big": 1e300});
+            a.targets = vec![format!("agent-{i}")];
+            store.append_audit(a).await.unwrap();
+        }
+        assert_eq!(verify(&store).await.unwrap(), 5);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn verify_pages_through_long_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let caller = Caller::system();
+        for _ in 0..(PAGE + 5) {
+            store
+                .append_audit(NewAudit::new(&caller, "test.op"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(verify(&store).await.unwrap(), (PAGE + 5) as u64);
+        // A break on the second page is still found.
+        sqlx::query("UPDATE audit SET actor = 'mallory' WHERE id = ?")
+            .bind((PAGE + 2) as i64)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        match verify(&store).await {
+            Err(VerifyError::Broken(b)) => assert_eq!(b.id, (PAGE + 2) as i64),
+            other => panic!("expected a break, got {other:?}"),
+        }
+        store.close().await;
+    }
+
+    #[test]
+    fn reasons_name_missing_records() {
+        let mut r = rec(Value::Null);
+        r.id = 5;
+        r.prev_hash = "f".repeat(64);
+        let prev = (3, "e".repeat(64));
+        let reason = check(Some(&prev), &r).unwrap();
+        assert!(reason.contains("record 3") && reason.contains("record 4 is missing"));
+        r.id = 9;
+        let reason = check(Some(&prev), &r).unwrap();
+        assert!(reason.contains("records 4..=8 are missing"), "{reason}");
+        r.id = 3;
+        let reason = check(Some(&prev), &r).unwrap();
+        assert!(reason.contains("not greater"), "{reason}");
+        let reason = check(None, &r).unwrap();
+        assert!(
+            reason.contains("genesis") && reason.contains("1..=2"),
+            "{reason}"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Live agent connections: which agents are connected now, and how to wake a WebSocket session
+//! so a queued command is delivered at once instead of at the next heartbeat.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::model::Transport;
+
+/// A wake-up for a WebSocket session. The channel has capacity 1 so wake-ups coalesce: a
+/// session that is already going to look at its queue does not need a second nudge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Look at the queue and send what is due.
+    Deliver,
+}
+
+struct Entry {
+    conn_id: u64,
+    transport: Transport,
+    wake: Option<mpsc::Sender<Wake>>,
+}
+
+/// The registry of live connections, keyed by instance uid.
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<HashMap<Uuid, Entry>>,
+    next_conn: AtomicU64,
+}
+
+/// Returned when a uid is already held by another live WebSocket connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duplicate;
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    /// A process-unique id for a new transport connection.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Binds `uid` to connection `conn_id`. Fails if another live WebSocket connection holds the
+    /// uid (the newcomer must then be given a new uid). HTTP agents hold no connection between
+    /// requests, so an HTTP binding never blocks anyone and is replaced freely.
+    pub fn bind(
+        &self,
+        uid: Uuid,
+        conn_id: u64,
+        transport: Transport,
+        wake: Option<mpsc::Sender<Wake>>,
+    ) -> Result<(), Duplicate> {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get(&uid) {
+            let other_live_ws = e.conn_id != conn_id
+                && e.transport == Transport::Websocket
+                && e.wake.as_ref().is_some_and(|w| !w.is_closed());
+            if other_live_ws {
+                return Err(Duplicate);
+            }
+        }
+        map.insert(
+            uid,
+            Entry {
+                conn_id,
+                transport,
+                wake,
+            },
+        );
+        Ok(())
+    }
+
+    /// True if `uid` is bound to a live WebSocket connection other than `conn_id`.
+    pub fn held_by_other(&self, uid: Uuid, conn_id: u64) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&uid).is_some_and(|e| {
+            e.conn_id != conn_id
+                && e.transport == Transport::Websocket
+                && e.wake.as_ref().is_some_and(|w| !w.is_closed())
+        })
+    }
+
+    /// Removes the binding if it still belongs to `conn_id`. Returns true if it did.
+    pub fn unbind(&self, uid: Uuid, conn_id: u64) -> bool {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&uid).is_some_and(|e| e.conn_id == conn_id) {
+            map.remove(&uid);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Wakes the WebSocket session of `uid`, if any. Returns true if one was there.
+    pub fn notify(&self, uid: Uuid) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&uid).and_then(|e| e.wake.as_ref()) {
+            Some(w) => {
+                // Full means a wake-up is already pending: coalesced, nothing lost.
+                let _ = w.try_send(Wake::Deliver);
+                !w.is_closed()
+            }
+            None => false,
+        }
+    }
+
+    /// Number of agents bound to a live connection, by transport.
+    pub fn counts(&self) -> (usize, usize) {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = map
+            .values()
+            .filter(|e| e.transport == Transport::Websocket)
+            .count();
+        (ws, map.len() - ws)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_live_websocket_is_a_duplicate() {
+        let hub = Hub::new();
+        let uid = Uuid::now_v7();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        hub.bind(uid, 1, Transport::Websocket, Some(tx1)).unwrap();
+        assert_eq!(
+            hub.bind(uid, 2, Transport::Websocket, Some(tx2)),
+            Err(Duplicate)
+        );
+        assert!(hub.notify(uid));
+        assert!(!hub.unbind(uid, 2));
+        assert!(hub.unbind(uid, 1));
+        assert!(!hub.notify(uid));
+    }
+
+    #[test]
+    fn closed_session_does_not_block_reconnect() {
+        let hub = Hub::new();
+        let uid = Uuid::now_v7();
+        let (tx1, rx1) = mpsc::channel(1);
+        hub.bind(uid, 1, Transport::Websocket, Some(tx1)).unwrap();
+        drop(rx1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        assert_eq!(hub.bind(uid, 2, Transport::Websocket, Some(tx2)), Ok(()));
+    }
+}

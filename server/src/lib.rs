@@ -1,0 +1,159 @@
+//! Flotilla server library: OpAMP server, fleet registry, command queue, REST API, audit trail.
+//!
+//! See docs/ARCHITECTURE.md for the code map and the invariants. [`run`] takes already-bound
+//! listeners so tests bind port 0 and read the address back.
+
+pub mod audit;
+pub mod commands;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod opamp;
+pub mod query;
+pub mod rest;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Validated;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::service::{Fleet, FleetSettings};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        dir: std::path::PathBuf,
+        source: store::StoreError,
+    },
+    #[error("listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the configured store and prepares it for serving (nothing is connected at start).
+pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
+    let store = SqliteStore::open(&cfg.data_dir)
+        .await
+        .map_err(|source| ServerError::Store {
+            dir: cfg.data_dir.clone(),
+            source,
+        })?;
+    store
+        .mark_all_disconnected(model::now_ms())
+        .await
+        .map_err(|source| ServerError::Store {
+            dir: cfg.data_dir.clone(),
+            source,
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// Opens the store for offline tools (`audit verify`) without touching connection state.
+pub async fn open_store_readonly(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
+    let store = SqliteStore::open(&cfg.data_dir)
+        .await
+        .map_err(|source| ServerError::Store {
+            dir: cfg.data_dir.clone(),
+            source,
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// Serves agents on `opamp` and operators on `api` until `shutdown` resolves, then stops
+/// accepting, closes agent WebSockets with a Close frame, and flushes the store.
+pub async fn run(
+    v: Validated,
+    store: Arc<dyn Store>,
+    opamp: TcpListener,
+    api: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let cfg = v.config;
+    let hub = Arc::new(Hub::new());
+    let metrics = Arc::new(Metrics::new());
+    let fleet = Fleet::new(
+        store.clone(),
+        hub,
+        metrics,
+        FleetSettings {
+            queue_ttl_s: cfg.commands.queue_ttl_s,
+            result_timeout_s: cfg.commands.result_timeout_s,
+            max_fanout: cfg.commands.max_fanout,
+            heartbeat_interval_s: cfg.opamp.heartbeat_interval_s,
+        },
+    );
+    let token = CancellationToken::new();
+    {
+        let token = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+    }
+
+    let opamp_ctx = Arc::new(opamp::OpampContext {
+        fleet: fleet.clone(),
+        cfg: cfg.opamp.clone(),
+        shutdown: token.clone(),
+    });
+    let rest_ctx = Arc::new(rest::RestContext {
+        fleet: fleet.clone(),
+        cfg: cfg.api.clone(),
+        data_dir: cfg.data_dir.clone(),
+    });
+    let opamp_app = opamp::router(opamp_ctx);
+    let rest_app = rest::router(rest_ctx);
+
+    let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
+    tracing::info!(
+        opamp = %opamp.local_addr()?, path = %cfg.opamp.path,
+        api = %api.local_addr()?, data_dir = %cfg.data_dir.display(),
+        "flotilla serving"
+    );
+    let t1 = token.clone();
+    let t2 = token.clone();
+    let opamp_srv = axum::serve(
+        opamp,
+        opamp_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { t1.cancelled().await });
+    let api_srv = axum::serve(
+        api,
+        rest_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { t2.cancelled().await });
+    let (a, b) = tokio::join!(async move { opamp_srv.await }, async move { api_srv.await });
+    sweeper.abort();
+    store.close().await;
+    tracing::info!("flotilla stopped; store flushed");
+    a?;
+    b?;
+    Ok(())
+}
+
+/// Expires overdue commands every second.
+async fn sweep_loop(fleet: Fleet, token: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = fleet.sweep(model::now_ms()).await {
+                    tracing::warn!(error = %e, "command expiry sweep failed; will retry");
+                }
+            }
+        }
+    }
+}

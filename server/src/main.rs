@@ -1,0 +1,171 @@
+//! `flotilla` binary: thin CLI over the library — `serve`, `audit verify`, `config check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flotilla_server::config::{Config, Validated, ENV_VARS};
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Flotilla: an OpAMP control plane for Fluent Bit and Fluentd fleets"
+)]
+struct Cli {
+    /// TOML configuration file (settings are then overridden by FLOTILLA_* variables and flags).
+    #[arg(long, short, global = true, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (database, generated admin token).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server: OpAMP for agents, REST for operators.
+    Serve {
+        /// Agent listener, e.g. 0.0.0.0:4320.
+        #[arg(long)]
+        opamp_listen: Option<String>,
+        /// Operator listener, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        api_listen: Option<String>,
+    },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
+    /// Validate the configuration and print the effective settings.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the whole hash chain; names the first broken record.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate and print.
+    Check,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Validated> {
+    let env = ENV_VARS
+        .iter()
+        .filter_map(|(k, _)| std::env::var(k).ok().map(|v| (k.to_string(), v)));
+    let mut cfg = Config::load(cli.config.as_deref(), env)?;
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Cmd::Serve {
+        opamp_listen,
+        api_listen,
+    } = &cli.command
+    {
+        if let Some(a) = opamp_listen {
+            cfg.opamp.listen = a.clone();
+        }
+        if let Some(a) = api_listen {
+            cfg.api.listen = a.clone();
+        }
+    }
+    Ok(cfg.validate()?)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flotilla: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Configuration is validated in full before anything is opened or bound.
+    let v = load(&cli)?;
+    init_logging(&v.config);
+    match cli.command {
+        Cmd::Config { .. } => {
+            println!("{:#?}", v.config);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Audit {
+            command: AuditCmd::Verify,
+        } => {
+            let store = flotilla_server::open_store_readonly(&v.config).await?;
+            match flotilla_server::audit::verify(store.as_ref()).await {
+                Ok(n) => {
+                    println!("audit chain intact: {n} records verified");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(flotilla_server::audit::VerifyError::Broken(b)) => {
+                    println!("audit chain BROKEN at record {}: {}", b.id, b.reason);
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Cmd::Serve { .. } => {
+            flotilla_server::rest::auth::Tokens::load(&v.config.api, &v.config.data_dir)
+                .context("API tokens")?;
+            let store = flotilla_server::open_store(&v.config).await?;
+            let opamp = tokio::net::TcpListener::bind(v.opamp_addr)
+                .await
+                .with_context(|| format!("cannot listen for agents on {}", v.opamp_addr))?;
+            let api = tokio::net::TcpListener::bind(v.api_addr)
+                .await
+                .with_context(|| format!("cannot listen for operators on {}", v.api_addr))?;
+            flotilla_server::run(v, store, opamp, api, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

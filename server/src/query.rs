@@ -1,0 +1,281 @@
+//! The agent search language shared by REST, MCP, chat and fan-out.
+//!
+//! A query is whitespace-separated terms, all of which must match (AND). A term is free text
+//! (case-insensitive substring of the uid, any attribute value or label) or `key:value`; a
+//! leading `-` negates it; `"double quotes"` keep spaces. Values of attribute-like keys are
+//! case-insensitive globs (`*`, `?`). Keys:
+//! `type`, `health` (healthy|unhealthy|unknown), `state` (healthy|late|offline|online),
+//! `version` (service.version), `name` (service.name), `host` (host.name), `label` (`k=v` or
+//! `k`), `capability` (a standard capability name, `chatops`/`shutdown`/`restart`/`remote_config`,
+//! or a custom capability), `uid` (prefix), `transport` (http|websocket), and any attribute key
+//! containing a dot, e.g. `host.name:web-*`.
+
+use flotilla_proto::caps::{agent_capability_by_name, agent_has};
+use flotilla_proto::AgentCapabilities;
+use wildmatch::WildMatch;
+
+use crate::commands::{has_custom, CAP_CHATOPS, CAP_SHUTDOWN};
+use crate::model::{Agent, Liveness, Millis, Transport};
+
+/// Why a query did not parse; names the offending term.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("unterminated quote in {0:?}")]
+    Unterminated(String),
+    #[error("term {term:?}: {message}")]
+    BadTerm { term: String, message: String },
+}
+
+#[derive(Debug, Clone)]
+enum Term {
+    Text(String),
+    Type(WildMatch),
+    Health(&'static str),
+    State(&'static str),
+    Attr(String, WildMatch),
+    Label(String, Option<WildMatch>),
+    Capability(String),
+    UidPrefix(String),
+    Transport(Transport),
+}
+
+/// A parsed query. The empty query matches every agent.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    terms: Vec<(bool, Term)>,
+}
+
+fn glob(v: &str) -> WildMatch {
+    WildMatch::new_case_insensitive(v)
+}
+
+fn split(q: &str) -> Result<Vec<String>, QueryError> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in q.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if quoted {
+        return Err(QueryError::Unterminated(q.to_string()));
+    }
+    if any {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+impl Query {
+    pub fn parse(q: &str) -> Result<Query, QueryError> {
+        let mut terms = Vec::new();
+        for raw in split(q)? {
+            let (neg, t) = match raw.strip_prefix('-') {
+                Some(rest) if !rest.is_empty() => (true, rest),
+                _ => (false, raw.as_str()),
+            };
+            let bad = |message: &str| QueryError::BadTerm {
+                term: raw.clone(),
+                message: message.into(),
+            };
+            let term = match t.split_once(':') {
+                None => Term::Text(t.to_lowercase()),
+                Some((k, v)) => {
+                    if v.is_empty() {
+                        return Err(bad("empty value after ':'"));
+                    }
+                    match k.to_ascii_lowercase().as_str() {
+                        "type" => Term::Type(glob(v)),
+                        "health" => Term::Health(match v.to_ascii_lowercase().as_str() {
+                            "healthy" | "ok" | "true" => "healthy",
+                            "unhealthy" | "false" => "unhealthy",
+                            "unknown" => "unknown",
+                            _ => return Err(bad("health is healthy, unhealthy or unknown")),
+                        }),
+                        "state" => Term::State(match v.to_ascii_lowercase().as_str() {
+                            "healthy" => "healthy",
+                            "late" => "late",
+                            "offline" | "disconnected" => "offline",
+                            "online" | "connected" => "online",
+                            _ => return Err(bad("state is healthy, late, offline or online")),
+                        }),
+                        "version" => Term::Attr("service.version".into(), glob(v)),
+                        "name" => Term::Attr("service.name".into(), glob(v)),
+                        "host" => Term::Attr("host.name".into(), glob(v)),
+                        "label" => match v.split_once('=') {
+                            Some((lk, lv)) => Term::Label(lk.to_string(), Some(glob(lv))),
+                            None => Term::Label(v.to_string(), None),
+                        },
+                        "capability" | "cap" => Term::Capability(v.to_string()),
+                        "uid" | "id" => Term::UidPrefix(v.to_ascii_lowercase()),
+                        "transport" => Term::Transport(match v.to_ascii_lowercase().as_str() {
+                            "http" => Transport::Http,
+                            "websocket" | "ws" => Transport::Websocket,
+                            _ => return Err(bad("transport is http or websocket")),
+                        }),
+                        _ if k.contains('.') => Term::Attr(k.to_string(), glob(v)),
+                        _ => return Err(bad(
+                            "unknown key (use type, health, state, version, name, host, label, \
+                                 capability, uid, transport, or an attribute name with a dot)",
+                        )),
+                    }
+                }
+            };
+            terms.push((neg, term));
+        }
+        Ok(Query { terms })
+    }
+
+    /// True if `agent` matches every term at time `now`.
+    pub fn matches(&self, agent: &Agent, now: Millis) -> bool {
+        self.terms
+            .iter()
+            .all(|(neg, t)| term_matches(t, agent, now) != *neg)
+    }
+}
+
+fn term_matches(t: &Term, a: &Agent, now: Millis) -> bool {
+    match t {
+        Term::Text(s) => {
+            a.uid.to_string().contains(s.as_str())
+                || a.identifying
+                    .iter()
+                    .chain(a.non_identifying.iter())
+                    .any(|(_, v)| v.to_lowercase().contains(s.as_str()))
+                || a.labels.iter().any(|(k, v)| {
+                    k.to_lowercase().contains(s.as_str()) || v.to_lowercase().contains(s.as_str())
+                })
+        }
+        Term::Type(g) => g.matches(&a.agent_type()),
+        Term::Health(h) => {
+            let got = match a.health.as_ref().map(|h| h.healthy) {
+                Some(true) => "healthy",
+                Some(false) => "unhealthy",
+                None => "unknown",
+            };
+            got == *h
+        }
+        Term::State(s) => {
+            let l = a.liveness(now);
+            match *s {
+                "online" => l != Liveness::Offline,
+                "healthy" => l == Liveness::Healthy,
+                "late" => l == Liveness::Late,
+                _ => l == Liveness::Offline,
+            }
+        }
+        Term::Attr(k, g) => a.attr(k).is_some_and(|v| g.matches(v)),
+        Term::Label(k, g) => match (a.labels.get(k), g) {
+            (Some(v), Some(g)) => g.matches(v),
+            (Some(_), None) => true,
+            (None, _) => false,
+        },
+        Term::Capability(c) => capability_matches(a, c),
+        Term::UidPrefix(p) => {
+            a.uid.to_string().starts_with(p.as_str())
+                || a.uid.simple().to_string().starts_with(p.as_str())
+        }
+        Term::Transport(t) => a.transport == Some(*t),
+    }
+}
+
+fn capability_matches(a: &Agent, c: &str) -> bool {
+    match c.to_ascii_lowercase().as_str() {
+        "chatops" => return has_custom(a, CAP_CHATOPS),
+        "shutdown" => return has_custom(a, CAP_SHUTDOWN),
+        "restart" => return agent_has(a.capabilities, AgentCapabilities::AcceptsRestartCommand),
+        "remote_config" | "remoteconfig" => {
+            return agent_has(a.capabilities, AgentCapabilities::AcceptsRemoteConfig)
+        }
+        "health" => return agent_has(a.capabilities, AgentCapabilities::ReportsHealth),
+        _ => {}
+    }
+    if let Some(cap) = agent_capability_by_name(c) {
+        return agent_has(a.capabilities, cap);
+    }
+    let g = glob(c);
+    a.custom_capabilities
+        .iter()
+        .any(|x| g.matches(x) || x.strip_prefix("request:").is_some_and(|x| g.matches(x)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Health;
+
+    fn agent(host: &str, ty: &str, version: &str) -> Agent {
+        let mut a = Agent::new(uuid::Uuid::now_v7(), 1_000, 30);
+        a.identifying = vec![
+            ("service.name".into(), ty.into()),
+            ("service.version".into(), version.into()),
+        ];
+        a.non_identifying = vec![("host.name".into(), host.into())];
+        a.connected = true;
+        a.last_seen = 1_000;
+        a
+    }
+
+    #[test]
+    fn terms_and_globs() {
+        let mut a = agent("web-3", "Fluent Bit", "5.1.1");
+        a.labels.insert("env".into(), "prod".into());
+        a.health = Some(Health {
+            healthy: false,
+            ..Default::default()
+        });
+        a.custom_capabilities = vec![format!("request:{CAP_CHATOPS}")];
+        a.capabilities = 0x401;
+        let m = |q: &str| Query::parse(q).unwrap().matches(&a, 2_000);
+        assert!(m(""));
+        assert!(m("host.name:web-*"));
+        assert!(m("host.name:WEB-3"));
+        assert!(!m("host.name:db-*"));
+        assert!(m("type:fluentbit version:5.1.*"));
+        assert!(!m("type:fluentd"));
+        assert!(m("health:unhealthy"));
+        assert!(m("state:healthy"));
+        assert!(m("state:online"));
+        assert!(!m("state:offline"));
+        assert!(m("label:env=prod label:env"));
+        assert!(!m("label:env=dev"));
+        assert!(m(
+            "capability:chatops capability:restart capability:AcceptsRestartCommand"
+        ));
+        assert!(!m("capability:remote_config"));
+        assert!(m("web"));
+        assert!(m("-type:fluentd"));
+        assert!(!m("-web"));
+        assert!(m("\"web-3\""));
+        assert!(Query::parse("bogus:1").is_err());
+        assert!(Query::parse("state:sleepy").is_err());
+        assert!(Query::parse("\"open").is_err());
+        assert!(Query::parse("host.name:").is_err());
+    }
+
+    #[test]
+    fn liveness_terms_follow_time() {
+        let a = agent("h", "fluentd", "1.18.0");
+        let q = Query::parse("state:late").unwrap();
+        assert!(!q.matches(&a, 1_000 + 30_000));
+        assert!(q.matches(&a, 1_000 + 60_000));
+        assert!(Query::parse("state:offline")
+            .unwrap()
+            .matches(&a, 1_000 + 100_000));
+    }
+}

@@ -1,0 +1,819 @@
+//! The fleet service: the one API that owns every fleet operation (search, get, label, queue,
+//! cancel, status, catalog, audit). REST, MCP, chat and the console are thin adapters over it.
+//!
+//! Invariant: every state-changing operation checks the caller's role and appends an audit
+//! record in the same store transaction as the change itself; adapters cannot skip either.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::commands::{self, CommandError};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::model::{
+    now_ms, rfc3339, Agent, AuditFilter, AuditRecord, Batch, Caller, Channel, Command,
+    CommandFilter, CommandKind, CommandStatus, Liveness, Millis, NewAudit, Role, SkippedTarget,
+};
+use crate::query::Query;
+use crate::store::{Finish, Store, StoreError};
+
+/// Why an operation was refused or failed. Each variant has a stable [`FleetError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{actor} ({role:?}) may not {operation}: it needs the {needed:?} role")]
+    Forbidden {
+        actor: String,
+        role: Role,
+        needed: Role,
+        operation: &'static str,
+    },
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("invalid query: {0}")]
+    BadQuery(String),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("no agent matches {0:?}")]
+    NoTargets(String),
+    #[error("{count} agents match; a fan-out may target at most {max} (narrow the query)")]
+    TooManyTargets { count: usize, max: usize },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("storage unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl FleetError {
+    /// A stable machine-readable code (part of the API contract).
+    pub fn code(&self) -> &'static str {
+        match self {
+            FleetError::Forbidden { .. } => "forbidden",
+            FleetError::NotFound { .. } => "not_found",
+            FleetError::BadRequest(_) => "bad_request",
+            FleetError::BadQuery(_) => "invalid_query",
+            FleetError::Command(CommandError::InvalidParams { .. }) => "invalid_params",
+            FleetError::Command(CommandError::NotCapable { .. }) => "capability_missing",
+            FleetError::NoTargets(_) => "no_targets",
+            FleetError::TooManyTargets { .. } => "too_many_targets",
+            FleetError::Conflict(_) => "conflict",
+            FleetError::Store(_) => "storage_unavailable",
+        }
+    }
+}
+
+pub type FleetResult<T> = Result<T, FleetError>;
+
+/// Settings the service needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    pub queue_ttl_s: u64,
+    pub result_timeout_s: u64,
+    pub max_fanout: usize,
+    pub heartbeat_interval_s: u64,
+}
+
+/// One page of results with an opaque cursor for the next.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+    /// Matches in the whole fleet, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<usize>,
+}
+
+/// A compact search row: enough to pick an agent, small enough for a 10k-agent answer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AgentRow {
+    pub uid: Uuid,
+    #[serde(rename = "type")]
+    pub agent_type: String,
+    pub name: Option<String>,
+    pub host: Option<String>,
+    pub version: Option<String>,
+    pub state: Liveness,
+    pub healthy: Option<bool>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub last_seen: String,
+}
+
+impl AgentRow {
+    pub fn of(a: &Agent, now: Millis) -> AgentRow {
+        AgentRow {
+            uid: a.uid,
+            agent_type: a.agent_type(),
+            name: a.attr("service.name").map(str::to_string),
+            host: a
+                .attr("host.name")
+                .or_else(|| a.attr("hostname"))
+                .map(str::to_string),
+            version: a.attr("service.version").map(str::to_string),
+            state: a.liveness(now),
+            healthy: a.health.as_ref().map(|h| h.healthy),
+            labels: a.labels.clone(),
+            last_seen: rfc3339(a.last_seen),
+        }
+    }
+}
+
+/// The full view of one agent.
+pub fn agent_view(a: &Agent, now: Millis) -> Value {
+    let attrs = |v: &Vec<(String, String)>| {
+        Value::Object(
+            v.iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+        )
+    };
+    json!({
+        "uid": a.uid,
+        "type": a.agent_type(),
+        "state": a.liveness(now),
+        "connected": a.connected,
+        "identifying_attributes": attrs(&a.identifying),
+        "non_identifying_attributes": attrs(&a.non_identifying),
+        "capabilities": {
+            "bits": a.capabilities,
+            "names": flotilla_proto::caps::agent_capability_names(a.capabilities),
+        },
+        "custom_capabilities": a.custom_capabilities,
+        "health": a.health,
+        "effective_config": a.effective_config,
+        "remote_config_status": a.remote_config_status,
+        "desired_config": a.desired_config.as_ref().map(|d| json!({"hash": d.hash, "command_id": d.command_id})),
+        "labels": a.labels,
+        "transport": a.transport,
+        "remote_addr": a.remote_addr,
+        "first_seen": rfc3339(a.first_seen),
+        "last_seen": rfc3339(a.last_seen),
+        "sequence_num": a.sequence_num,
+        "heartbeat_interval_seconds": a.heartbeat_interval_s,
+        "previous_uid": a.previous_uid,
+    })
+}
+
+/// What to send a command to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Agent(Uuid),
+    /// Every agent matching a search query at queue time (fan-out).
+    Query(String),
+}
+
+/// The result of queueing.
+#[derive(Debug, Clone)]
+pub enum Queued {
+    One(Command),
+    Batch(Batch, Vec<Command>),
+}
+
+/// A fan-out's per-agent progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchProgress {
+    pub batch: Batch,
+    pub counts: BTreeMap<&'static str, usize>,
+    pub commands: Vec<BatchItem>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchItem {
+    pub agent_uid: Uuid,
+    pub command_id: Uuid,
+    pub status: CommandStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The fleet service. Cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    settings: FleetSettings,
+}
+
+const SCAN_PAGE: usize = 1000;
+
+impl Fleet {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        settings: FleetSettings,
+    ) -> Fleet {
+        Fleet {
+            store,
+            hub,
+            metrics,
+            settings,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+    pub fn settings(&self) -> &FleetSettings {
+        &self.settings
+    }
+
+    fn require(caller: &Caller, needed: Role, operation: &'static str) -> FleetResult<()> {
+        if caller.role >= needed {
+            Ok(())
+        } else {
+            Err(FleetError::Forbidden {
+                actor: caller.actor.clone(),
+                role: caller.role,
+                needed,
+                operation,
+            })
+        }
+    }
+
+    /// Calls `f` on every agent, in uid order, until it returns false.
+    async fn scan(&self, after: Option<Uuid>, mut f: impl FnMut(Agent) -> bool) -> FleetResult<()> {
+        let mut cursor = after;
+        loop {
+            let page = self.store.list_agents(cursor, SCAN_PAGE).await?;
+            let n = page.len();
+            for a in page {
+                cursor = Some(a.uid);
+                if !f(a) {
+                    return Ok(());
+                }
+            }
+            if n < SCAN_PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    fn parse_query(q: &str) -> FleetResult<Query> {
+        Query::parse(q).map_err(|e| FleetError::BadQuery(e.to_string()))
+    }
+
+    /// Agents matching `q`, compact rows, `limit` per page (1..=1000, default 50).
+    pub async fn search(
+        &self,
+        caller: &Caller,
+        q: &str,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+        with_total: bool,
+    ) -> FleetResult<Page<AgentRow>> {
+        Self::require(caller, Role::Viewer, "search agents")?;
+        let query = Self::parse_query(q)?;
+        let limit = limit.unwrap_or(50);
+        if !(1..=1000).contains(&limit) {
+            return Err(FleetError::BadRequest(format!(
+                "limit {limit} must be between 1 and 1000"
+            )));
+        }
+        let after = match cursor {
+            None | Some("") => None,
+            Some(c) => Some(
+                Uuid::parse_str(c)
+                    .map_err(|_| FleetError::BadRequest(format!("cursor {c:?} is not valid")))?,
+            ),
+        };
+        let now = now_ms();
+        let mut items = Vec::new();
+        let mut more = false;
+        self.scan(after, |a| {
+            if query.matches(&a, now) {
+                if items.len() == limit {
+                    more = true;
+                    return false;
+                }
+                items.push(AgentRow::of(&a, now));
+            }
+            true
+        })
+        .await?;
+        let next_cursor = if more {
+            items.last().map(|r| r.uid.to_string())
+        } else {
+            None
+        };
+        let total = if with_total {
+            let mut n = 0;
+            self.scan(None, |a| {
+                if query.matches(&a, now) {
+                    n += 1;
+                }
+                true
+            })
+            .await?;
+            Some(n)
+        } else {
+            None
+        };
+        Ok(Page {
+            items,
+            next_cursor,
+            total,
+        })
+    }
+
+    /// One agent, whole.
+    pub async fn get_agent(&self, caller: &Caller, uid: Uuid) -> FleetResult<Agent> {
+        Self::require(caller, Role::Viewer, "read agents")?;
+        self.store
+            .get_agent(uid)
+            .await?
+            .ok_or_else(|| FleetError::NotFound {
+                what: "agent",
+                id: uid.to_string(),
+            })
+    }
+
+    /// Counts by type, version, health and state.
+    pub async fn summary(&self, caller: &Caller) -> FleetResult<Value> {
+        Self::require(caller, Role::Viewer, "read the fleet summary")?;
+        let now = now_ms();
+        let mut total = 0usize;
+        let mut by: [BTreeMap<String, usize>; 4] = Default::default();
+        self.scan(None, |a| {
+            total += 1;
+            *by[0].entry(a.agent_type()).or_default() += 1;
+            *by[1]
+                .entry(a.attr("service.version").unwrap_or("unknown").to_string())
+                .or_default() += 1;
+            let h = match a.health.as_ref().map(|h| h.healthy) {
+                Some(true) => "healthy",
+                Some(false) => "unhealthy",
+                None => "unknown",
+            };
+            *by[2].entry(h.into()).or_default() += 1;
+            *by[3]
+                .entry(
+                    serde_json::to_value(a.liveness(now))
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                )
+                .or_default() += 1;
+            true
+        })
+        .await?;
+        Ok(
+            json!({"total": total, "by_type": by[0], "by_version": by[1],
+                  "by_health": by[2], "by_state": by[3]}),
+        )
+    }
+
+    fn check_label(key: &str, value: Option<&str>) -> FleetResult<()> {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(FleetError::BadRequest(format!(
+                "label key {key:?} must be 1-63 characters of A-Z a-z 0-9 . _ - /"
+            )));
+        }
+        if let Some(v) = value {
+            if v.len() > 256 || v.chars().any(char::is_control) {
+                return Err(FleetError::BadRequest(
+                    "label value must be at most 256 printable characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) a server-side label.
+    pub async fn set_label(
+        &self,
+        caller: &Caller,
+        uid: Uuid,
+        key: &str,
+        value: Option<&str>,
+    ) -> FleetResult<AuditRecord> {
+        Self::require(caller, Role::Operator, "change labels")?;
+        Self::check_label(key, value)?;
+        let op = if value.is_some() {
+            "agent.label.set"
+        } else {
+            "agent.label.remove"
+        };
+        let mut audit = NewAudit::new(caller, op);
+        audit.targets = vec![uid.to_string()];
+        audit.params = json!({"key": key, "value": value});
+        self.store
+            .set_label(uid, key, value, audit)
+            .await?
+            .ok_or_else(|| FleetError::NotFound {
+                what: "agent",
+                id: uid.to_string(),
+            })
+    }
+
+    /// The command kinds, their parameter schemas and how many known agents can run each.
+    pub async fn catalog(&self, caller: &Caller) -> FleetResult<Vec<Value>> {
+        Self::require(caller, Role::Viewer, "read the catalog")?;
+        let mut capable: BTreeMap<&'static str, usize> = BTreeMap::new();
+        // Representative params so capability checks of parametrised kinds can run.
+        let probe: Vec<(CommandKind, Value)> = CommandKind::ALL
+            .iter()
+            .map(|k| {
+                let p = match k {
+                    CommandKind::Chatops => json!({"tag": "x"}),
+                    CommandKind::RemoteConfig => json!({"files": {"f": "x"}}),
+                    _ => Value::Null,
+                };
+                (*k, commands::validate_params(*k, &p).unwrap_or(Value::Null))
+            })
+            .collect();
+        self.scan(None, |a| {
+            for (k, p) in &probe {
+                if *k != CommandKind::Custom && commands::check_capable(&a, *k, p).is_ok() {
+                    *capable.entry(k.as_str()).or_default() += 1;
+                }
+            }
+            if !a.custom_capabilities.is_empty() {
+                *capable.entry("custom").or_default() += 1;
+            }
+            true
+        })
+        .await?;
+        Ok(CommandKind::ALL
+            .iter()
+            .map(|k| {
+                let mut e = commands::catalog_entry(*k);
+                e["capable_agents"] = json!(capable.get(k.as_str()).copied().unwrap_or(0));
+                e
+            })
+            .collect())
+    }
+
+    fn new_command(
+        &self,
+        caller: &Caller,
+        agent: Uuid,
+        kind: CommandKind,
+        params: &Value,
+        batch: Option<Uuid>,
+        now: Millis,
+    ) -> Command {
+        let ttl = params
+            .get("ttl_seconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(self.settings.queue_ttl_s);
+        Command {
+            id: Uuid::now_v7(),
+            agent_uid: agent,
+            batch_id: batch,
+            kind,
+            params: params.clone(),
+            status: CommandStatus::Queued,
+            created_at: now,
+            sent_at: None,
+            finished_at: None,
+            expires_at: now + (ttl as i64) * 1000,
+            result: None,
+            error: None,
+            actor: caller.actor.clone(),
+            channel: caller.channel,
+            audit_id: None,
+        }
+    }
+
+    /// Queues `kind` for one agent or, for a query, for every matching agent that can run it
+    /// (a batch; agents that cannot are listed as skipped). Nothing is queued on any error.
+    pub async fn queue(
+        &self,
+        caller: &Caller,
+        target: Target,
+        kind: CommandKind,
+        params: &Value,
+    ) -> FleetResult<Queued> {
+        Self::require(caller, Role::Operator, "queue commands")?;
+        let params = commands::validate_params(kind, params)?;
+        let now = now_ms();
+        match target {
+            Target::Agent(uid) => {
+                let agent = self.get_agent(caller, uid).await?;
+                commands::check_capable(&agent, kind, &params)?;
+                let mut cmd = self.new_command(caller, uid, kind, &params, None, now);
+                let mut audit = NewAudit::new(caller, "command.queue");
+                audit.targets = vec![uid.to_string(), cmd.id.to_string()];
+                audit.params = json!({"kind": kind.as_str(), "params": redact(&params)});
+                audit.outcome = "queued".into();
+                let rec = self
+                    .store
+                    .enqueue(None, std::slice::from_ref(&cmd), audit)
+                    .await?;
+                cmd.audit_id = Some(rec.id);
+                self.hub.notify(uid);
+                Ok(Queued::One(cmd))
+            }
+            Target::Query(q) => {
+                let query = Self::parse_query(&q)?;
+                let mut matched = Vec::new();
+                self.scan(None, |a| {
+                    if query.matches(&a, now) {
+                        matched.push(a);
+                    }
+                    true
+                })
+                .await?;
+                if matched.is_empty() {
+                    return Err(FleetError::NoTargets(q));
+                }
+                if matched.len() > self.settings.max_fanout {
+                    return Err(FleetError::TooManyTargets {
+                        count: matched.len(),
+                        max: self.settings.max_fanout,
+                    });
+                }
+                let batch_id = Uuid::now_v7();
+                let mut skipped = Vec::new();
+                let mut cmds = Vec::new();
+                for a in &matched {
+                    match commands::check_capable(a, kind, &params) {
+                        Ok(()) => cmds.push(self.new_command(
+                            caller,
+                            a.uid,
+                            kind,
+                            &params,
+                            Some(batch_id),
+                            now,
+                        )),
+                        Err(e) => skipped.push(SkippedTarget {
+                            agent_uid: a.uid,
+                            reason: e.to_string(),
+                        }),
+                    }
+                }
+                if cmds.is_empty() {
+                    return Err(FleetError::Command(CommandError::NotCapable {
+                        agent: matched[0].uid,
+                        kind: kind.as_str(),
+                        reason: format!(
+                            "none of the {} matching agents can run it ({})",
+                            matched.len(),
+                            skipped[0].reason
+                        ),
+                    }));
+                }
+                let batch = Batch {
+                    id: batch_id,
+                    query: q.clone(),
+                    kind,
+                    params: params.clone(),
+                    created_at: now,
+                    actor: caller.actor.clone(),
+                    channel: caller.channel,
+                    skipped,
+                };
+                let mut audit = NewAudit::new(caller, "batch.queue");
+                audit.targets = std::iter::once(batch_id.to_string())
+                    .chain(cmds.iter().map(|c| c.agent_uid.to_string()))
+                    .collect();
+                audit.params = json!({"kind": kind.as_str(), "query": q, "params": redact(&params),
+                                      "queued": cmds.len(), "skipped": batch.skipped.len()});
+                audit.outcome = "queued".into();
+                let rec = self.store.enqueue(Some(&batch), &cmds, audit).await?;
+                for c in &mut cmds {
+                    c.audit_id = Some(rec.id);
+                    self.hub.notify(c.agent_uid);
+                }
+                Ok(Queued::Batch(batch, cmds))
+            }
+        }
+    }
+
+    /// Cancels a command that is still queued.
+    pub async fn cancel(&self, caller: &Caller, id: Uuid) -> FleetResult<Command> {
+        Self::require(caller, Role::Operator, "cancel commands")?;
+        let cmd = self.command(caller, id).await?;
+        let mut audit = NewAudit::new(caller, "command.cancel");
+        audit.targets = vec![cmd.agent_uid.to_string(), id.to_string()];
+        audit.ref_id = cmd.audit_id;
+        audit.outcome = "cancelled".into();
+        let finish = Finish {
+            to: CommandStatus::Cancelled,
+            result: None,
+            error: Some(format!("cancelled by {}", caller.actor)),
+            at: now_ms(),
+        };
+        match self
+            .store
+            .finish_command(id, &[CommandStatus::Queued], finish, Some(audit))
+            .await?
+        {
+            Some(c) => Ok(c),
+            None => {
+                let now = self.command(caller, id).await?;
+                Err(FleetError::Conflict(format!(
+                    "command {id} is {} and can no longer be cancelled",
+                    now.status.as_str()
+                )))
+            }
+        }
+    }
+
+    pub async fn command(&self, caller: &Caller, id: Uuid) -> FleetResult<Command> {
+        Self::require(caller, Role::Viewer, "read commands")?;
+        self.store
+            .get_command(id)
+            .await?
+            .ok_or_else(|| FleetError::NotFound {
+                what: "command",
+                id: id.to_string(),
+            })
+    }
+
+    pub async fn commands(
+        &self,
+        caller: &Caller,
+        filter: &CommandFilter,
+    ) -> FleetResult<Vec<Command>> {
+        Self::require(caller, Role::Viewer, "read commands")?;
+        let mut f = filter.clone();
+        if f.limit == 0 || f.limit > 1000 {
+            f.limit = 100;
+        }
+        Ok(self.store.list_commands(&f).await?)
+    }
+
+    pub async fn batch(&self, caller: &Caller, id: Uuid) -> FleetResult<BatchProgress> {
+        Self::require(caller, Role::Viewer, "read commands")?;
+        let batch = self
+            .store
+            .get_batch(id)
+            .await?
+            .ok_or_else(|| FleetError::NotFound {
+                what: "batch",
+                id: id.to_string(),
+            })?;
+        let mut commands = Vec::new();
+        let mut before = None;
+        loop {
+            let page = self
+                .store
+                .list_commands(&CommandFilter {
+                    batch: Some(id),
+                    before,
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await?;
+            let n = page.len();
+            before = page.last().map(|c| c.id);
+            commands.extend(page.into_iter().map(|c| BatchItem {
+                agent_uid: c.agent_uid,
+                command_id: c.id,
+                status: c.status,
+                error: c.error,
+            }));
+            if n < 1000 {
+                break;
+            }
+        }
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for c in &commands {
+            *counts.entry(c.status.as_str()).or_default() += 1;
+        }
+        counts.insert("skipped", batch.skipped.len());
+        Ok(BatchProgress {
+            batch,
+            counts,
+            commands,
+        })
+    }
+
+    pub async fn audit(
+        &self,
+        caller: &Caller,
+        filter: &AuditFilter,
+    ) -> FleetResult<Vec<AuditRecord>> {
+        Self::require(caller, Role::Viewer, "read the audit trail")?;
+        let mut f = filter.clone();
+        if f.limit == 0 || f.limit > 1000 {
+            f.limit = 100;
+        }
+        Ok(self.store.query_audit(&f).await?)
+    }
+
+    // ---- used by the OpAMP side and the sweeper, not by operator adapters ----
+
+    /// Claims the agent's due queued commands for delivery (each `queued → sent` exactly once)
+    /// in queue order, at most `limit`.
+    pub async fn claim_due(&self, agent: Uuid, limit: usize) -> FleetResult<Vec<Command>> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for mut c in self.store.queued_for(agent, limit).await? {
+            if c.expires_at <= now {
+                continue; // the sweeper expires it
+            }
+            if self.store.mark_sent(c.id, now).await? {
+                self.metrics
+                    .delivery_latency
+                    .observe(((now - c.created_at).max(0) as f64) / 1000.0);
+                c.status = CommandStatus::Sent;
+                c.sent_at = Some(now);
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts a claimed command back in the queue when it could not be written to the agent.
+    pub async fn unclaim(&self, cmd: &Command) -> FleetResult<()> {
+        self.store
+            .finish_command(
+                cmd.id,
+                &[CommandStatus::Sent],
+                Finish {
+                    to: CommandStatus::Queued,
+                    result: None,
+                    error: None,
+                    at: now_ms(),
+                },
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a command's outcome (from the agent, or the sweeper) with an audit record that
+    /// refers to the one that queued it. Returns `None` if it was no longer in `from`.
+    pub async fn settle(
+        &self,
+        cmd: &Command,
+        from: &[CommandStatus],
+        finish: Finish,
+    ) -> FleetResult<Option<Command>> {
+        let actor = match finish.to {
+            CommandStatus::Expired => "flotilla".to_string(),
+            _ => format!("agent:{}", cmd.agent_uid),
+        };
+        let audit = NewAudit {
+            actor,
+            channel: Channel::System,
+            operation: "command.result".into(),
+            targets: vec![cmd.agent_uid.to_string(), cmd.id.to_string()],
+            params: json!({"kind": cmd.kind.as_str(), "error": finish.error}),
+            outcome: finish.to.as_str().into(),
+            ref_id: cmd.audit_id,
+        };
+        Ok(self
+            .store
+            .finish_command(cmd.id, from, finish, Some(audit))
+            .await?)
+    }
+
+    /// Expires queued commands past their TTL and sent commands with no result in time.
+    pub async fn sweep(&self, now: Millis) -> FleetResult<usize> {
+        let sent_before = now - (self.settings.result_timeout_s as i64) * 1000;
+        let due = self.store.due_for_expiry(now, sent_before).await?;
+        let mut n = 0;
+        for c in due {
+            let error = match c.status {
+                CommandStatus::Queued => "not delivered before it expired (agent not connected?)",
+                _ => "delivered, but the agent reported no result in time",
+            };
+            let finish = Finish {
+                to: CommandStatus::Expired,
+                result: None,
+                error: Some(error.into()),
+                at: now,
+            };
+            if self.settle(&c, &[c.status], finish).await?.is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Parameters as recorded in the audit trail: config bodies are replaced by their size, so the
+/// trail stays small and never copies secrets that configs may hold.
+fn redact(params: &Value) -> Value {
+    let mut p = params.clone();
+    if let Some(files) = p.get_mut("files").and_then(Value::as_object_mut) {
+        for f in files.values_mut() {
+            if let Some(body) = f.get("body").and_then(Value::as_str) {
+                let len = body.len();
+                f["body"] = json!(format!("<{len} bytes>"));
+            }
+        }
+    }
+    p
+}

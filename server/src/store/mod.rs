@@ -1,0 +1,136 @@
+//! The storage interface of the registry, command queue and audit trail.
+//!
+//! Invariant: only this module and its backends know SQL. Everything else talks to
+//! [`Store`], so a PostgreSQL backend can be added without touching protocol or API code.
+//! Operations that must not be half-done (a command and the audit record that queued it, a
+//! command's final status and its outcome record) are single methods, each one transaction.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::model::{
+    Agent, AuditFilter, AuditRecord, Batch, Command, CommandFilter, CommandStatus, Millis,
+    NewAudit, Transport,
+};
+
+/// A storage failure. Callers treat it as "try again later"; it never means bad input.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A liveness update batched by the server and written periodically (heartbeats only; any
+/// change of reported status is written at once with [`Store::put_agent`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Touch {
+    pub uid: Uuid,
+    pub last_seen: Millis,
+    pub sequence_num: u64,
+}
+
+/// How a command finishes, applied with a compare-and-set on its status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub to: CommandStatus,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub at: Millis,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- agents ----
+    /// Inserts the agent, or updates everything the agent itself reports plus connection
+    /// state. Server-owned fields (`labels`, `desired_config`) are written only on insert;
+    /// afterwards they change only through [`Store::set_label`] and
+    /// [`Store::set_desired_config`], so a protocol session holding an older copy of the record
+    /// can never undo an operator's change.
+    async fn put_agent(&self, agent: &Agent) -> StoreResult<()>;
+    /// Sets or clears the remote config the server wants the agent to run.
+    async fn set_desired_config(
+        &self,
+        uid: Uuid,
+        desired: Option<&crate::model::DesiredConfig>,
+    ) -> StoreResult<()>;
+    async fn get_agent(&self, uid: Uuid) -> StoreResult<Option<Agent>>;
+    /// Agents ordered by uid, strictly after `after`, at most `limit`.
+    async fn list_agents(&self, after: Option<Uuid>, limit: usize) -> StoreResult<Vec<Agent>>;
+    /// Writes heartbeat liveness for many agents in one transaction.
+    async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()>;
+    /// Records a connection state change.
+    async fn set_connected(
+        &self,
+        uid: Uuid,
+        connected: bool,
+        transport: Option<Transport>,
+        remote_addr: Option<String>,
+        at: Millis,
+    ) -> StoreResult<()>;
+    /// At start-up nothing is connected yet: marks every agent disconnected.
+    async fn mark_all_disconnected(&self, at: Millis) -> StoreResult<u64>;
+    /// Moves an agent (record, queued commands) to a new uid after it adopted `new_instance_uid`.
+    /// The new record keeps `previous_uid = old`. Returns false if `old` is unknown.
+    async fn rename_agent(&self, old: Uuid, new: Uuid) -> StoreResult<bool>;
+    /// Sets (`Some`) or removes (`None`) a label and appends `audit`, in one transaction.
+    /// Returns `None` if the agent is unknown (nothing written).
+    async fn set_label(
+        &self,
+        uid: Uuid,
+        key: &str,
+        value: Option<&str>,
+        audit: NewAudit,
+    ) -> StoreResult<Option<AuditRecord>>;
+
+    // ---- commands ----
+    /// Inserts commands (and the batch, if any) and appends `audit`, in one transaction; each
+    /// command's `audit_id` is set to the new record's id. Returns the record.
+    async fn enqueue(
+        &self,
+        batch: Option<&Batch>,
+        commands: &[Command],
+        audit: NewAudit,
+    ) -> StoreResult<AuditRecord>;
+    async fn get_command(&self, id: Uuid) -> StoreResult<Option<Command>>;
+    /// Newest first.
+    async fn list_commands(&self, filter: &CommandFilter) -> StoreResult<Vec<Command>>;
+    /// Queued commands of one agent in delivery order (oldest first).
+    async fn queued_for(&self, agent: Uuid, limit: usize) -> StoreResult<Vec<Command>>;
+    /// Commands of one agent in status `sent`, oldest first (awaiting a result).
+    async fn sent_for(&self, agent: Uuid) -> StoreResult<Vec<Command>>;
+    /// `queued → sent` compare-and-set: true for exactly one caller, which then delivers it.
+    async fn mark_sent(&self, id: Uuid, at: Millis) -> StoreResult<bool>;
+    /// Moves a command from one of `from` to `finish.to`, and appends `audit` (with `ref_id`
+    /// set by the caller) in the same transaction. Returns the updated command, or `None`
+    /// if its status was not in `from` (nothing written).
+    async fn finish_command(
+        &self,
+        id: Uuid,
+        from: &[CommandStatus],
+        finish: Finish,
+        audit: Option<NewAudit>,
+    ) -> StoreResult<Option<Command>>;
+    /// Queued commands with `expires_at <= now`, and sent commands with `sent_at <= sent_before`.
+    async fn due_for_expiry(&self, now: Millis, sent_before: Millis) -> StoreResult<Vec<Command>>;
+    /// Command counts by status (for metrics).
+    async fn command_counts(&self) -> StoreResult<Vec<(CommandStatus, u64)>>;
+    async fn get_batch(&self, id: Uuid) -> StoreResult<Option<Batch>>;
+
+    // ---- audit ----
+    /// Appends one record, chaining its hash to the last one.
+    async fn append_audit(&self, audit: NewAudit) -> StoreResult<AuditRecord>;
+    async fn query_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditRecord>>;
+    /// Records in id order with `id > after`, at most `limit` (for chain verification).
+    async fn audit_chain(&self, after: i64, limit: usize) -> StoreResult<Vec<AuditRecord>>;
+
+    /// Flushes and closes (checkpoints the WAL on SQLite).
+    async fn close(&self);
+}

@@ -1,0 +1,1701 @@
+//! SQLite backend of [`Store`]: one `flotilla.db` file in WAL mode, via sqlx runtime queries.
+//!
+//! Scalars that callers filter or sort on have their own columns; nested structures are JSON
+//! text. UUIDs are stored as canonical hyphenated lowercase text, so text order is uuid order
+//! (and, for UUIDv7 command ids, creation order). u64 values are stored bit-cast to i64, which
+//! round-trips exactly. All writes go through one in-process mutex plus `BEGIN IMMEDIATE`, so
+//! SQLite's single writer never makes us see `SQLITE_BUSY` from our own pool.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::{Finish, Store, StoreError, StoreResult, Touch};
+use crate::audit;
+use crate::model::{
+    now_ms, Agent, AuditFilter, AuditRecord, Batch, Channel, Command, CommandFilter, CommandKind,
+    CommandStatus, DesiredConfig, Millis, NewAudit, Transport,
+};
+
+/// Name of the database file inside the data directory.
+pub const DB_FILE: &str = "flotilla.db";
+
+/// Default page size when a filter says `limit: 0`.
+const DEFAULT_LIMIT: usize = 100;
+
+/// Versioned schema changes, applied in order at open. Never edit a shipped entry: append.
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE agents (
+            uid TEXT PRIMARY KEY NOT NULL,
+            identifying TEXT NOT NULL,
+            non_identifying TEXT NOT NULL,
+            capabilities INTEGER NOT NULL,
+            custom_capabilities TEXT NOT NULL,
+            health TEXT,
+            effective_config TEXT,
+            remote_config_status TEXT,
+            desired_config TEXT,
+            labels TEXT NOT NULL,
+            transport TEXT,
+            remote_addr TEXT,
+            first_seen INTEGER NOT NULL,
+            last_seen INTEGER NOT NULL,
+            connected INTEGER NOT NULL,
+            sequence_num INTEGER NOT NULL,
+            heartbeat_interval_s INTEGER NOT NULL,
+            previous_uid TEXT
+        )",
+        "CREATE TABLE batches (
+            id TEXT PRIMARY KEY NOT NULL,
+            query TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            params TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            skipped TEXT NOT NULL
+        )",
+        "CREATE TABLE commands (
+            id TEXT PRIMARY KEY NOT NULL,
+            agent_uid TEXT NOT NULL,
+            batch_id TEXT REFERENCES batches(id),
+            kind TEXT NOT NULL,
+            params TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            sent_at INTEGER,
+            finished_at INTEGER,
+            expires_at INTEGER NOT NULL,
+            result TEXT,
+            error TEXT,
+            actor TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            audit_id INTEGER
+        )",
+        "CREATE INDEX commands_agent_status ON commands(agent_uid, status, id)",
+        "CREATE INDEX commands_status_expires ON commands(status, expires_at)",
+        "CREATE INDEX commands_status_sent ON commands(status, sent_at)",
+        "CREATE INDEX commands_batch ON commands(batch_id, id)",
+        "CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            targets TEXT NOT NULL,
+            params TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            ref_id INTEGER,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )",
+        "CREATE INDEX audit_actor ON audit(actor, id)",
+        "CREATE INDEX audit_operation ON audit(operation, id)",
+        "CREATE INDEX audit_channel ON audit(channel, id)",
+        "CREATE INDEX audit_ts ON audit(ts)",
+        // Denormalised copy of audit.targets for indexed "records about agent X" queries.
+        // The hash covers audit.targets only; this table is an index, not evidence.
+        // CASCADE so deleting an audit row (tampering, or a future retention job) still works.
+        "CREATE TABLE audit_targets (
+            target TEXT NOT NULL,
+            audit_id INTEGER NOT NULL REFERENCES audit(id) ON DELETE CASCADE,
+            PRIMARY KEY (target, audit_id)
+        ) WITHOUT ROWID",
+        "CREATE INDEX audit_targets_audit ON audit_targets(audit_id)",
+    ],
+)];
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Serialises write transactions (SQLite has a single writer anyway).
+    writer: Mutex<()>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `data_dir/flotilla.db` and brings its schema up to date.
+    pub async fn open(data_dir: &Path) -> StoreResult<SqliteStore> {
+        std::fs::create_dir_all(data_dir)?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join(DB_FILE))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL+WAL: a commit is in the WAL via write() before we return, so it survives a
+            // process crash (kill -9); only OS crash/power loss can drop the last commits.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        // Small pool: one writer at a time, a few concurrent readers.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        migrate(&pool).await?;
+        Ok(SqliteStore {
+            pool,
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The underlying pool, for administrative tools and tamper tests. Writing through it
+    /// bypasses the audit chain, which is the point of a tamper test and nothing else.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> StoreResult<()> {
+    // IMMEDIATE so two processes opening a fresh file cannot both apply version 1.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version INTEGER PRIMARY KEY NOT NULL,
+            applied_at INTEGER NOT NULL
+        )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+        .fetch_one(&mut *tx)
+        .await?;
+    let current = current.unwrap_or(0);
+    let latest = MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0);
+    if current > latest {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {current} is newer than this server supports ({latest})"
+        )));
+    }
+    for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        for sql in *statements {
+            sqlx::query(sql).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)")
+            .bind(version)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---- encoding helpers ----
+
+fn uid(u: Uuid) -> String {
+    u.hyphenated().to_string()
+}
+
+fn opt_uid(u: Option<Uuid>) -> Option<String> {
+    u.map(uid)
+}
+
+/// Bit-cast so values above `i64::MAX` round-trip exactly through an INTEGER column.
+fn u64_to_db(v: u64) -> i64 {
+    v as i64
+}
+
+fn u64_from_db(v: i64) -> u64 {
+    v as u64
+}
+
+fn limit_to_db(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn to_json<T: Serialize + ?Sized>(v: &T, what: &str) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("cannot encode {what}: {e}")))
+}
+
+fn opt_to_json<T: Serialize>(v: &Option<T>, what: &str) -> StoreResult<Option<String>> {
+    v.as_ref().map(|v| to_json(v, what)).transpose()
+}
+
+fn from_json<T: DeserializeOwned>(s: &str, what: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad JSON in {what}: {e}")))
+}
+
+fn opt_from_json<T: DeserializeOwned>(s: Option<String>, what: &str) -> StoreResult<Option<T>> {
+    s.map(|s| from_json(&s, what)).transpose()
+}
+
+fn parse_uuid(s: &str, what: &str) -> StoreResult<Uuid> {
+    Uuid::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad uuid in {what}: {s:?}: {e}")))
+}
+
+fn opt_parse_uuid(s: Option<String>, what: &str) -> StoreResult<Option<Uuid>> {
+    s.map(|s| parse_uuid(&s, what)).transpose()
+}
+
+fn parse_channel(s: &str, what: &str) -> StoreResult<Channel> {
+    Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad channel in {what}: {s:?}")))
+}
+
+fn parse_kind(s: &str, what: &str) -> StoreResult<CommandKind> {
+    CommandKind::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad command kind in {what}: {s:?}")))
+}
+
+fn parse_status(s: &str, what: &str) -> StoreResult<CommandStatus> {
+    CommandStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad command status in {what}: {s:?}")))
+}
+
+fn parse_transport(s: Option<String>, what: &str) -> StoreResult<Option<Transport>> {
+    match s.as_deref() {
+        None => Ok(None),
+        Some("http") => Ok(Some(Transport::Http)),
+        Some("websocket") => Ok(Some(Transport::Websocket)),
+        Some(other) => Err(StoreError::Corrupt(format!(
+            "bad transport in {what}: {other:?}"
+        ))),
+    }
+}
+
+// ---- row decoding ----
+
+fn agent_from_row(row: &SqliteRow) -> StoreResult<Agent> {
+    let uid_s: String = row.try_get("uid")?;
+    let what = format!("agent {uid_s}");
+    Ok(Agent {
+        uid: parse_uuid(&uid_s, &what)?,
+        identifying: from_json(&row.try_get::<String, _>("identifying")?, &what)?,
+        non_identifying: from_json(&row.try_get::<String, _>("non_identifying")?, &what)?,
+        capabilities: u64_from_db(row.try_get("capabilities")?),
+        custom_capabilities: from_json(&row.try_get::<String, _>("custom_capabilities")?, &what)?,
+        health: opt_from_json(row.try_get("health")?, &what)?,
+        effective_config: opt_from_json(row.try_get("effective_config")?, &what)?,
+        remote_config_status: opt_from_json(row.try_get("remote_config_status")?, &what)?,
+        desired_config: opt_from_json(row.try_get("desired_config")?, &what)?,
+        labels: from_json(&row.try_get::<String, _>("labels")?, &what)?,
+        transport: parse_transport(row.try_get("transport")?, &what)?,
+        remote_addr: row.try_get("remote_addr")?,
+        first_seen: row.try_get("first_seen")?,
+        last_seen: row.try_get("last_seen")?,
+        connected: row.try_get("connected")?,
+        sequence_num: u64_from_db(row.try_get("sequence_num")?),
+        heartbeat_interval_s: u64_from_db(row.try_get("heartbeat_interval_s")?),
+        previous_uid: opt_parse_uuid(row.try_get("previous_uid")?, &what)?,
+    })
+}
+
+fn command_from_row(row: &SqliteRow) -> StoreResult<Command> {
+    let id_s: String = row.try_get("id")?;
+    let what = format!("command {id_s}");
+    Ok(Command {
+        id: parse_uuid(&id_s, &what)?,
+        agent_uid: parse_uuid(&row.try_get::<String, _>("agent_uid")?, &what)?,
+        batch_id: opt_parse_uuid(row.try_get("batch_id")?, &what)?,
+        kind: parse_kind(&row.try_get::<String, _>("kind")?, &what)?,
+        params: from_json(&row.try_get::<String, _>("params")?, &what)?,
+        status: parse_status(&row.try_get::<String, _>("status")?, &what)?,
+        created_at: row.try_get("created_at")?,
+        sent_at: row.try_get("sent_at")?,
+        finished_at: row.try_get("finished_at")?,
+        expires_at: row.try_get("expires_at")?,
+        result: opt_from_json(row.try_get("result")?, &what)?,
+        error: row.try_get("error")?,
+        actor: row.try_get("actor")?,
+        channel: parse_channel(&row.try_get::<String, _>("channel")?, &what)?,
+        audit_id: row.try_get("audit_id")?,
+    })
+}
+
+fn batch_from_row(row: &SqliteRow) -> StoreResult<Batch> {
+    let id_s: String = row.try_get("id")?;
+    let what = format!("batch {id_s}");
+    Ok(Batch {
+        id: parse_uuid(&id_s, &what)?,
+        query: row.try_get("query")?,
+        kind: parse_kind(&row.try_get::<String, _>("kind")?, &what)?,
+        params: from_json(&row.try_get::<String, _>("params")?, &what)?,
+        created_at: row.try_get("created_at")?,
+        actor: row.try_get("actor")?,
+        channel: parse_channel(&row.try_get::<String, _>("channel")?, &what)?,
+        skipped: from_json(&row.try_get::<String, _>("skipped")?, &what)?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditRecord> {
+    let id: i64 = row.try_get("id")?;
+    let what = format!("audit record {id}");
+    Ok(AuditRecord {
+        id,
+        ts: row.try_get("ts")?,
+        actor: row.try_get("actor")?,
+        channel: parse_channel(&row.try_get::<String, _>("channel")?, &what)?,
+        operation: row.try_get("operation")?,
+        targets: from_json(&row.try_get::<String, _>("targets")?, &what)?,
+        params: from_json(&row.try_get::<String, _>("params")?, &what)?,
+        outcome: row.try_get("outcome")?,
+        ref_id: row.try_get("ref_id")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+// ---- statements shared by several operations (run inside the caller's transaction) ----
+
+/// Appends one audit record chained to the current last record.
+async fn append_audit_in(conn: &mut SqliteConnection, a: NewAudit) -> StoreResult<AuditRecord> {
+    let prev_hash: Option<String> =
+        sqlx::query_scalar("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let prev_hash = prev_hash.unwrap_or_else(|| audit::GENESIS.to_string());
+    let targets_json = to_json(&a.targets, "audit targets")?;
+    let params_json = to_json(&a.params, "audit params")?;
+    // Hash what a later read will see: serde_json does not promise that every float survives
+    // text and back bit-exactly, so re-parse the text we store rather than trust `a.params`.
+    let params: serde_json::Value = from_json(&params_json, "audit params")?;
+    let ts = now_ms();
+    // The id is part of the hashed content and only known after the insert, hence the
+    // placeholder hash, filled in before the transaction commits.
+    let id = sqlx::query(
+        "INSERT INTO audit (ts, actor, channel, operation, targets, params, outcome, ref_id,
+                            prev_hash, hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '')",
+    )
+    .bind(ts)
+    .bind(&a.actor)
+    .bind(a.channel.as_str())
+    .bind(&a.operation)
+    .bind(&targets_json)
+    .bind(&params_json)
+    .bind(&a.outcome)
+    .bind(a.ref_id)
+    .bind(&prev_hash)
+    .execute(&mut *conn)
+    .await?
+    .last_insert_rowid();
+    let mut rec = AuditRecord {
+        id,
+        ts,
+        actor: a.actor,
+        channel: a.channel,
+        operation: a.operation,
+        targets: a.targets,
+        params,
+        outcome: a.outcome,
+        ref_id: a.ref_id,
+        prev_hash,
+        hash: String::new(),
+    };
+    rec.hash = audit::record_hash(&rec.prev_hash, &rec);
+    sqlx::query("UPDATE audit SET hash = ? WHERE id = ?")
+        .bind(&rec.hash)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    for t in &rec.targets {
+        sqlx::query("INSERT OR IGNORE INTO audit_targets (target, audit_id) VALUES (?, ?)")
+            .bind(t)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(rec)
+}
+
+async fn insert_command(conn: &mut SqliteConnection, c: &Command) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO commands (id, agent_uid, batch_id, kind, params, status, created_at,
+                               sent_at, finished_at, expires_at, result, error, actor, channel,
+                               audit_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(uid(c.id))
+    .bind(uid(c.agent_uid))
+    .bind(opt_uid(c.batch_id))
+    .bind(c.kind.as_str())
+    .bind(to_json(&c.params, "command params")?)
+    .bind(c.status.as_str())
+    .bind(c.created_at)
+    .bind(c.sent_at)
+    .bind(c.finished_at)
+    .bind(c.expires_at)
+    .bind(opt_to_json(&c.result, "command result")?)
+    .bind(&c.error)
+    .bind(&c.actor)
+    .bind(c.channel.as_str())
+    .bind(c.audit_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn fetch_command(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Option<Command>> {
+    sqlx::query("SELECT * FROM commands WHERE id = ?")
+        .bind(uid(id))
+        .fetch_optional(&mut *conn)
+        .await?
+        .as_ref()
+        .map(command_from_row)
+        .transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_agent(&self, a: &Agent) -> StoreResult<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO agents (uid, identifying, non_identifying, capabilities,
+                custom_capabilities, health, effective_config, remote_config_status,
+                desired_config, labels, transport, remote_addr, first_seen, last_seen,
+                connected, sequence_num, heartbeat_interval_s, previous_uid)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (uid) DO UPDATE SET
+                identifying = excluded.identifying,
+                non_identifying = excluded.non_identifying,
+                capabilities = excluded.capabilities,
+                custom_capabilities = excluded.custom_capabilities,
+                health = excluded.health,
+                effective_config = excluded.effective_config,
+                remote_config_status = excluded.remote_config_status,
+                transport = excluded.transport,
+                remote_addr = excluded.remote_addr,
+                first_seen = MIN(agents.first_seen, excluded.first_seen),
+                last_seen = excluded.last_seen,
+                connected = excluded.connected,
+                sequence_num = excluded.sequence_num,
+                heartbeat_interval_s = excluded.heartbeat_interval_s,
+                previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid)",
+        )
+        .bind(uid(a.uid))
+        .bind(to_json(&a.identifying, "identifying attributes")?)
+        .bind(to_json(&a.non_identifying, "non-identifying attributes")?)
+        .bind(u64_to_db(a.capabilities))
+        .bind(to_json(&a.custom_capabilities, "custom capabilities")?)
+        .bind(opt_to_json(&a.health, "health")?)
+        .bind(opt_to_json(&a.effective_config, "effective config")?)
+        .bind(opt_to_json(
+            &a.remote_config_status,
+            "remote config status",
+        )?)
+        .bind(opt_to_json(&a.desired_config, "desired config")?)
+        .bind(to_json(&a.labels, "labels")?)
+        .bind(a.transport.map(Transport::as_str))
+        .bind(&a.remote_addr)
+        .bind(a.first_seen)
+        .bind(a.last_seen)
+        .bind(a.connected)
+        .bind(u64_to_db(a.sequence_num))
+        .bind(u64_to_db(a.heartbeat_interval_s))
+        .bind(opt_uid(a.previous_uid))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_desired_config(
+        &self,
+        id: Uuid,
+        desired: Option<&DesiredConfig>,
+    ) -> StoreResult<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query("UPDATE agents SET desired_config = ? WHERE uid = ?")
+            .bind(desired.map(|d| to_json(d, "desired config")).transpose()?)
+            .bind(uid(id))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_agent(&self, id: Uuid) -> StoreResult<Option<Agent>> {
+        sqlx::query("SELECT * FROM agents WHERE uid = ?")
+            .bind(uid(id))
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(agent_from_row)
+            .transpose()
+    }
+
+    async fn list_agents(&self, after: Option<Uuid>, limit: usize) -> StoreResult<Vec<Agent>> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM agents");
+        if let Some(after) = after {
+            q.push(" WHERE uid > ").push_bind(uid(after));
+        }
+        q.push(" ORDER BY uid LIMIT ").push_bind(limit_to_db(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
+    async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()> {
+        if touches.is_empty() {
+            return Ok(());
+        }
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        for t in touches {
+            // A touch batched before a full put_agent but flushed after it must not roll the
+            // record's last_seen/sequence_num back.
+            sqlx::query(
+                "UPDATE agents SET last_seen = ?, sequence_num = ? WHERE uid = ? AND last_seen <= ?",
+            )
+            .bind(t.last_seen)
+            .bind(u64_to_db(t.sequence_num))
+            .bind(uid(t.uid))
+            .bind(t.last_seen)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_connected(
+        &self,
+        id: Uuid,
+        connected: bool,
+        transport: Option<Transport>,
+        remote_addr: Option<String>,
+        at: Millis,
+    ) -> StoreResult<()> {
+        let _w = self.writer.lock().await;
+        // `None` transport/address means "not known now", so keep what we had for display.
+        // A connection is also a sign of life; a disconnect is not.
+        sqlx::query(
+            "UPDATE agents SET connected = ?,
+                transport = COALESCE(?, transport),
+                remote_addr = COALESCE(?, remote_addr),
+                last_seen = CASE WHEN ? THEN MAX(last_seen, ?) ELSE last_seen END
+             WHERE uid = ?",
+        )
+        .bind(connected)
+        .bind(transport.map(Transport::as_str))
+        .bind(remote_addr)
+        .bind(connected)
+        .bind(at)
+        .bind(uid(id))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_all_disconnected(&self, _at: Millis) -> StoreResult<u64> {
+        let _w = self.writer.lock().await;
+        let done = sqlx::query("UPDATE agents SET connected = 0 WHERE connected <> 0")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn rename_agent(&self, old: Uuid, new: Uuid) -> StoreResult<bool> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE uid = ?")
+            .bind(uid(old))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        if old == new {
+            // Deleting "the existing new row" would delete the agent itself.
+            return Ok(true);
+        }
+        sqlx::query("DELETE FROM agents WHERE uid = ?")
+            .bind(uid(new))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE agents SET uid = ?, previous_uid = ? WHERE uid = ?")
+            .bind(uid(new))
+            .bind(uid(old))
+            .bind(uid(old))
+            .execute(&mut *tx)
+            .await?;
+        // Finished commands stay with the old uid: they are history of that identity.
+        sqlx::query(
+            "UPDATE commands SET agent_uid = ? WHERE agent_uid = ? AND status IN ('queued', 'sent')",
+        )
+        .bind(uid(new))
+        .bind(uid(old))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn set_label(
+        &self,
+        id: Uuid,
+        key: &str,
+        value: Option<&str>,
+        audit: NewAudit,
+    ) -> StoreResult<Option<AuditRecord>> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let labels: Option<String> = sqlx::query_scalar("SELECT labels FROM agents WHERE uid = ?")
+            .bind(uid(id))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(labels) = labels else {
+            return Ok(None);
+        };
+        let mut labels: std::collections::BTreeMap<String, String> =
+            from_json(&labels, &format!("labels of agent {id}"))?;
+        match value {
+            Some(v) => {
+                labels.insert(key.to_string(), v.to_string());
+            }
+            None => {
+                labels.remove(key);
+            }
+        }
+        sqlx::query("UPDATE agents SET labels = ? WHERE uid = ?")
+            .bind(to_json(&labels, "labels")?)
+            .bind(uid(id))
+            .execute(&mut *tx)
+            .await?;
+        let rec = append_audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(Some(rec))
+    }
+
+    async fn enqueue(
+        &self,
+        batch: Option<&Batch>,
+        commands: &[Command],
+        audit: NewAudit,
+    ) -> StoreResult<AuditRecord> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let rec = append_audit_in(&mut tx, audit).await?;
+        if let Some(b) = batch {
+            sqlx::query(
+                "INSERT INTO batches (id, query, kind, params, created_at, actor, channel, skipped)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(uid(b.id))
+            .bind(&b.query)
+            .bind(b.kind.as_str())
+            .bind(to_json(&b.params, "batch params")?)
+            .bind(b.created_at)
+            .bind(&b.actor)
+            .bind(b.channel.as_str())
+            .bind(to_json(&b.skipped, "batch skipped targets")?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for c in commands {
+            let mut c = c.clone();
+            c.audit_id = Some(rec.id);
+            insert_command(&mut tx, &c).await?;
+        }
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn get_command(&self, id: Uuid) -> StoreResult<Option<Command>> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_command(&mut conn, id).await
+    }
+
+    async fn list_commands(&self, f: &CommandFilter) -> StoreResult<Vec<Command>> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM commands WHERE 1 = 1");
+        if let Some(a) = f.agent {
+            q.push(" AND agent_uid = ").push_bind(uid(a));
+        }
+        if let Some(s) = f.status {
+            q.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(b) = f.batch {
+            q.push(" AND batch_id = ").push_bind(uid(b));
+        }
+        if let Some(k) = f.kind {
+            q.push(" AND kind = ").push_bind(k.as_str());
+        }
+        if let Some(before) = f.before {
+            q.push(" AND id < ").push_bind(uid(before));
+        }
+        let limit = if f.limit == 0 { DEFAULT_LIMIT } else { f.limit };
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(limit_to_db(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(command_from_row)
+            .collect()
+    }
+
+    async fn queued_for(&self, agent: Uuid, limit: usize) -> StoreResult<Vec<Command>> {
+        sqlx::query(
+            "SELECT * FROM commands WHERE agent_uid = ? AND status = 'queued' ORDER BY id LIMIT ?",
+        )
+        .bind(uid(agent))
+        .bind(limit_to_db(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(command_from_row)
+        .collect()
+    }
+
+    async fn sent_for(&self, agent: Uuid) -> StoreResult<Vec<Command>> {
+        sqlx::query("SELECT * FROM commands WHERE agent_uid = ? AND status = 'sent' ORDER BY id")
+            .bind(uid(agent))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(command_from_row)
+            .collect()
+    }
+
+    async fn mark_sent(&self, id: Uuid, at: Millis) -> StoreResult<bool> {
+        let _w = self.writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
+        )
+        .bind(at)
+        .bind(uid(id))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_command(
+        &self,
+        id: Uuid,
+        from: &[CommandStatus],
+        finish: Finish,
+        audit: Option<NewAudit>,
+    ) -> StoreResult<Option<Command>> {
+        if from.is_empty() {
+            return Ok(None);
+        }
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE commands SET status = ");
+        q.push_bind(finish.to.as_str())
+            .push(", result = ")
+            .push_bind(opt_to_json(&finish.result, "command result")?)
+            .push(", error = ")
+            .push_bind(finish.error)
+            .push(", finished_at = ")
+            .push_bind(finish.at)
+            .push(" WHERE id = ")
+            .push_bind(uid(id))
+            .push(" AND status IN (");
+        let mut list = q.separated(", ");
+        for s in from {
+            list.push_bind(s.as_str());
+        }
+        q.push(")");
+        let changed = q.build().execute(&mut *tx).await?.rows_affected();
+        if changed != 1 {
+            // Dropping the transaction rolls back; nothing was written anyway.
+            return Ok(None);
+        }
+        if let Some(a) = audit {
+            append_audit_in(&mut tx, a).await?;
+        }
+        let cmd = fetch_command(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(cmd)
+    }
+
+    async fn due_for_expiry(&self, now: Millis, sent_before: Millis) -> StoreResult<Vec<Command>> {
+        sqlx::query(
+            "SELECT * FROM commands
+             WHERE (status = 'queued' AND expires_at <= ?) OR (status = 'sent' AND sent_at <= ?)
+             ORDER BY id",
+        )
+        .bind(now)
+        .bind(sent_before)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(command_from_row)
+        .collect()
+    }
+
+    async fn command_counts(&self) -> StoreResult<Vec<(CommandStatus, u64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM commands GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        // Every status is reported, zeros included, so metric series do not vanish.
+        let mut counts: Vec<(CommandStatus, u64)> =
+            CommandStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        for row in &rows {
+            let status = parse_status(&row.try_get::<String, _>("status")?, "command counts")?;
+            let n: i64 = row.try_get("n")?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 = u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn get_batch(&self, id: Uuid) -> StoreResult<Option<Batch>> {
+        sqlx::query("SELECT * FROM batches WHERE id = ?")
+            .bind(uid(id))
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(batch_from_row)
+            .transpose()
+    }
+
+    async fn append_audit(&self, audit: NewAudit) -> StoreResult<AuditRecord> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let rec = append_audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn query_audit(&self, f: &AuditFilter) -> StoreResult<Vec<AuditRecord>> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM audit WHERE 1 = 1");
+        if let Some(actor) = &f.actor {
+            q.push(" AND actor = ").push_bind(actor.clone());
+        }
+        if let Some(ch) = f.channel {
+            q.push(" AND channel = ").push_bind(ch.as_str());
+        }
+        if let Some(agent) = &f.agent {
+            q.push(" AND id IN (SELECT audit_id FROM audit_targets WHERE target = ")
+                .push_bind(agent.clone())
+                .push(")");
+        }
+        if let Some(op) = &f.operation {
+            q.push(" AND operation = ").push_bind(op.clone());
+        }
+        if let Some(since) = f.since {
+            q.push(" AND ts >= ").push_bind(since);
+        }
+        if let Some(until) = f.until {
+            q.push(" AND ts <= ").push_bind(until);
+        }
+        if let Some(before) = f.before_id {
+            q.push(" AND id < ").push_bind(before);
+        }
+        let limit = if f.limit == 0 { DEFAULT_LIMIT } else { f.limit };
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(limit_to_db(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(audit_from_row)
+            .collect()
+    }
+
+    async fn audit_chain(&self, after: i64, limit: usize) -> StoreResult<Vec<AuditRecord>> {
+        sqlx::query("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after)
+            .bind(limit_to_db(limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(audit_from_row)
+            .collect()
+    }
+
+    async fn close(&self) {
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint at close failed");
+        }
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::audit::{verify, VerifyError};
+    use crate::model::{Caller, ConfigFile, Health, RemoteConfigState, Role, SkippedTarget};
+
+    async fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        (dir, store)
+    }
+
+    fn alice() -> Caller {
+        Caller {
+            actor: "alice".into(),
+            channel: Channel::Rest,
+            role: Role::Operator,
+        }
+    }
+
+    fn full_agent() -> Agent {
+        let mut components = BTreeMap::new();
+        components.insert(
+            "pipeline:in".to_string(),
+            Health {
+                healthy: false,
+                last_error: "boom".into(),
+                status_time_unix_nano: u64::MAX,
+                ..Health::default()
+            },
+        );
+        let mut files = BTreeMap::new();
+        files.insert(
+            "fluent-bit.conf".to_string(),
+            ConfigFile {
+                content_type: "text/plain".into(),
+                body: "[INPUT]\n  Name cpu\n".into(),
+                encoding: None,
+            },
+        );
+        files.insert(
+            "blob".to_string(),
+            ConfigFile {
+                content_type: "application/octet-stream".into(),
+                body: "AAEC".into(),
+                encoding: Some("base64".into()),
+            },
+        );
+        Agent {
+            uid: Uuid::now_v7(),
+            identifying: vec![
+                ("service.name".into(), "fluent-bit".into()),
+                ("host.name".into(), "web-1".into()),
+            ],
+            non_identifying: vec![("os.type".into(), "linux".into())],
+            capabilities: u64::MAX,
+            custom_capabilities: vec!["io.fluent.chatops".into()],
+            health: Some(Health {
+                healthy: true,
+                start_time_unix_nano: 1_700_000_000_000_000_000,
+                last_error: String::new(),
+                status: "running".into(),
+                status_time_unix_nano: 42,
+                components,
+                attributes: [("k".to_string(), "v".to_string())].into(),
+            }),
+            effective_config: Some(files.clone()),
+            remote_config_status: Some(RemoteConfigState {
+                hash: "ab".repeat(32),
+                status: "failed".into(),
+                error: "bad config".into(),
+            }),
+            desired_config: Some(DesiredConfig {
+                hash: "cd".repeat(32),
+                files,
+                command_id: Some(Uuid::now_v7()),
+            }),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            transport: Some(Transport::Websocket),
+            remote_addr: Some("10.0.0.1:5555".into()),
+            first_seen: 1000,
+            last_seen: 2000,
+            connected: true,
+            sequence_num: u64::MAX,
+            heartbeat_interval_s: 30,
+            previous_uid: Some(Uuid::now_v7()),
+        }
+    }
+
+    fn cmd(agent: Uuid, created_at: Millis, expires_at: Millis) -> Command {
+        Command {
+            id: Uuid::now_v7(),
+            agent_uid: agent,
+            batch_id: None,
+            kind: CommandKind::Restart,
+            params: serde_json::json!({"reason": "test"}),
+            status: CommandStatus::Queued,
+            created_at,
+            sent_at: None,
+            finished_at: None,
+            expires_at,
+            result: None,
+            error: None,
+            actor: "alice".into(),
+            channel: Channel::Rest,
+            audit_id: None,
+        }
+    }
+
+    fn op(operation: &str, targets: &[Uuid]) -> NewAudit {
+        let mut a = NewAudit::new(&alice(), operation);
+        a.targets = targets.iter().map(|t| t.to_string()).collect();
+        a
+    }
+
+    fn finish(to: CommandStatus) -> Finish {
+        Finish {
+            to,
+            result: Some(serde_json::json!({"exit": 0})),
+            error: None,
+            at: 5000,
+        }
+    }
+
+    #[tokio::test]
+    async fn agent_round_trips_every_field() {
+        let (_d, s) = open().await;
+        let a = full_agent();
+        s.put_agent(&a).await.unwrap();
+        assert_eq!(s.get_agent(a.uid).await.unwrap(), Some(a.clone()));
+        // An update rewrites what the agent reports but keeps the server-owned fields
+        // (labels, desired config), the first sighting and the known previous uid.
+        let mut b = Agent::new(a.uid, 7, 60);
+        b.sequence_num = (i64::MAX as u64) + 1;
+        s.put_agent(&b).await.unwrap();
+        let mut expect = b.clone();
+        expect.labels = a.labels.clone();
+        expect.desired_config = a.desired_config.clone();
+        expect.first_seen = 7;
+        expect.previous_uid = a.previous_uid;
+        assert_eq!(s.get_agent(a.uid).await.unwrap(), Some(expect));
+        assert_eq!(s.list_agents(None, 10).await.unwrap().len(), 1);
+
+        s.set_desired_config(a.uid, None).await.unwrap();
+        assert_eq!(
+            s.get_agent(a.uid).await.unwrap().unwrap().desired_config,
+            None
+        );
+        s.set_desired_config(a.uid, a.desired_config.as_ref())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_agent(a.uid).await.unwrap().unwrap().desired_config,
+            a.desired_config
+        );
+        assert_eq!(s.get_agent(Uuid::now_v7()).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn list_agents_pages_in_uid_order() {
+        let (_d, s) = open().await;
+        let mut uids: Vec<Uuid> = (0..7).map(|_| Uuid::new_v4()).collect();
+        for u in &uids {
+            s.put_agent(&Agent::new(*u, 1, 30)).await.unwrap();
+        }
+        uids.sort();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = s.list_agents(after, 3).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 3);
+            after = page.last().map(|a| a.uid);
+            seen.extend(page.into_iter().map(|a| a.uid));
+        }
+        assert_eq!(seen, uids);
+    }
+
+    #[tokio::test]
+    async fn touch_and_connection_state() {
+        let (_d, s) = open().await;
+        let a = Agent::new(Uuid::now_v7(), 100, 30);
+        let b = Agent::new(Uuid::now_v7(), 100, 30);
+        s.put_agent(&a).await.unwrap();
+        s.put_agent(&b).await.unwrap();
+        s.touch_agents(&[
+            Touch {
+                uid: a.uid,
+                last_seen: 500,
+                sequence_num: u64::MAX,
+            },
+            Touch {
+                uid: b.uid,
+                last_seen: 600,
+                sequence_num: 9,
+            },
+            // Unknown agents are ignored, not an error.
+            Touch {
+                uid: Uuid::now_v7(),
+                last_seen: 1,
+                sequence_num: 1,
+            },
+        ])
+        .await
+        .unwrap();
+        let got = s.get_agent(a.uid).await.unwrap().unwrap();
+        assert_eq!((got.last_seen, got.sequence_num), (500, u64::MAX));
+        let got = s.get_agent(b.uid).await.unwrap().unwrap();
+        assert_eq!((got.last_seen, got.sequence_num), (600, 9));
+        // A stale touch does not roll the record back.
+        s.touch_agents(&[Touch {
+            uid: b.uid,
+            last_seen: 550,
+            sequence_num: 8,
+        }])
+        .await
+        .unwrap();
+        let got = s.get_agent(b.uid).await.unwrap().unwrap();
+        assert_eq!((got.last_seen, got.sequence_num), (600, 9));
+
+        s.set_connected(
+            a.uid,
+            true,
+            Some(Transport::Http),
+            Some("1.2.3.4:1".into()),
+            700,
+        )
+        .await
+        .unwrap();
+        let got = s.get_agent(a.uid).await.unwrap().unwrap();
+        assert!(got.connected);
+        assert_eq!(got.transport, Some(Transport::Http));
+        assert_eq!(got.remote_addr.as_deref(), Some("1.2.3.4:1"));
+        assert_eq!(got.last_seen, 700);
+        s.set_connected(a.uid, false, None, None, 800)
+            .await
+            .unwrap();
+        let got = s.get_agent(a.uid).await.unwrap().unwrap();
+        assert!(!got.connected);
+        assert_eq!(got.transport, Some(Transport::Http));
+        assert_eq!(got.last_seen, 700);
+
+        s.set_connected(a.uid, true, None, None, 900).await.unwrap();
+        s.set_connected(b.uid, true, None, None, 900).await.unwrap();
+        assert_eq!(s.mark_all_disconnected(1000).await.unwrap(), 2);
+        assert_eq!(s.mark_all_disconnected(1000).await.unwrap(), 0);
+        for u in [a.uid, b.uid] {
+            assert!(!s.get_agent(u).await.unwrap().unwrap().connected);
+        }
+    }
+
+    #[tokio::test]
+    async fn rename_moves_record_and_pending_commands() {
+        let (_d, s) = open().await;
+        let mut a = full_agent();
+        a.previous_uid = None;
+        s.put_agent(&a).await.unwrap();
+        let new = Uuid::now_v7();
+        // A stale row already under the new uid is replaced by the renamed record.
+        s.put_agent(&Agent::new(new, 1, 1)).await.unwrap();
+        let queued = cmd(a.uid, 10, 10_000);
+        let sent = cmd(a.uid, 11, 10_000);
+        let done = cmd(a.uid, 12, 10_000);
+        let other = cmd(Uuid::now_v7(), 13, 10_000);
+        s.enqueue(
+            None,
+            &[queued.clone(), sent.clone(), done.clone(), other.clone()],
+            op("command.restart", &[a.uid]),
+        )
+        .await
+        .unwrap();
+        assert!(s.mark_sent(sent.id, 20).await.unwrap());
+        assert!(s
+            .finish_command(
+                done.id,
+                &[CommandStatus::Queued],
+                finish(CommandStatus::Succeeded),
+                None
+            )
+            .await
+            .unwrap()
+            .is_some());
+
+        assert!(s.rename_agent(a.uid, new).await.unwrap());
+        assert_eq!(s.get_agent(a.uid).await.unwrap(), None);
+        let moved = s.get_agent(new).await.unwrap().unwrap();
+        let mut expect = a.clone();
+        expect.uid = new;
+        expect.previous_uid = Some(a.uid);
+        assert_eq!(moved, expect);
+        assert_eq!(s.list_agents(None, 10).await.unwrap().len(), 1);
+
+        let q: Vec<Uuid> = s
+            .queued_for(new, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(q, vec![queued.id]);
+        let q: Vec<Uuid> = s
+            .sent_for(new)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(q, vec![sent.id]);
+        assert!(s.queued_for(a.uid, 10).await.unwrap().is_empty());
+        let d = s.get_command(done.id).await.unwrap().unwrap();
+        assert_eq!(d.agent_uid, a.uid);
+        assert_eq!(
+            s.get_command(other.id).await.unwrap().unwrap().agent_uid,
+            other.agent_uid
+        );
+
+        assert!(!s
+            .rename_agent(Uuid::now_v7(), Uuid::now_v7())
+            .await
+            .unwrap());
+        assert!(s.rename_agent(new, new).await.unwrap());
+        assert!(s.get_agent(new).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn enqueue_links_commands_batch_and_audit() {
+        let (_d, s) = open().await;
+        let agents = [Uuid::now_v7(), Uuid::now_v7()];
+        let batch = Batch {
+            id: Uuid::now_v7(),
+            query: "type:fluentbit".into(),
+            kind: CommandKind::Restart,
+            params: serde_json::json!({"reason": "test"}),
+            created_at: 10,
+            actor: "alice".into(),
+            channel: Channel::Rest,
+            skipped: vec![SkippedTarget {
+                agent_uid: Uuid::now_v7(),
+                reason: "offline".into(),
+            }],
+        };
+        let mut cmds: Vec<Command> = agents.iter().map(|a| cmd(*a, 10, 1000)).collect();
+        for c in &mut cmds {
+            c.batch_id = Some(batch.id);
+        }
+        let first = s.append_audit(op("login", &[])).await.unwrap();
+        let rec = s
+            .enqueue(Some(&batch), &cmds, op("command.restart", &agents))
+            .await
+            .unwrap();
+        assert_eq!(rec.id, first.id + 1);
+        assert_eq!(rec.prev_hash, first.hash);
+        assert_eq!(s.get_batch(batch.id).await.unwrap(), Some(batch.clone()));
+        for c in &cmds {
+            let mut expect = c.clone();
+            expect.audit_id = Some(rec.id);
+            assert_eq!(s.get_command(c.id).await.unwrap(), Some(expect));
+        }
+        let listed = s
+            .list_commands(&CommandFilter {
+                batch: Some(batch.id),
+                ..CommandFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 2);
+        // The returned record is exactly what is stored.
+        assert_eq!(s.audit_chain(first.id, 10).await.unwrap(), vec![rec]);
+
+        // A failing enqueue (duplicate command id) writes neither commands nor audit.
+        let err = s
+            .enqueue(None, &[cmds[0].clone()], op("command.restart", &agents))
+            .await;
+        assert!(err.is_err());
+        assert_eq!(s.audit_chain(0, 100).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn mark_sent_wins_exactly_once() {
+        let (_d, s) = open().await;
+        let c = cmd(Uuid::now_v7(), 1, 1000);
+        s.enqueue(
+            None,
+            std::slice::from_ref(&c),
+            op("command.restart", &[c.agent_uid]),
+        )
+        .await
+        .unwrap();
+        let s = std::sync::Arc::new(s);
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(
+                async move { s.mark_sent(c.id, 100 + i).await },
+            ));
+        }
+        let mut wins = 0;
+        for t in tasks {
+            if t.await.unwrap().unwrap() {
+                wins += 1;
+            }
+        }
+        assert_eq!(wins, 1);
+        let got = s.get_command(c.id).await.unwrap().unwrap();
+        assert_eq!(got.status, CommandStatus::Sent);
+        assert!(got.sent_at.is_some());
+        assert!(!s.mark_sent(Uuid::now_v7(), 1).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn finish_command_is_compare_and_set() {
+        let (_d, s) = open().await;
+        let c = cmd(Uuid::now_v7(), 1, 1000);
+        let q = s
+            .enqueue(
+                None,
+                std::slice::from_ref(&c),
+                op("command.restart", &[c.agent_uid]),
+            )
+            .await
+            .unwrap();
+        let mut outcome = op("command.result", &[c.agent_uid]);
+        outcome.ref_id = Some(q.id);
+        let from = [CommandStatus::Queued, CommandStatus::Sent];
+        let done = s
+            .finish_command(
+                c.id,
+                &from,
+                finish(CommandStatus::Succeeded),
+                Some(outcome.clone()),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, CommandStatus::Succeeded);
+        assert_eq!(done.finished_at, Some(5000));
+        assert_eq!(done.result, Some(serde_json::json!({"exit": 0})));
+        let chain = s.audit_chain(0, 10).await.unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1].ref_id, Some(q.id));
+
+        let again = s
+            .finish_command(c.id, &from, finish(CommandStatus::Failed), Some(outcome))
+            .await
+            .unwrap();
+        assert_eq!(again, None);
+        assert_eq!(s.audit_chain(0, 10).await.unwrap().len(), 2);
+        assert_eq!(
+            s.get_command(c.id).await.unwrap().unwrap().status,
+            CommandStatus::Succeeded
+        );
+        assert_eq!(
+            s.finish_command(Uuid::now_v7(), &from, finish(CommandStatus::Failed), None)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s.finish_command(c.id, &[], finish(CommandStatus::Failed), None)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn expiry_listing_and_counts() {
+        let (_d, s) = open().await;
+        let agent = Uuid::now_v7();
+        let expired_q = cmd(agent, 1, 100);
+        let fresh_q = cmd(agent, 2, 10_000);
+        let old_sent = cmd(agent, 3, 10_000);
+        let new_sent = cmd(agent, 4, 10_000);
+        let finished = cmd(agent, 5, 100);
+        let all = [
+            expired_q.clone(),
+            fresh_q.clone(),
+            old_sent.clone(),
+            new_sent.clone(),
+            finished.clone(),
+        ];
+        s.enqueue(None, &all, op("command.restart", &[agent]))
+            .await
+            .unwrap();
+        assert!(s.mark_sent(old_sent.id, 200).await.unwrap());
+        assert!(s.mark_sent(new_sent.id, 900).await.unwrap());
+        s.finish_command(
+            finished.id,
+            &[CommandStatus::Queued],
+            finish(CommandStatus::Cancelled),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let due: Vec<Uuid> = s
+            .due_for_expiry(500, 300)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(due, vec![expired_q.id, old_sent.id]);
+
+        let counts: BTreeMap<&str, u64> = s
+            .command_counts()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(st, n)| (st.as_str(), n))
+            .collect();
+        assert_eq!(counts.len(), CommandStatus::ALL.len());
+        assert_eq!(counts["queued"], 2);
+        assert_eq!(counts["sent"], 2);
+        assert_eq!(counts["cancelled"], 1);
+        assert_eq!(counts["failed"], 0);
+
+        // Newest first, cursor and limit honoured.
+        let ids: Vec<Uuid> = all.iter().rev().map(|c| c.id).collect();
+        let page = s
+            .list_commands(&CommandFilter {
+                agent: Some(agent),
+                limit: 2,
+                ..CommandFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|c| c.id).collect::<Vec<_>>(), ids[..2]);
+        let page = s
+            .list_commands(&CommandFilter {
+                before: Some(ids[1]),
+                ..CommandFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|c| c.id).collect::<Vec<_>>(), ids[2..]);
+        let page = s
+            .list_commands(&CommandFilter {
+                status: Some(CommandStatus::Sent),
+                kind: Some(CommandKind::Restart),
+                ..CommandFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|c| c.id).collect::<Vec<_>>(),
+            vec![new_sent.id, old_sent.id]
+        );
+        let none = s
+            .list_commands(&CommandFilter {
+                kind: Some(CommandKind::Shutdown),
+                ..CommandFilter::default()
+            })
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        let q: Vec<Uuid> = s
+            .queued_for(agent, 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(q, vec![expired_q.id]);
+    }
+
+    #[tokio::test]
+    async fn labels_are_set_and_audited_together() {
+        let (_d, s) = open().await;
+        let a = Agent::new(Uuid::now_v7(), 1, 30);
+        s.put_agent(&a).await.unwrap();
+        let rec = s
+            .set_label(a.uid, "env", Some("prod"), op("label.set", &[a.uid]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.operation, "label.set");
+        let got = s.get_agent(a.uid).await.unwrap().unwrap();
+        assert_eq!(got.labels.get("env").map(String::as_str), Some("prod"));
+        s.set_label(a.uid, "env", None, op("label.remove", &[a.uid]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(s.get_agent(a.uid).await.unwrap().unwrap().labels.is_empty());
+        let unknown = s
+            .set_label(Uuid::now_v7(), "env", Some("x"), op("label.set", &[]))
+            .await
+            .unwrap();
+        assert_eq!(unknown, None);
+        assert_eq!(s.audit_chain(0, 10).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn audit_filters() {
+        let (_d, s) = open().await;
+        let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+        let r1 = s
+            .append_audit(op("command.restart", &[x, y]))
+            .await
+            .unwrap();
+        let mut a = op("label.set", &[y]);
+        a.actor = "bob".into();
+        a.channel = Channel::Slack;
+        let r2 = s.append_audit(a).await.unwrap();
+        let r3 = s.append_audit(op("command.restart", &[x])).await.unwrap();
+        // Pin timestamps so the time filters are deterministic (hashes are not checked here).
+        for (id, ts) in [(r1.id, 1000), (r2.id, 2000), (r3.id, 3000)] {
+            sqlx::query("UPDATE audit SET ts = ? WHERE id = ?")
+                .bind(ts)
+                .bind(id)
+                .execute(s.pool())
+                .await
+                .unwrap();
+        }
+        let ids = |f: AuditFilter| {
+            let s = &s;
+            async move {
+                s.query_audit(&f)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(ids(AuditFilter::default()).await, vec![r3.id, r2.id, r1.id]);
+        let f = AuditFilter {
+            actor: Some("bob".into()),
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r2.id]);
+        let f = AuditFilter {
+            channel: Some(Channel::Rest),
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r3.id, r1.id]);
+        let f = AuditFilter {
+            agent: Some(y.to_string()),
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r2.id, r1.id]);
+        let f = AuditFilter {
+            agent: Some(x.to_string()),
+            operation: Some("command.restart".into()),
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r3.id, r1.id]);
+        let f = AuditFilter {
+            since: Some(1500),
+            until: Some(3000),
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r3.id, r2.id]);
+        let f = AuditFilter {
+            until: Some(2000),
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r2.id, r1.id]);
+        let f = AuditFilter {
+            before_id: Some(r3.id),
+            limit: 1,
+            ..AuditFilter::default()
+        };
+        assert_eq!(ids(f).await, vec![r2.id]);
+        let f = AuditFilter {
+            agent: Some("nobody".into()),
+            ..AuditFilter::default()
+        };
+        assert!(ids(f).await.is_empty());
+    }
+
+    async fn chain_of(n: usize) -> (tempfile::TempDir, SqliteStore, Vec<AuditRecord>) {
+        let (d, s) = open().await;
+        let mut recs = Vec::new();
+        for i in 0..n {
+            let mut a = op("command.restart", &[Uuid::now_v7()]);
+            a.params = serde_json::json!({"n": i, "nested": {"z": 1, "a": [1.25, "x"]}});
+            recs.push(s.append_audit(a).await.unwrap());
+        }
+        (d, s, recs)
+    }
+
+    #[tokio::test]
+    async fn verify_accepts_intact_chain() {
+        let (_d, s, recs) = chain_of(5).await;
+        assert_eq!(recs[0].prev_hash, audit::GENESIS);
+        for w in recs.windows(2) {
+            assert_eq!(w[1].prev_hash, w[0].hash);
+        }
+        assert_eq!(verify(&s).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn verify_detects_updated_record() {
+        let (_d, s, recs) = chain_of(5).await;
+        sqlx::query("UPDATE audit SET outcome = 'error' WHERE id = ?")
+            .bind(recs[2].id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        match verify(&s).await {
+            Err(VerifyError::Broken(b)) => {
+                assert_eq!(b.id, recs[2].id);
+                assert!(b.reason.contains("does not match its hash"), "{b}");
+            }
+            other => panic!("expected a break, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn verify_detects_deleted_record() {
+        let (_d, s, recs) = chain_of(5).await;
+        sqlx::query("DELETE FROM audit WHERE id = ?")
+            .bind(recs[2].id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        match verify(&s).await {
+            Err(VerifyError::Broken(b)) => {
+                assert_eq!(b.id, recs[3].id);
+                assert!(
+                    b.reason
+                        .contains(&format!("does not link to record {}", recs[1].id))
+                        && b.reason
+                            .contains(&format!("record {} is missing", recs[2].id)),
+                    "{b}"
+                );
+            }
+            other => panic!("expected a break, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn data_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = full_agent();
+        let c = cmd(a.uid, 1, 1000);
+        let rec = {
+            let s = SqliteStore::open(dir.path()).await.unwrap();
+            s.put_agent(&a).await.unwrap();
+            let rec = s
+                .enqueue(
+                    None,
+                    std::slice::from_ref(&c),
+                    op("command.restart", &[a.uid]),
+                )
+                .await
+                .unwrap();
+            s.close().await;
+            rec
+        };
+        assert!(dir.path().join(DB_FILE).exists());
+        let s = SqliteStore::open(dir.path()).await.unwrap();
+        assert_eq!(s.get_agent(a.uid).await.unwrap(), Some(a));
+        assert_eq!(
+            s.get_command(c.id).await.unwrap().unwrap().audit_id,
+            Some(rec.id)
+        );
+        assert_eq!(s.audit_chain(0, 10).await.unwrap(), vec![rec.clone()]);
+        // Appending after reopen continues the same chain.
+        let next = s.append_audit(op("login", &[])).await.unwrap();
+        assert_eq!(next.prev_hash, rec.hash);
+        assert_eq!(verify(&s).await.unwrap(), 2);
+        let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.last().unwrap().0);
+        s.close().await;
+    }
+}
