@@ -51,8 +51,10 @@ impl TestServer {
             ),
         )
         .expect("tokens file");
-        let mut config = Config::default();
-        config.data_dir = data_dir.clone();
+        let mut config = Config {
+            data_dir: data_dir.clone(),
+            ..Config::default()
+        };
         config.opamp.listen = "127.0.0.1:0".into();
         config.api.listen = "127.0.0.1:0".into();
         config.api.tokens_file = Some(tokens);
@@ -161,4 +163,88 @@ impl Rest {
     pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
         self.call(reqwest::Method::DELETE, path, None).await
     }
+}
+
+// ---- OpAMP agents over plain HTTP (added for the REST tests) ----
+
+/// Builds a full status report: `service.*` attributes are identifying, the rest
+/// non-identifying; `custom_caps` is sent only when non-empty.
+pub fn agent_status(
+    uid: uuid::Uuid,
+    seq: u64,
+    attrs: &[(&str, &str)],
+    caps: u64,
+    custom_caps: &[&str],
+) -> flotilla_proto::AgentToServer {
+    let (ident, non_ident): (Vec<_>, Vec<_>) =
+        attrs.iter().partition(|(k, _)| k.starts_with("service."));
+    let kvs = |v: Vec<&(&str, &str)>| -> Vec<flotilla_proto::KeyValue> {
+        v.into_iter()
+            .map(|(k, v)| flotilla_proto::kv_str(k, v))
+            .collect()
+    };
+    flotilla_proto::AgentToServer {
+        instance_uid: uid.as_bytes().to_vec(),
+        sequence_num: seq,
+        agent_description: Some(flotilla_proto::AgentDescription {
+            identifying_attributes: kvs(ident),
+            non_identifying_attributes: kvs(non_ident),
+        }),
+        capabilities: caps,
+        custom_capabilities: (!custom_caps.is_empty()).then(|| {
+            flotilla_proto::CustomCapabilities {
+                capabilities: custom_caps.iter().map(|s| s.to_string()).collect(),
+            }
+        }),
+        ..Default::default()
+    }
+}
+
+/// POSTs one `AgentToServer` to the plain-HTTP OpAMP endpoint and decodes the answer.
+pub async fn opamp_post(
+    server: &TestServer,
+    msg: &flotilla_proto::AgentToServer,
+) -> flotilla_proto::ServerToAgent {
+    use flotilla_proto::Message;
+    let resp = reqwest::Client::new()
+        .post(server.opamp_http_url())
+        .header("Content-Type", "application/x-protobuf")
+        .body(msg.encode_to_vec())
+        .send()
+        .await
+        .expect("OpAMP request");
+    assert_eq!(resp.status().as_u16(), 200, "OpAMP HTTP status");
+    let bytes = resp.bytes().await.expect("OpAMP body");
+    flotilla_proto::ServerToAgent::decode(bytes.as_ref()).expect("ServerToAgent")
+}
+
+/// Registers a new agent through the real OpAMP HTTP endpoint; returns its uid.
+pub async fn register_agent(
+    server: &TestServer,
+    attrs: &[(&str, &str)],
+    caps: u64,
+    custom_caps: &[&str],
+) -> uuid::Uuid {
+    let uid = uuid::Uuid::now_v7();
+    opamp_post(server, &agent_status(uid, 0, attrs, caps, custom_caps)).await;
+    uid
+}
+
+/// Like [`register_agent`], also reporting top-level health.
+pub async fn register_agent_with_health(
+    server: &TestServer,
+    attrs: &[(&str, &str)],
+    caps: u64,
+    custom_caps: &[&str],
+    healthy: bool,
+) -> uuid::Uuid {
+    let uid = uuid::Uuid::now_v7();
+    let mut msg = agent_status(uid, 0, attrs, caps, custom_caps);
+    msg.health = Some(flotilla_proto::ComponentHealth {
+        healthy,
+        start_time_unix_nano: 1,
+        ..Default::default()
+    });
+    opamp_post(server, &msg).await;
+    uid
 }

@@ -1,0 +1,146 @@
+//! `GET /api/v1/audit`: the audit trail filtered by actor, channel, agent, operation and time,
+//! newest first, paged by record id.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::auth::Auth;
+use super::commands::{fetch_size, page_limit, MAX_PAGE};
+use super::errors::{parse_uuid, ApiError, Query};
+use super::{views, ApiState};
+use crate::model::{AuditFilter, Channel, Millis};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    operation: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// Parses a time bound: unix milliseconds, or RFC 3339. A `+` offset arrives as a space when
+/// the client did not percent-encode it (form decoding), so a space is read back as `+`.
+pub fn parse_time(name: &str, s: &str) -> Result<Millis, ApiError> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    OffsetDateTime::parse(s, &Rfc3339)
+        .or_else(|e| {
+            if s.contains(' ') {
+                OffsetDateTime::parse(&s.replace(' ', "+"), &Rfc3339)
+            } else {
+                Err(e)
+            }
+        })
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as Millis)
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "{name} {s:?} is neither RFC 3339 (e.g. 2025-01-31T12:00:00Z) nor unix milliseconds"
+            ))
+        })
+}
+
+/// `GET /api/v1/audit`: `{items, next_cursor}`.
+pub async fn query(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Query(p): Query<AuditParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let limit = page_limit(p.limit)?;
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let channel = match nonempty(p.channel) {
+        None => None,
+        Some(c) => Some(Channel::parse(&c).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "channel {c:?} is not one of rest, mcp, slack, discord, teams, console, cli, system"
+            ))
+        })?),
+    };
+    let since = nonempty(p.since)
+        .map(|s| parse_time("since", &s))
+        .transpose()?;
+    let until = nonempty(p.until)
+        .map(|s| parse_time("until", &s))
+        .transpose()?;
+    if let (Some(a), Some(b)) = (since, until) {
+        if a > b {
+            return Err(ApiError::bad_request("since is after until"));
+        }
+    }
+    let before_id = match nonempty(p.cursor) {
+        None => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not valid")))?,
+        ),
+    };
+    let filter = AuditFilter {
+        actor: nonempty(p.actor),
+        channel,
+        // Targets are stored as canonical hyphenated lowercase uids.
+        agent: nonempty(p.agent)
+            .map(|a| parse_uuid("agent", &a).map(|u| u.to_string()))
+            .transpose()?,
+        operation: nonempty(p.operation),
+        since,
+        until,
+        before_id,
+        limit: fetch_size(limit),
+    };
+    let mut items = st.fleet.audit(&caller, &filter).await?;
+    let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
+    items.truncate(limit);
+    let next_cursor = if more {
+        items.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(axum::Json(json!({
+        "items": items.iter().map(views::audit).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse() {
+        assert_eq!(
+            parse_time("since", "1700000000000").unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(parse_time("since", "1970-01-01T00:00:01Z").unwrap(), 1000);
+        assert_eq!(
+            parse_time("since", "1970-01-01T01:00:01 01:00").unwrap(),
+            1000
+        );
+        assert_eq!(
+            parse_time("since", "1970-01-01T00:00:00.250Z").unwrap(),
+            250
+        );
+        let e = parse_time("until", "yesterday").unwrap_err();
+        assert_eq!(e.code, "bad_request");
+        assert!(e.message.contains("until"));
+    }
+}

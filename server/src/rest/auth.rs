@@ -1,0 +1,409 @@
+//! Bearer-token authentication of operators: loading the tokens file (or generating the admin
+//! token), checking a presented token, and the middleware that turns it into a [`Caller`].
+//!
+//! Only SHA-256 digests of tokens are kept in memory, compared in constant time, and no token
+//! is ever logged: failures log the remote address and the reason only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::errors::ApiError;
+use super::ApiState;
+use crate::config::ApiConfig;
+use crate::model::{Caller, Channel, Role};
+
+/// File name of the generated admin token inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Shortest token accepted from a tokens file: shorter ones are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why the API tokens could not be loaded. The server must not serve the API without them.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read API tokens file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("API tokens file {path}, line {line}: {message}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("API tokens file {path} holds no tokens (lines are `name role token`)")]
+    Empty { path: PathBuf },
+    #[error("cannot create the admin token file {path}: {source}")]
+    Generate {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct Entry {
+    name: String,
+    role: Role,
+    digest: [u8; 32],
+}
+
+/// The accepted API tokens, as digests.
+#[derive(Clone)]
+pub struct Tokens {
+    entries: Vec<Entry>,
+}
+
+impl std::fmt::Debug for Tokens {
+    // Names and roles only: digests are not secret-free enough to print casually.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|e| (&e.name, e.role)))
+            .finish()
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Where the generated admin token lives.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(ADMIN_TOKEN_FILE)
+}
+
+impl Tokens {
+    /// Loads `cfg.tokens_file`, or, when unset, the admin token in `<data_dir>/admin.token`,
+    /// generating it (32 random bytes, base64url, mode 0600) the first time. Idempotent: the
+    /// lead's start-up check and the router may both call it.
+    pub fn load(cfg: &ApiConfig, data_dir: &Path) -> Result<Tokens, AuthError> {
+        match &cfg.tokens_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Tokens::parse(&text, path)
+            }
+            None => Tokens::admin_token(data_dir),
+        }
+    }
+
+    /// Parses a tokens file: one `name role token` per line; blank lines and `#` comments are
+    /// skipped. Refuses unknown roles, short tokens and a token listed twice (which identity
+    /// would it be?).
+    pub fn parse(text: &str, path: &Path) -> Result<Tokens, AuthError> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |message: String| AuthError::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message,
+            };
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [name, role, token] = fields[..] else {
+                return Err(bad(format!(
+                    "expected 3 fields `name role token`, found {}",
+                    fields.len()
+                )));
+            };
+            let role = Role::parse(role)
+                .ok_or_else(|| bad(format!("role {role:?} must be viewer, operator or admin")))?;
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(bad(format!(
+                    "the token of {name:?} is shorter than {MIN_TOKEN_LEN} characters"
+                )));
+            }
+            let digest = digest(token);
+            if entries.iter().any(|e| e.digest == digest) {
+                return Err(bad(format!("the token of {name:?} is listed twice")));
+            }
+            entries.push(Entry {
+                name: name.to_string(),
+                role,
+                digest,
+            });
+        }
+        if entries.is_empty() {
+            return Err(AuthError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Tokens { entries })
+    }
+
+    fn admin_token(data_dir: &Path) -> Result<Tokens, AuthError> {
+        let path = admin_token_path(data_dir);
+        let gen_err = |source| AuthError::Generate {
+            path: path.clone(),
+            source,
+        };
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                warn_if_exposed(&path);
+                tracing::debug!(path = %path.display(), "using the generated admin API token");
+                t.trim().to_string()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(data_dir).map_err(gen_err)?;
+                let token = generate_token();
+                write_private(&path, &token).map_err(gen_err)?;
+                tracing::info!(
+                    path = %path.display(),
+                    "generated an admin API token (no api.tokens_file configured); read it from the file"
+                );
+                token
+            }
+            Err(source) => return Err(AuthError::Read { path, source }),
+        };
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(AuthError::Line {
+                path,
+                line: 1,
+                message: format!("the admin token is shorter than {MIN_TOKEN_LEN} characters"),
+            });
+        }
+        Ok(Tokens {
+            entries: vec![Entry {
+                name: "admin".into(),
+                role: Role::Admin,
+                digest: digest(&token),
+            }],
+        })
+    }
+
+    /// How many tokens are accepted.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The caller a presented token stands for. Every entry is compared (no early exit) so the
+    /// time taken does not depend on which entry, if any, matched.
+    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+        let d = digest(token);
+        let mut found: Option<&Entry> = None;
+        for e in &self.entries {
+            if bool::from(e.digest.ct_eq(&d)) {
+                found = Some(e);
+            }
+        }
+        found.map(|e| Caller {
+            actor: e.name.clone(),
+            channel: Channel::Rest,
+            role: e.role,
+        })
+    }
+}
+
+/// 32 random bytes from the OS, base64url without padding (43 characters).
+fn generate_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Creates `path` readable by the owner only; fails if it already exists, so a racing second
+/// start cannot overwrite a token someone has already read.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+fn warn_if_exposed(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the admin token file is readable by other users; chmod 600 it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// The authenticated caller of a request (set by [`require_bearer`]).
+pub struct Auth(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // Only reachable without the middleware through a routing mistake; deny rather than
+        // serve anonymously.
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .map(Auth)
+            .ok_or_else(|| ApiError::unauthorized("authentication required", false))
+    }
+}
+
+/// Middleware on every `/api/v1` route: requires `Authorization: Bearer <token>`, puts the
+/// [`Caller`] in the request extensions, then admits at most [`super::MAX_IN_FLIGHT`]
+/// authenticated requests at once (429 beyond).
+pub(super) async fn require_bearer(
+    State(st): State<Arc<ApiState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let remote = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let deny = |reason: &str, invalid_token: bool, req: &Request| {
+        tracing::warn!(%remote, method = %req.method(), path = %req.uri().path(), reason,
+                       "API authentication failed");
+        ApiError::unauthorized(
+            format!("{reason}; send Authorization: Bearer <token>"),
+            invalid_token,
+        )
+        .into_response()
+    };
+    let Some(tokens) = st.tokens.as_ref() else {
+        return deny(
+            "API tokens could not be loaded (see the server log)",
+            false,
+            &req,
+        );
+    };
+    let caller = {
+        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+            return deny("missing Authorization header", false, &req);
+        };
+        let Ok(value) = value.to_str() else {
+            return deny("Authorization header is not ASCII", true, &req);
+        };
+        let mut parts = value.trim().splitn(2, ' ');
+        let scheme = parts.next().unwrap_or("");
+        let token = parts.next().map(str::trim).unwrap_or("");
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+            return deny("Authorization is not a Bearer token", false, &req);
+        }
+        match tokens.authenticate(token) {
+            Some(c) => c,
+            None => return deny("unknown token", true, &req),
+        }
+    };
+    let Ok(_permit) = st.inflight.clone().try_acquire_owned() else {
+        let mut e = ApiError::new(
+            "rate_limited",
+            "too many API requests in flight; retry shortly",
+        );
+        e.retry_after = Some(1);
+        tracing::warn!(%remote, actor = %caller.actor, "API request refused: too many in flight");
+        return e.into_response();
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: &str = "first-token-0123456789";
+    const T2: &str = "second-token-0123456789";
+
+    #[test]
+    fn parses_and_authenticates() {
+        let text = format!("# comment\n\nalice admin {T1}\n  bob VIEWER {T2}  \n");
+        let t = Tokens::parse(&text, Path::new("t")).unwrap();
+        assert_eq!(t.len(), 2);
+        let a = t.authenticate(T1).unwrap();
+        assert_eq!(
+            (a.actor.as_str(), a.role, a.channel),
+            ("alice", Role::Admin, Channel::Rest)
+        );
+        assert_eq!(t.authenticate(T2).unwrap().role, Role::Viewer);
+        assert!(t.authenticate("nope-nope-nope-nope").is_none());
+        assert!(t.authenticate("").is_none());
+        assert!(!format!("{t:?}").contains(T1));
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        let p = Path::new("tokens");
+        for (text, needle) in [
+            ("alice admin", "3 fields"),
+            ("alice root abcdefghijklmnopqrstuvwxyz", "role"),
+            ("alice admin short", "shorter"),
+            (&format!("a admin {T1}\nb viewer {T1}") as &str, "twice"),
+            ("# nothing\n", "no tokens"),
+        ] {
+            let err = Tokens::parse(text, p).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+        let err = Tokens::parse("x\nalice admin", p).unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn generates_admin_token_once_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let cfg = ApiConfig::default();
+        let t1 = Tokens::load(&cfg, &data).unwrap();
+        let path = admin_token_path(&data);
+        let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        assert_eq!(token.len(), 43);
+        assert_eq!(t1.authenticate(&token).unwrap().role, Role::Admin);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Reused, not regenerated.
+        let t2 = Tokens::load(&cfg, &data).unwrap();
+        assert!(t2.authenticate(&token).is_some());
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), token);
+    }
+
+    #[test]
+    fn missing_tokens_file_is_an_error() {
+        let cfg = ApiConfig {
+            tokens_file: Some("/nonexistent/flotilla-tokens".into()),
+            ..ApiConfig::default()
+        };
+        assert!(matches!(
+            Tokens::load(&cfg, Path::new("/tmp")),
+            Err(AuthError::Read { .. })
+        ));
+    }
+}

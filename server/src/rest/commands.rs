@@ -1,0 +1,278 @@
+//! Command endpoints: queue for one agent or fan out over a query, list, read, cancel, batch
+//! progress, and the command catalog.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::auth::Auth;
+use super::errors::{parse_uuid, ApiError, Json, Path, Query};
+use super::{views, ApiState};
+use crate::model::{Caller, CommandFilter, CommandKind, CommandStatus};
+use crate::service::{Queued, Target};
+
+/// Largest page of a listing; the service caps there too.
+pub const MAX_PAGE: usize = 1000;
+/// Default page of a listing.
+pub const DEFAULT_PAGE: usize = 100;
+
+fn parse_kind(s: &str) -> Result<CommandKind, ApiError> {
+    CommandKind::parse(s).ok_or_else(|| {
+        let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
+        ApiError::new(
+            "invalid_params",
+            format!(
+                "unknown command kind {s:?} (kinds: {}; see GET /api/v1/catalog)",
+                kinds.join(", ")
+            ),
+        )
+    })
+}
+
+/// Checks a listing's `limit` (1..=1000, default 100).
+pub fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "limit {n} must be between 1 and {MAX_PAGE}"
+        ))),
+    }
+}
+
+/// How many rows to ask the service for so a next page can be detected without an extra
+/// round trip: one more than the page, unless that would exceed the service's cap.
+pub fn fetch_size(limit: usize) -> usize {
+    if limit < MAX_PAGE {
+        limit + 1
+    } else {
+        limit
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueOne {
+    kind: String,
+    #[serde(default)]
+    params: Value,
+}
+
+fn accepted(location: String, body: Value) -> Response {
+    let mut resp = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+async fn queue_one(
+    st: &ApiState,
+    caller: &Caller,
+    uid: Uuid,
+    kind: CommandKind,
+    params: &Value,
+) -> Result<Response, ApiError> {
+    match st
+        .fleet
+        .queue(caller, Target::Agent(uid), kind, params)
+        .await?
+    {
+        Queued::One(c) => Ok(accepted(
+            format!("/api/v1/commands/{}", c.id),
+            json!({"command_id": c.id, "command": views::command(&c)}),
+        )),
+        // A single-agent target never yields a batch; answer honestly if it ever does.
+        Queued::Batch(b, cmds) => Ok(batch_response(&b, &cmds)),
+    }
+}
+
+fn batch_response(b: &crate::model::Batch, cmds: &[crate::model::Command]) -> Response {
+    let commands: Vec<Value> = cmds
+        .iter()
+        .map(|c| json!({"agent_uid": c.agent_uid, "command_id": c.id}))
+        .collect();
+    accepted(
+        format!("/api/v1/batches/{}", b.id),
+        json!({
+            "batch_id": b.id,
+            "queued": cmds.len(),
+            "skipped": b.skipped,
+            "commands": commands,
+        }),
+    )
+}
+
+/// `POST /api/v1/agents/{uid}/commands`: 202 `{command_id, command}`.
+pub async fn queue_for_agent(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Path(uid): Path<String>,
+    Json(body): Json<QueueOne>,
+) -> Result<Response, ApiError> {
+    let uid = parse_uuid("agent uid", &uid)?;
+    let kind = parse_kind(&body.kind)?;
+    queue_one(&st, &caller, uid, kind, &body.params).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueMany {
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    agent: Option<String>,
+    kind: String,
+    #[serde(default)]
+    params: Value,
+}
+
+/// `POST /api/v1/commands`: with `query`, a fan-out (202 `{batch_id, queued, skipped,
+/// commands}`); with `agent`, the same as `POST /api/v1/agents/{uid}/commands`.
+pub async fn queue(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Json(body): Json<QueueMany>,
+) -> Result<Response, ApiError> {
+    let kind = parse_kind(&body.kind)?;
+    match (body.query, body.agent) {
+        (Some(q), None) => {
+            match st
+                .fleet
+                .queue(&caller, Target::Query(q), kind, &body.params)
+                .await?
+            {
+                Queued::Batch(b, cmds) => Ok(batch_response(&b, &cmds)),
+                Queued::One(c) => Ok(accepted(
+                    format!("/api/v1/commands/{}", c.id),
+                    json!({"command_id": c.id, "command": views::command(&c)}),
+                )),
+            }
+        }
+        (None, Some(a)) => {
+            let uid = parse_uuid("agent", &a)?;
+            queue_one(&st, &caller, uid, kind, &body.params).await
+        }
+        _ => Err(ApiError::bad_request(
+            "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    batch: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/commands`: newest first, `{items, next_cursor}`.
+pub async fn list(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Query(p): Query<ListParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let limit = page_limit(p.limit)?;
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let status = match nonempty(p.status) {
+        None => None,
+        Some(s) => Some(CommandStatus::parse(&s).ok_or_else(|| {
+            let all: Vec<&str> = CommandStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad_request(format!("status {s:?} is not one of {}", all.join(", ")))
+        })?),
+    };
+    let kind = match nonempty(p.kind) {
+        None => None,
+        Some(k) => Some(CommandKind::parse(&k).ok_or_else(|| {
+            let all: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
+            ApiError::bad_request(format!("kind {k:?} is not one of {}", all.join(", ")))
+        })?),
+    };
+    let filter = CommandFilter {
+        agent: nonempty(p.agent)
+            .map(|a| parse_uuid("agent", &a))
+            .transpose()?,
+        status,
+        batch: nonempty(p.batch)
+            .map(|b| parse_uuid("batch", &b))
+            .transpose()?,
+        kind,
+        before: nonempty(p.cursor)
+            .map(|c| parse_uuid("cursor", &c))
+            .transpose()?,
+        limit: fetch_size(limit),
+    };
+    let mut items = st.fleet.commands(&caller, &filter).await?;
+    let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
+    items.truncate(limit);
+    let next_cursor = if more {
+        items.last().map(|c| c.id.to_string())
+    } else {
+        None
+    };
+    Ok(axum::Json(json!({
+        "items": items.iter().map(views::command).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    })))
+}
+
+/// `GET /api/v1/commands/{id}`
+pub async fn get(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let id = parse_uuid("command id", &id)?;
+    Ok(axum::Json(views::command(
+        &st.fleet.command(&caller, id).await?,
+    )))
+}
+
+/// `DELETE /api/v1/commands/{id}`: cancels a queued command (200 with it); 409 once sent.
+pub async fn cancel(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let id = parse_uuid("command id", &id)?;
+    Ok(axum::Json(views::command(
+        &st.fleet.cancel(&caller, id).await?,
+    )))
+}
+
+/// `GET /api/v1/batches/{id}`: per-agent progress of a fan-out.
+pub async fn batch(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let id = parse_uuid("batch id", &id)?;
+    Ok(axum::Json(views::batch_progress(
+        &st.fleet.batch(&caller, id).await?,
+    )))
+}
+
+/// `GET /api/v1/catalog`
+pub async fn catalog(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(
+        json!({"kinds": st.fleet.catalog(&caller).await?}),
+    ))
+}
