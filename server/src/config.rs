@@ -30,6 +30,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub commands: CommandsConfig,
     pub log: LogConfig,
+    pub mcp: McpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -91,6 +92,33 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The MCP server on the operator listener (`/mcp`, `/sse`, `/messages`), see mcp/README.md.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpConfig {
+    /// Serve MCP on the operator listener.
+    pub enabled: bool,
+    /// Hide and refuse every state-changing tool on the HTTP transports.
+    pub read_only: bool,
+    /// Accepted `Host` headers (DNS-rebinding protection): a name or address (any port) or
+    /// `host:port`. Add the names operators use when the listener is not on loopback.
+    pub allowed_hosts: Vec<String>,
+    /// Accepted browser `Origin`s (`scheme://host[:port]`, `:*` for any port). Requests without
+    /// an Origin always pass; with an empty list every browser origin is refused.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            enabled: true,
+            read_only: false,
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -99,6 +127,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             commands: CommandsConfig::default(),
             log: LogConfig::default(),
+            mcp: McpConfig::default(),
         }
     }
 }
@@ -113,8 +142,8 @@ impl Default for OpampConfig {
             max_in_flight: 1024,
             heartbeat_interval_s: 30,
             retry_after_s: 30,
-            ws_read_buffer_bytes: 4 * 1024,
-            ws_write_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 2 * 1024,
+            ws_write_buffer_bytes: 2 * 1024,
             agent_tokens_file: None,
         }
     }
@@ -166,6 +195,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("FLOTILLA_API_TOKENS_FILE", "api.tokens_file"),
     ("FLOTILLA_LOG_FORMAT", "log.format"),
     ("FLOTILLA_LOG", "log.level"),
+    ("FLOTILLA_MCP_READ_ONLY", "mcp.read_only"),
+    ("FLOTILLA_MCP_ALLOWED_HOSTS", "mcp.allowed_hosts"),
 ];
 
 impl Config {
@@ -243,6 +274,19 @@ impl Config {
             "FLOTILLA_API_TOKENS_FILE" => self.api.tokens_file = Some(value.into()),
             "FLOTILLA_LOG_FORMAT" => self.log.format = value.into(),
             "FLOTILLA_LOG" => self.log.level = value.into(),
+            "FLOTILLA_MCP_READ_ONLY" => match value.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => self.mcp.read_only = true,
+                "0" | "false" | "no" | "off" | "" => self.mcp.read_only = false,
+                _ => problems.push(format!("{name}={value:?} is not true or false")),
+            },
+            "FLOTILLA_MCP_ALLOWED_HOSTS" => {
+                self.mcp.allowed_hosts = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
             _ => {}
         }
     }
@@ -333,6 +377,29 @@ impl Config {
         }
         if self.commands.max_fanout == 0 {
             p.push("commands.max_fanout must be at least 1".into());
+        }
+        for h in &self.mcp.allowed_hosts {
+            if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
+                p.push(format!(
+                    "mcp.allowed_hosts entry {h:?} must be a host name or address, optionally with :port (no scheme)"
+                ));
+            }
+        }
+        for o in &self.mcp.allowed_origins {
+            let ok = o == "null"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.contains(char::is_whitespace)
+                    && !o
+                        .trim_end_matches('/')
+                        .split("://")
+                        .nth(1)
+                        .unwrap_or("")
+                        .contains('/'));
+            if !ok {
+                p.push(format!(
+                    "mcp.allowed_origins entry {o:?} must be scheme://host[:port] (e.g. \"http://localhost:*\")"
+                ));
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             p.push(format!(
@@ -461,6 +528,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("FLOTILLA_MAX_CONNECTIONS"), "{err}");
+    }
+
+    #[test]
+    fn mcp_settings_are_validated_and_overridable() {
+        let mut c = Config::default();
+        assert!(c.mcp.enabled && !c.mcp.read_only);
+        c.mcp.allowed_hosts = vec!["http://x".into()];
+        c.mcp.allowed_origins = vec!["localhost".into()];
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("mcp.allowed_hosts") && msg.contains("mcp.allowed_origins"),
+            "{msg}"
+        );
+        let c = Config::load(
+            None,
+            [
+                ("FLOTILLA_MCP_READ_ONLY".to_string(), "true".to_string()),
+                (
+                    "FLOTILLA_MCP_ALLOWED_HOSTS".to_string(),
+                    "a.example, b:8080".to_string(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(c.mcp.read_only);
+        assert_eq!(c.mcp.allowed_hosts, vec!["a.example", "b:8080"]);
+        assert!(Config::load(
+            None,
+            [("FLOTILLA_MCP_READ_ONLY".to_string(), "maybe".to_string())]
+        )
+        .is_err());
     }
 
     #[test]

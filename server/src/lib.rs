@@ -7,6 +7,7 @@ pub mod audit;
 pub mod commands;
 pub mod config;
 pub mod hub;
+pub mod mcp_backend;
 pub mod metrics;
 pub mod model;
 pub mod opamp;
@@ -102,18 +103,21 @@ pub async fn run(
         });
     }
 
+    let drain = CancellationToken::new();
     let opamp_ctx = Arc::new(opamp::OpampContext {
         fleet: fleet.clone(),
         cfg: cfg.opamp.clone(),
         shutdown: token.clone(),
+        drain: drain.clone(),
     });
     let rest_ctx = Arc::new(rest::RestContext {
         fleet: fleet.clone(),
         cfg: cfg.api.clone(),
         data_dir: cfg.data_dir.clone(),
     });
-    let opamp_app = opamp::router(opamp_ctx);
-    let rest_app = rest::router(rest_ctx);
+    let (opamp_app, flusher) = opamp::router(opamp_ctx);
+    let rest_app =
+        rest::router(rest_ctx).merge(mcp_backend::routes(fleet.clone(), &cfg, token.clone()));
 
     let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
     tracing::info!(
@@ -135,6 +139,10 @@ pub async fn run(
     .with_graceful_shutdown(async move { t2.cancelled().await });
     let (a, b) = tokio::join!(async move { opamp_srv.await }, async move { api_srv.await });
     sweeper.abort();
+    drain.cancel();
+    if let Err(e) = flusher.await {
+        tracing::warn!(error = %e, "heartbeat flusher ended abnormally");
+    }
     store.close().await;
     tracing::info!("flotilla stopped; store flushed");
     a?;

@@ -1,0 +1,680 @@
+//! The OpAMP protocol session, independent of transport: one `AgentToServer` in, one
+//! `ServerToAgent` out, with the registry updated and commands settled in between; plus how
+//! queued commands are put on the wire.
+//!
+//! The same [`handle`] serves both transports. A WebSocket session keeps its [`Link`] state for
+//! the life of the connection; a plain-HTTP request rebuilds it from [`Shared::http_peers`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_proto::caps::{agent_has, requests_instance_uid};
+use flotilla_proto::v1::server_error_response::Details;
+use flotilla_proto::{
+    AgentCapabilities, AgentIdentification, AgentToServer, ConnectionSettingsOffers,
+    CustomCapabilities, Message, OpAmpConnectionSettings, RetryInfo, ServerCapabilities,
+    ServerErrorResponse, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::merge::{merge_status, reports_status};
+use super::shared::{Peer, Shared};
+use crate::commands::{self, Outgoing};
+use crate::hub::Wake;
+use crate::model::{now_ms, Agent, Command, CommandStatus, Millis, Transport};
+use crate::service::FleetError;
+use crate::store::{Finish, StoreError};
+
+/// Longest we wait for one store operation before telling the agent we are overloaded.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server capabilities we really implement, and nothing else.
+pub const SERVER_CAPABILITIES: u64 = ServerCapabilities::AcceptsStatus as u64
+    | ServerCapabilities::OffersRemoteConfig as u64
+    | ServerCapabilities::AcceptsEffectiveConfig as u64
+    | ServerCapabilities::OffersConnectionSettings as u64;
+
+const REPORT_FULL_STATE: u64 = ServerToAgentFlags::ReportFullState as u64;
+
+/// Why a message could not be processed now. Always "try again later", never the agent's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("storage unavailable: {0}")]
+    Store(#[from] StoreError),
+    #[error("storage did not answer within {}s", STORE_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("{0}")]
+    Fleet(#[from] FleetError),
+}
+
+/// Runs one store (or fleet) operation with [`STORE_TIMEOUT`].
+pub async fn timed<T, E: Into<Unavailable>>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Unavailable> {
+    match tokio::time::timeout(STORE_TIMEOUT, f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(Unavailable::Timeout),
+    }
+}
+
+/// The transport side of a session: who is talking and how to reach them.
+pub struct Link {
+    pub transport: Transport,
+    pub remote: Option<SocketAddr>,
+    /// The OpAMP URL this agent connected to (scheme, Host header, path), offered back as
+    /// `destination_endpoint` with the heartbeat interval. `None` when the request had no Host.
+    pub endpoint: Option<String>,
+    /// Hub connection id (per WebSocket connection; per agent for plain HTTP).
+    pub conn_id: u64,
+    /// The WebSocket session's wake-up channel (plain HTTP has none).
+    pub wake: Option<mpsc::Sender<Wake>>,
+    /// The uid this connection is bound to in the Hub.
+    pub bound: Option<Uuid>,
+    /// What we know of the bound agent; `None` until its record was read on this link.
+    pub peer: Option<Peer>,
+    /// Capabilities were sent in a reply on this link.
+    pub replied: bool,
+    /// Connection settings were offered on this link.
+    pub settings_offered: bool,
+}
+
+impl Link {
+    pub fn new(
+        transport: Transport,
+        remote: Option<SocketAddr>,
+        endpoint: Option<String>,
+        conn_id: u64,
+    ) -> Link {
+        Link {
+            transport,
+            remote,
+            endpoint,
+            conn_id,
+            wake: None,
+            bound: None,
+            peer: None,
+            replied: false,
+            settings_offered: false,
+        }
+    }
+}
+
+/// The result of handling one message.
+pub struct Handled {
+    pub reply: ServerToAgent,
+    /// The agent whose queued commands may now be delivered (`None`: do not look).
+    pub deliver_to: Option<Uuid>,
+    /// The agent said goodbye (`agent_disconnect`).
+    pub disconnected: bool,
+}
+
+/// A reply carrying only an error (and the echoed uid, which some clients need even then).
+pub fn error_reply(
+    instance_uid: Vec<u8>,
+    kind: ServerErrorResponseType,
+    message: String,
+) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid,
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message,
+            details: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The UNAVAILABLE reply for an overloaded server, with the configured retry delay.
+pub fn unavailable_reply(
+    instance_uid: Vec<u8>,
+    why: &Unavailable,
+    retry_after_s: u64,
+) -> ServerToAgent {
+    let mut r = error_reply(
+        instance_uid,
+        ServerErrorResponseType::Unavailable,
+        format!("server overloaded, retry later ({why})"),
+    );
+    if let Some(e) = r.error_response.as_mut() {
+        e.details = Some(Details::RetryInfo(RetryInfo {
+            retry_after_nanoseconds: retry_after_s.saturating_mul(1_000_000_000),
+        }));
+    }
+    r
+}
+
+/// Handles one decoded message. Errors mean "overloaded now": the caller answers UNAVAILABLE
+/// (WebSocket) or 503 (plain HTTP), and nothing the agent must re-send was half-applied.
+pub async fn handle(
+    sh: &Shared,
+    link: &mut Link,
+    msg: &AgentToServer,
+) -> Result<Handled, Unavailable> {
+    let fleet = &sh.ctx.fleet;
+    let cfg = &sh.ctx.cfg;
+    let remote = link
+        .remote
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let Ok(uid) = Uuid::from_slice(&msg.instance_uid) else {
+        fleet.metrics().message("malformed");
+        tracing::warn!(%remote, len = msg.instance_uid.len(), transport = link.transport.as_str(),
+            "refused OpAMP message: instance_uid is not 16 bytes");
+        return Ok(Handled {
+            reply: error_reply(
+                msg.instance_uid.clone(),
+                ServerErrorResponseType::BadRequest,
+                format!(
+                    "instance_uid must be 16 bytes (a UUID), got {} bytes",
+                    msg.instance_uid.len()
+                ),
+            ),
+            deliver_to: None,
+            disconnected: false,
+        });
+    };
+    let now = now_ms();
+    let mut reply = ServerToAgent {
+        instance_uid: msg.instance_uid.clone(),
+        // Always set: required in the first reply, harmless afterwards, and some clients only
+        // look at the latest message.
+        capabilities: SERVER_CAPABILITIES,
+        ..Default::default()
+    };
+
+    // 1. The agent now uses a uid we issued: its record moves over from the old uid.
+    if let Some((old, _)) = sh.renames.remove(&uid) {
+        match timed(fleet.store().rename_agent(old, uid)).await {
+            Ok(true) => {
+                sh.moved.insert(old, now);
+                sh.untouch(&old);
+                tracing::info!(%old, new = %uid, %remote, "agent adopted its new instance uid");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                sh.renames.insert(uid, (old, now));
+                return Err(e);
+            }
+        }
+        if link.bound == Some(old) {
+            fleet.hub().unbind(old, link.conn_id);
+            link.bound = None;
+        }
+        link.peer = None;
+    }
+    // 2. Our record was renamed away under this connection (duplicate uid): start over.
+    if sh.moved.remove(&uid).is_some() {
+        link.peer = None;
+    }
+    if link.bound != Some(uid) {
+        link.peer = None;
+    }
+
+    let disconnect = msg.agent_disconnect.is_some();
+    let wants_uid = requests_instance_uid(msg.flags);
+    let has_desc = msg.agent_description.is_some();
+    // Capabilities only make a message a status report when they change what we know.
+    let known_caps = link.peer.map_or(msg.capabilities, |p| p.caps);
+    let kind = if disconnect {
+        "disconnect"
+    } else if msg.custom_message.is_some() {
+        "custom_message"
+    } else if reports_status(msg, known_caps) {
+        "status"
+    } else {
+        "heartbeat"
+    };
+    fleet.metrics().message(kind);
+
+    // 3. Bind the uid to this connection; a uid held by another live WebSocket is a duplicate.
+    if link.transport == Transport::Http || link.bound != Some(uid) {
+        match bind(sh, link, uid).await {
+            Ok(()) => {
+                if let Some(prev) = link.bound.replace(uid) {
+                    if prev != uid {
+                        fleet.hub().unbind(prev, link.conn_id);
+                    }
+                }
+            }
+            Err(_duplicate) => {
+                let new = Uuid::now_v7();
+                sh.renames.insert(new, (uid, now));
+                tracing::warn!(%uid, %new, %remote, transport = link.transport.as_str(),
+                    "instance_uid already in use by another live connection; offering a new uid");
+                reply.agent_identification = Some(AgentIdentification {
+                    new_instance_uid: new.as_bytes().to_vec(),
+                });
+                // Its status was not merged (it may belong to another agent): ask again under
+                // the new uid.
+                reply.flags |= REPORT_FULL_STATE;
+                finish_reply(link, &mut reply);
+                return Ok(Handled {
+                    reply,
+                    deliver_to: None,
+                    disconnected: false,
+                });
+            }
+        }
+    }
+
+    if let Some(cm) = &msg.custom_message {
+        let known = commands::SERVER_CUSTOM_CAPABILITIES
+            .iter()
+            .any(|c| *c == cm.capability || cm.capability.strip_prefix("request:") == Some(*c));
+        if !known {
+            tracing::debug!(%uid, capability = %cm.capability, r#type = %cm.r#type,
+                "custom message on a capability the server does not handle");
+        }
+    }
+
+    let mut need_full;
+    let caps;
+    let mut deliver = true;
+    match link.peer {
+        // A pure heartbeat from an agent we know: batched liveness only, no registry read.
+        Some(p) if kind == "heartbeat" && !wants_uid => {
+            need_full = !(msg.sequence_num == p.seq || msg.sequence_num == p.seq.wrapping_add(1));
+            sh.touch(uid, now, msg.sequence_num);
+            caps = p.caps;
+            link.peer = Some(Peer {
+                seq: msg.sequence_num,
+                caps,
+            });
+            // Commands queued while connected arrive through Hub::notify; an HTTP agent has no
+            // other chance than its poll.
+            deliver = link.transport == Transport::Http;
+        }
+        prev => {
+            let stored = timed(fleet.store().get_agent(uid)).await?;
+            let existed = stored.is_some();
+            need_full = if !existed {
+                // Unknown (new uid, or the registry lost it): we need everything it has.
+                !has_desc
+            } else if has_desc {
+                // This is a full report already; asking again would loop.
+                false
+            } else {
+                // The first message of a connection (or since we started) is the baseline;
+                // a repeat (HTTP retry) is not a gap.
+                prev.is_some_and(|p| {
+                    !(msg.sequence_num == p.seq || msg.sequence_num == p.seq.wrapping_add(1))
+                })
+            };
+            let before = stored.unwrap_or_else(|| Agent::new(uid, now, cfg.heartbeat_interval_s));
+            let mut after = before.clone();
+            merge_status(&mut after, msg);
+            after.last_seen = now;
+            after.sequence_num = msg.sequence_num;
+            after.connected = !disconnect;
+            after.transport = Some(link.transport);
+            if let Some(a) = link.remote {
+                after.remote_addr = Some(a.to_string());
+            }
+            // We offer exactly the configured interval; agents we offer nothing are assumed
+            // to use it too (there is no better guess).
+            after.heartbeat_interval_s = cfg.heartbeat_interval_s;
+            if wants_uid {
+                let new = Uuid::now_v7();
+                reply.agent_identification = Some(AgentIdentification {
+                    new_instance_uid: new.as_bytes().to_vec(),
+                });
+                if existed {
+                    // The record moves when the agent first speaks with the new uid.
+                    sh.renames.insert(new, (uid, now));
+                } else {
+                    // A temporary uid: nothing to carry over, the agent starts life as `new`.
+                    after.uid = new;
+                }
+                tracing::info!(%uid, %new, %remote, "issued a new instance uid on request");
+            }
+            timed(fleet.store().put_agent(&after)).await?;
+            sh.untouch(&uid);
+            if existed {
+                settle_from(sh, &before, &after, msg, now).await?;
+            }
+            // The spec's MUST: a reported remote-config hash that differs from ours gets the
+            // config again. Only when the agent reported one (now, or at the start of this
+            // link), so an agent that never reports status is not flooded.
+            if agent_has(after.capabilities, AgentCapabilities::AcceptsRemoteConfig)
+                && (msg.remote_config_status.is_some() || prev.is_none())
+            {
+                if let (Some(d), Some(rcs)) = (&after.desired_config, &after.remote_config_status) {
+                    if rcs.hash != d.hash {
+                        reply.remote_config = Some(commands::remote_config_message(d));
+                    }
+                }
+            }
+            caps = after.capabilities;
+            link.peer = (after.uid == uid).then_some(Peer {
+                seq: msg.sequence_num,
+                caps,
+            });
+        }
+    }
+
+    if disconnect {
+        // It is leaving: no flags, no settings, no commands; forget the association.
+        need_full = false;
+        deliver = false;
+        fleet.hub().unbind(uid, link.conn_id);
+        link.bound = None;
+        link.peer = None;
+        tracing::debug!(%uid, %remote, "agent disconnected (agent_disconnect)");
+    }
+    if need_full {
+        reply.flags |= REPORT_FULL_STATE;
+    }
+    if !disconnect {
+        offer_settings(link, msg, caps, &mut reply, cfg.heartbeat_interval_s);
+    }
+    finish_reply(link, &mut reply);
+    Ok(Handled {
+        reply,
+        deliver_to: deliver.then_some(uid),
+        disconnected: disconnect,
+    })
+}
+
+/// Binds `uid` to this link in the Hub. A well-behaved agent closes its old WebSocket before
+/// reconnecting, but the old session may not have seen that close yet; so before calling the
+/// newcomer a duplicate we wake the holder (a dead socket then ends its session) and retry for
+/// up to [`DUPLICATE_GRACE_MS`]. Only this rare path sleeps.
+async fn bind(sh: &Shared, link: &Link, uid: Uuid) -> Result<(), crate::hub::Duplicate> {
+    let hub = sh.ctx.fleet.hub();
+    let mut waited = 0;
+    let mut step = 10;
+    loop {
+        match hub.bind(uid, link.conn_id, link.transport, link.wake.clone()) {
+            Ok(()) => return Ok(()),
+            Err(d) if waited >= DUPLICATE_GRACE_MS => return Err(d),
+            Err(_) => {
+                hub.notify(uid);
+                tokio::time::sleep(Duration::from_millis(step)).await;
+                waited += step;
+                step *= 2;
+            }
+        }
+    }
+}
+
+/// How long a newcomer waits for the previous holder of its uid to finish closing.
+const DUPLICATE_GRACE_MS: u64 = 150;
+
+/// Custom capabilities go in the first reply of a WebSocket and in every plain-HTTP reply
+/// (as opamp-go does: an HTTP agent has no "connection" to remember them by).
+fn finish_reply(link: &mut Link, reply: &mut ServerToAgent) {
+    if !link.replied || link.transport == Transport::Http {
+        reply.custom_capabilities = Some(CustomCapabilities {
+            capabilities: commands::SERVER_CUSTOM_CAPABILITIES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        });
+    }
+    link.replied = true;
+}
+
+/// Offers the heartbeat interval to agents that can take OpAMP connection settings and send
+/// heartbeats: once per link, and again whenever the agent reports a different settings hash.
+fn offer_settings(
+    link: &mut Link,
+    msg: &AgentToServer,
+    caps: u64,
+    reply: &mut ServerToAgent,
+    interval_s: u64,
+) {
+    let able = agent_has(caps, AgentCapabilities::AcceptsOpAmpConnectionSettings)
+        && agent_has(caps, AgentCapabilities::ReportsHeartbeat);
+    let Some(endpoint) = link.endpoint.as_deref().filter(|_| able) else {
+        return;
+    };
+    let offers = connection_settings(endpoint, interval_s);
+    let offer = match &msg.connection_settings_status {
+        Some(s) => s.last_connection_settings_hash != offers.hash,
+        None => !link.settings_offered,
+    };
+    if offer {
+        reply.connection_settings = Some(offers);
+        link.settings_offered = true;
+    }
+}
+
+/// The connection settings we offer, with a hash that depends only on their content (so an
+/// agent sees the same hash on every connection and does not re-apply them).
+pub fn connection_settings(endpoint: &str, interval_s: u64) -> ConnectionSettingsOffers {
+    let mut h = Sha256::new();
+    h.update(b"flotilla-opamp-settings-v1\0");
+    h.update(endpoint.as_bytes());
+    h.update(b"\0");
+    h.update(interval_s.to_be_bytes());
+    ConnectionSettingsOffers {
+        hash: h.finalize().to_vec(),
+        opamp: Some(OpAmpConnectionSettings {
+            // The spec requires a non-empty endpoint: it is where the agent already is.
+            destination_endpoint: endpoint.to_string(),
+            heartbeat_interval_seconds: interval_s,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Settles the agent's sent commands from what this message says.
+async fn settle_from(
+    sh: &Shared,
+    before: &Agent,
+    after: &Agent,
+    msg: &AgentToServer,
+    now: Millis,
+) -> Result<(), Unavailable> {
+    let fleet = &sh.ctx.fleet;
+    let sent = timed(fleet.store().sent_for(after.uid)).await?;
+    if sent.is_empty() {
+        return Ok(());
+    }
+    for (id, finish) in commands::observe(before, after, msg, &sent, now) {
+        if let Some(cmd) = sent.iter().find(|c| c.id == id) {
+            tracing::debug!(command = %id, status = finish.to.as_str(), "command settled by agent report");
+            timed(fleet.settle(cmd, &[CommandStatus::Sent], finish)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Turns a claimed command into what goes on the wire, re-checking at send time that the
+/// agent still declares what the command needs (it may have changed its capabilities since
+/// the command was queued). A command it can no longer run is settled `failed` and skipped.
+pub async fn outgoing_for(
+    sh: &Shared,
+    cmd: &Command,
+    agent: &Agent,
+) -> Result<Option<Outgoing>, Unavailable> {
+    if let Err(e) = commands::check_capable(agent, cmd.kind, &cmd.params) {
+        tracing::info!(command = %cmd.id, agent = %agent.uid, error = %e, "command not sent");
+        fail(
+            sh,
+            cmd,
+            format!("not sent: {e} (capabilities changed after it was queued)"),
+        )
+        .await?;
+        return Ok(None);
+    }
+    Ok(Some(commands::encode(cmd, agent)))
+}
+
+/// Settles a claimed command as failed without sending it.
+pub async fn fail(sh: &Shared, cmd: &Command, error: String) -> Result<(), Unavailable> {
+    let finish = Finish {
+        to: CommandStatus::Failed,
+        result: None,
+        error: Some(error),
+        at: now_ms(),
+    };
+    timed(sh.ctx.fleet.settle(cmd, &[CommandStatus::Sent], finish)).await?;
+    Ok(())
+}
+
+/// Puts `out` into `msg`. Returns false (and leaves `msg` alone) when it cannot share the
+/// message with what is already there: a standard command travels alone, and one message has
+/// room for one new uid and one custom message.
+pub fn apply(out: &Outgoing, msg: &mut ServerToAgent) -> bool {
+    let busy = msg.command.is_some();
+    match out {
+        Outgoing::Command(c) => {
+            let alone = msg.flags == 0
+                && msg.remote_config.is_none()
+                && msg.connection_settings.is_none()
+                && msg.agent_identification.is_none()
+                && msg.custom_message.is_none()
+                && msg.packages_available.is_none()
+                && msg.error_response.is_none()
+                && !busy;
+            if alone {
+                // Custom capabilities are not "other content" in spirit, but the spec allows
+                // only instance_uid and capabilities next to a command.
+                msg.custom_capabilities = None;
+                msg.command = Some(*c);
+            }
+            alone
+        }
+        _ if busy => false,
+        Outgoing::Flags(f) => {
+            msg.flags |= f;
+            true
+        }
+        Outgoing::NewUid(u) => {
+            if msg.agent_identification.is_some() {
+                return false;
+            }
+            msg.agent_identification = Some(AgentIdentification {
+                new_instance_uid: u.as_bytes().to_vec(),
+            });
+            true
+        }
+        Outgoing::Custom(m) => {
+            if msg.custom_message.is_some() {
+                return false;
+            }
+            msg.custom_message = Some(m.clone());
+            true
+        }
+        Outgoing::RemoteConfig(rc, _) => {
+            // The command's config is the newest wish; it replaces a re-offered older one.
+            msg.remote_config = Some(rc.clone());
+            true
+        }
+    }
+}
+
+/// Side effects that must happen before a command is written: the desired config is recorded
+/// (so later hash reports are compared with it), a new uid is remembered for the rename.
+pub async fn before_send(sh: &Shared, agent: Uuid, out: &Outgoing) -> Result<(), Unavailable> {
+    match out {
+        Outgoing::RemoteConfig(_, desired) => {
+            timed(
+                sh.ctx
+                    .fleet
+                    .store()
+                    .set_desired_config(agent, Some(desired)),
+            )
+            .await
+        }
+        Outgoing::NewUid(new) => {
+            sh.renames.insert(*new, (agent, now_ms()));
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Encoded size check: the spec forbids sending a message over the limit.
+pub fn fits(sh: &Shared, encoded_len: usize) -> bool {
+    encoded_len <= sh.ctx.cfg.max_message_bytes
+}
+
+/// Keeps a reply within `max_message_bytes`: only a re-offered remote config can make it big,
+/// and the agent still gets the rest. A reply still over the limit becomes an error reply
+/// (the spec forbids sending it; it is logged).
+pub fn fit_reply(sh: &Shared, mut reply: ServerToAgent) -> ServerToAgent {
+    if fits(sh, reply.encoded_len()) {
+        return reply;
+    }
+    if reply.remote_config.take().is_some() && fits(sh, reply.encoded_len()) {
+        tracing::error!(uid = %hex::encode(&reply.instance_uid), limit = sh.ctx.cfg.max_message_bytes,
+            "remote config exceeds opamp.max_message_bytes; not sent");
+        return reply;
+    }
+    tracing::error!(uid = %hex::encode(&reply.instance_uid), size = reply.encoded_len(),
+        "OpAMP reply exceeds opamp.max_message_bytes; not sent");
+    error_reply(
+        reply.instance_uid,
+        ServerErrorResponseType::Unknown,
+        "the server's reply exceeded its message size limit".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::{CustomMessage, ServerToAgentCommand};
+
+    #[test]
+    fn unavailable_carries_retry_info_and_the_uid() {
+        let r = unavailable_reply(vec![9; 16], &Unavailable::Timeout, 30);
+        assert_eq!(r.instance_uid, vec![9; 16]);
+        let e = r.error_response.expect("error");
+        assert_eq!(e.r#type, ServerErrorResponseType::Unavailable as i32);
+        assert_eq!(
+            e.details,
+            Some(Details::RetryInfo(RetryInfo {
+                retry_after_nanoseconds: 30_000_000_000
+            }))
+        );
+        // Nothing else may accompany an error.
+        assert_eq!(r.capabilities, 0);
+        assert!(r.custom_capabilities.is_none() && r.flags == 0);
+    }
+
+    #[test]
+    fn a_standard_command_travels_alone() {
+        let cmd = Outgoing::Command(ServerToAgentCommand { r#type: 0 });
+        let mut m = ServerToAgent {
+            capabilities: SERVER_CAPABILITIES,
+            custom_capabilities: Some(CustomCapabilities::default()),
+            ..Default::default()
+        };
+        assert!(apply(&cmd, &mut m));
+        assert!(m.command.is_some() && m.custom_capabilities.is_none());
+        assert_eq!(m.capabilities, SERVER_CAPABILITIES);
+        // Nothing joins it, and it joins nothing.
+        assert!(!apply(&Outgoing::Flags(REPORT_FULL_STATE), &mut m));
+        let mut flagged = ServerToAgent {
+            flags: REPORT_FULL_STATE,
+            ..Default::default()
+        };
+        assert!(!apply(&cmd, &mut flagged));
+        assert!(flagged.command.is_none());
+        // Other kinds merge, one custom message per message.
+        let custom = Outgoing::Custom(CustomMessage::default());
+        assert!(apply(&custom, &mut flagged));
+        assert!(!apply(&custom, &mut flagged));
+    }
+
+    #[test]
+    fn settings_hash_is_stable_and_covers_the_settings() {
+        let a = connection_settings("ws://h:4320/v1/opamp", 30);
+        assert_eq!(a, connection_settings("ws://h:4320/v1/opamp", 30));
+        assert_ne!(a.hash, connection_settings("ws://h:4320/v1/opamp", 31).hash);
+        assert_ne!(
+            a.hash,
+            connection_settings("http://h:4320/v1/opamp", 30).hash
+        );
+        assert_eq!(
+            a.opamp.unwrap().destination_endpoint,
+            "ws://h:4320/v1/opamp"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Server-wide state of the OpAMP endpoint, kept in memory: limits and counters, what we
+//! remember about plain-HTTP agents between requests, pending uid renames, and the batch of
+//! heartbeat liveness updates that a flusher task writes once a second.
+//!
+//! Every map is sharded behind short-lived `std::sync::Mutex` locks that are never held across
+//! an `.await`, so 100k agents never queue on one lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use super::auth::AgentTokens;
+use super::OpampContext;
+use crate::model::{now_ms, Millis};
+use crate::store::Touch;
+
+const SHARDS: usize = 64;
+
+/// A uid-keyed map split into [`SHARDS`] independently locked parts.
+pub struct Sharded<V> {
+    shards: Vec<Mutex<HashMap<Uuid, V>>>,
+}
+
+impl<V> Sharded<V> {
+    pub fn new() -> Sharded<V> {
+        Sharded {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, uid: &Uuid) -> std::sync::MutexGuard<'_, HashMap<Uuid, V>> {
+        // The last byte of a UUIDv7 (and v4) is random, so shards fill evenly.
+        let i = uid.as_bytes()[15] as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, uid: &Uuid) -> Option<V>
+    where
+        V: Clone,
+    {
+        self.shard(uid).get(uid).cloned()
+    }
+
+    pub fn insert(&self, uid: Uuid, v: V) {
+        self.shard(&uid).insert(uid, v);
+    }
+
+    pub fn remove(&self, uid: &Uuid) -> Option<V> {
+        self.shard(uid).remove(uid)
+    }
+
+    /// Empties every shard and returns what was in them.
+    pub fn drain(&self) -> Vec<(Uuid, V)> {
+        let mut out = Vec::new();
+        for s in &self.shards {
+            let taken = std::mem::take(&mut *s.lock().unwrap_or_else(|e| e.into_inner()));
+            out.extend(taken);
+        }
+        out
+    }
+
+    /// Keeps only entries for which `keep` is true.
+    pub fn retain(&self, mut keep: impl FnMut(&V) -> bool) {
+        for s in &self.shards {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, v| keep(v));
+        }
+    }
+}
+
+impl<V> Default for Sharded<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What we remember about an agent between its messages: enough to check sequence numbers and
+/// to tell a heartbeat from a status change without reading the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Last `sequence_num` received.
+    pub seq: u64,
+    /// Capabilities as last known (stored or reported).
+    pub caps: u64,
+}
+
+/// A plain-HTTP agent between requests (there is no connection to hang this on).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpPeer {
+    pub peer: Peer,
+    /// Stable Hub connection id for this agent, so `agent_disconnect` unbinds the right entry.
+    pub conn_id: u64,
+    /// Connection settings were offered since this server started.
+    pub settings_offered: bool,
+}
+
+/// Entries older than this are forgotten: an agent that did not adopt its new uid in a day
+/// never will, and a moved-away uid whose old holder was silent that long is gone.
+const RENAME_TTL_MS: Millis = 24 * 3600 * 1000;
+
+/// State shared by every OpAMP request and session of one server.
+pub struct Shared {
+    pub ctx: Arc<OpampContext>,
+    pub tokens: AgentTokens,
+    /// Plain-HTTP requests being processed now (`max_in_flight` permits).
+    pub in_flight: Arc<Semaphore>,
+    /// Open WebSocket connections (bounded by `max_connections`).
+    pub ws_open: AtomicUsize,
+    /// Plain-HTTP agents heard from since start.
+    pub http_peers: Sharded<HttpPeer>,
+    /// Server-issued uids not yet used by their agent: new uid → (old uid, issued at).
+    /// In memory only: after a restart an agent that adopts its new uid is simply a new agent
+    /// that is asked for its full state (documented in docs/protocol-conformance.md).
+    pub renames: Sharded<(Uuid, Millis)>,
+    /// Uids whose record was renamed away while another connection may still use them:
+    /// that connection's next message finds the agent unknown and asks for full state.
+    pub moved: Sharded<Millis>,
+    /// Heartbeat liveness not yet written.
+    pub touches: Sharded<Touch>,
+}
+
+impl Shared {
+    pub fn new(ctx: Arc<OpampContext>) -> Shared {
+        let tokens = match &ctx.cfg.agent_tokens_file {
+            Some(path) => AgentTokens::load(path),
+            None => AgentTokens::none(),
+        };
+        let in_flight = Arc::new(Semaphore::new(ctx.cfg.max_in_flight.max(1)));
+        Shared {
+            ctx,
+            tokens,
+            in_flight,
+            ws_open: AtomicUsize::new(0),
+            http_peers: Sharded::new(),
+            renames: Sharded::new(),
+            moved: Sharded::new(),
+            touches: Sharded::new(),
+        }
+    }
+
+    /// Records a heartbeat for the next batch (a later one for the same agent replaces it).
+    pub fn touch(&self, uid: Uuid, last_seen: Millis, sequence_num: u64) {
+        self.touches.insert(
+            uid,
+            Touch {
+                uid,
+                last_seen,
+                sequence_num,
+            },
+        );
+    }
+
+    /// Forgets a pending heartbeat (the record was just written whole, or renamed).
+    pub fn untouch(&self, uid: &Uuid) {
+        self.touches.remove(uid);
+    }
+
+    /// Takes one WebSocket connection slot; `None` when `max_connections` are open.
+    pub fn open_ws(self: &Arc<Self>) -> Option<WsSlot> {
+        let max = self.ctx.cfg.max_connections;
+        let prev = self.ws_open.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.ws_open.fetch_sub(1, Ordering::AcqRel);
+            None
+        } else {
+            Some(WsSlot(self.clone()))
+        }
+    }
+
+    /// Writes pending heartbeats; on failure they go back into the batch (unless a newer one
+    /// arrived meanwhile) so liveness is delayed, not lost.
+    pub async fn flush_touches(&self) {
+        let mut batch: Vec<Touch> = self.touches.drain().into_iter().map(|(_, t)| t).collect();
+        if batch.is_empty() {
+            return;
+        }
+        batch.sort_by_key(|t| t.uid);
+        // Chunks keep each transaction short, so status writes never wait long behind a
+        // flush of 100k heartbeats.
+        for chunk in batch.chunks(FLUSH_CHUNK) {
+            let res = tokio::time::timeout(
+                super::session::STORE_TIMEOUT,
+                self.ctx.fleet.store().touch_agents(chunk),
+            )
+            .await;
+            let failed = match res {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timed out".to_string()),
+            };
+            if let Some(error) = failed {
+                tracing::warn!(%error, count = chunk.len(),
+                    "writing heartbeat liveness failed; will retry");
+                for t in chunk {
+                    let mut shard = self.touches.shard(&t.uid);
+                    shard.entry(t.uid).or_insert_with(|| t.clone());
+                }
+            }
+        }
+    }
+
+    /// Drops rename bookkeeping older than a day.
+    pub fn purge(&self, now: Millis) {
+        self.renames.retain(|(_, at)| now - *at < RENAME_TTL_MS);
+        self.moved.retain(|at| now - *at < RENAME_TTL_MS);
+    }
+}
+
+const FLUSH_CHUNK: usize = 5000;
+
+/// An open WebSocket connection's slot; freed on drop (also when the upgrade never completes).
+pub struct WsSlot(Arc<Shared>);
+
+impl Drop for WsSlot {
+    fn drop(&mut self) {
+        self.0.ws_open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Writes batched heartbeats every second until the listeners have drained, then once more.
+pub async fn flusher(sh: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Counted down rather than `n % 60` so the purge cadence needs no modulo (and the crate's
+    // minimum Rust has no `is_multiple_of`).
+    let mut until_purge = 60u32;
+    loop {
+        tokio::select! {
+            _ = sh.ctx.drain.cancelled() => {
+                sh.flush_touches().await;
+                return;
+            }
+            _ = tick.tick() => {
+                sh.flush_touches().await;
+                until_purge -= 1;
+                if until_purge == 0 {
+                    until_purge = 60;
+                    sh.purge(now_ms());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The WebSocket transport: one task per connection that owns the socket, so every write to it
+//! is serialised by construction (no writer task, no mutex). The task waits on three things
+//! only: the next frame, a Hub wake-up (a command was queued), and server shutdown.
+//!
+//! Memory per idle connection is the socket's read/write buffers (sized from the config), the
+//! small [`Link`] state, a capacity-1 wake channel and the task itself; message handling runs
+//! in a boxed future that exists only while a message is being processed. No timers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::Response;
+use bytes::Bytes;
+use flotilla_proto::framing::{decode_ws, encode_ws, read_varint};
+use flotilla_proto::{AgentToServer, ServerErrorResponseType, ServerToAgent};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::http::retry_later;
+use super::session::{
+    self, apply, before_send, error_reply, handle, outgoing_for, timed, unavailable_reply, Link,
+    SERVER_CAPABILITIES,
+};
+use super::shared::{Shared, WsSlot};
+use crate::model::{now_ms, Transport};
+
+/// RFC 6455 close codes we send.
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Commands claimed per store round trip when delivering.
+const CLAIM_BATCH: usize = 16;
+
+/// How long we wait for the agent to answer our Close frame before dropping the socket.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a session ended.
+enum End {
+    /// The agent closed, or the socket broke.
+    Peer,
+    /// A message over `max_message_bytes`.
+    TooLarge,
+    /// Server shutdown.
+    Shutdown,
+}
+
+/// Accepts the upgrade unless `max_connections` are open (503 + Retry-After).
+pub fn upgrade(
+    sh: Arc<Shared>,
+    ws: WebSocketUpgrade,
+    remote: Option<SocketAddr>,
+    endpoint: Option<String>,
+) -> Response {
+    let Some(slot) = sh.open_ws() else {
+        sh.ctx.fleet.metrics().reject("overload");
+        tracing::warn!(remote = ?remote, max = sh.ctx.cfg.max_connections,
+            "refused OpAMP WebSocket: too many open connections");
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            sh.ctx.cfg.retry_after_s,
+            "too many open OpAMP connections",
+        );
+    };
+    let cfg = &sh.ctx.cfg;
+    // The header varint takes at most 10 bytes on top of the protobuf limit.
+    let max_frame = cfg.max_message_bytes.saturating_add(10);
+    ws.read_buffer_size(cfg.ws_read_buffer_bytes)
+        .write_buffer_size(cfg.ws_write_buffer_bytes)
+        // A cap, not an allocation: room for one full message beyond the normal buffer.
+        .max_write_buffer_size(cfg.ws_write_buffer_bytes + max_frame + 64)
+        .max_message_size(max_frame)
+        // Checked from the frame header, before any payload is buffered.
+        .max_frame_size(max_frame)
+        .on_failed_upgrade(
+            move |e| tracing::debug!(remote = ?remote, error = %e, "WebSocket upgrade failed"),
+        )
+        .on_upgrade(move |socket| run(sh, socket, remote, endpoint, slot))
+}
+
+async fn run(
+    sh: Arc<Shared>,
+    mut socket: WebSocket,
+    remote: Option<SocketAddr>,
+    endpoint: Option<String>,
+    slot: WsSlot,
+) {
+    let hub = sh.ctx.fleet.hub().clone();
+    let (wake_tx, mut wake_rx) = mpsc::channel(1);
+    let mut link = Link::new(Transport::Websocket, remote, endpoint, hub.next_conn_id());
+    link.wake = Some(wake_tx);
+    // Pinned once, so the session registers with the token once, not per message.
+    let shutdown = sh.ctx.shutdown.clone().cancelled_owned();
+    tokio::pin!(shutdown);
+    tracing::debug!(remote = ?remote, conn = link.conn_id, "OpAMP WebSocket connected");
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break End::Shutdown,
+            frame = socket.recv() => match frame {
+                None => break End::Peer,
+                Some(Err(e)) => {
+                    // axum hides tungstenite's error type; its Display is the only way to tell
+                    // "message too long" (a capacity error) from a broken socket.
+                    if e.to_string().contains("Message too long") {
+                        break End::TooLarge;
+                    }
+                    tracing::debug!(remote = ?remote, error = %e, "OpAMP WebSocket read failed");
+                    break End::Peer;
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    if let Err(end) = Box::pin(on_binary(&sh, &mut link, &mut socket, data)).await {
+                        break end;
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    // OpAMP is binary only. Answer like any other undecodable message, so the
+                    // agent learns why instead of waiting; the connection stays open.
+                    sh.ctx.fleet.metrics().message("malformed");
+                    tracing::warn!(remote = ?remote, "OpAMP WebSocket text frame refused (binary only)");
+                    let reply = error_reply(
+                        Vec::new(),
+                        ServerErrorResponseType::BadRequest,
+                        "OpAMP WebSocket messages must be binary frames".into(),
+                    );
+                    if Box::pin(send(&sh, &mut socket, reply)).await.is_err() {
+                        break End::Peer;
+                    }
+                }
+                // Close is answered by tungstenite on the next read, which then ends the stream;
+                // pings are answered automatically.
+                Some(Ok(_)) => {}
+            },
+            Some(_) = wake_rx.recv() => {
+                if let Some(uid) = link.bound {
+                    if let Err(end) = Box::pin(deliver(&sh, &link, &mut socket, uid)).await {
+                        break end;
+                    }
+                }
+            }
+        }
+    };
+
+    // Boxed: the closing steps would otherwise be part of every idle session's state.
+    Box::pin(finish(&sh, &mut socket, &mut link, end)).await;
+    drop(wake_rx);
+    drop(slot);
+}
+
+/// Ends a session: the Close frame the reason calls for, then the registry and the Hub.
+async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) {
+    let hub = sh.ctx.fleet.hub();
+    let remote = link.remote;
+    match end {
+        End::Shutdown => close_gracefully(socket, CLOSE_GOING_AWAY, "server shutting down").await,
+        End::TooLarge => {
+            sh.ctx.fleet.metrics().reject("too_large");
+            tracing::warn!(remote = ?remote, limit = sh.ctx.cfg.max_message_bytes,
+                "OpAMP WebSocket message too large; closing with 1009");
+            // No waiting for the answer here: reading on would buffer the rest of the
+            // oversized frame, which is exactly what the limit is for.
+            let frame = Message::Close(Some(CloseFrame {
+                code: CLOSE_TOO_BIG,
+                reason: "message too large".into(),
+            }));
+            let _ = socket.send(frame).await;
+        }
+        End::Peer => {}
+    }
+    if let Some(uid) = link.bound.take() {
+        // Written before unbinding: a reconnect of the same agent binds (and writes
+        // "connected") only after this, so the two writes never land in the wrong order.
+        // On shutdown the store is closing; the next start marks everyone disconnected anyway.
+        if !matches!(end, End::Shutdown) {
+            let res = timed(
+                sh.ctx
+                    .fleet
+                    .store()
+                    .set_connected(uid, false, None, None, now_ms()),
+            )
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(%uid, error = %e, "could not record the agent's disconnection");
+            }
+        }
+        hub.unbind(uid, link.conn_id);
+        tracing::debug!(%uid, remote = ?remote, "OpAMP WebSocket closed");
+    }
+}
+
+/// Handles one binary message: decode, process, reply, then deliver what is due.
+async fn on_binary(
+    sh: &Shared,
+    link: &mut Link,
+    socket: &mut WebSocket,
+    data: Bytes,
+) -> Result<(), End> {
+    let header_len = match data.first() {
+        Some(0) => read_varint(&data).map_or(0, |(_, n)| n),
+        _ => 0,
+    };
+    if data.len() - header_len > sh.ctx.cfg.max_message_bytes {
+        return Err(End::TooLarge);
+    }
+    let msg: AgentToServer = match decode_ws(&data) {
+        Ok(m) => m,
+        Err(e) => {
+            sh.ctx.fleet.metrics().message("malformed");
+            tracing::warn!(remote = ?link.remote, error = %e, "undecodable OpAMP WebSocket message");
+            // Nothing decoded, so there is no uid to echo; the connection stays usable.
+            let reply = error_reply(
+                Vec::new(),
+                ServerErrorResponseType::BadRequest,
+                format!("message is not a valid OpAMP AgentToServer: {e}"),
+            );
+            return send(sh, socket, reply).await;
+        }
+    };
+    drop(data);
+    match handle(sh, link, &msg).await {
+        Ok(h) => {
+            send(sh, socket, h.reply).await?;
+            if let Some(uid) = h.deliver_to {
+                deliver(sh, link, socket, uid).await?;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            sh.ctx.fleet.metrics().reject("overload");
+            tracing::warn!(remote = ?link.remote, error = %e, "OpAMP message not processed; answered UNAVAILABLE");
+            let reply = unavailable_reply(msg.instance_uid.clone(), &e, sh.ctx.cfg.retry_after_s);
+            send(sh, socket, reply).await
+        }
+    }
+}
+
+/// Sends every due command, each in its own message, in queue order. A command whose write
+/// fails goes back to the queue (with everything after it).
+async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) -> Result<(), End> {
+    let fleet = &sh.ctx.fleet;
+    loop {
+        let cmds = match timed(fleet.claim_due(uid, CLAIM_BATCH)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%uid, error = %e, "could not claim queued commands; will retry on next wake");
+                return Ok(());
+            }
+        };
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let agent = match timed(fleet.store().get_agent(uid)).await {
+            Ok(Some(a)) => a,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(%uid, error = %e, "could not read the agent to deliver commands");
+                }
+                unclaim_all(sh, &cmds).await;
+                return Ok(());
+            }
+        };
+        for (i, cmd) in cmds.iter().enumerate() {
+            let out = match outgoing_for(sh, cmd, &agent).await {
+                Ok(Some(o)) => o,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%uid, error = %e, "command delivery interrupted");
+                    unclaim_all(sh, &cmds[i..]).await;
+                    return Ok(());
+                }
+            };
+            let mut m = ServerToAgent {
+                instance_uid: uid.as_bytes().to_vec(),
+                capabilities: SERVER_CAPABILITIES,
+                ..Default::default()
+            };
+            // An empty message has room for any one command.
+            apply(&out, &mut m);
+            let bytes = encode_ws(&m);
+            if !session::fits(sh, bytes.len() - 1) {
+                let _ = session::fail(
+                    sh,
+                    cmd,
+                    format!(
+                        "not sent: the message would exceed opamp.max_message_bytes ({} bytes)",
+                        sh.ctx.cfg.max_message_bytes
+                    ),
+                )
+                .await;
+                continue;
+            }
+            if let Err(e) = before_send(sh, uid, &out).await {
+                tracing::warn!(%uid, error = %e, "command delivery interrupted");
+                unclaim_all(sh, &cmds[i..]).await;
+                return Ok(());
+            }
+            if let Err(e) = socket.send(Message::Binary(bytes.into())).await {
+                tracing::debug!(%uid, error = %e, "writing a command failed; it goes back to the queue");
+                unclaim_all(sh, &cmds[i..]).await;
+                return Err(End::Peer);
+            }
+            tracing::debug!(command = %cmd.id, %uid, conn = link.conn_id, kind = cmd.kind.as_str(),
+                "command delivered over WebSocket");
+        }
+        if cmds.len() < CLAIM_BATCH {
+            return Ok(());
+        }
+    }
+}
+
+async fn unclaim_all(sh: &Shared, cmds: &[crate::model::Command]) {
+    for c in cmds {
+        if let Err(e) = timed(sh.ctx.fleet.unclaim(c)).await {
+            tracing::warn!(command = %c.id, error = %e, "could not put an undelivered command back; it will expire");
+        }
+    }
+}
+
+/// Writes one message (with the 0x00 header), never over the size limit.
+async fn send(sh: &Shared, socket: &mut WebSocket, reply: ServerToAgent) -> Result<(), End> {
+    let reply = session::fit_reply(sh, reply);
+    socket
+        .send(Message::Binary(encode_ws(&reply).into()))
+        .await
+        .map_err(|_| End::Peer)
+}
+
+/// Sends a Close frame and waits briefly for the agent's answer, so the close handshake
+/// completes instead of the agent seeing a reset.
+async fn close_gracefully(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    if socket.send(frame).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Size of the future a closure returns, without ever running it.
+    fn future_size<A, F: std::future::Future>(_f: impl FnOnce(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_idle_session_is_small() {
+        type Args = (
+            Arc<Shared>,
+            WebSocket,
+            Option<SocketAddr>,
+            Option<String>,
+            WsSlot,
+        );
+        let session = future_size(|(sh, s, r, e, slot): Args| run(sh, s, r, e, slot));
+        // The session task's whole state while idle; message handling is boxed separately.
+        // (Socket buffers are heap: ws_read_buffer_bytes + what the write buffer holds.)
+        assert!(session < 2048, "session future is {session} bytes");
+        let message = future_size(
+            |(sh, l, s, d): (&Shared, &mut Link, &mut WebSocket, Bytes)| on_binary(sh, l, s, d),
+        );
+        eprintln!("session future {session} bytes; per-message future {message} bytes");
+    }
+}

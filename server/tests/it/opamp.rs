@@ -1,0 +1,1245 @@
+//! OpAMP conformance tests: a real server on port 0, real HTTP (reqwest) and WebSocket
+//! (tokio-tungstenite) clients. Each test proves one or more rows of
+//! docs/protocol-conformance.md; the table names the test.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use flotilla_proto::framing::{decode_ws, encode_ws};
+use flotilla_proto::v1::ConnectionSettingsStatus;
+use flotilla_proto::{
+    kv_str, AgentCapabilities as AC, AgentConfigFile, AgentConfigMap, AgentDescription,
+    AgentDisconnect, AgentToServer, ComponentHealth, EffectiveConfig, Message, RemoteConfigStatus,
+    ServerToAgent,
+};
+use flotilla_server::model::Agent;
+use flotilla_server::store::sqlite::SqliteStore;
+use flotilla_server::store::Store;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+use crate::support::TestServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+const REPORTS_STATUS: u64 = AC::ReportsStatus as u64;
+const REPORT_FULL_STATE: u64 = 1;
+const BAD_REQUEST: i32 = 1;
+/// AcceptsStatus | OffersRemoteConfig | AcceptsEffectiveConfig | OffersConnectionSettings.
+const SERVER_CAPS: u64 = 0x27;
+
+// ---------------------------------------------------------------- message builders
+
+fn new_uid() -> Uuid {
+    Uuid::now_v7()
+}
+
+/// A full status report (the first message an agent sends).
+fn full(uid: Uuid, seq: u64, caps: u64) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.as_bytes().to_vec(),
+        sequence_num: seq,
+        capabilities: caps,
+        agent_description: Some(AgentDescription {
+            identifying_attributes: vec![
+                kv_str("service.name", "fluent-bit"),
+                kv_str("service.instance.id", &uid.to_string()),
+            ],
+            non_identifying_attributes: vec![kv_str("host.name", "node-1")],
+        }),
+        health: Some(ComponentHealth {
+            healthy: true,
+            start_time_unix_nano: 1_000,
+            status: "running".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A heartbeat: uid and sequence number only.
+fn beat(uid: Uuid, seq: u64) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.as_bytes().to_vec(),
+        sequence_num: seq,
+        ..Default::default()
+    }
+}
+
+fn full_state_asked(r: &ServerToAgent) -> bool {
+    r.flags & REPORT_FULL_STATE != 0
+}
+
+// ---------------------------------------------------------------- HTTP client
+
+/// A client that never adds or decodes gzip by itself, so tests see the wire.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_gzip()
+        .build()
+        .expect("client")
+}
+
+async fn post_raw(
+    server: &TestServer,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = http()
+        .post(server.opamp_http_url())
+        .header("Content-Type", "application/x-protobuf")
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    tokio::time::timeout(WAIT, req.send())
+        .await
+        .expect("HTTP reply in time")
+        .expect("HTTP request")
+}
+
+/// POSTs a message and decodes the 200 reply.
+async fn post(server: &TestServer, msg: &AgentToServer) -> ServerToAgent {
+    let resp = post_raw(server, msg.encode_to_vec(), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/x-protobuf"
+    );
+    let body = resp.bytes().await.expect("body");
+    ServerToAgent::decode(body.as_ref()).expect("ServerToAgent")
+}
+
+// ---------------------------------------------------------------- WebSocket client
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Ws(WsStream);
+
+impl Ws {
+    async fn connect(server: &TestServer) -> Ws {
+        let (s, resp) = tokio::time::timeout(WAIT, connect_async(server.opamp_ws_url()))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket connect");
+        assert_eq!(resp.status(), 101);
+        Ws(s)
+    }
+
+    /// Sends with the 0x00 header, as the spec requires.
+    async fn send(&mut self, msg: &AgentToServer) {
+        self.send_raw(encode_ws(msg)).await;
+    }
+
+    async fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.0
+            .send(WsMessage::Binary(bytes.into()))
+            .await
+            .expect("ws send");
+    }
+
+    /// The next frame of any kind (pings skipped).
+    async fn frame(&mut self) -> Option<WsMessage> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.0.next())
+                .await
+                .expect("a frame in time");
+            match next {
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next ServerToAgent; checks the 0x00 header.
+    async fn recv(&mut self) -> ServerToAgent {
+        match self.frame().await {
+            Some(WsMessage::Binary(b)) => {
+                assert_eq!(
+                    b.first(),
+                    Some(&0u8),
+                    "every server message starts with header 0"
+                );
+                decode_ws(&b).expect("ServerToAgent")
+            }
+            other => panic!("expected a binary message, got {other:?}"),
+        }
+    }
+
+    /// Nothing arrives within `d` (used to prove "exactly once").
+    async fn silent_for(&mut self, d: Duration) -> bool {
+        tokio::time::timeout(d, self.0.next()).await.is_err()
+    }
+
+    async fn request(&mut self, msg: &AgentToServer) -> ServerToAgent {
+        self.send(msg).await;
+        self.recv().await
+    }
+}
+
+// ---------------------------------------------------------------- registry access
+
+/// A second handle on the server's database (SQLite WAL allows another reader).
+async fn db(server: &TestServer) -> SqliteStore {
+    SqliteStore::open(&server.data_dir).await.expect("open db")
+}
+
+/// Polls the registry until `pred` holds for the agent (background writes are batched).
+async fn wait_agent(db: &SqliteStore, uid: Uuid, pred: impl Fn(&Agent) -> bool) -> Agent {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(a) = db.get_agent(uid).await.expect("get_agent") {
+            if pred(&a) {
+                return a;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent {uid} never reached the expected state"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Queues a command through the REST API; returns its id.
+async fn queue(server: &TestServer, uid: Uuid, kind: &str, params: serde_json::Value) -> String {
+    let (status, body) = server
+        .rest()
+        .post(
+            &format!("/api/v1/agents/{uid}/commands"),
+            json!({"kind": kind, "params": params}),
+        )
+        .await;
+    assert_eq!(status, 202, "queue {kind}: {body}");
+    body["command_id"].as_str().expect("command_id").to_string()
+}
+
+async fn command_status(server: &TestServer, id: &str) -> serde_json::Value {
+    let (status, body) = server.rest().get(&format!("/api/v1/commands/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn wait_command(server: &TestServer, id: &str, want: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = command_status(server, id).await;
+        if c["status"] == want {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "command {id} is {} not {want}: {c}",
+            c["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+// ================================================================ general / instance_uid
+
+#[tokio::test]
+async fn http_reply_echoes_uid_with_capabilities_every_time() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    for seq in 0..2 {
+        let msg = if seq == 0 {
+            full(uid, 0, REPORTS_STATUS)
+        } else {
+            beat(uid, 1)
+        };
+        let r = post(&server, &msg).await;
+        assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+        assert_eq!(r.capabilities, SERVER_CAPS);
+        let custom = r
+            .custom_capabilities
+            .expect("custom capabilities in every HTTP reply");
+        assert!(custom
+            .capabilities
+            .contains(&"org.mp3monster.opamp_provider.chatopcommand".to_string()));
+        assert!(r.error_response.is_none());
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_first_reply_has_capabilities_and_custom_capabilities() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    let r = ws.request(&full(uid, 0, REPORTS_STATUS)).await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert_eq!(r.capabilities, SERVER_CAPS);
+    assert!(r.custom_capabilities.is_some());
+    let r = ws.request(&beat(uid, 1)).await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert!(
+        r.custom_capabilities.is_none(),
+        "custom capabilities only when they change (first reply)"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_uid_gets_bad_request_echoing_what_was_sent() {
+    let server = TestServer::start().await;
+    let short = vec![1, 2, 3, 4, 5];
+    let msg = AgentToServer {
+        instance_uid: short.clone(),
+        ..Default::default()
+    };
+    let r = post(&server, &msg).await;
+    assert_eq!(r.instance_uid, short);
+    // With an error, nothing but the echoed uid accompanies it.
+    assert_eq!(r.capabilities, 0);
+    assert!(r.custom_capabilities.is_none() && r.flags == 0);
+    let err = r.error_response.expect("error response");
+    assert_eq!(err.r#type, BAD_REQUEST);
+    assert!(
+        err.error_message.contains("16 bytes"),
+        "{}",
+        err.error_message
+    );
+
+    let mut ws = Ws::connect(&server).await;
+    let r = ws.request(&msg).await;
+    assert_eq!(r.instance_uid, short);
+    assert_eq!(r.error_response.expect("error").r#type, BAD_REQUEST);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_garbage_is_400_and_the_stored_agent_survives() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    post(&server, &full(uid, 0, REPORTS_STATUS)).await;
+    let resp = post_raw(&server, vec![0x0a, 0xff, 0xff, 0xff], &[]).await;
+    assert_eq!(resp.status(), 400);
+    let db = db(&server).await;
+    let a = wait_agent(&db, uid, |_| true).await;
+    assert_eq!(a.attr("service.name"), Some("fluent-bit"));
+    let r = post(&server, &beat(uid, 1)).await;
+    assert!(!full_state_asked(&r), "the record survived the garbage");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_garbage_and_text_frames_get_bad_request_and_the_connection_stays() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 0, REPORTS_STATUS)).await;
+
+    ws.send_raw(vec![0, 0x0a, 0xff, 0xff]).await;
+    let r = ws.recv().await;
+    assert_eq!(r.error_response.expect("error").r#type, BAD_REQUEST);
+    assert!(
+        r.instance_uid.is_empty(),
+        "nothing decoded, nothing to echo"
+    );
+
+    ws.0.send(WsMessage::Text("hello".into())).await.unwrap();
+    let r = ws.recv().await;
+    assert_eq!(r.error_response.expect("error").r#type, BAD_REQUEST);
+
+    let r = ws.request(&beat(uid, 1)).await;
+    assert!(r.error_response.is_none());
+    assert!(!full_state_asked(&r), "the record and sequence survived");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_frames_with_and_without_header_and_nonzero_header() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    // Legacy clients send the bare protobuf.
+    ws.send_raw(full(uid, 0, REPORTS_STATUS).encode_to_vec())
+        .await;
+    let r = ws.recv().await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    let r = ws.request(&beat(uid, 1)).await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    // An empty message (header only) is valid protobuf, but has no uid.
+    ws.send_raw(vec![0]).await;
+    let r = ws.recv().await;
+    assert_eq!(r.error_response.expect("error").r#type, BAD_REQUEST);
+    // Header 5 is not defined in this protocol version.
+    let mut bytes = vec![5];
+    bytes.extend(beat(uid, 2).encode_to_vec());
+    ws.send_raw(bytes).await;
+    let r = ws.recv().await;
+    let err = r.error_response.expect("error");
+    assert_eq!(err.r#type, BAD_REQUEST);
+    assert!(
+        err.error_message.contains("header"),
+        "{}",
+        err.error_message
+    );
+    server.stop().await;
+}
+
+// ================================================================ sequence / ReportFullState
+
+#[tokio::test]
+async fn report_full_state_for_an_unknown_agent_only_until_it_reports() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let r = post(&server, &beat(uid, 7)).await;
+    assert!(
+        full_state_asked(&r),
+        "unknown agent must be asked for full state"
+    );
+    let r = post(&server, &full(uid, 8, REPORTS_STATUS)).await;
+    assert!(!full_state_asked(&r), "it just sent its full state");
+    let r = post(&server, &beat(uid, 9)).await;
+    assert!(!full_state_asked(&r));
+
+    let other = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    let r = ws.request(&beat(other, 0)).await;
+    assert!(full_state_asked(&r));
+    let r = ws.request(&full(other, 1, REPORTS_STATUS)).await;
+    assert!(!full_state_asked(&r));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn report_full_state_on_sequence_gap_but_not_on_repeat() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    // Python starts at 0 and repeats a number when it retries.
+    assert!(!full_state_asked(
+        &post(&server, &full(uid, 0, REPORTS_STATUS)).await
+    ));
+    assert!(!full_state_asked(&post(&server, &beat(uid, 1)).await));
+    assert!(
+        !full_state_asked(&post(&server, &beat(uid, 1)).await),
+        "repeat is not a gap"
+    );
+    assert!(
+        full_state_asked(&post(&server, &beat(uid, 3)).await),
+        "2 is missing"
+    );
+    assert!(!full_state_asked(
+        &post(&server, &full(uid, 4, REPORTS_STATUS)).await
+    ));
+    assert!(
+        !full_state_asked(&post(&server, &beat(uid, 5)).await),
+        "no loop"
+    );
+
+    // Over WebSocket the same rules apply within a connection; Node starts at 1.
+    let other = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    assert!(!full_state_asked(
+        &ws.request(&full(other, 1, REPORTS_STATUS)).await
+    ));
+    assert!(!full_state_asked(&ws.request(&beat(other, 2)).await));
+    assert!(full_state_asked(&ws.request(&beat(other, 5)).await));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn first_message_of_a_connection_or_after_restart_is_a_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(tmp.path().to_path_buf(), |_| {}).await;
+    let (ws_uid, http_uid) = (new_uid(), new_uid());
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(ws_uid, 0, REPORTS_STATUS)).await;
+    drop(ws);
+    post(&server, &full(http_uid, 0, REPORTS_STATUS)).await;
+
+    // Reconnect without a description and with a sequence far ahead: the spec lets a reconnect
+    // omit unchanged status, so this is the new baseline.
+    let mut ws = Ws::connect(&server).await;
+    assert!(!full_state_asked(&ws.request(&beat(ws_uid, 40)).await));
+    assert!(!full_state_asked(&ws.request(&beat(ws_uid, 41)).await));
+    drop(ws);
+    server.stop().await;
+
+    let server = TestServer::start_in(tmp.path().to_path_buf(), |_| {}).await;
+    assert!(
+        !full_state_asked(&post(&server, &beat(http_uid, 17)).await),
+        "known agent after a restart: baseline"
+    );
+    assert!(full_state_asked(&post(&server, &beat(http_uid, 19)).await));
+    server.stop().await;
+}
+
+// ================================================================ new uid / duplicates
+
+#[tokio::test]
+async fn request_instance_uid_assigns_a_uuid_v7_and_the_agent_lives_on_under_it() {
+    let server = TestServer::start().await;
+    let temp = new_uid();
+    let mut msg = full(temp, 0, REPORTS_STATUS);
+    msg.flags = 1; // RequestInstanceUid
+    let r = post(&server, &msg).await;
+    assert_eq!(
+        r.instance_uid,
+        temp.as_bytes().to_vec(),
+        "reply still echoes the old uid"
+    );
+    let new = r
+        .agent_identification
+        .expect("agent_identification")
+        .new_instance_uid;
+    assert_eq!(new.len(), 16);
+    let new = Uuid::from_slice(&new).unwrap();
+    assert_eq!(new.get_version_num(), 7);
+    assert_ne!(new, temp);
+
+    let r = post(&server, &beat(new, 1)).await;
+    assert_eq!(r.instance_uid, new.as_bytes().to_vec());
+    assert!(
+        !full_state_asked(&r),
+        "the record was created under the new uid"
+    );
+    let db = db(&server).await;
+    let a = wait_agent(&db, new, |_| true).await;
+    assert_eq!(a.attr("service.name"), Some("fluent-bit"));
+    assert!(
+        db.get_agent(temp).await.unwrap().is_none(),
+        "no ghost under the temporary uid"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn request_instance_uid_from_a_known_agent_moves_its_record() {
+    let server = TestServer::start().await;
+    let old = new_uid();
+    post(&server, &full(old, 0, REPORTS_STATUS)).await;
+    let (status, _) = server
+        .rest()
+        .put(
+            &format!("/api/v1/agents/{old}/labels/env"),
+            json!({"value": "prod"}),
+        )
+        .await;
+    assert!(status == 200 || status == 204, "label set: {status}");
+    let mut msg = beat(old, 1);
+    msg.flags = 1;
+    let r = post(&server, &msg).await;
+    let new = Uuid::from_slice(&r.agent_identification.expect("new uid").new_instance_uid).unwrap();
+    let r = post(&server, &beat(new, 2)).await;
+    assert!(!full_state_asked(&r));
+    let db = db(&server).await;
+    let a = wait_agent(&db, new, |_| true).await;
+    assert_eq!(a.previous_uid, Some(old));
+    assert_eq!(a.labels.get("env").map(String::as_str), Some("prod"));
+    assert!(db.get_agent(old).await.unwrap().is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_ws_uid_gives_the_newcomer_a_new_uid() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let mut first = Ws::connect(&server).await;
+    first.request(&full(uid, 0, REPORTS_STATUS)).await;
+    let mut second = Ws::connect(&server).await;
+    let r = second.request(&full(uid, 0, REPORTS_STATUS)).await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    let new = Uuid::from_slice(
+        &r.agent_identification
+            .as_ref()
+            .expect("new uid")
+            .new_instance_uid,
+    )
+    .unwrap();
+    assert_ne!(new, uid);
+    assert_eq!(new.get_version_num(), 7);
+    assert!(
+        full_state_asked(&r),
+        "its status was not merged; ask again under the new uid"
+    );
+    // The newcomer adopts it and is served normally.
+    let r = second.request(&full(new, 1, REPORTS_STATUS)).await;
+    assert!(r.agent_identification.is_none());
+    assert!(!full_state_asked(&r));
+    // The first connection is still served (its record moved to the newcomer: it is asked
+    // for its full state once, and then known again).
+    let r = first.request(&beat(uid, 1)).await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert!(r.agent_identification.is_none());
+    assert!(full_state_asked(&r));
+    let r = first.request(&full(uid, 2, REPORTS_STATUS)).await;
+    assert!(!full_state_asked(&r));
+    let r = first.request(&beat(uid, 3)).await;
+    assert!(!full_state_asked(&r));
+    server.stop().await;
+}
+
+// ================================================================ HTTP transport
+
+#[tokio::test]
+async fn http_gzip_request_is_honoured() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let body = gzip(&full(uid, 0, REPORTS_STATUS).encode_to_vec());
+    let resp = post_raw(&server, body, &[("Content-Encoding", "gzip")]).await;
+    assert_eq!(resp.status(), 200);
+    let r = ServerToAgent::decode(resp.bytes().await.unwrap().as_ref()).unwrap();
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert!(!full_state_asked(&r), "the gzipped full report was read");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_gzip_response_only_when_accept_encoding_allows() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let body = full(uid, 0, REPORTS_STATUS).encode_to_vec();
+    for (ae, want_gzip) in [
+        (None, false),
+        (Some("gzip, deflate"), true),
+        (Some("gzip;q=0"), false),
+        (Some("gzip;q=0, *;q=1"), false),
+        (Some("*"), true),
+        (Some("identity"), false),
+    ] {
+        let headers: Vec<(&str, &str)> = ae.map(|v| ("Accept-Encoding", v)).into_iter().collect();
+        let resp = post_raw(&server, body.clone(), &headers).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/x-protobuf");
+        let gz = resp
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|v| v == "gzip");
+        assert_eq!(gz, want_gzip, "Accept-Encoding {ae:?}");
+        let raw = resp.bytes().await.unwrap().to_vec();
+        let plain = if gz {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .read_to_end(&mut out)
+                .unwrap();
+            out
+        } else {
+            raw
+        };
+        let r = ServerToAgent::decode(plain.as_slice()).expect("decodes");
+        assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_content_type_is_a_websocket_attempt_and_gets_a_clear_4xx() {
+    let server = TestServer::start().await;
+    let body = full(new_uid(), 0, REPORTS_STATUS).encode_to_vec();
+    for ct in [
+        "application/octet-stream",
+        "application/x-protobuf; charset=utf-8",
+    ] {
+        let resp = http()
+            .post(server.opamp_http_url())
+            .header("Content-Type", ct)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_client_error(), "{ct}: {}", resp.status());
+        assert!(resp
+            .text()
+            .await
+            .unwrap()
+            .contains("application/x-protobuf"));
+    }
+    let resp = http().get(server.opamp_http_url()).send().await.unwrap();
+    assert!(resp.status().is_client_error(), "{}", resp.status());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_oversize_body_is_413_also_after_decompression() {
+    let server = TestServer::start_with(|c| c.opamp.max_message_bytes = 1024).await;
+    let uid = new_uid();
+    let mut big = full(uid, 0, REPORTS_STATUS);
+    big.effective_config = Some(EffectiveConfig {
+        config_map: Some(AgentConfigMap {
+            config_map: [(
+                "fluent-bit.conf".to_string(),
+                AgentConfigFile {
+                    body: vec![b'x'; 4096],
+                    content_type: "text/plain".into(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }),
+    });
+    let raw = big.encode_to_vec();
+    let resp = post_raw(&server, raw.clone(), &[]).await;
+    assert_eq!(resp.status(), 413);
+    // 4 KiB of 'x' compresses to a few dozen bytes: the limit applies to what it inflates to.
+    let z = gzip(&raw);
+    assert!(z.len() < 1024);
+    let resp = post_raw(&server, z, &[("Content-Encoding", "gzip")]).await;
+    assert_eq!(resp.status(), 413);
+    // The server is fine afterwards.
+    let r = post(&server, &full(uid, 0, REPORTS_STATUS)).await;
+    assert!(r.error_response.is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_oversize_message_closes_with_1009() {
+    let server = TestServer::start_with(|c| c.opamp.max_message_bytes = 1024).await;
+    let uid = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 0, REPORTS_STATUS)).await;
+    let mut big = beat(uid, 1);
+    big.custom_message = Some(flotilla_proto::CustomMessage {
+        capability: "x".into(),
+        r#type: "y".into(),
+        data: vec![7; 4096],
+    });
+    ws.send(&big).await;
+    match ws.frame().await {
+        Some(WsMessage::Close(Some(f))) => assert_eq!(u16::from(f.code), 1009),
+        other => panic!("expected Close 1009, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+// ================================================================ disconnect
+
+#[tokio::test]
+async fn agent_disconnect_over_http_is_answered_and_marks_disconnected() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    post(&server, &full(uid, 0, REPORTS_STATUS)).await;
+    let db = db(&server).await;
+    wait_agent(&db, uid, |a| a.connected).await;
+    let mut bye = beat(uid, 1);
+    bye.agent_disconnect = Some(AgentDisconnect {});
+    let r = post(&server, &bye).await;
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert!(r.error_response.is_none());
+    wait_agent(&db, uid, |a| !a.connected).await;
+    // Coming back reconnects it.
+    post(&server, &beat(uid, 2)).await;
+    wait_agent(&db, uid, |a| a.connected).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_close_marks_disconnected() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let db = db(&server).await;
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 0, REPORTS_STATUS)).await;
+    wait_agent(&db, uid, |a| a.connected).await;
+    ws.0.close(None).await.unwrap();
+    wait_agent(&db, uid, |a| !a.connected).await;
+
+    // agent_disconnect over WebSocket does the same while the socket is still open.
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 1, REPORTS_STATUS)).await;
+    wait_agent(&db, uid, |a| a.connected).await;
+    let mut bye = beat(uid, 2);
+    bye.agent_disconnect = Some(AgentDisconnect {});
+    let r = ws.request(&bye).await;
+    assert!(r.error_response.is_none());
+    wait_agent(&db, uid, |a| !a.connected).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_a_close_frame() {
+    let server = TestServer::start().await;
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(new_uid(), 0, REPORTS_STATUS)).await;
+    server.stop().await;
+    match ws.frame().await {
+        Some(WsMessage::Close(Some(f))) => {
+            let code = u16::from(f.code);
+            assert!(code == 1000 || code == 1001, "close code {code}");
+        }
+        other => panic!("expected a Close frame, got {other:?}"),
+    }
+}
+
+// ================================================================ overload
+
+#[tokio::test]
+async fn too_many_websockets_get_503_with_retry_after() {
+    let server = TestServer::start_with(|c| {
+        c.opamp.max_connections = 1;
+        c.opamp.retry_after_s = 42;
+    })
+    .await;
+    let mut first = Ws::connect(&server).await;
+    first.request(&full(new_uid(), 0, REPORTS_STATUS)).await;
+    match connect_async(server.opamp_ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            assert_eq!(resp.headers()["retry-after"], "42");
+        }
+        other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // The slot frees when the first connection closes.
+    first.0.close(None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if connect_async(server.opamp_ws_url()).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_http_requests_in_flight_get_429_with_retry_after() {
+    let server = TestServer::start_with(|c| {
+        c.opamp.max_in_flight = 1;
+        c.opamp.retry_after_s = 31;
+    })
+    .await;
+    // A request whose body never finishes holds the only permit.
+    let mut slow = TcpStream::connect(server.opamp).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-protobuf\r\nContent-Length: 100\r\n\r\n\x0a",
+        server.config.opamp.path, server.opamp
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let body = full(new_uid(), 0, REPORTS_STATUS).encode_to_vec();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let resp = loop {
+        let resp = post_raw(&server, body.clone(), &[]).await;
+        if resp.status() == 429 {
+            break resp;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never got 429");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(resp.headers()["retry-after"], "31");
+    drop(slow);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if post_raw(&server, body.clone(), &[]).await.status() == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "permit never returned"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+// ================================================================ heartbeat / connection settings
+
+#[tokio::test]
+async fn heartbeat_interval_is_offered_only_to_agents_that_accept_connection_settings() {
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_s = 17).await;
+    let able =
+        REPORTS_STATUS | AC::AcceptsOpAmpConnectionSettings as u64 | AC::ReportsHeartbeat as u64;
+
+    let plain = new_uid();
+    let r = post(
+        &server,
+        &full(plain, 0, REPORTS_STATUS | AC::ReportsHeartbeat as u64),
+    )
+    .await;
+    assert!(
+        r.connection_settings.is_none(),
+        "not declared AcceptsOpAMPConnectionSettings"
+    );
+
+    let uid = new_uid();
+    let r = post(&server, &full(uid, 0, able)).await;
+    let offer = r.connection_settings.expect("offered");
+    let opamp = offer.opamp.expect("opamp settings");
+    assert_eq!(opamp.heartbeat_interval_seconds, 17);
+    assert_eq!(opamp.destination_endpoint, server.opamp_http_url());
+    assert!(!offer.hash.is_empty());
+    // Not again on every poll…
+    let r = post(&server, &beat(uid, 1)).await;
+    assert!(r.connection_settings.is_none());
+    // …nor when the agent reports our hash…
+    let mut m = beat(uid, 2);
+    m.connection_settings_status = Some(ConnectionSettingsStatus {
+        last_connection_settings_hash: offer.hash.clone(),
+        status: 1,
+        error_message: String::new(),
+    });
+    assert!(post(&server, &m).await.connection_settings.is_none());
+    // …but again when it reports another one.
+    let mut m = beat(uid, 3);
+    m.connection_settings_status = Some(ConnectionSettingsStatus {
+        last_connection_settings_hash: vec![1, 2, 3],
+        status: 1,
+        error_message: String::new(),
+    });
+    let again = post(&server, &m)
+        .await
+        .connection_settings
+        .expect("re-offered");
+    assert_eq!(again.hash, offer.hash, "the hash is stable");
+
+    // Over WebSocket: in the first reply of each connection, ws:// endpoint.
+    let mut ws = Ws::connect(&server).await;
+    let r = ws.request(&full(new_uid(), 0, able)).await;
+    let opamp = r.connection_settings.expect("offered").opamp.unwrap();
+    assert_eq!(opamp.destination_endpoint, server.opamp_ws_url());
+    let db = db(&server).await;
+    let a = wait_agent(&db, uid, |_| true).await;
+    assert_eq!(a.heartbeat_interval_s, 17);
+    server.stop().await;
+}
+
+// ================================================================ status compression
+
+#[tokio::test]
+async fn omitted_status_parts_and_zero_capabilities_keep_stored_values() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::ReportsHealth as u64 | AC::ReportsEffectiveConfig as u64;
+    post(&server, &full(uid, 0, caps)).await;
+    // Only the effective config changed; capabilities omitted (0).
+    let mut m = beat(uid, 1);
+    m.effective_config = Some(EffectiveConfig {
+        config_map: Some(AgentConfigMap {
+            config_map: [(
+                "fluent-bit.conf".to_string(),
+                AgentConfigFile {
+                    body: b"[INPUT]\n  Name cpu\n".to_vec(),
+                    content_type: "text/plain".into(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }),
+    });
+    let r = post(&server, &m).await;
+    assert!(!full_state_asked(&r));
+    let db = db(&server).await;
+    let a = wait_agent(&db, uid, |a| a.effective_config.is_some()).await;
+    assert_eq!(a.capabilities, caps, "capabilities 0 means unchanged");
+    let h = a.health.clone().expect("health kept");
+    assert!(h.healthy);
+    assert_eq!(h.status, "running");
+    assert_eq!(a.attr("host.name"), Some("node-1"), "description kept");
+    assert_eq!(
+        a.effective_config.unwrap()["fluent-bit.conf"].body,
+        "[INPUT]\n  Name cpu\n"
+    );
+    // A full report that sets capabilities replaces them.
+    post(&server, &full(uid, 2, REPORTS_STATUS)).await;
+    wait_agent(&db, uid, |a| a.capabilities == REPORTS_STATUS).await;
+    server.stop().await;
+}
+
+// ================================================================ remote config
+
+#[tokio::test]
+async fn remote_config_is_sent_and_reoffered_while_the_reported_hash_differs() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::AcceptsRemoteConfig as u64 | AC::ReportsRemoteConfig as u64;
+    post(&server, &full(uid, 0, caps)).await;
+    let id = queue(
+        &server,
+        uid,
+        "remote_config",
+        json!({"files": {"fluent-bit.conf": "[SERVICE]\n  Flush 1\n"}}),
+    )
+    .await;
+    let r = post(&server, &beat(uid, 1)).await;
+    let rc = r.remote_config.expect("config delivered on the next poll");
+    assert!(!rc.config_hash.is_empty());
+    let files = rc.config.expect("config map").config_map;
+    assert_eq!(files["fluent-bit.conf"].body, b"[SERVICE]\n  Flush 1\n");
+
+    // The agent says it still runs something else: the server MUST send the config again.
+    let mut m = beat(uid, 2);
+    m.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: vec![0xde, 0xad],
+        status: 1,
+        error_message: String::new(),
+    });
+    let r = post(&server, &m).await;
+    assert_eq!(
+        r.remote_config.expect("re-offered").config_hash,
+        rc.config_hash
+    );
+
+    // Applied with our hash: settled, and not offered again.
+    let mut m = beat(uid, 3);
+    m.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: rc.config_hash.clone(),
+        status: 1,
+        error_message: String::new(),
+    });
+    let r = post(&server, &m).await;
+    assert!(r.remote_config.is_none());
+    wait_command(&server, &id, "succeeded").await;
+    server.stop().await;
+}
+
+// ================================================================ commands
+
+#[tokio::test]
+async fn ws_command_is_delivered_at_once_and_exactly_once() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::AcceptsRestartCommand as u64 | AC::ReportsHealth as u64;
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 0, caps)).await;
+    let id = queue(&server, uid, "restart", json!({})).await;
+    // No heartbeat: the queue wakes the session.
+    let m = ws.recv().await;
+    assert!(m.command.is_some(), "restart command: {m:?}");
+    assert_eq!(m.instance_uid, uid.as_bytes().to_vec());
+    assert_eq!(m.flags, 0, "a command travels alone");
+    assert!(m.remote_config.is_none() && m.custom_message.is_none());
+    assert!(
+        ws.silent_for(Duration::from_millis(500)).await,
+        "delivered once"
+    );
+    wait_command(&server, &id, "sent").await;
+    // The agent restarts: health.start_time advances, which settles the command.
+    let mut m = beat(uid, 1);
+    m.health = Some(ComponentHealth {
+        healthy: true,
+        start_time_unix_nano: 2_000,
+        ..Default::default()
+    });
+    ws.request(&m).await;
+    wait_command(&server, &id, "succeeded").await;
+    assert!(ws.silent_for(Duration::from_millis(200)).await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_commands_queued_while_offline_arrive_after_the_first_message() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS;
+    post(&server, &full(uid, 0, caps)).await;
+    let mut bye = beat(uid, 1);
+    bye.agent_disconnect = Some(AgentDisconnect {});
+    post(&server, &bye).await;
+    let id = queue(&server, uid, "force_resync", json!({})).await;
+    let mut ws = Ws::connect(&server).await;
+    let r = ws.request(&beat(uid, 2)).await;
+    assert!(!full_state_asked(&r));
+    let m = ws.recv().await;
+    assert!(full_state_asked(&m), "the queued force_resync");
+    ws.request(&full(uid, 3, caps)).await;
+    wait_command(&server, &id, "succeeded").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_command_is_delivered_on_the_next_poll_alone_and_once() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::AcceptsRestartCommand as u64;
+    post(&server, &full(uid, 0, caps)).await;
+    let id = queue(&server, uid, "restart", json!({})).await;
+    let r = post(&server, &beat(uid, 1)).await;
+    assert!(r.command.is_some());
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert_eq!(r.flags, 0);
+    assert!(r.custom_capabilities.is_none() && r.connection_settings.is_none());
+    wait_command(&server, &id, "sent").await;
+    let r = post(&server, &beat(uid, 2)).await;
+    assert!(r.command.is_none(), "delivered once");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_command_waits_when_the_reply_must_carry_flags() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::AcceptsRestartCommand as u64;
+    post(&server, &full(uid, 0, caps)).await;
+    let id = queue(&server, uid, "restart", json!({})).await;
+    // A gap: this reply must carry ReportFullState, so the restart waits a poll.
+    let r = post(&server, &beat(uid, 5)).await;
+    assert!(full_state_asked(&r));
+    assert!(r.command.is_none());
+    let r = post(&server, &full(uid, 6, caps)).await;
+    assert!(r.command.is_some());
+    wait_command(&server, &id, "sent").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn command_is_failed_if_the_capability_is_gone_at_send_time() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    post(
+        &server,
+        &full(uid, 0, REPORTS_STATUS | AC::AcceptsRestartCommand as u64),
+    )
+    .await;
+    let id = queue(&server, uid, "restart", json!({})).await;
+    // The agent drops AcceptsRestartCommand before the command goes out.
+    let r = post(&server, &full(uid, 1, REPORTS_STATUS)).await;
+    assert!(r.command.is_none(), "never use an undeclared capability");
+    let c = wait_command(&server, &id, "failed").await;
+    assert!(
+        c["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("AcceptsRestartCommand"),
+        "{c}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn new_instance_uid_command_moves_the_record_when_adopted() {
+    let server = TestServer::start().await;
+    let old = new_uid();
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(old, 0, REPORTS_STATUS)).await;
+    let id = queue(&server, old, "new_instance_uid", json!({})).await;
+    let m = ws.recv().await;
+    let new = Uuid::from_slice(&m.agent_identification.expect("new uid").new_instance_uid).unwrap();
+    let r = ws.request(&beat(new, 1)).await;
+    assert_eq!(r.instance_uid, new.as_bytes().to_vec());
+    assert!(!full_state_asked(&r), "the record carried over");
+    wait_command(&server, &id, "succeeded").await;
+    let db = db(&server).await;
+    let a = wait_agent(&db, new, |_| true).await;
+    assert_eq!(a.previous_uid, Some(old));
+    assert_eq!(a.attr("service.name"), Some("fluent-bit"));
+    server.stop().await;
+}
+
+// ================================================================ authentication
+
+#[tokio::test]
+async fn agent_tokens_are_required_when_configured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("agent-tokens");
+    std::fs::write(&tokens, "# agents\nagent-token-1\n").unwrap();
+    let server = TestServer::start_with(|c| c.opamp.agent_tokens_file = Some(tokens.clone())).await;
+    let body = full(new_uid(), 0, REPORTS_STATUS).encode_to_vec();
+    assert_eq!(post_raw(&server, body.clone(), &[]).await.status(), 401);
+    let wrong = post_raw(
+        &server,
+        body.clone(),
+        &[("Authorization", "Bearer agent-token-2")],
+    )
+    .await;
+    assert_eq!(wrong.status(), 401);
+    let ok = post_raw(&server, body, &[("Authorization", "Bearer agent-token-1")]).await;
+    assert_eq!(ok.status(), 200);
+
+    match connect_async(server.opamp_ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    let mut req = server.opamp_ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", "Bearer agent-token-1".parse().unwrap());
+    let (mut ws, resp) = connect_async(req).await.expect("authorised upgrade");
+    assert_eq!(resp.status(), 101);
+    ws.send(WsMessage::Binary(
+        encode_ws(&full(new_uid(), 0, REPORTS_STATUS)).into(),
+    ))
+    .await
+    .unwrap();
+    let frame = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert!(matches!(frame, Some(Ok(WsMessage::Binary(_)))));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ws_heartbeats_reach_the_registry_in_batches() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let db = db(&server).await;
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 0, REPORTS_STATUS)).await;
+    let first = wait_agent(&db, uid, |_| true).await;
+    for seq in 1..=5 {
+        let r = ws.request(&beat(uid, seq)).await;
+        assert!(!full_state_asked(&r));
+    }
+    // Written by the flusher (about once a second), not by each heartbeat.
+    let a = wait_agent(&db, uid, |a| a.sequence_num == 5).await;
+    assert!(a.last_seen >= first.last_seen);
+    assert!(a.connected);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn remote_config_is_not_reoffered_once_the_agent_stops_accepting_it() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::AcceptsRemoteConfig as u64 | AC::ReportsRemoteConfig as u64;
+    post(&server, &full(uid, 0, caps)).await;
+    queue(
+        &server,
+        uid,
+        "remote_config",
+        json!({"files": {"fluent-bit.conf": "[SERVICE]\n"}}),
+    )
+    .await;
+    assert!(post(&server, &beat(uid, 1)).await.remote_config.is_some());
+    let mut m = full(uid, 2, REPORTS_STATUS | AC::ReportsRemoteConfig as u64);
+    m.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: vec![1],
+        status: 3,
+        error_message: "refused".into(),
+    });
+    let r = post(&server, &m).await;
+    assert!(
+        r.remote_config.is_none(),
+        "AcceptsRemoteConfig is no longer declared"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_outgoing_message_over_the_limit_is_not_sent() {
+    let server = TestServer::start_with(|c| c.opamp.max_message_bytes = 1024).await;
+    let uid = new_uid();
+    let caps = REPORTS_STATUS | AC::AcceptsRemoteConfig as u64;
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(uid, 0, caps)).await;
+    let id = queue(
+        &server,
+        uid,
+        "remote_config",
+        json!({"files": {"big.conf": "x".repeat(2000)}}),
+    )
+    .await;
+    let c = wait_command(&server, &id, "failed").await;
+    assert!(
+        c["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_message_bytes"),
+        "{c}"
+    );
+    assert!(
+        ws.silent_for(Duration::from_millis(300)).await,
+        "nothing was sent"
+    );
+    server.stop().await;
+}
