@@ -1,0 +1,273 @@
+//! The `flotilla` command line: `--version`, and `serve` refusing invalid configurations —
+//! exit non-zero, a message naming the offending setting, and nothing opened or bound first
+//! (the listen ports are held by the test, so a server that bound before validating would
+//! fail with "cannot listen" instead; the data directory must not have been created).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use flotilla_e2e::run_flotilla;
+use flotilla_e2e::server::{toml_str, OPERATOR};
+
+/// A config must be refused well within this; a server that accepted it would run forever.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A directory with a valid base config (data dir not yet created, a valid tokens file) and
+/// two ports held by this test for the duration.
+struct Case {
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    tokens_file: PathBuf,
+    opamp: TcpListener,
+    api: TcpListener,
+}
+
+impl Case {
+    fn new() -> Case {
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-cli-")
+            .tempdir()
+            .unwrap();
+        let data_dir = dir.path().join("data");
+        let tokens_file = dir.path().join("tokens");
+        std::fs::write(
+            &tokens_file,
+            format!("{OPERATOR} operator 0123456789abcdef0123456789abcdef\n"),
+        )
+        .unwrap();
+        Case {
+            data_dir,
+            tokens_file,
+            opamp: TcpListener::bind("127.0.0.1:0").unwrap(),
+            api: TcpListener::bind("127.0.0.1:0").unwrap(),
+            dir,
+        }
+    }
+
+    fn opamp_addr(&self) -> String {
+        self.opamp.local_addr().unwrap().to_string()
+    }
+
+    fn api_addr(&self) -> String {
+        self.api.local_addr().unwrap().to_string()
+    }
+
+    /// The base config (valid apart from the held ports) followed by `extra` lines, which may
+    /// open tables; `api_table` is inserted into `[api]` after `tokens_file`.
+    fn config(&self, api_table: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("flotilla.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = {}\n[api]\ntokens_file = {}\n{api_table}\n{extra}",
+                toml_str(&self.data_dir),
+                toml_str(&self.tokens_file)
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// `flotilla serve --config <config> <flags>` with the held ports unless `flags` names them.
+    async fn serve(&self, config: &Path, flags: &[&str], env: &[(&str, &str)]) -> Output {
+        let config = config.to_str().unwrap();
+        let (op, ap) = (self.opamp_addr(), self.api_addr());
+        let mut args = vec!["serve", "--config", config];
+        if !flags.contains(&"--opamp-listen") {
+            args.extend(["--opamp-listen", &op]);
+        }
+        if !flags.contains(&"--api-listen") {
+            args.extend(["--api-listen", &ap]);
+        }
+        args.extend(flags);
+        run_flotilla(&args, env, EXIT_TIMEOUT).await
+    }
+
+    /// Asserts a refused start: non-zero exit, every needle in stderr, no bind attempted,
+    /// no data directory created.
+    fn assert_refused(&self, out: &Output, needles: &[&str]) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "serve should have refused the configuration; exited {} with stderr:\n{stderr}",
+            out.status
+        );
+        for n in needles {
+            assert!(
+                stderr.contains(n),
+                "stderr should name {n:?}; got:\n{stderr}"
+            );
+        }
+        assert!(
+            !stderr.contains("cannot listen"),
+            "validation must happen before any port is bound; got:\n{stderr}"
+        );
+        assert!(
+            !self.data_dir.exists(),
+            "the data directory must not be created for a refused configuration (stderr:\n{stderr})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn version_is_the_workspace_version() {
+    let out = run_flotilla(&["--version"], &[], EXIT_TIMEOUT).await;
+    assert!(out.status.success(), "--version exited {}", out.status);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("flotilla {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Control for the refusal tests: the base config is valid, and a held port is detected — so
+/// "no `cannot listen`" and "no data dir" in the other tests are not vacuous.
+#[tokio::test]
+async fn base_config_is_valid_and_a_held_port_is_reported() {
+    let case = Case::new();
+    let config = case.config("", "");
+    let out = run_flotilla(
+        &["config", "check", "--config", config.to_str().unwrap()],
+        &[],
+        EXIT_TIMEOUT,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "config check of the base config: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !case.data_dir.exists(),
+        "config check must not create the data dir"
+    );
+
+    let out = case.serve(&config, &[], &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "serve on held ports must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("cannot listen") && stderr.contains(&case.opamp_addr()),
+        "a taken port must be reported with its address; got:\n{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn bad_listen_address_flag_is_refused() {
+    let case = Case::new();
+    let config = case.config("", "");
+    let out = case
+        .serve(&config, &["--opamp-listen", "nowhere:port"], &[])
+        .await;
+    case.assert_refused(&out, &["opamp.listen", "nowhere:port"]);
+}
+
+#[tokio::test]
+async fn bad_listen_address_in_file_is_refused() {
+    let case = Case::new();
+    let config = case.config("listen = \"127.0.0.1:99999\"", "");
+    // No --api-listen flag: the file's value is the one in force.
+    let out = run_flotilla(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--opamp-listen",
+            &case.opamp_addr(),
+        ],
+        &[],
+        EXIT_TIMEOUT,
+    )
+    .await;
+    case.assert_refused(&out, &["api.listen", "127.0.0.1:99999"]);
+}
+
+#[tokio::test]
+async fn bad_heartbeat_is_refused_from_file_and_env() {
+    let case = Case::new();
+    let config = case.config("", "[opamp]\nheartbeat_interval_s = 0\n");
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["opamp.heartbeat_interval_s"]);
+
+    let config = case.config("", "");
+    let out = case
+        .serve(&config, &[], &[("FLOTILLA_HEARTBEAT_INTERVAL_S", "soon")])
+        .await;
+    case.assert_refused(&out, &["FLOTILLA_HEARTBEAT_INTERVAL_S", "soon"]);
+}
+
+#[tokio::test]
+async fn unknown_toml_key_is_refused() {
+    let case = Case::new();
+    let config = case.config("", "[opamp]\nlisten_adress = \"0.0.0.0:4320\"\n");
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["listen_adress"]);
+}
+
+#[tokio::test]
+async fn every_problem_is_reported_at_once() {
+    let case = Case::new();
+    let config = case.config(
+        "max_body_bytes = 10",
+        "[opamp]\nheartbeat_interval_s = 0\n[log]\nformat = \"xml\"\n",
+    );
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(
+        &out,
+        &[
+            "opamp.heartbeat_interval_s",
+            "api.max_body_bytes",
+            "log.format",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn missing_or_unreadable_tokens_file_is_refused() {
+    // Missing file, named in the config file.
+    let case = Case::new();
+    let missing = case.dir.path().join("no-such-tokens");
+    let config = case.dir.path().join("missing-tokens.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {}\n[api]\ntokens_file = {}\n",
+            toml_str(&case.data_dir),
+            toml_str(&missing)
+        ),
+    )
+    .unwrap();
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["api.tokens_file", "no-such-tokens"]);
+
+    // A directory where the file should be (cannot be read as a file, even by root), named
+    // through the environment, which overrides the file.
+    let dir_as_file = case.dir.path().join("tokens.d");
+    std::fs::create_dir(&dir_as_file).unwrap();
+    let config = case.config("", "");
+    let out = case
+        .serve(
+            &config,
+            &[],
+            &[("FLOTILLA_API_TOKENS_FILE", dir_as_file.to_str().unwrap())],
+        )
+        .await;
+    case.assert_refused(&out, &["api.tokens_file", "tokens.d"]);
+}
+
+#[tokio::test]
+async fn malformed_tokens_file_is_refused_before_binding() {
+    let case = Case::new();
+    std::fs::write(
+        &case.tokens_file,
+        "ok-user operator 0123456789abcdef0123456789abcdef\nbob superuser fedcba9876543210fedcba9876543210\n",
+    )
+    .unwrap();
+    let config = case.config("", "");
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["superuser"]);
+}

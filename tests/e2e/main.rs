@@ -1,0 +1,12 @@
+//! End-to-end tests of the real `flotilla` binary, across processes: configuration errors and
+//! the CLI (`cli`), state surviving graceful and `kill -9` restarts (`restart`), audit-trail
+//! tampering detected by `flotilla audit verify` (`audit_tamper`), and the third-party OpAMP
+//! clients from PyPI and npm (`interop`).
+//!
+//! The binary is built by the first test that needs it (`flotilla_e2e::flotilla_bin`); the
+//! peers must be installed (`bash tests/peers/install.sh`), else the interop tests panic.
+
+mod audit_tamper;
+mod cli;
+mod interop;
+mod restart;

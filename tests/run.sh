@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): installs the OpAMP peers, then fmt, clippy and cargo test.
+#
+#   ./tests/run.sh [extra cargo test args, e.g. -- --nocapture]
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+export FLOTILLA_PEERS_DIR="${FLOTILLA_PEERS_DIR:-$repo/.peers}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() {
+  local name="$1"; shift
+  echo "==> $name" >&2
+  local t0=$SECONDS
+  "$@"
+  echo "==> $name: ok ($((SECONDS - t0)) s)" >&2
+}
+
+command -v cargo >/dev/null 2>&1 || { echo "tests/run.sh: ERROR: cargo not found (Rust toolchain required)" >&2; exit 1; }
+
+# Third-party OpAMP clients used by the flotilla-e2e interop tests (no database server is needed: SQLite).
+step "install peers" env PEERS_DIR="$FLOTILLA_PEERS_DIR" bash tests/peers/install.sh
+step "cargo fmt" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+# Last, so the output ends with cargo test's own summary lines.
+echo "==> cargo test" >&2
+exec cargo test --workspace "$@"
