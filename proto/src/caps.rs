@@ -28,21 +28,48 @@ pub const AGENT_CAPABILITIES_DEFINED: u64 = 0xffff;
 /// Every defined agent capability with its stable name (the proto's, without prefix).
 pub const AGENT_CAPABILITY_NAMES: &[(AgentCapabilities, &str)] = &[
     (AgentCapabilities::ReportsStatus, "ReportsStatus"),
-    (AgentCapabilities::AcceptsRemoteConfig, "AcceptsRemoteConfig"),
-    (AgentCapabilities::ReportsEffectiveConfig, "ReportsEffectiveConfig"),
+    (
+        AgentCapabilities::AcceptsRemoteConfig,
+        "AcceptsRemoteConfig",
+    ),
+    (
+        AgentCapabilities::ReportsEffectiveConfig,
+        "ReportsEffectiveConfig",
+    ),
     (AgentCapabilities::AcceptsPackages, "AcceptsPackages"),
-    (AgentCapabilities::ReportsPackageStatuses, "ReportsPackageStatuses"),
+    (
+        AgentCapabilities::ReportsPackageStatuses,
+        "ReportsPackageStatuses",
+    ),
     (AgentCapabilities::ReportsOwnTraces, "ReportsOwnTraces"),
     (AgentCapabilities::ReportsOwnMetrics, "ReportsOwnMetrics"),
     (AgentCapabilities::ReportsOwnLogs, "ReportsOwnLogs"),
-    (AgentCapabilities::AcceptsOpAmpConnectionSettings, "AcceptsOpAMPConnectionSettings"),
-    (AgentCapabilities::AcceptsOtherConnectionSettings, "AcceptsOtherConnectionSettings"),
-    (AgentCapabilities::AcceptsRestartCommand, "AcceptsRestartCommand"),
+    (
+        AgentCapabilities::AcceptsOpAmpConnectionSettings,
+        "AcceptsOpAMPConnectionSettings",
+    ),
+    (
+        AgentCapabilities::AcceptsOtherConnectionSettings,
+        "AcceptsOtherConnectionSettings",
+    ),
+    (
+        AgentCapabilities::AcceptsRestartCommand,
+        "AcceptsRestartCommand",
+    ),
     (AgentCapabilities::ReportsHealth, "ReportsHealth"),
-    (AgentCapabilities::ReportsRemoteConfig, "ReportsRemoteConfig"),
+    (
+        AgentCapabilities::ReportsRemoteConfig,
+        "ReportsRemoteConfig",
+    ),
     (AgentCapabilities::ReportsHeartbeat, "ReportsHeartbeat"),
-    (AgentCapabilities::ReportsAvailableComponents, "ReportsAvailableComponents"),
-    (AgentCapabilities::ReportsConnectionSettingsStatus, "ReportsConnectionSettingsStatus"),
+    (
+        AgentCapabilities::ReportsAvailableComponents,
+        "ReportsAvailableComponents",
+    ),
+    (
+        AgentCapabilities::ReportsConnectionSettingsStatus,
+        "ReportsConnectionSettingsStatus",
+    ),
 ];
 
 /// Names of the capabilities set in `bits`, in bit order.
@@ -69,8 +96,12 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        let bits = AgentCapabilities::ReportsStatus as u64 | AgentCapabilities::ReportsHealth as u64;
-        assert_eq!(agent_capability_names(bits), vec!["ReportsStatus", "ReportsHealth"]);
+        let bits =
+            AgentCapabilities::ReportsStatus as u64 | AgentCapabilities::ReportsHealth as u64;
+        assert_eq!(
+            agent_capability_names(bits),
+            vec!["ReportsStatus", "ReportsHealth"]
+        );
         assert_eq!(
             agent_capability_by_name("acceptsrestartcommand"),
             Some(AgentCapabilities::AcceptsRestartCommand)

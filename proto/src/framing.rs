@@ -98,8 +98,14 @@ mod tests {
         let without = sample().encode_to_vec();
         assert_eq!(decode_ws::<AgentToServer>(&with).unwrap(), sample());
         assert_eq!(decode_ws::<AgentToServer>(&without).unwrap(), sample());
-        assert_eq!(decode_ws::<AgentToServer>(&[]).unwrap(), AgentToServer::default());
-        assert_eq!(decode_ws::<AgentToServer>(&[0]).unwrap(), AgentToServer::default());
+        assert_eq!(
+            decode_ws::<AgentToServer>(&[]).unwrap(),
+            AgentToServer::default()
+        );
+        assert_eq!(
+            decode_ws::<AgentToServer>(&[0]).unwrap(),
+            AgentToServer::default()
+        );
     }
 
     #[test]

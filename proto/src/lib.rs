@@ -15,9 +15,9 @@ pub use prost::Message;
 pub use v1::{
     AgentCapabilities, AgentConfigFile, AgentConfigMap, AgentDescription, AgentDisconnect,
     AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags, AnyValue,
-    ComponentHealth, ConnectionSettingsOffers, CustomCapabilities, CustomMessage,
-    EffectiveConfig, KeyValue, OpAmpConnectionSettings, RemoteConfigStatus, RemoteConfigStatuses,
-    RetryInfo, ServerCapabilities, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    ComponentHealth, ConnectionSettingsOffers, CustomCapabilities, CustomMessage, EffectiveConfig,
+    KeyValue, OpAmpConnectionSettings, RemoteConfigStatus, RemoteConfigStatuses, RetryInfo,
+    ServerCapabilities, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
     ServerToAgentCommand, ServerToAgentFlags,
 };
 
@@ -43,7 +43,11 @@ pub fn any_value_to_string(v: &AnyValue) -> String {
                 .values
                 .iter()
                 .map(|kv| {
-                    let v = kv.value.as_ref().map(any_value_to_string).unwrap_or_default();
+                    let v = kv
+                        .value
+                        .as_ref()
+                        .map(any_value_to_string)
+                        .unwrap_or_default();
                     format!("{}={}", kv.key, v)
                 })
                 .collect();

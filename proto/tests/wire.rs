@@ -89,14 +89,28 @@ fn fields_and_enums_match_the_reference_table() {
             table_enums.insert((cells[1].to_string(), cells[2].to_string(), num));
         }
     }
-    assert!(table_fields.len() > 100, "table parse found {} fields", table_fields.len());
-    assert!(table_enums.len() > 40, "table parse found {} enum values", table_enums.len());
+    assert!(
+        table_fields.len() > 100,
+        "table parse found {} fields",
+        table_fields.len()
+    );
+    assert!(
+        table_enums.len() > 40,
+        "table parse found {} enum values",
+        table_enums.len()
+    );
     let missing: Vec<_> = table_fields.difference(&ours_fields).collect();
     let extra: Vec<_> = ours_fields.difference(&table_fields).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "fields differ\n missing: {missing:#?}\n extra: {extra:#?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "fields differ\n missing: {missing:#?}\n extra: {extra:#?}"
+    );
     let missing: Vec<_> = table_enums.difference(&ours_enums).collect();
     let extra: Vec<_> = ours_enums.difference(&table_enums).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "enums differ\n missing: {missing:#?}\n extra: {extra:#?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "enums differ\n missing: {missing:#?}\n extra: {extra:#?}"
+    );
 }
 
 /// Bytes a third-party client put on the wire (hand-assembled from the spec's field numbers)
