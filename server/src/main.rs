@@ -1,4 +1,5 @@
-//! `flotilla` binary: thin CLI over the library — `serve`, `audit verify`, `config check`.
+//! `flotilla` binary: thin CLI over the library — `serve`, `audit verify`, `config check`,
+//! and `mcp` (a stdio MCP server forwarding to a Flotilla's REST API).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,19 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         command: ConfigCmd,
+    },
+    /// Run a local stdio MCP server forwarding to a Flotilla's REST API (for Claude Desktop,
+    /// Codex and other MCP clients that launch servers as commands).
+    Mcp {
+        /// The Flotilla operator listener, e.g. http://127.0.0.1:8080.
+        #[arg(long, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// File holding the API bearer token (else the FLOTILLA_TOKEN variable).
+        #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Hide and refuse every tool that changes the fleet.
+        #[arg(long)]
+        read_only: bool,
     },
 }
 
@@ -108,10 +122,22 @@ async fn main() -> ExitCode {
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The stdio MCP server is a client of a remote server: it needs none of the server's
+    // configuration, and its stdout belongs to the protocol.
+    if let Cmd::Mcp {
+        server,
+        token_file,
+        read_only,
+    } = &cli.command
+    {
+        return run_mcp(server, token_file.as_deref(), *read_only).await;
+    }
     // Configuration is validated in full before anything is opened or bound.
     let v = load(&cli)?;
     init_logging(&v.config);
     match cli.command {
+        // Served before the configuration is loaded (see the top of this function).
+        Cmd::Mcp { .. } => unreachable!("flotilla mcp returns early"),
         Cmd::Config { .. } => {
             println!("{:#?}", v.config);
             Ok(ExitCode::SUCCESS)
@@ -146,6 +172,38 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn run_mcp(
+    server: &str,
+    token_file: Option<&std::path::Path>,
+    read_only: bool,
+) -> anyhow::Result<ExitCode> {
+    let filter = std::env::var("FLOTILLA_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let token = match token_file {
+        Some(f) => Some(flotilla_mcp::read_token_file(f)?),
+        None => std::env::var("FLOTILLA_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    if token.is_none() {
+        tracing::warn!(
+            "no token (--token-file or FLOTILLA_TOKEN): the server will refuse every call"
+        );
+    }
+    let backend =
+        flotilla_mcp::RestBackend::new(server, token).map_err(|e| anyhow::anyhow!(e.message))?;
+    flotilla_mcp::run_stdio(std::sync::Arc::new(backend), read_only).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGINT or SIGTERM.

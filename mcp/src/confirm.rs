@@ -1,0 +1,240 @@
+//! Confirmations of destructive tool calls, kept server-side.
+//!
+//! A destructive call that arrives unconfirmed is not executed: it gets a preview and a token.
+//! The token is random (128 bits from the OS), stored here with a digest of the caller's
+//! identity, the tool name and the exact arguments, expires after [`DEFAULT_TTL`], and is
+//! spent by its first presentation, matching or not, so a token can neither be replayed nor
+//! probed for other arguments. The same store backs the MRTR elicitation round trip of the
+//! 2026-07-28 protocol, where the pending confirmation's token travels as `requestState`.
+//!
+//! Tokens live in memory: a restart forgets them, which only means asking again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// How long a confirmation token stays valid.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+
+/// Most outstanding confirmations kept; beyond it the oldest-expiring are dropped so a caller
+/// cannot grow the map without bound.
+const MAX_PENDING: usize = 10_000;
+
+/// Why a presented token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConfirmError {
+    #[error("the confirmation token is unknown, already used or expired; call again without it to get a new one")]
+    Unknown,
+    #[error("the confirmation token was issued for different arguments or another caller; it is now spent — call again without it to get a new one")]
+    Mismatch,
+}
+
+struct Pending {
+    digest: [u8; 32],
+    expires: Instant,
+}
+
+/// Outstanding confirmations. Shared by every session and transport of one server.
+pub struct ConfirmStore {
+    ttl: Duration,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl Default for ConfirmStore {
+    fn default() -> Self {
+        ConfirmStore::new(DEFAULT_TTL)
+    }
+}
+
+/// Arguments in a canonical form (object keys sorted at every level) without the
+/// confirmation fields themselves, so the digest depends on what would run and nothing else.
+fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let mut out = Map::new();
+            for k in keys {
+                out.insert(k.clone(), canonical(&m[k]));
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Removes the fields that steer confirmation rather than the operation, and spellings of a
+/// default (`null`, `dry_run: false`), so a client that repeats the call with explicit defaults
+/// still matches.
+pub fn strip_confirmation_fields(args: &Map<String, Value>) -> Map<String, Value> {
+    let mut a = args.clone();
+    a.remove("confirmation_token");
+    a.retain(|_, v| !v.is_null());
+    if a.get("dry_run") == Some(&Value::Bool(false)) {
+        a.remove("dry_run");
+    }
+    a
+}
+
+fn digest(identity: &str, tool: &str, args: &Map<String, Value>) -> [u8; 32] {
+    let canon = canonical(&Value::Object(strip_confirmation_fields(args)));
+    let mut h = Sha256::new();
+    for part in [
+        identity.as_bytes(),
+        tool.as_bytes(),
+        canon.to_string().as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+impl ConfirmStore {
+    pub fn new(ttl: Duration) -> ConfirmStore {
+        ConfirmStore {
+            ttl,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Issues a token for exactly this caller, tool and arguments.
+    pub fn issue(&self, identity: &str, tool: &str, args: &Map<String, Value>) -> String {
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let token = format!("fc_{}", hex::encode(bytes));
+        let now = Instant::now();
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, v| v.expires > now);
+        if p.len() >= MAX_PENDING {
+            if let Some(k) = p
+                .iter()
+                .min_by_key(|(_, v)| v.expires)
+                .map(|(k, _)| k.clone())
+            {
+                p.remove(&k);
+            }
+        }
+        p.insert(
+            token.clone(),
+            Pending {
+                digest: digest(identity, tool, args),
+                expires: now + self.ttl,
+            },
+        );
+        token
+    }
+
+    /// Spends `token`: Ok only if it is outstanding, unexpired and was issued for exactly this
+    /// caller, tool and arguments. Any presentation removes it.
+    pub fn redeem(
+        &self,
+        token: &str,
+        identity: &str,
+        tool: &str,
+        args: &Map<String, Value>,
+    ) -> Result<(), ConfirmError> {
+        let now = Instant::now();
+        let entry = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.remove(token)
+        };
+        let Some(entry) = entry else {
+            return Err(ConfirmError::Unknown);
+        };
+        if entry.expires <= now {
+            return Err(ConfirmError::Unknown);
+        }
+        // Digests are not secret, but compare without an early exit anyway.
+        let want = digest(identity, tool, args);
+        let diff = want
+            .iter()
+            .zip(entry.digest.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(ConfirmError::Mismatch)
+        }
+    }
+
+    /// Outstanding (unexpired) confirmations.
+    pub fn outstanding(&self) -> usize {
+        let now = Instant::now();
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.values().filter(|v| v.expires > now).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn single_use_bound_to_args_and_caller() {
+        let s = ConfirmStore::default();
+        let a = args(json!({"agent": "x", "kind": "restart", "params": {"b": 1, "a": 2}}));
+        let t = s.issue("alice", "command_queue", &a);
+        // Key order and the token field itself do not matter.
+        let mut same = args(
+            json!({"params": {"a": 2, "b": 1}, "kind": "restart", "agent": "x",
+                                   "dry_run": false, "query": null}),
+        );
+        same.insert("confirmation_token".into(), json!(t));
+        assert_eq!(s.redeem(&t, "alice", "command_queue", &same), Ok(()));
+        assert_eq!(
+            s.redeem(&t, "alice", "command_queue", &same),
+            Err(ConfirmError::Unknown)
+        );
+
+        let t = s.issue("alice", "command_queue", &a);
+        assert_eq!(
+            s.redeem(&t, "bob", "command_queue", &a),
+            Err(ConfirmError::Mismatch)
+        );
+        // Spent by the mismatching presentation.
+        assert_eq!(
+            s.redeem(&t, "alice", "command_queue", &a),
+            Err(ConfirmError::Unknown)
+        );
+
+        let t = s.issue("alice", "command_queue", &a);
+        let other = args(json!({"agent": "y", "kind": "restart", "params": {"b": 1, "a": 2}}));
+        assert_eq!(
+            s.redeem(&t, "alice", "command_queue", &other),
+            Err(ConfirmError::Mismatch)
+        );
+        let t = s.issue("alice", "command_queue", &a);
+        assert_eq!(
+            s.redeem(&t, "alice", "remote_config_push", &a),
+            Err(ConfirmError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn tokens_expire() {
+        let s = ConfirmStore::new(Duration::from_millis(1));
+        let a = args(json!({"kind": "restart"}));
+        let t = s.issue("alice", "command_queue", &a);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            s.redeem(&t, "alice", "command_queue", &a),
+            Err(ConfirmError::Unknown)
+        );
+        assert_eq!(s.outstanding(), 0);
+    }
+}

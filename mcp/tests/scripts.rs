@@ -1,0 +1,211 @@
+//! The client set-up scripts (`mcp/scripts/configure-*.sh`) against a temporary HOME: they
+//! produce a config the client would accept (valid JSON / TOML with the expected entry), keep
+//! everything else, back up what they change, and are idempotent.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+fn run(name: &str, home: &Path, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(script(name))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CODEX_HOME")
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn backups(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".bak-")
+        })
+        .count()
+}
+
+fn fake_flotilla(home: &Path) -> String {
+    let bin = home.join("bin/flotilla");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+    bin.to_string_lossy().to_string()
+}
+
+#[test]
+fn claude_desktop_config_is_valid_complete_and_idempotent() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let bin = fake_flotilla(h);
+    let token = h.join("token");
+    std::fs::write(&token, "t").unwrap();
+    let token = token.to_string_lossy().to_string();
+    let dir = if cfg!(target_os = "macos") {
+        h.join("Library/Application Support/Claude")
+    } else {
+        h.join(".config/Claude")
+    };
+    let cfg = dir.join("claude_desktop_config.json");
+    // An existing config with another server and a setting of its own.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        &cfg,
+        r#"{"globalShortcut": "Ctrl+Space", "mcpServers": {"other": {"command": "x", "args": []}}}"#,
+    )
+    .unwrap();
+    let args = [
+        "--command",
+        &bin,
+        "--server",
+        "http://10.0.0.5:8080",
+        "--token-file",
+        &token,
+        "--read-only",
+    ];
+    run("configure-claude-desktop.sh", h, &args);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(doc["globalShortcut"], "Ctrl+Space");
+    assert_eq!(doc["mcpServers"]["other"]["command"], "x");
+    assert_eq!(
+        doc["mcpServers"]["flotilla"],
+        json!({"command": bin, "args": ["mcp", "--server", "http://10.0.0.5:8080", "--token-file", token, "--read-only"]})
+    );
+    assert_eq!(backups(&dir), 1);
+    let first = std::fs::read_to_string(&cfg).unwrap();
+    let out = run("configure-claude-desktop.sh", h, &args);
+    assert!(out.contains("already up to date"), "{out}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), first);
+    assert_eq!(backups(&dir), 1, "an unchanged entry makes no backup");
+    // A change (no longer read-only) updates the entry in place.
+    run("configure-claude-desktop.sh", h, &args[..6]);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(
+        doc["mcpServers"]["flotilla"]["args"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(doc["mcpServers"].as_object().unwrap().len(), 2);
+
+    // From nothing: the directory and file are created.
+    let fresh = tempfile::tempdir().unwrap();
+    let bin = fake_flotilla(fresh.path());
+    run(
+        "configure-claude-desktop.sh",
+        fresh.path(),
+        &["--command", &bin],
+    );
+    let p = if cfg!(target_os = "macos") {
+        fresh
+            .path()
+            .join("Library/Application Support/Claude/claude_desktop_config.json")
+    } else {
+        fresh
+            .path()
+            .join(".config/Claude/claude_desktop_config.json")
+    };
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    assert_eq!(
+        doc["mcpServers"]["flotilla"]["args"],
+        json!(["mcp", "--server", "http://127.0.0.1:8080"])
+    );
+}
+
+#[test]
+fn codex_config_is_valid_complete_and_idempotent() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let bin = fake_flotilla(h);
+    let dir = h.join(".codex");
+    let cfg = dir.join("config.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Our table sits between others and has an old sub-table: both are replaced, the rest kept.
+    std::fs::write(
+        &cfg,
+        "model = \"o4\"\n\n[mcp_servers.flotilla]\ncommand = \"old\"\n\n[mcp_servers.flotilla.env]\nX = \"1\"\n\n[mcp_servers.other]\ncommand = \"x\"\nargs = []\n",
+    )
+    .unwrap();
+    let args = [
+        "--command",
+        &bin,
+        "--server",
+        "http://h:8080",
+        "--read-only",
+    ];
+    run("configure-codex.sh", h, &args);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let doc: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(doc["model"].as_str(), Some("o4"));
+    assert_eq!(doc["mcp_servers"]["other"]["command"].as_str(), Some("x"));
+    let f = &doc["mcp_servers"]["flotilla"];
+    assert_eq!(f["command"].as_str(), Some(bin.as_str()));
+    let a: Vec<&str> = f["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(a, ["mcp", "--server", "http://h:8080", "--read-only"]);
+    assert_eq!(f["env"]["FLOTILLA_LOG"].as_str(), Some("warn"));
+    assert!(f["env"].get("X").is_none(), "the old sub-table is gone");
+    assert_eq!(backups(&dir), 1);
+    let out = run("configure-codex.sh", h, &args);
+    assert!(out.contains("already up to date"), "{out}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), text);
+    assert_eq!(backups(&dir), 1);
+
+    // CODEX_HOME-less fresh home: created from nothing.
+    let fresh = tempfile::tempdir().unwrap();
+    let bin = fake_flotilla(fresh.path());
+    run(
+        "configure-codex.sh",
+        fresh.path(),
+        &["--command", &bin, "--token-file", "~/tok"],
+    );
+    let doc: toml::Value =
+        toml::from_str(&std::fs::read_to_string(fresh.path().join(".codex/config.toml")).unwrap())
+            .unwrap();
+    let a = doc["mcp_servers"]["flotilla"]["args"].as_array().unwrap();
+    assert_eq!(
+        a[4].as_str().unwrap(),
+        fresh.path().join("tok").to_string_lossy()
+    );
+}
+
+#[test]
+fn scripts_refuse_bad_input() {
+    let home = tempfile::tempdir().unwrap();
+    for s in ["configure-claude-desktop.sh", "configure-codex.sh"] {
+        let out = Command::new("bash")
+            .arg(script(s))
+            .args(["--server", "ftp://x", "--command", "/bin/true"])
+            .env("HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{s}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--server"),
+            "{s}"
+        );
+    }
+}
