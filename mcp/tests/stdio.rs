@@ -87,6 +87,8 @@ async fn rest_backend_answers_exactly_like_rest() {
         .await
         .unwrap();
     assert_eq!(audit["items"][0]["actor"], flotilla_e2e::server::OPERATOR);
+    // Relayed through REST, the call is still audited as coming over MCP.
+    assert_eq!(audit["items"][0]["channel"], "mcp");
 
     // Errors carry the REST codes.
     let e = backend

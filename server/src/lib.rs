@@ -15,6 +15,7 @@ pub mod query;
 pub mod rest;
 pub mod service;
 pub mod store;
+pub mod views;
 
 use std::future::Future;
 use std::sync::Arc;

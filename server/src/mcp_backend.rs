@@ -3,10 +3,9 @@
 //! (channel `mcp`), and [`routes`] mounts the MCP transports (`/mcp`, `/sse`, `/messages`) on
 //! the operator listener behind the same bearer tokens as the REST API.
 //!
-//! Answers are shaped exactly like the REST API's (the backend contract). The few REST
-//! renderers that live in private modules of `rest` (command, batch and audit views, list
-//! paging, time parsing) are mirrored here; `server/tests/it/mcp.rs` compares both channels'
-//! JSON for the same records so the copies cannot drift silently.
+//! Answers are shaped exactly like the REST API's (the backend contract): both adapters render
+//! with [`crate::views`] and parse paging, kinds and times with it; `server/tests/it/mcp.rs`
+//! also compares both channels' JSON for the same records.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,18 +26,15 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::model::{
-    now_ms, rfc3339, AuditFilter, AuditRecord, Batch, Caller, Channel, Command, CommandFilter,
-    CommandKind, CommandStatus, Millis,
+    now_ms, AuditFilter, Caller, Channel, CommandFilter, CommandKind, CommandStatus, Millis,
 };
 use crate::rest::auth::Tokens;
 use crate::rest::errors::ApiError;
-use crate::service::{agent_view, BatchProgress, Fleet, FleetError, Queued, Target};
+use crate::service::{agent_view, Fleet, FleetError, Queued, Target};
+use crate::views;
 
 /// How many of an agent's latest commands its view embeds (as `GET /api/v1/agents/{uid}`).
 const RECENT_COMMANDS: usize = 10;
-/// Largest and default page of the command and audit listings (as REST).
-const MAX_PAGE: usize = 1000;
-const DEFAULT_PAGE: usize = 100;
 
 /// The fleet as one authenticated caller sees it through MCP.
 pub struct McpBackend {
@@ -82,111 +78,17 @@ fn nonempty(v: &Option<String>) -> Option<&str> {
 }
 
 fn page_limit(limit: Option<usize>) -> BackendResult<usize> {
-    match limit {
-        None => Ok(DEFAULT_PAGE),
-        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(n) => Err(bad(format!("limit {n} must be between 1 and {MAX_PAGE}"))),
-    }
+    views::page_limit(limit).map_err(bad)
 }
 
-/// One more row than the page, to know whether a next page exists (as REST).
-fn fetch_size(limit: usize) -> usize {
-    if limit < MAX_PAGE {
-        limit + 1
-    } else {
-        limit
-    }
-}
+use crate::views::{fetch_size, MAX_PAGE};
 
 fn parse_kind(s: &str) -> BackendResult<CommandKind> {
-    CommandKind::parse(s).ok_or_else(|| {
-        let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
-        BackendError::new(
-            "invalid_params",
-            format!(
-                "unknown command kind {s:?} (kinds: {}; see commands_catalog)",
-                kinds.join(", ")
-            ),
-        )
-    })
+    views::parse_kind(s, "commands_catalog").map_err(|m| BackendError::new("invalid_params", m))
 }
 
-/// Unix milliseconds or RFC 3339 (as `GET /api/v1/audit`).
 fn parse_time(name: &str, s: &str) -> BackendResult<Millis> {
-    use time::format_description::well_known::Rfc3339;
-    let s = s.trim();
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    time::OffsetDateTime::parse(s, &Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as Millis)
-        .map_err(|_| {
-            bad(format!(
-                "{name} {s:?} is neither RFC 3339 (e.g. 2025-01-31T12:00:00Z) nor unix milliseconds"
-            ))
-        })
-}
-
-// ---- mirrors of the REST views (rest::views is private to the REST module) ----
-
-fn opt_time(ms: Option<i64>) -> Value {
-    ms.map(|m| Value::String(rfc3339(m))).unwrap_or(Value::Null)
-}
-
-/// `rest::views::command`.
-pub fn command_view(c: &Command) -> Value {
-    json!({
-        "id": c.id,
-        "agent_uid": c.agent_uid,
-        "batch_id": c.batch_id,
-        "kind": c.kind,
-        "params": c.params,
-        "status": c.status,
-        "created_at": rfc3339(c.created_at),
-        "sent_at": opt_time(c.sent_at),
-        "finished_at": opt_time(c.finished_at),
-        "expires_at": rfc3339(c.expires_at),
-        "result": c.result,
-        "error": c.error,
-        "actor": c.actor,
-        "channel": c.channel,
-        "audit_id": c.audit_id.map(|i| i.to_string()),
-    })
-}
-
-fn batch_view(b: &Batch) -> Value {
-    json!({
-        "id": b.id,
-        "query": b.query,
-        "kind": b.kind,
-        "params": b.params,
-        "created_at": rfc3339(b.created_at),
-        "actor": b.actor,
-        "channel": b.channel,
-        "skipped": b.skipped,
-    })
-}
-
-/// `rest::views::batch_progress`.
-pub fn batch_progress_view(p: &BatchProgress) -> Value {
-    json!({"batch": batch_view(&p.batch), "counts": p.counts, "commands": p.commands})
-}
-
-/// `rest::views::audit`.
-pub fn audit_view(r: &AuditRecord) -> Value {
-    json!({
-        "id": r.id.to_string(),
-        "ts": rfc3339(r.ts),
-        "actor": r.actor,
-        "channel": r.channel,
-        "operation": r.operation,
-        "targets": r.targets,
-        "params": r.params,
-        "outcome": r.outcome,
-        "ref_id": r.ref_id.map(|i| i.to_string()),
-        "prev_hash": r.prev_hash,
-        "hash": r.hash,
-    })
+    views::parse_time(name, s).map_err(bad)
 }
 
 #[async_trait]
@@ -226,7 +128,7 @@ impl FleetBackend for McpBackend {
             .await
             .map_err(err)?;
         let mut v = agent_view(&agent, now_ms());
-        v["recent_commands"] = Value::Array(recent.iter().map(command_view).collect());
+        v["recent_commands"] = Value::Array(recent.iter().map(views::command).collect());
         Ok(v)
     }
 
@@ -256,7 +158,7 @@ impl FleetBackend for McpBackend {
                 .await
                 .map_err(err)?
             {
-                Queued::One(c) => json!({"command_id": c.id, "command": command_view(&c)}),
+                Queued::One(c) => json!({"command_id": c.id, "command": views::command(&c)}),
                 Queued::Batch(b, cmds) => {
                     let commands: Vec<Value> = cmds
                         .iter()
@@ -272,13 +174,13 @@ impl FleetBackend for McpBackend {
     async fn command(&self, id: &str) -> BackendResult<Value> {
         let id = uuid("command id", id)?;
         let c = self.fleet.command(&self.caller, id).await.map_err(err)?;
-        Ok(command_view(&c))
+        Ok(views::command(&c))
     }
 
     async fn batch(&self, id: &str) -> BackendResult<Value> {
         let id = uuid("batch id", id)?;
         let p = self.fleet.batch(&self.caller, id).await.map_err(err)?;
-        Ok(batch_progress_view(&p))
+        Ok(views::batch_progress(&p))
     }
 
     async fn commands(&self, f: &CommandsFilter) -> BackendResult<Value> {
@@ -318,7 +220,7 @@ impl FleetBackend for McpBackend {
             None
         };
         Ok(json!({
-            "items": items.iter().map(command_view).collect::<Vec<_>>(),
+            "items": items.iter().map(views::command).collect::<Vec<_>>(),
             "next_cursor": next_cursor,
         }))
     }
@@ -372,7 +274,7 @@ impl FleetBackend for McpBackend {
             None
         };
         Ok(json!({
-            "items": items.iter().map(audit_view).collect::<Vec<_>>(),
+            "items": items.iter().map(views::audit).collect::<Vec<_>>(),
             "next_cursor": next_cursor,
         }))
     }
@@ -380,7 +282,7 @@ impl FleetBackend for McpBackend {
     async fn cancel(&self, id: &str) -> BackendResult<Value> {
         let id = uuid("command id", id)?;
         let c = self.fleet.cancel(&self.caller, id).await.map_err(err)?;
-        Ok(command_view(&c))
+        Ok(views::command(&c))
     }
 }
 

@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 
 use super::auth::Auth;
 use super::errors::{parse_uuid, ApiError, Json, Path, Query};
-use super::{views, ApiState};
+use super::ApiState;
 use crate::model::{now_ms, CommandFilter};
 use crate::service::agent_view;
+use crate::views;
 
 /// How many of an agent's latest commands its view embeds.
 const RECENT_COMMANDS: usize = 10;

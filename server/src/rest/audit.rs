@@ -6,14 +6,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use super::auth::Auth;
 use super::commands::{fetch_size, page_limit, MAX_PAGE};
 use super::errors::{parse_uuid, ApiError, Query};
-use super::{views, ApiState};
+use super::ApiState;
 use crate::model::{AuditFilter, Channel, Millis};
+use crate::views;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,27 +35,9 @@ pub struct AuditParams {
     cursor: Option<String>,
 }
 
-/// Parses a time bound: unix milliseconds, or RFC 3339. A `+` offset arrives as a space when
-/// the client did not percent-encode it (form decoding), so a space is read back as `+`.
+/// Parses a time bound (see [`views::parse_time`]).
 pub fn parse_time(name: &str, s: &str) -> Result<Millis, ApiError> {
-    let s = s.trim();
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    OffsetDateTime::parse(s, &Rfc3339)
-        .or_else(|e| {
-            if s.contains(' ') {
-                OffsetDateTime::parse(&s.replace(' ', "+"), &Rfc3339)
-            } else {
-                Err(e)
-            }
-        })
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as Millis)
-        .map_err(|_| {
-            ApiError::bad_request(format!(
-                "{name} {s:?} is neither RFC 3339 (e.g. 2025-01-31T12:00:00Z) nor unix milliseconds"
-            ))
-        })
+    views::parse_time(name, s).map_err(ApiError::bad_request)
 }
 
 /// `GET /api/v1/audit`: `{items, next_cursor}`.

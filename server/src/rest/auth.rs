@@ -273,6 +273,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Auth {
     }
 }
 
+/// Header with which a relay (e.g. `flotilla mcp` over stdio, later the chat gateways) says
+/// which channel the request came through, so the audit trail names it. The actor is still
+/// the authenticated token's; only adapter channels may be claimed, never `system`.
+pub const CHANNEL_HEADER: &str = "x-flotilla-channel";
+
+fn declared_channel(headers: &axum::http::HeaderMap) -> Result<Option<Channel>, String> {
+    let Some(v) = headers.get(CHANNEL_HEADER) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("");
+    match Channel::parse(s) {
+        Some(Channel::System) | None => Err(format!(
+            "{CHANNEL_HEADER}: {s:?} is not a channel a client may declare \
+             (rest, mcp, slack, discord, teams, console, cli)"
+        )),
+        Some(c) => Ok(Some(c)),
+    }
+}
+
 /// Middleware on every `/api/v1` route: requires `Authorization: Bearer <token>`, puts the
 /// [`Caller`] in the request extensions, then admits at most [`super::MAX_IN_FLIGHT`]
 /// authenticated requests at once (429 beyond).
@@ -319,6 +338,11 @@ pub(super) async fn require_bearer(
             Some(c) => c,
             None => return deny("unknown token", true, &req),
         }
+    };
+    let caller = match declared_channel(req.headers()) {
+        Ok(Some(channel)) => Caller { channel, ..caller },
+        Ok(None) => caller,
+        Err(msg) => return ApiError::new("bad_request", msg).into_response(),
     };
     let Ok(_permit) = st.inflight.clone().try_acquire_owned() else {
         let mut e = ApiError::new(

@@ -12,48 +12,21 @@ use uuid::Uuid;
 
 use super::auth::Auth;
 use super::errors::{parse_uuid, ApiError, Json, Path, Query};
-use super::{views, ApiState};
+use super::ApiState;
 use crate::model::{Caller, CommandFilter, CommandKind, CommandStatus};
 use crate::service::{Queued, Target};
-
-/// Largest page of a listing; the service caps there too.
-pub const MAX_PAGE: usize = 1000;
-/// Default page of a listing.
-pub const DEFAULT_PAGE: usize = 100;
+use crate::views;
 
 fn parse_kind(s: &str) -> Result<CommandKind, ApiError> {
-    CommandKind::parse(s).ok_or_else(|| {
-        let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
-        ApiError::new(
-            "invalid_params",
-            format!(
-                "unknown command kind {s:?} (kinds: {}; see GET /api/v1/catalog)",
-                kinds.join(", ")
-            ),
-        )
-    })
+    views::parse_kind(s, "GET /api/v1/catalog").map_err(|m| ApiError::new("invalid_params", m))
 }
 
 /// Checks a listing's `limit` (1..=1000, default 100).
 pub fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
-    match limit {
-        None => Ok(DEFAULT_PAGE),
-        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_request(format!(
-            "limit {n} must be between 1 and {MAX_PAGE}"
-        ))),
-    }
+    views::page_limit(limit).map_err(ApiError::bad_request)
 }
 
-/// How many rows to ask the service for so a next page can be detected without an extra
-/// round trip: one more than the page, unless that would exceed the service's cap.
-pub fn fetch_size(limit: usize) -> usize {
-    if limit < MAX_PAGE {
-        limit + 1
-    } else {
-        limit
-    }
-}
+pub use crate::views::{fetch_size, MAX_PAGE};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

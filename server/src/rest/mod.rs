@@ -13,7 +13,6 @@ mod agents;
 mod audit;
 mod commands;
 mod ops;
-mod views;
 
 use std::sync::Arc;
 

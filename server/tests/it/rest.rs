@@ -1367,3 +1367,35 @@ async fn health_readiness_and_metrics() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn relays_may_declare_their_channel_but_not_system() {
+    let server = TestServer::start().await;
+    let a = register_agent(&server, &[("host.name", "ch-1")], RESTART, &[]).await;
+    let client = reqwest::Client::new();
+    let put = |channel: &'static str| {
+        client
+            .put(server.api_url(&format!("/api/v1/agents/{a}/labels/team")))
+            .bearer_auth(OPERATOR_TOKEN)
+            .header("X-Flotilla-Channel", channel)
+            .json(&json!({"value": channel}))
+            .send()
+    };
+    assert_eq!(put("mcp").await.unwrap().status().as_u16(), 200);
+    let refused = put("system").await.unwrap();
+    assert_eq!(refused.status().as_u16(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request");
+    let (s, audit) = server
+        .rest()
+        .get(&format!(
+            "/api/v1/audit?agent={a}&operation=agent.label.set"
+        ))
+        .await;
+    assert_eq!(s, 200);
+    let items = audit["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "only the accepted call is audited: {audit}");
+    assert_eq!(items[0]["channel"], "mcp");
+    assert_eq!(items[0]["actor"], "ops");
+    server.stop().await;
+}
