@@ -61,6 +61,19 @@ pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerEr
     Ok(Arc::new(store))
 }
 
+/// Binds a listener with a deep accept backlog: a fleet reconnecting at once after a restart
+/// overflows the default of 128 and each overflow costs an agent a retry.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Opens the store for offline tools (`audit verify`) without touching connection state.
 pub async fn open_store_readonly(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
     let store = SqliteStore::open(&cfg.data_dir)
@@ -105,11 +118,13 @@ pub async fn run(
     }
 
     let drain = CancellationToken::new();
+    let sessions = tokio_util::task::TaskTracker::new();
     let opamp_ctx = Arc::new(opamp::OpampContext {
         fleet: fleet.clone(),
         cfg: cfg.opamp.clone(),
         shutdown: token.clone(),
         drain: drain.clone(),
+        sessions: sessions.clone(),
     });
     let rest_ctx = Arc::new(rest::RestContext {
         fleet: fleet.clone(),
@@ -140,6 +155,18 @@ pub async fn run(
     .with_graceful_shutdown(async move { t2.cancelled().await });
     let (a, b) = tokio::join!(async move { opamp_srv.await }, async move { api_srv.await });
     sweeper.abort();
+    // Sessions saw the same cancellation and are sending Close frames; give them a bounded
+    // time so a stuck peer cannot hold the shutdown.
+    sessions.close();
+    if tokio::time::timeout(Duration::from_secs(10), sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = sessions.len(),
+            "some agent WebSockets did not close within 10 s"
+        );
+    }
     drain.cancel();
     if let Err(e) = flusher.await {
         tracing::warn!(error = %e, "heartbeat flusher ended abnormally");

@@ -162,11 +162,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             flotilla_server::rest::auth::Tokens::load(&v.config.api, &v.config.data_dir)
                 .context("API tokens")?;
             let store = flotilla_server::open_store(&v.config).await?;
-            let opamp = tokio::net::TcpListener::bind(v.opamp_addr)
-                .await
+            let opamp = flotilla_server::bind(v.opamp_addr)
                 .with_context(|| format!("cannot listen for agents on {}", v.opamp_addr))?;
-            let api = tokio::net::TcpListener::bind(v.api_addr)
-                .await
+            let api = flotilla_server::bind(v.api_addr)
                 .with_context(|| format!("cannot listen for operators on {}", v.api_addr))?;
             flotilla_server::run(v, store, opamp, api, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

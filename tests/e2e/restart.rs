@@ -36,6 +36,61 @@ async fn state_survives_kill_9() {
 /// `sequence_num` of heartbeats from the last second). The stop comes right after a heartbeat,
 /// so the batch is pending; the flush racing the store's close is timing-dependent, hence
 /// several rounds.
+/// SIGTERM with many WebSocket agents connected: every one gets a Close frame before the
+/// process exits (sessions are awaited by the server, not left to race its exit).
+#[tokio::test]
+async fn sigterm_closes_every_websocket_with_a_close_frame() {
+    use flotilla_proto::Message;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    const AGENTS: usize = 300;
+    let home = Home::new();
+    let mut server = Server::start(&home).await;
+    let url = server.opamp_url().replacen("http://", "ws://", 1);
+    let mut sockets = Vec::new();
+    for _ in 0..AGENTS {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("websocket connect");
+        let hello = flotilla_proto::AgentToServer {
+            instance_uid: uuid::Uuid::now_v7().as_bytes().to_vec(),
+            capabilities: 1,
+            ..Default::default()
+        };
+        let mut frame = vec![0u8];
+        frame.extend(hello.encode_to_vec());
+        ws.send(WsMessage::Binary(frame.into())).await.unwrap();
+        // The reply proves the session is running before we stop the server.
+        loop {
+            match tokio::time::timeout(T, ws.next()).await.expect("reply") {
+                Some(Ok(WsMessage::Binary(_))) => break,
+                Some(Ok(_)) => continue,
+                other => panic!("no reply: {other:?}"),
+            }
+        }
+        sockets.push(ws);
+    }
+    let status = server.terminate(T).await;
+    assert_eq!(status.code(), Some(0), "graceful stop exits 0");
+    let mut closed = 0;
+    for mut ws in sockets {
+        loop {
+            match tokio::time::timeout(T, ws.next()).await.expect("frame") {
+                Some(Ok(WsMessage::Close(Some(f)))) => {
+                    let code = u16::from(f.code);
+                    assert!(code == 1000 || code == 1001, "close code {code}");
+                    closed += 1;
+                    break;
+                }
+                Some(Ok(WsMessage::Binary(_))) | Some(Ok(WsMessage::Ping(_))) => continue,
+                other => panic!("expected a Close frame, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(closed, AGENTS);
+}
+
 #[tokio::test]
 async fn graceful_stop_flushes_pending_heartbeats() {
     const ROUNDS: usize = 12;

@@ -37,6 +37,8 @@ pub struct OpampContext {
     pub cfg: OpampConfig,
     /// Cancelled on graceful shutdown: sessions close their WebSockets with a Close frame.
     pub shutdown: CancellationToken,
+    /// Every WebSocket session runs tracked here, so shutdown can wait for their Close frames.
+    pub sessions: tokio_util::task::TaskTracker,
     /// Cancelled once both listeners have stopped: the heartbeat flusher writes what is left
     /// and ends, so nothing a session recorded during shutdown is lost.
     pub drain: CancellationToken,

@@ -77,7 +77,12 @@ pub fn upgrade(
         .on_failed_upgrade(
             move |e| tracing::debug!(remote = ?remote, error = %e, "WebSocket upgrade failed"),
         )
-        .on_upgrade(move |socket| run(sh, socket, remote, endpoint, slot))
+        .on_upgrade(move |socket| {
+            // Upgraded connections leave axum's graceful-shutdown tracking; the tracker lets
+            // `run()` wait until every session has sent its Close frame.
+            let sessions = sh.ctx.sessions.clone();
+            sessions.track_future(run(sh, socket, remote, endpoint, slot))
+        })
 }
 
 async fn run(
