@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -310,22 +309,9 @@ async fn authenticate(State(st): State<Arc<AuthState>>, mut req: Request, next: 
     let Some(tokens) = st.tokens.as_ref() else {
         return deny("API tokens could not be loaded (see the server log)", false);
     };
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_string())
-        })
-        .filter(|t| !t.is_empty());
-    let Some(token) = token else {
-        return deny("missing or malformed Authorization header", false);
-    };
-    let Some(caller) = tokens.authenticate(&token) else {
-        return deny("unknown token", true);
+    let caller = match tokens.caller_from_headers(req.headers()) {
+        Ok(c) => c,
+        Err(e) => return deny(e.reason, e.invalid_token),
     };
     let backend = McpBackend::new(st.fleet.clone(), caller);
     req.extensions_mut()

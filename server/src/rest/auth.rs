@@ -197,6 +197,36 @@ impl Tokens {
 
     /// The caller a presented token stands for. Every entry is compared (no early exit) so the
     /// time taken does not depend on which entry, if any, matched.
+    /// Authenticates a request by its `Authorization: Bearer <token>` header. Every adapter
+    /// on the operator listener (REST, MCP) uses this one check.
+    pub fn caller_from_headers(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Caller, BearerRefusal> {
+        let refuse = |reason, invalid_token| {
+            Err(BearerRefusal {
+                reason,
+                invalid_token,
+            })
+        };
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return refuse("missing Authorization header", false);
+        };
+        let Ok(value) = value.to_str() else {
+            return refuse("Authorization header is not ASCII", true);
+        };
+        let mut parts = value.trim().splitn(2, ' ');
+        let scheme = parts.next().unwrap_or("");
+        let token = parts.next().map(str::trim).unwrap_or("");
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+            return refuse("Authorization is not a Bearer token", false);
+        }
+        match self.authenticate(token) {
+            Some(c) => Ok(c),
+            None => refuse("unknown token", true),
+        }
+    }
+
     pub fn authenticate(&self, token: &str) -> Option<Caller> {
         let d = digest(token);
         let mut found: Option<&Entry> = None;
@@ -273,6 +303,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Auth {
     }
 }
 
+/// Why a request's bearer credentials were refused (for the log and the 401 body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BearerRefusal {
+    pub reason: &'static str,
+    /// A token was presented but is not valid (`error="invalid_token"` in the challenge).
+    pub invalid_token: bool,
+}
+
 /// Header with which a relay (e.g. `flotilla mcp` over stdio, later the chat gateways) says
 /// which channel the request came through, so the audit trail names it. The actor is still
 /// the authenticated token's; only adapter channels may be claimed, never `system`.
@@ -321,23 +359,9 @@ pub(super) async fn require_bearer(
             &req,
         );
     };
-    let caller = {
-        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-            return deny("missing Authorization header", false, &req);
-        };
-        let Ok(value) = value.to_str() else {
-            return deny("Authorization header is not ASCII", true, &req);
-        };
-        let mut parts = value.trim().splitn(2, ' ');
-        let scheme = parts.next().unwrap_or("");
-        let token = parts.next().map(str::trim).unwrap_or("");
-        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-            return deny("Authorization is not a Bearer token", false, &req);
-        }
-        match tokens.authenticate(token) {
-            Some(c) => c,
-            None => return deny("unknown token", true, &req),
-        }
+    let caller = match tokens.caller_from_headers(req.headers()) {
+        Ok(c) => c,
+        Err(e) => return deny(e.reason, e.invalid_token, &req),
     };
     let caller = match declared_channel(req.headers()) {
         Ok(Some(channel)) => Caller { channel, ..caller },
