@@ -1,0 +1,797 @@
+//! Runs the agent as a child in its own process group: captures its output line by line into
+//! the supervisor's log, restarts it after an unexpected exit (exponential backoff + jitter),
+//! reports crash loops, stops it gracefully (SIGTERM, grace, SIGKILL to the group), and keeps
+//! tracking a Fluentd ≥ 1.18 whose supervisor process was replaced (SIGUSR2 zero-downtime
+//! restart: the original child exits 0 while a new one keeps serving in the same group).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backoff::Backoff;
+use crate::config::AgentKind;
+
+/// What the runner needs to start the agent.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub kind: AgentKind,
+    pub executable: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub stop_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub crash_loop_threshold: u32,
+    pub crash_loop_window: Duration,
+}
+
+/// Something that happened to the agent process.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// Running (or, after a Fluentd supervisor replacement, running under a new pid).
+    Started { pid: i32, start_time_ns: u64 },
+    /// Exited. `expected` is true for stops and restarts the supervisor asked for.
+    Exited {
+        pid: i32,
+        /// Exit code, or `None` when killed by a signal or when an adopted process vanished.
+        code: Option<i32>,
+        signal: Option<i32>,
+        expected: bool,
+        /// Set when the agent keeps dying: a one-line description for health.
+        crash_loop: Option<String>,
+        /// Set when it died unexpectedly: what happened plus its last error lines.
+        error: Option<String>,
+        /// When it will be started again (unexpected exits only).
+        restart_in: Option<Duration>,
+    },
+}
+
+/// Requests to the runner.
+#[derive(Debug)]
+pub enum Ctl {
+    /// Stop gracefully and start again at once (restart command, config that needs a restart).
+    Restart(oneshot::Sender<()>),
+    /// Stop gracefully and stay stopped (shutdown); answered when the group is gone.
+    Stop(oneshot::Sender<()>),
+}
+
+/// The agent's recent output, for error messages and reload confirmation.
+#[derive(Debug, Default)]
+pub struct LogTail {
+    lines: VecDeque<(u64, String)>,
+    errors: VecDeque<String>,
+    next: u64,
+}
+
+const TAIL_LINES: usize = 200;
+const TAIL_ERRORS: usize = 20;
+/// Longest line kept; longer output is cut so a runaway record cannot grow memory.
+const MAX_LINE: usize = 2 * 1024;
+
+impl LogTail {
+    pub fn push(&mut self, line: &str) {
+        self.lines.push_back((self.next, line.to_string()));
+        self.next += 1;
+        while self.lines.len() > TAIL_LINES {
+            self.lines.pop_front();
+        }
+        if is_error_line(line) {
+            self.errors.push_back(line.to_string());
+            while self.errors.len() > TAIL_ERRORS {
+                self.errors.pop_front();
+            }
+        }
+    }
+
+    /// Sequence number of the next line (a cursor for [`LogTail::since`]).
+    pub fn cursor(&self) -> u64 {
+        self.next
+    }
+
+    /// Lines pushed at or after `cursor`.
+    pub fn since(&self, cursor: u64) -> Vec<String> {
+        self.lines
+            .iter()
+            .filter(|(n, _)| *n >= cursor)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// The last `n` error-looking lines.
+    pub fn last_errors(&self, n: usize) -> Vec<String> {
+        let skip = self.errors.len().saturating_sub(n);
+        self.errors.iter().skip(skip).cloned().collect()
+    }
+}
+
+/// Shared handle to the tail.
+pub type SharedTail = Arc<Mutex<LogTail>>;
+
+/// True for lines that explain a failure (Fluent Bit `[error]`, Fluentd `[error]:`, Ruby
+/// backtraces' first line, "aborting").
+pub fn is_error_line(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    l.contains("[error]")
+        || l.contains("[ error]")
+        || l.contains("[fatal]")
+        || l.contains("error_class=")
+        || l.contains("aborting")
+        || l.contains("is aborted")
+        || l.contains("is halted")
+        || l.contains("(fluent::")
+        || l.contains("error:")
+}
+
+/// The last error lines joined for a report.
+pub fn error_summary(tail: &SharedTail, n: usize) -> String {
+    tail.lock().expect("tail").last_errors(n).join(" | ")
+}
+
+/// Called with the running agent's (pid, start ticks), or `None` once it is gone, so the pid
+/// file in the data directory is always current.
+pub type PidSink = Arc<dyn Fn(Option<(i32, u64)>) + Send + Sync>;
+
+/// Handle used by the rest of the supervisor.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    ctl: mpsc::Sender<Ctl>,
+    pub tail: SharedTail,
+}
+
+impl AgentHandle {
+    /// Stops the agent gracefully and starts it again; returns when the new process started.
+    pub async fn restart(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Ctl::Restart(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Stops the agent gracefully and keeps it stopped; returns when its group is gone.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.ctl.send(Ctl::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts the runner task. Events go to `events`; the pid file is kept through `on_pid`.
+pub fn spawn(spec: Spec, events: mpsc::Sender<AgentEvent>, on_pid: PidSink) -> AgentHandle {
+    let (ctl_tx, ctl_rx) = mpsc::channel(8);
+    let tail: SharedTail = Arc::new(Mutex::new(LogTail::default()));
+    let runner = Runner {
+        spec,
+        events,
+        ctl: ctl_rx,
+        tail: tail.clone(),
+        on_pid,
+        exits: VecDeque::new(),
+    };
+    tokio::spawn(runner.run());
+    AgentHandle { ctl: ctl_tx, tail }
+}
+
+struct Runner {
+    spec: Spec,
+    events: mpsc::Sender<AgentEvent>,
+    ctl: mpsc::Receiver<Ctl>,
+    tail: SharedTail,
+    on_pid: PidSink,
+    /// Times of recent unexpected exits, for crash-loop detection.
+    exits: VecDeque<Instant>,
+}
+
+/// What the running agent is, from the runner's point of view.
+enum Running {
+    /// Our direct child.
+    Child(Child, i32),
+    /// A process of the agent's group we did not spawn (Fluentd's replacement supervisor).
+    Adopted(i32),
+}
+
+/// How a wait on the running agent ended.
+enum Outcome {
+    Exited {
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    Ctl(Ctl),
+    CtlClosed,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.spec.backoff_initial, self.spec.backoff_max);
+        let mut pending_reply: Option<oneshot::Sender<()>> = None;
+        'outer: loop {
+            let started = Instant::now();
+            let (mut running, pgid) = match self.start() {
+                Ok(x) => x,
+                Err(e) => {
+                    // Not even started (binary gone, permissions): treat like a crash so the
+                    // backoff and crash-loop reporting apply.
+                    tracing::error!(error = %e, "cannot start the agent");
+                    self.tail
+                        .lock()
+                        .expect("tail")
+                        .push(&format!("[error] {e}"));
+                    if let Some(r) = pending_reply.take() {
+                        let _ = r.send(());
+                    }
+                    match self
+                        .after_unexpected_exit(0, None, None, Duration::ZERO, &mut backoff)
+                        .await
+                    {
+                        Some(Ctl::Stop(reply)) => {
+                            self.stopped(reply).await;
+                            return;
+                        }
+                        Some(Ctl::Restart(reply)) => {
+                            pending_reply = Some(reply);
+                            continue 'outer;
+                        }
+                        None => continue 'outer,
+                    }
+                }
+            };
+            if let Some(r) = pending_reply.take() {
+                let _ = r.send(());
+            }
+            loop {
+                match self.wait(&mut running).await {
+                    Outcome::Exited { pid, code, signal } => {
+                        // Fluentd ≥ 1.18 zero-downtime restart: the old supervisor exits 0 and a
+                        // new one, in the same process group, keeps running.
+                        if let Some(new_pid) = self.survivor(pgid, pid) {
+                            tracing::warn!(
+                                old_pid = pid,
+                                new_pid,
+                                "the agent's main process exited but its process group lives on \
+                                 (Fluentd zero-downtime restart replaces its supervisor); tracking the new process"
+                            );
+                            running = Running::Adopted(new_pid);
+                            (self.on_pid)(Some((new_pid, proc_start_ticks(new_pid).unwrap_or(0))));
+                            let _ = self
+                                .events
+                                .send(AgentEvent::Started {
+                                    pid: new_pid,
+                                    start_time_ns: proc_start_time_ns(new_pid)
+                                        .unwrap_or_else(crate::state::now_ns),
+                                })
+                                .await;
+                            continue;
+                        }
+                        // Nothing may outlive the agent unmanaged.
+                        kill_group(pgid, libc::SIGKILL);
+                        (self.on_pid)(None);
+                        let uptime = started.elapsed();
+                        if uptime >= self.spec.crash_loop_window {
+                            backoff.reset();
+                            self.exits.clear();
+                        }
+                        match self
+                            .after_unexpected_exit(pid, code, signal, uptime, &mut backoff)
+                            .await
+                        {
+                            Some(Ctl::Stop(reply)) => {
+                                self.stopped(reply).await;
+                                return;
+                            }
+                            Some(Ctl::Restart(reply)) => {
+                                pending_reply = Some(reply);
+                                continue 'outer;
+                            }
+                            None => continue 'outer,
+                        }
+                    }
+                    Outcome::Ctl(Ctl::Restart(reply)) => {
+                        let pid = running.pid();
+                        let (code, signal) = self.stop_group(&mut running, pgid).await;
+                        (self.on_pid)(None);
+                        let _ = self
+                            .events
+                            .send(AgentEvent::Exited {
+                                pid,
+                                code,
+                                signal,
+                                expected: true,
+                                crash_loop: None,
+                                error: None,
+                                restart_in: Some(Duration::ZERO),
+                            })
+                            .await;
+                        backoff.reset();
+                        self.exits.clear();
+                        pending_reply = Some(reply);
+                        continue 'outer;
+                    }
+                    Outcome::Ctl(Ctl::Stop(reply)) => {
+                        let pid = running.pid();
+                        let (code, signal) = self.stop_group(&mut running, pgid).await;
+                        (self.on_pid)(None);
+                        let _ = self
+                            .events
+                            .send(AgentEvent::Exited {
+                                pid,
+                                code,
+                                signal,
+                                expected: true,
+                                crash_loop: None,
+                                error: None,
+                                restart_in: None,
+                            })
+                            .await;
+                        self.stopped(reply).await;
+                        return;
+                    }
+                    Outcome::CtlClosed => {
+                        // The supervisor is going away without asking: still never leave the
+                        // agent running unmanaged.
+                        self.stop_group(&mut running, pgid).await;
+                        (self.on_pid)(None);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers a stop request and then only answers further requests (the agent stays down).
+    async fn stopped(&mut self, reply: oneshot::Sender<()>) {
+        let _ = reply.send(());
+        while let Some(c) = self.ctl.recv().await {
+            match c {
+                Ctl::Restart(r) | Ctl::Stop(r) => {
+                    let _ = r.send(());
+                }
+            }
+        }
+    }
+
+    /// Reports an unexpected exit and sleeps the backoff; a control request cuts the sleep short.
+    async fn after_unexpected_exit(
+        &mut self,
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        uptime: Duration,
+        backoff: &mut Backoff,
+    ) -> Option<Ctl> {
+        let now = Instant::now();
+        self.exits.push_back(now);
+        while self
+            .exits
+            .front()
+            .map(|t| now.duration_since(*t) > self.spec.crash_loop_window)
+            .unwrap_or(false)
+        {
+            self.exits.pop_front();
+        }
+        let delay = backoff.next_delay();
+        let how = match (code, signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(s)) => format!("was killed by signal {s}"),
+            (None, None) if pid == 0 => "could not be started".to_string(),
+            (None, None) => "disappeared".to_string(),
+        };
+        let errors = error_summary(&self.tail, 5);
+        let mut error = format!(
+            "agent (pid {pid}) {how} after {:.1} s",
+            uptime.as_secs_f64()
+        );
+        if !errors.is_empty() {
+            error.push_str("; last errors: ");
+            error.push_str(&errors);
+        }
+        let crash_loop = (self.exits.len() as u32 >= self.spec.crash_loop_threshold).then(|| {
+            format!(
+                "crash loop: the agent {how} {} times within {} s; last errors: {}",
+                self.exits.len(),
+                self.spec.crash_loop_window.as_secs(),
+                if errors.is_empty() {
+                    "(none logged)"
+                } else {
+                    &errors
+                }
+            )
+        });
+        tracing::warn!(
+            pid,
+            code,
+            signal,
+            restart_in_ms = delay.as_millis() as u64,
+            crash_loop = crash_loop.is_some(),
+            "{error}"
+        );
+        let _ = self
+            .events
+            .send(AgentEvent::Exited {
+                pid,
+                code,
+                signal,
+                expected: false,
+                crash_loop,
+                error: Some(error),
+                restart_in: Some(delay),
+            })
+            .await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => None,
+            c = self.ctl.recv() => match c {
+                Some(c) => Some(c),
+                // Supervisor gone: do not start again.
+                None => Some(Ctl::Stop(oneshot::channel().0)),
+            },
+        }
+    }
+
+    fn start(&mut self) -> std::io::Result<(Running, i32)> {
+        let mut cmd = Command::new(&self.spec.executable);
+        cmd.args(&self.spec.args)
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so stop/kill reach Fluentd's worker too and a Ctrl-C on the
+            // supervisor's terminal does not hit the agent before the supervisor decides.
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and
+        // exec. If the supervisor dies (even by SIGKILL) the agent gets SIGTERM instead of
+        // running on unmanaged.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() == 1 {
+                    return Err(std::io::Error::other("supervisor exited during spawn"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{}: {e}", self.spec.executable.display()))
+        })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let name = self.spec.kind.name();
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(pump(out, "stdout", name, self.tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(pump(err, "stderr", name, self.tail.clone()));
+        }
+        // Wall clock at spawn: /proc's boot time + ticks drifts by up to a second from it.
+        let start_time_ns = crate::state::now_ns();
+        let ticks = proc_start_ticks(pid).unwrap_or(0);
+        (self.on_pid)(Some((pid, ticks)));
+        tracing::info!(pid, agent = name, "agent started");
+        let _ = self
+            .events
+            .try_send(AgentEvent::Started { pid, start_time_ns });
+        Ok((Running::Child(child, pid), pid))
+    }
+
+    async fn wait(&mut self, running: &mut Running) -> Outcome {
+        match running {
+            Running::Child(child, pid) => {
+                let pid = *pid;
+                tokio::select! {
+                    st = child.wait() => {
+                        let (code, signal) = status_parts(st.ok());
+                        Outcome::Exited { pid, code, signal }
+                    }
+                    c = self.ctl.recv() => match c { Some(c) => Outcome::Ctl(c), None => Outcome::CtlClosed },
+                }
+            }
+            Running::Adopted(pid) => {
+                let pid = *pid;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                            if !alive(pid) {
+                                return Outcome::Exited { pid, code: None, signal: None };
+                            }
+                        }
+                        c = self.ctl.recv() => return match c { Some(c) => Outcome::Ctl(c), None => Outcome::CtlClosed },
+                    }
+                }
+            }
+        }
+    }
+
+    /// A live member of `pgid` other than `dead` that should be tracked as the agent, if any.
+    fn survivor(&self, pgid: i32, dead: i32) -> Option<i32> {
+        if self.spec.kind != AgentKind::Fluentd {
+            return None;
+        }
+        // Give a replacing supervisor a moment to be visible; the old one exits ~10 s after
+        // the new one started, so normally it is long there.
+        // Orphaned workers (`--under-supervisor`) of a crashed supervisor are not an agent: they
+        // are killed with the group instead of being adopted.
+        let members: Vec<ProcInfo> = group_members(pgid)
+            .into_iter()
+            .filter(|p| p.pid != dead && p.state != 'Z' && !is_fluentd_worker(p.pid))
+            .collect();
+        // The replacement supervisor is the member whose parent is outside the group (init or
+        // a subreaper); workers are children of a group member.
+        members
+            .iter()
+            .find(|p| !members.iter().any(|q| q.pid == p.ppid))
+            .map(|p| p.pid)
+    }
+
+    /// Graceful stop: SIGTERM, wait up to the stop timeout, SIGKILL the whole group.
+    async fn stop_group(&mut self, running: &mut Running, pgid: i32) -> (Option<i32>, Option<i32>) {
+        let pid = running.pid();
+        let deadline = Instant::now() + self.spec.stop_timeout;
+        match self.spec.kind {
+            // Single process (plus threads): the group signal is the same as the pid's.
+            AgentKind::Fluentbit => kill_group(pgid, libc::SIGTERM),
+            // Signal only Fluentd's supervisor: it stops its workers in order after flushing;
+            // a TERM straight to a worker races the supervisor respawning it.
+            AgentKind::Fluentd => send_signal(pid, libc::SIGTERM),
+        }
+        tracing::info!(
+            pid,
+            timeout_s = self.spec.stop_timeout.as_secs(),
+            "stopping the agent (SIGTERM)"
+        );
+        let mut result = (None, None);
+        match running {
+            Running::Child(child, _) => {
+                match tokio::time::timeout_at(deadline.into(), child.wait()).await {
+                    Ok(st) => result = status_parts(st.ok()),
+                    Err(_) => {
+                        tracing::warn!(
+                            pid,
+                            "the agent did not stop in time; SIGKILL to its process group"
+                        );
+                        kill_group(pgid, libc::SIGKILL);
+                        result = status_parts(child.wait().await.ok());
+                    }
+                }
+            }
+            Running::Adopted(p) => {
+                while alive(*p) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        // Stragglers (a worker whose supervisor died first) get the rest of the grace, then KILL.
+        while !live_members(pgid).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !live_members(pgid).is_empty() {
+            tracing::warn!(
+                pgid,
+                "agent processes left after the grace period; SIGKILL to the group"
+            );
+            kill_group(pgid, libc::SIGKILL);
+        }
+        result
+    }
+}
+
+impl Running {
+    fn pid(&self) -> i32 {
+        match self {
+            Running::Child(_, p) | Running::Adopted(p) => *p,
+        }
+    }
+}
+
+fn status_parts(st: Option<std::process::ExitStatus>) -> (Option<i32>, Option<i32>) {
+    use std::os::unix::process::ExitStatusExt;
+    match st {
+        Some(s) => (s.code(), s.signal()),
+        None => (None, None),
+    }
+}
+
+/// Copies one output stream into the log, line by line, tagged with the agent and stream.
+async fn pump(
+    stream: impl AsyncRead + Unpin,
+    which: &'static str,
+    agent: &'static str,
+    tail: SharedTail,
+) {
+    let mut r = BufReader::new(stream);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if buf.len() > MAX_LINE {
+                    buf.truncate(MAX_LINE);
+                }
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line.is_empty() {
+                    continue;
+                }
+                // Fluent Bit announces where its API listens; anything but loopback means the
+                // -L flag was not honoured and the API is exposed.
+                if let Some(rest) = line.split("[http_server] listen iface=").nth(1) {
+                    let iface = rest.split_whitespace().next().unwrap_or("");
+                    if iface != "127.0.0.1" && iface != "::1" {
+                        tracing::error!(iface, "Fluent Bit's HTTP API is not on loopback");
+                    }
+                }
+                if is_error_line(line) {
+                    tracing::warn!(target: "agent", agent, stream = which, "{line}");
+                } else {
+                    tracing::info!(target: "agent", agent, stream = which, "{line}");
+                }
+                tail.lock().expect("tail").push(line);
+            }
+        }
+    }
+}
+
+/// One process from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub state: char,
+    pub start_ticks: u64,
+}
+
+/// Parses `/proc/<pid>/stat` (the command name may contain spaces and parentheses).
+pub fn proc_info(pid: i32) -> Option<ProcInfo> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &text)
+}
+
+fn parse_stat(pid: i32, text: &str) -> Option<ProcInfo> {
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(3) ppid(4) pgrp(5) ... starttime(22) → indexes 0,1,2,...,19.
+    Some(ProcInfo {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgid: f.get(2)?.parse().ok()?,
+        start_ticks: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// All processes in group `pgid`, zombies included.
+pub fn group_members(pgid: i32) -> Vec<ProcInfo> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(proc_info)
+        .filter(|p| p.pgid == pgid)
+        .collect()
+}
+
+fn live_members(pgid: i32) -> Vec<ProcInfo> {
+    group_members(pgid)
+        .into_iter()
+        .filter(|p| p.state != 'Z')
+        .collect()
+}
+
+fn is_fluentd_worker(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).any(|a| a == b"--under-supervisor"))
+        .unwrap_or(false)
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    proc_info(pid).map(|p| p.state != 'Z').unwrap_or(false)
+}
+
+/// Start time of `pid` in clock ticks since boot (identifies a pid across reuse).
+pub fn proc_start_ticks(pid: i32) -> Option<u64> {
+    proc_info(pid).map(|p| p.start_ticks)
+}
+
+/// Real start time of `pid`, nanoseconds since the Unix epoch (boot time + start ticks).
+pub fn proc_start_time_ns(pid: i32) -> Option<u64> {
+    let ticks = proc_start_ticks(pid)?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(btime * 1_000_000_000 + ticks * (1_000_000_000 / hz))
+}
+
+pub fn kill_group(pgid: i32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: plain syscall; a negative pid addresses the process group.
+        unsafe {
+            libc::kill(-pgid, sig);
+        }
+    }
+}
+
+pub fn send_signal(pid: i32, sig: i32) {
+    if pid > 1 {
+        // SAFETY: plain syscall.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Stops an agent group left behind by a previous supervisor run (same pid *and* start time,
+/// so a reused pid is never touched). Blocking, used once at start.
+pub fn reap_leftover(pid: i32, start_ticks: u64, timeout: Duration) -> bool {
+    match proc_info(pid) {
+        Some(p) if p.start_ticks == start_ticks && p.state != 'Z' => {
+            tracing::warn!(
+                pid,
+                "an agent from a previous supervisor run is still running; stopping it"
+            );
+            kill_group(p.pgid, libc::SIGTERM);
+            let deadline = Instant::now() + timeout;
+            while !live_members(p.pgid).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            kill_group(p.pgid, libc::SIGKILL);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_handles_odd_names() {
+        let s = "1234 (fluent bit) (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10 ...";
+        let p = parse_stat(1234, s).unwrap();
+        assert_eq!(p.ppid, 1);
+        assert_eq!(p.pgid, 1234);
+        assert_eq!(p.state, 'S');
+        assert_eq!(p.start_ticks, 987654);
+        let me = proc_info(std::process::id() as i32).unwrap();
+        assert!(me.start_ticks > 0);
+        assert!(proc_start_time_ns(std::process::id() as i32).unwrap() <= crate::state::now_ns());
+    }
+
+    #[test]
+    fn tail_keeps_errors_and_cursor() {
+        let mut t = LogTail::default();
+        t.push("[ info] starting");
+        let c = t.cursor();
+        t.push("[error] [config] bad");
+        t.push("ok");
+        assert_eq!(t.since(c), vec!["[error] [config] bad", "ok"]);
+        assert_eq!(t.last_errors(5), vec!["[error] [config] bad"]);
+        assert!(is_error_line(
+            "2026-11-22 02:51:05 +0000 [error]: Failed to reload config file: x"
+        ));
+        assert!(!is_error_line("[ info] [engine] started"));
+    }
+}

@@ -1,0 +1,496 @@
+//! The connection side: server outage and reconnect without duplicate execution, Retry-After
+//! (seconds) on both transports, duplicate command ids across reconnects and supervisor
+//! restarts, agent_disconnect before Close, OAuth2 client credentials with refresh, and HTTP
+//! polling against the real server.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_proto::{CustomMessage, ServerToAgent};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(30);
+const CAP_CHATOPS: &str = "org.mp3monster.opamp_provider.chatopcommand";
+
+#[tokio::test]
+async fn server_outage_then_reconnect_without_duplicates() {
+    let mut server = Server::start().await;
+    let sink = ChatSink::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    opts.chat_ops_port = sink.port;
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "connected", T, |a| a["connected"] == true)
+        .await;
+    let id = server
+        .command(&uid, "chatops", json!({"tag": "before", "attributes": {}}))
+        .await;
+    assert_eq!(server.wait_command(&id, T).await["status"], "succeeded");
+
+    server.kill().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart().await;
+    server
+        .wait_agent(&uid, "reconnected", T, |a| a["connected"] == true)
+        .await;
+    let id2 = server
+        .command(&uid, "chatops", json!({"tag": "after", "attributes": {}}))
+        .await;
+    assert_eq!(server.wait_command(&id2, T).await["status"], "succeeded");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sink.count("/before"),
+        1,
+        "{:?}",
+        sink.requests.lock().unwrap()
+    );
+    assert_eq!(sink.count("/after"), 1);
+    assert!(sup.log().contains("OpAMP WebSocket connected"));
+}
+
+/// A local endpoint answering every request with 503 + `Retry-After: 2` for the first
+/// `refusals` requests (then it closes the connection); records when each arrived.
+async fn throttling_endpoint(refusals: usize) -> (String, Arc<Mutex<Vec<Instant>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                if read_http(&mut s).await.is_none() {
+                    return;
+                }
+                let n = {
+                    let mut v = seen.lock().unwrap();
+                    v.push(Instant::now());
+                    v.len()
+                };
+                if n <= refusals {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    (format!("{addr}/v1/opamp"), seen)
+}
+
+async fn assert_retry_after(scheme: &str) {
+    let (addr, seen) = throttling_endpoint(3).await;
+    let _sup = Sup::start(SupOpts::fluent_bit(&format!("{scheme}://{addr}"))).await;
+    wait_for("three attempts", Duration::from_secs(20), || {
+        let n = seen.lock().unwrap().len();
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    let v = seen.lock().unwrap().clone();
+    for w in v.windows(2).take(2) {
+        let gap = w[1] - w[0];
+        // Backoff here is 200 ms..2 s; only Retry-After explains ≥ 1.9 s every time.
+        assert!(
+            gap >= Duration::from_millis(1900),
+            "{scheme}: retried after {gap:?} despite Retry-After: 2"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_over_http() {
+    assert_retry_after("http").await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_on_websocket_upgrade() {
+    assert_retry_after("ws").await;
+}
+
+#[tokio::test]
+async fn unavailable_with_retry_info_is_honoured() {
+    let mut fake = FakeOpamp::start().await;
+    let _sup = Sup::start(SupOpts::fluent_bit(&fake.url)).await;
+    fake.wait_message("first status", T, |_| true).await;
+    fake.push
+        .send(ServerToAgent {
+            error_response: Some(flotilla_proto::ServerErrorResponse {
+                r#type: flotilla_proto::ServerErrorResponseType::Unavailable as i32,
+                error_message: "busy".into(),
+                details: Some(
+                    flotilla_proto::v1::server_error_response::Details::RetryInfo(
+                        flotilla_proto::RetryInfo {
+                            retry_after_nanoseconds: 2_500_000_000,
+                        },
+                    ),
+                ),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        match fake.next(T).await {
+            FakeEvent::Closed => break,
+            _ => continue,
+        }
+    }
+    loop {
+        if let FakeEvent::Connected { .. } = fake.next(T).await {
+            break;
+        }
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2400),
+        "reconnected after {:?} despite RetryInfo 2.5 s",
+        t0.elapsed()
+    );
+}
+
+fn chatops_push(command_id: &str, tag: &str) -> ServerToAgent {
+    ServerToAgent {
+        custom_message: Some(CustomMessage {
+            capability: CAP_CHATOPS.into(),
+            r#type: "request".into(),
+            data: json!({"attributes": {"n": 1}, "command_id": command_id, "tag": tag})
+                .to_string()
+                .into_bytes(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn is_result_for(m: &flotilla_proto::AgentToServer, id: &str) -> bool {
+    custom_json(m)
+        .map(|(cap, ty, v)| {
+            cap == "io.flotilla.command/v1" && ty == "result" && v["command_id"] == id
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn duplicate_command_ids_run_once_across_reconnects_and_restarts() {
+    let mut fake = FakeOpamp::start().await;
+    let sink = ChatSink::start().await;
+    let mut opts = SupOpts::fluent_bit(&fake.url);
+    opts.chat_ops_port = sink.port;
+    let mut sup = Sup::start(opts).await;
+    fake.wait_message("first status", T, |_| true).await;
+    let id = uuid::Uuid::now_v7().to_string();
+    fake.push.send(chatops_push(&id, "once")).unwrap();
+    let r = fake
+        .wait_message("result", T, |m| is_result_for(m, &id))
+        .await;
+    assert_eq!(custom_json(&r).unwrap().2["status"], "succeeded");
+    // Delivered again (a server retrying after a lost connection): not run, result re-sent.
+    fake.push.send(chatops_push(&id, "once")).unwrap();
+    fake.wait_message("re-sent result", T, |m| is_result_for(m, &id))
+        .await;
+    // And again after a supervisor restart.
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit(T).await, Some(0));
+    sup.spawn();
+    loop {
+        if let FakeEvent::Connected { .. } = fake.next(T).await {
+            break;
+        }
+    }
+    fake.wait_message("status after restart", T, |m| m.agent_description.is_some())
+        .await;
+    fake.push.send(chatops_push(&id, "once")).unwrap();
+    fake.wait_message("result after restart", T, |m| is_result_for(m, &id))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sink.count("/once"),
+        1,
+        "{:?}",
+        sink.requests.lock().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn plain_fluent_opamp_forms_and_unknown_capabilities() {
+    let mut fake = FakeOpamp::start().await;
+    let mut opts = SupOpts::fluent_bit(&fake.url);
+    opts.chat_ops_port = free_port(); // nothing listens: the POST fails
+    let _sup = Sup::start(opts).await;
+    let first = fake.wait_message("first status", T, |_| true).await;
+    assert_eq!(first.sequence_num, 0);
+    assert!(first.agent_description.is_some() && first.health.is_some());
+    // Plain form (no command id), as fluent-opamp's server sends it: failure reported its way.
+    fake.push
+        .send(ServerToAgent {
+            custom_message: Some(CustomMessage {
+                capability: CAP_CHATOPS.into(),
+                r#type: "request".into(),
+                data: br#"{"attributes":"{\"a\":1}","tag":"t"}"#.to_vec(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let m = fake
+        .wait_message("plain failure", T, |m| {
+            custom_json(m)
+                .map(|(c, t, _)| c == CAP_CHATOPS && t == "failure")
+                .unwrap_or(false)
+        })
+        .await;
+    let v = custom_json(&m).unwrap().2;
+    assert!(
+        v["http_code"].is_number() && v["err_msg"].as_str().unwrap().contains("POST"),
+        "{v}"
+    );
+    // An unknown capability with a command id: a clear failure, and the supervisor lives on.
+    let id = uuid::Uuid::now_v7().to_string();
+    fake.push
+        .send(ServerToAgent {
+            custom_message: Some(CustomMessage {
+                capability: "com.example.unknown".into(),
+                r#type: "do".into(),
+                data: json!({"command_id": id}).to_string().into_bytes(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let m = fake
+        .wait_message("unknown-capability failure", T, |m| is_result_for(m, &id))
+        .await;
+    let v = custom_json(&m).unwrap().2;
+    assert_eq!(v["status"], "failed");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("com.example.unknown"),
+        "{v}"
+    );
+    // Null command (probe): logged and, in the rich form, answered.
+    let id = uuid::Uuid::now_v7().to_string();
+    fake.push
+        .send(ServerToAgent {
+            custom_message: Some(CustomMessage {
+                capability: "org.mp3monster.opamp_provider.nullcommand".into(),
+                r#type: "Null Command".into(),
+                data: json!({"command_id": id, "dummyValue": 1})
+                    .to_string()
+                    .into_bytes(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let m = fake
+        .wait_message("null result", T, |m| is_result_for(m, &id))
+        .await;
+    assert_eq!(custom_json(&m).unwrap().2["status"], "succeeded");
+    // Sequence numbers keep counting by one.
+    let later = fake.wait_message("any", T, |_| true).await;
+    assert!(later.sequence_num > first.sequence_num);
+}
+
+#[tokio::test]
+async fn report_full_state_heartbeat_interval_and_disconnect() {
+    let mut fake = FakeOpamp::start().await;
+    let mut sup = Sup::start(SupOpts::fluent_bit(&fake.url)).await;
+    fake.wait_message("first status", T, |m| m.agent_description.is_some())
+        .await;
+    // Offer a 1 s heartbeat: messages must start arriving about every second.
+    fake.push
+        .send(ServerToAgent {
+            connection_settings: Some(flotilla_proto::ConnectionSettingsOffers {
+                opamp: Some(flotilla_proto::OpAmpConnectionSettings {
+                    heartbeat_interval_seconds: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let t0 = Instant::now();
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_secs(4) {
+        if let FakeEvent::Message(_) = fake.next(Duration::from_secs(3)).await {
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "only {n} messages in 4 s with a 1 s heartbeat");
+    // ReportFullState: the next message carries everything.
+    fake.push
+        .send(ServerToAgent {
+            flags: flotilla_proto::ServerToAgentFlags::ReportFullState as u64,
+            ..Default::default()
+        })
+        .unwrap();
+    let m = fake
+        .wait_message("full state", Duration::from_secs(5), |m| {
+            m.agent_description.is_some()
+        })
+        .await;
+    assert!(m.health.is_some() && m.effective_config.is_some() && m.custom_capabilities.is_some());
+    // SIGTERM: agent_disconnect is the last message, then the socket closes.
+    sup.signal(libc::SIGTERM);
+    let bye = fake
+        .wait_message("agent_disconnect", T, |m| m.agent_disconnect.is_some())
+        .await;
+    assert!(bye.agent_disconnect.is_some());
+    loop {
+        match fake.next(T).await {
+            FakeEvent::Closed => break,
+            FakeEvent::Message(m) => panic!("message after agent_disconnect: {m:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(sup.wait_exit(T).await, Some(0));
+}
+
+/// A token endpoint handing out numbered tokens that live `ttl_s` seconds.
+async fn token_endpoint(ttl_s: u64) -> (String, Arc<Mutex<Vec<Vec<(String, String)>>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/oauth2/token", l.local_addr().unwrap());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let c2 = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let calls = c2.clone();
+            tokio::spawn(async move {
+                let Some((_, _, headers, body)) = read_http(&mut s).await else {
+                    return;
+                };
+                let n = {
+                    let mut c = calls.lock().unwrap();
+                    let mut h = headers.clone();
+                    h.push(("body".into(), body));
+                    c.push(h);
+                    c.len()
+                };
+                let b = json!({"access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": ttl_s}).to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                    b.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn oauth2_client_credentials_token_is_used_and_refreshed() {
+    let (token_url, calls) = token_endpoint(6).await;
+    let mut fake = FakeOpamp::start().await;
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let mut opts = SupOpts::fluent_bit(&fake.url);
+    opts.server_extra = format!(
+        "[server.auth]\ntype = \"oauth2\"\ntoken_url = {token_url:?}\nclient_id = \"vm-01\"\nclient_secret_file = {:?}\nscope = \"opamp\"\n",
+        secret.display().to_string()
+    );
+    let _sup = Sup::start(opts).await;
+    let bearer = |ev: &FakeEvent| match ev {
+        FakeEvent::Connected { headers } => headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone()),
+        _ => None,
+    };
+    let mut first_auth = None;
+    let end = Instant::now() + T;
+    while first_auth.is_none() && Instant::now() < end {
+        let ev = fake.next(T).await;
+        first_auth = bearer(&ev);
+    }
+    assert_eq!(first_auth.as_deref(), Some("Bearer tok-1"));
+    let first = calls.lock().unwrap()[0].clone();
+    let basic = first
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .unwrap()
+        .1
+        .clone();
+    // client_secret_basic: base64("vm-01:s3cret")
+    assert_eq!(basic, "Basic dm0tMDE6czNjcmV0");
+    let body = first.iter().find(|(k, _)| k == "body").unwrap().1.clone();
+    assert!(
+        body.contains("grant_type=client_credentials") && body.contains("scope=opamp"),
+        "{body}"
+    );
+    // The token lives 6 s (refreshed with a fifth of its life left): a reconnect after that
+    // presents a new one.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    fake.push
+        .send(ServerToAgent {
+            error_response: Some(flotilla_proto::ServerErrorResponse {
+                r#type: flotilla_proto::ServerErrorResponseType::Unavailable as i32,
+                error_message: "reconnect".into(),
+                details: None,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut second = None;
+    let end = Instant::now() + T;
+    while second.is_none() && Instant::now() < end {
+        let ev = fake.next(T).await;
+        second = bearer(&ev);
+    }
+    assert_eq!(second.as_deref(), Some("Bearer tok-2"));
+    assert_eq!(calls.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn static_bearer_token_against_the_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("agent-tokens");
+    std::fs::write(&tokens, "agent-secret-1\n").unwrap();
+    let server = Server::start_with(vec![(
+        "FLOTILLA_AGENT_TOKENS_FILE",
+        tokens.to_str().unwrap(),
+    )])
+    .await;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "agent-secret-1\n").unwrap();
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    opts.server_extra = format!(
+        "[server.auth]\ntype = \"bearer\"\ntoken_file = {:?}\n",
+        token_file.display().to_string()
+    );
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "registered with a bearer token", T, |a| {
+            a["connected"] == true
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn http_polling_against_the_real_server() {
+    let server = Server::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.http_url());
+    opts.heartbeat_s = 1;
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "healthy over HTTP", T, |a| {
+            a["health"]["healthy"] == true
+        })
+        .await;
+    assert_eq!(a["transport"], "http", "{a}");
+    let id = server.command(&uid, "restart", json!({})).await;
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+}

@@ -1,0 +1,487 @@
+//! The supervisor with a (fake) Fluent Bit against the real Flotilla server: registration,
+//! health with components, effective config, restart, ChatOps, remote config applied and
+//! rolled back, crash-loop reporting, new_instance_uid, shutdown and SIGTERM.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn attr<'a>(a: &'a Value, section: &str, key: &str) -> &'a str {
+    a[section][key].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn registration_health_and_effective_config() {
+    let server = Server::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    let healthz = free_port();
+    opts.tail_toml = format!("[healthz]\nlisten = \"127.0.0.1:{healthz}\"\n");
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "healthy with components", T, |a| {
+            a["health"]["healthy"] == true && a["health"]["components"]["output"].is_object()
+        })
+        .await;
+    assert_eq!(
+        attr(&a, "identifying_attributes", "service.instance.id"),
+        uid
+    );
+    assert_eq!(
+        attr(&a, "identifying_attributes", "service.version"),
+        "5.1.1"
+    );
+    assert_eq!(
+        attr(&a, "identifying_attributes", "service.name"),
+        "fluent-bit"
+    );
+    assert_eq!(
+        attr(&a, "identifying_attributes", "service.type"),
+        "Fluent Bit"
+    );
+    assert_eq!(a["type"], "fluentbit");
+    assert!(!attr(&a, "non_identifying_attributes", "host.name").is_empty());
+    assert_eq!(attr(&a, "non_identifying_attributes", "os.type"), "linux");
+    assert!(!attr(&a, "non_identifying_attributes", "host.arch").is_empty());
+    let names: Vec<&str> = a["capabilities"]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for c in [
+        "ReportsStatus",
+        "AcceptsRemoteConfig",
+        "ReportsEffectiveConfig",
+        "AcceptsRestartCommand",
+        "ReportsHealth",
+        "ReportsRemoteConfig",
+        "ReportsHeartbeat",
+        "AcceptsOpAMPConnectionSettings",
+    ] {
+        assert!(names.contains(&c), "{c} missing from {names:?}");
+    }
+    let custom = a["custom_capabilities"].to_string();
+    assert!(custom.contains("io.flotilla.command/v1"), "{custom}");
+    assert!(custom.contains("org.mp3monster.opamp_provider.chatopcommand"));
+    // Health: the real process start time, and per-plugin components.
+    let h = &a["health"];
+    let start = h["start_time_unix_nano"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(
+        start > now - 120_000_000_000 && start <= now,
+        "start {start} now {now}"
+    );
+    assert!(
+        h["components"]["output"]["components"]["null_out"]["healthy"] == true,
+        "{h}"
+    );
+    assert!(
+        h["components"]["input"]["components"]["dummy_in"].is_object(),
+        "{h}"
+    );
+    // Effective config: the config file.
+    let eff = &a["effective_config"]["fluent-bit.conf"];
+    assert_eq!(eff["body"].as_str().unwrap(), FB_CONF);
+    let ev = sup.events();
+    assert!(ev.iter().any(|e| e["event"] == "start"), "{ev:?}");
+    // Fluent Bit's API was forced onto loopback.
+    assert!(!sup.log().contains("not on loopback"));
+    // The local /healthz says the same.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = http
+        .get(format!("http://127.0.0.1:{healthz}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["agent_version"], "5.1.1");
+    assert_eq!(v["opamp_connected"], true);
+}
+
+#[tokio::test]
+async fn restart_command_restarts_the_agent_once() {
+    let server = Server::start().await;
+    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+    let id = server.command(&uid, "restart", json!({})).await;
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    let a = server
+        .wait_agent(&uid, "healthy again", T, |a| a["health"]["healthy"] == true)
+        .await;
+    assert!(a["health"]["start_time_unix_nano"].as_u64().unwrap() > t0);
+    // Exactly one stop and one new start: the command did not turn into two.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "start"),
+        2,
+        "{:?}",
+        sup.events()
+    );
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "signal" && e["signal"] == "SIGTERM"),
+        1,
+        "{:?}",
+        sup.events()
+    );
+    // The supervisor itself kept running.
+    assert!(sup.pid() > 0);
+}
+
+#[tokio::test]
+async fn chatops_reaches_the_local_listener_exactly_once() {
+    let server = Server::start().await;
+    let sink = ChatSink::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    opts.chat_ops_port = sink.port;
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "connected", T, |a| a["connected"] == true)
+        .await;
+    let id = server
+        .command(
+            &uid,
+            "chatops",
+            json!({"tag": "deploy.app", "attributes": {"version": "1.2"}}),
+        )
+        .await;
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(c["result"]["http_code"], 201, "{c}");
+    assert_eq!(c["result"]["command_id"], id.as_str());
+    let fail = server
+        .command(&uid, "chatops", json!({"tag": "missing", "attributes": {}}))
+        .await;
+    let c = server.wait_command(&fail, T).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    assert_eq!(c["result"]["http_code"], 404, "{c}");
+    assert!(c["error"].as_str().unwrap().contains("404"), "{c}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sink.count("/deploy.app"), 1);
+    assert_eq!(sink.count("/missing"), 1);
+    let reqs = sink.requests.lock().unwrap().clone();
+    let body: Value =
+        serde_json::from_str(&reqs.iter().find(|r| r.1 == "/deploy.app").unwrap().2).unwrap();
+    assert_eq!(body, json!({"version": "1.2"}));
+}
+
+fn conf_with_stdout() -> String {
+    format!("{FB_CONF}\n[OUTPUT]\n    Name  stdout\n    Alias out2\n    Match none.*\n")
+}
+
+#[tokio::test]
+async fn remote_config_is_applied_with_hot_reload() {
+    let server = Server::start().await;
+    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+    let body = conf_with_stdout();
+    let id = server
+        .command(
+            &uid,
+            "remote_config",
+            json!({"files": {"fluent-bit.conf": {"body": body, "content_type": "text/plain"}}}),
+        )
+        .await;
+    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
+    let a = server
+        .wait_agent(&uid, "effective config updated", T, |a| {
+            a["effective_config"]["fluent-bit.conf"]["body"] == body.as_str()
+        })
+        .await;
+    assert_eq!(a["remote_config_status"]["status"], "applied");
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), body);
+    // Hot reload, not a restart: same process.
+    assert_eq!(a["health"]["start_time_unix_nano"].as_u64().unwrap(), t0);
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "reload" && e["result"] == "done"),
+        1,
+        "{:?}",
+        sup.events()
+    );
+    // Persisted as the last applied config.
+    let stored = std::fs::read_to_string(sup.data_dir().join("remote_config.json")).unwrap();
+    assert!(stored.contains("out2"), "{stored}");
+
+    // The same config again: no reload, the status is simply re-reported.
+    let again = server
+        .command(
+            &uid,
+            "remote_config",
+            json!({"files": {"fluent-bit.conf": {"body": body, "content_type": "text/plain"}}}),
+        )
+        .await;
+    let c = server.wait_command(&again, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "reload"),
+        1,
+        "{:?}",
+        sup.events()
+    );
+
+    // After a supervisor restart the last applied config is still the one in force, even if
+    // the file was changed behind its back meanwhile.
+    let mut sup = sup;
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit(T).await, Some(0));
+    std::fs::write(sup.conf_path(), FB_CONF).unwrap();
+    sup.spawn();
+    let a = server
+        .wait_agent(&uid, "back with the applied config", T, |a| {
+            a["connected"] == true && a["health"]["healthy"] == true
+        })
+        .await;
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), body);
+    assert_eq!(a["remote_config_status"]["status"], "applied");
+    assert_eq!(
+        a["effective_config"]["fluent-bit.conf"]["body"],
+        body.as_str()
+    );
+}
+
+#[tokio::test]
+async fn bad_remote_config_is_refused_or_rolled_back() {
+    let server = Server::start().await;
+    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    // 1. Caught by the dry run: nothing in place changes.
+    let bad = format!("{FB_CONF}\n[OUTPUT]\n    Name  no_such_output\n    Match *\n");
+    let id = server
+        .command(
+            &uid,
+            "remote_config",
+            json!({"files": {"fluent-bit.conf": bad}}),
+        )
+        .await;
+    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    let err = c["error"].as_str().unwrap();
+    assert!(
+        err.contains("no_such_output"),
+        "agent's own message expected: {err}"
+    );
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), FB_CONF);
+
+    // 2. Valid, but fails when started (its http input port is taken): Fluent Bit aborts the
+    //    reload and exits 255; last-known-good comes back and the agent is healthy again.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let bad = format!(
+        "{FB_CONF}\n[INPUT]\n    Name   http\n    Listen 127.0.0.1\n    Port   {port}\n    Tag    x\n"
+    );
+    let id = server
+        .command(
+            &uid,
+            "remote_config",
+            json!({"files": {"fluent-bit.conf": bad}}),
+        )
+        .await;
+    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    assert_eq!(c["status"], "failed", "{c}\n{}", sup.log());
+    let a = server
+        .wait_agent(&uid, "healthy after rollback", T, |a| {
+            a["health"]["healthy"] == true && a["remote_config_status"]["status"] == "failed"
+        })
+        .await;
+    assert!(
+        !a["remote_config_status"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
+        "{a}"
+    );
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), FB_CONF);
+    assert_eq!(a["effective_config"]["fluent-bit.conf"]["body"], FB_CONF);
+    drop(taken);
+}
+
+#[tokio::test]
+async fn crash_loop_is_reported_with_exit_code() {
+    let server = Server::start().await;
+    let opts = SupOpts::fluent_bit(&server.ws_url())
+        .env("FAKE_CRASH_AFTER_MS", "400")
+        .env("FAKE_CRASH_CODE", "3");
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "crash loop reported", T, |a| {
+            a["health"]["status"] == "crash-loop"
+        })
+        .await;
+    assert_eq!(a["health"]["healthy"], false);
+    let err = a["health"]["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("crash loop") && err.contains("code 3"),
+        "{err}"
+    );
+    // It keeps being restarted (with backoff), not given up on.
+    assert!(sup.count_events(|e| e["event"] == "start") >= 3);
+}
+
+#[tokio::test]
+async fn new_instance_uid_is_adopted_and_survives_a_restart() {
+    let server = Server::start().await;
+    let mut sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "connected", T, |a| a["connected"] == true)
+        .await;
+    let new = uuid::Uuid::now_v7().to_string();
+    let id = server
+        .command(&uid, "new_instance_uid", json!({"new_uid": new}))
+        .await;
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    wait_for("persisted uid", T, || {
+        let p = sup.data_dir().join("instance_uid");
+        let new = new.clone();
+        async move { (std::fs::read_to_string(p).ok()?.trim() == new).then_some(()) }
+    })
+    .await;
+    server
+        .wait_agent(&new, "description names the new uid", T, |a| {
+            a["identifying_attributes"]["service.instance.id"] == new.as_str()
+        })
+        .await;
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit(T).await, Some(0));
+    sup.spawn();
+    assert_eq!(sup.uid().await, new);
+    server
+        .wait_agent(&new, "reconnected under the new uid", T, |a| {
+            a["connected"] == true && a["health"]["healthy"] == true
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn sigterm_sends_agent_disconnect_and_stops_the_agent() {
+    let server = Server::start().await;
+    let mut sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit(T).await, Some(0));
+    server
+        .wait_agent(&uid, "disconnected", T, |a| a["connected"] == false)
+        .await;
+    assert!(sup.log().contains("agent_disconnect"), "{}", sup.log());
+    let ev = sup.events();
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "signal" && e["signal"] == "SIGTERM"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| e["event"] == "exit" && e["code"] == 0),
+        "{ev:?}"
+    );
+    assert!(!sup.data_dir().join("agent.pid").exists());
+}
+
+#[tokio::test]
+async fn shutdown_command_stops_agent_and_supervisor() {
+    let server = Server::start().await;
+    let mut sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    let id = server.command(&uid, "shutdown", json!({})).await;
+    assert_eq!(sup.wait_exit(T).await, Some(0));
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert!(sup.events().iter().any(|e| e["event"] == "exit"));
+    // Recorded as executed: a restarted supervisor would not run it again.
+    let log = std::fs::read_to_string(sup.data_dir().join("commands.json")).unwrap();
+    assert!(log.contains(&id), "{log}");
+}
+
+#[tokio::test]
+async fn cli_version_and_config_check() {
+    let exe = env!("CARGO_BIN_EXE_flotilla-supervisor");
+    let out = std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("flotilla-supervisor {}", env!("CARGO_PKG_VERSION"))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nurl = \"ftp://x\"\n[agent]\nkind = \"fluentbit\"\nexecutable = \"/nonexistent\"\n[log]\nformat = \"xml\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--check", "--config"])
+        .arg(&cfg)
+        .env_remove("FLOTILLA_SUPERVISOR_SERVER_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "server.url",
+        "agent.executable",
+        "agent.config_path",
+        "log.format",
+    ] {
+        assert!(err.contains(field), "{field} not named in:\n{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_supervisor_never_leaves_the_agent_unmanaged() {
+    let server = Server::start().await;
+    let mut sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    // SIGKILL: no chance to clean up. The agent gets SIGTERM through PR_SET_PDEATHSIG.
+    sup.signal(libc::SIGKILL);
+    sup.wait_exit(T).await;
+    wait_for("the orphaned agent to stop", T, || {
+        let n = sup.count_events(|e| e["event"] == "exit");
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    // A new supervisor on the same data directory starts exactly one agent.
+    sup.spawn();
+    server
+        .wait_agent(&uid, "healthy again", T, |a| {
+            a["connected"] == true && a["health"]["healthy"] == true
+        })
+        .await;
+    assert_eq!(sup.count_events(|e| e["event"] == "start"), 2);
+}
