@@ -45,12 +45,7 @@ pub enum ServerError {
 
 /// Opens the configured store and prepares it for serving (nothing is connected at start).
 pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
-    let store = SqliteStore::open(&cfg.data_dir)
-        .await
-        .map_err(|source| ServerError::Store {
-            dir: cfg.data_dir.clone(),
-            source,
-        })?;
+    let store = open_store_for_tools(cfg).await?;
     store
         .mark_all_disconnected(model::now_ms())
         .await
@@ -58,7 +53,7 @@ pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerEr
             dir: cfg.data_dir.clone(),
             source,
         })?;
-    Ok(Arc::new(store))
+    Ok(store)
 }
 
 /// Binds a listener with a deep accept backlog: a fleet reconnecting at once after a restart
@@ -74,8 +69,9 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Opens the store for offline tools (`audit verify`) without touching connection state.
-pub async fn open_store_readonly(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
+/// Opens the store without touching connection state, for offline tools (`audit verify`)
+/// that may run beside a live server. (SQLite is opened read-write; nothing is written.)
+pub async fn open_store_for_tools(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
     let store = SqliteStore::open(&cfg.data_dir)
         .await
         .map_err(|source| ServerError::Store {

@@ -145,7 +145,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Audit {
             command: AuditCmd::Verify,
         } => {
-            let store = flotilla_server::open_store_readonly(&v.config).await?;
+            let store = flotilla_server::open_store_for_tools(&v.config).await?;
             match flotilla_server::audit::verify(store.as_ref()).await {
                 Ok(n) => {
                     println!("audit chain intact: {n} records verified");

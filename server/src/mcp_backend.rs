@@ -80,7 +80,7 @@ fn page_limit(limit: Option<usize>) -> BackendResult<usize> {
     views::page_limit(limit).map_err(bad)
 }
 
-use crate::views::{fetch_size, MAX_PAGE};
+use crate::views::fetch_size;
 
 fn parse_kind(s: &str) -> BackendResult<CommandKind> {
     views::parse_kind(s, "commands_catalog").map_err(|m| BackendError::new("invalid_params", m))
@@ -206,22 +206,17 @@ impl FleetBackend for McpBackend {
             before: nonempty(&f.cursor).map(|c| uuid("cursor", c)).transpose()?,
             limit: fetch_size(limit),
         };
-        let mut items = self
+        let items = self
             .fleet
             .commands(&self.caller, &filter)
             .await
             .map_err(err)?;
-        let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
-        items.truncate(limit);
-        let next_cursor = if more {
-            items.last().map(|c| c.id.to_string())
-        } else {
-            None
-        };
-        Ok(json!({
-            "items": items.iter().map(views::command).collect::<Vec<_>>(),
-            "next_cursor": next_cursor,
-        }))
+        Ok(views::page(
+            items,
+            limit,
+            |x| x.id.to_string(),
+            views::command,
+        ))
     }
 
     async fn audit(&self, f: &McpAuditFilter) -> BackendResult<Value> {
@@ -264,18 +259,13 @@ impl FleetBackend for McpBackend {
             before_id,
             limit: fetch_size(limit),
         };
-        let mut items = self.fleet.audit(&self.caller, &filter).await.map_err(err)?;
-        let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
-        items.truncate(limit);
-        let next_cursor = if more {
-            items.last().map(|r| r.id.to_string())
-        } else {
-            None
-        };
-        Ok(json!({
-            "items": items.iter().map(views::audit).collect::<Vec<_>>(),
-            "next_cursor": next_cursor,
-        }))
+        let items = self.fleet.audit(&self.caller, &filter).await.map_err(err)?;
+        Ok(views::page(
+            items,
+            limit,
+            |x| x.id.to_string(),
+            views::audit,
+        ))
     }
 
     async fn cancel(&self, id: &str) -> BackendResult<Value> {

@@ -129,3 +129,24 @@ pub fn parse_time(name: &str, s: &str) -> Result<Millis, String> {
             )
         })
 }
+
+/// Cuts a listing fetched with [`fetch_size`] to `limit` and renders the page as
+/// `{"items": [...], "next_cursor": ...}`; the cursor is the last item's id when more exist.
+pub fn page<T>(
+    mut items: Vec<T>,
+    limit: usize,
+    cursor_of: impl Fn(&T) -> String,
+    render: impl Fn(&T) -> Value,
+) -> Value {
+    let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
+    items.truncate(limit);
+    let next_cursor = if more {
+        items.last().map(&cursor_of)
+    } else {
+        None
+    };
+    json!({
+        "items": items.iter().map(render).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    })
+}

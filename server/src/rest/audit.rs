@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::auth::Auth;
-use super::commands::{fetch_size, page_limit, MAX_PAGE};
+use super::commands::{fetch_size, page_limit};
 use super::errors::{parse_uuid, ApiError, Query};
 use super::ApiState;
 use crate::model::{AuditFilter, Channel, Millis};
@@ -87,18 +87,13 @@ pub async fn query(
         before_id,
         limit: fetch_size(limit),
     };
-    let mut items = st.fleet.audit(&caller, &filter).await?;
-    let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
-    items.truncate(limit);
-    let next_cursor = if more {
-        items.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
-    Ok(axum::Json(json!({
-        "items": items.iter().map(views::audit).collect::<Vec<_>>(),
-        "next_cursor": next_cursor,
-    })))
+    let items = st.fleet.audit(&caller, &filter).await?;
+    Ok(axum::Json(views::page(
+        items,
+        limit,
+        |x| x.id.to_string(),
+        views::audit,
+    )))
 }
 
 #[cfg(test)]

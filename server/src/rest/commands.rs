@@ -26,7 +26,7 @@ pub fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     views::page_limit(limit).map_err(ApiError::bad_request)
 }
 
-pub use crate::views::{fetch_size, MAX_PAGE};
+pub use crate::views::fetch_size;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,18 +190,13 @@ pub async fn list(
             .transpose()?,
         limit: fetch_size(limit),
     };
-    let mut items = st.fleet.commands(&caller, &filter).await?;
-    let more = items.len() > limit || (limit == MAX_PAGE && items.len() == limit);
-    items.truncate(limit);
-    let next_cursor = if more {
-        items.last().map(|c| c.id.to_string())
-    } else {
-        None
-    };
-    Ok(axum::Json(json!({
-        "items": items.iter().map(views::command).collect::<Vec<_>>(),
-        "next_cursor": next_cursor,
-    })))
+    let items = st.fleet.commands(&caller, &filter).await?;
+    Ok(axum::Json(views::page(
+        items,
+        limit,
+        |x| x.id.to_string(),
+        views::command,
+    )))
 }
 
 /// `GET /api/v1/commands/{id}`
