@@ -547,16 +547,22 @@ impl Store for SqliteStore {
         }
         let _w = self.writer.lock().await;
         let mut tx = self.begin_write().await?;
-        for t in touches {
+        // One set-based statement per chunk instead of one round trip per heartbeat: at 10k
+        // heartbeats/s the per-row form held the writer lock for most of every second.
+        for chunk in touches.chunks(2000) {
+            let rows: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|t| serde_json::json!([uid(t.uid), t.last_seen, u64_to_db(t.sequence_num)]))
+                .collect();
             // A touch batched before a full put_agent but flushed after it must not roll the
             // record's last_seen/sequence_num back.
             sqlx::query(
-                "UPDATE agents SET last_seen = ?, sequence_num = ? WHERE uid = ? AND last_seen <= ?",
+                "UPDATE agents SET last_seen = t.ls, sequence_num = t.seq
+                 FROM (SELECT value ->> 0 AS uid, value ->> 1 AS ls, value ->> 2 AS seq
+                       FROM json_each(?)) AS t
+                 WHERE agents.uid = t.uid AND agents.last_seen <= t.ls",
             )
-            .bind(t.last_seen)
-            .bind(u64_to_db(t.sequence_num))
-            .bind(uid(t.uid))
-            .bind(t.last_seen)
+            .bind(serde_json::Value::Array(rows).to_string())
             .execute(&mut *tx)
             .await?;
         }
@@ -1104,6 +1110,34 @@ mod tests {
             seen.extend(page.into_iter().map(|a| a.uid));
         }
         assert_eq!(seen, uids);
+    }
+
+    #[tokio::test]
+    async fn touches_span_several_statement_chunks() {
+        let (_d, s) = open().await;
+        let agents: Vec<Agent> = (0..4100)
+            .map(|_| Agent::new(Uuid::now_v7(), 100, 30))
+            .collect();
+        for a in &agents {
+            s.put_agent(a).await.unwrap();
+        }
+        let touches: Vec<Touch> = agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Touch {
+                uid: a.uid,
+                last_seen: 1_000 + i as i64,
+                sequence_num: i as u64 + 7,
+            })
+            .collect();
+        s.touch_agents(&touches).await.unwrap();
+        for i in [0usize, 1999, 2000, 4099] {
+            let got = s.get_agent(agents[i].uid).await.unwrap().unwrap();
+            assert_eq!(
+                (got.last_seen, got.sequence_num),
+                (1_000 + i as i64, i as u64 + 7)
+            );
+        }
     }
 
     #[tokio::test]
