@@ -38,7 +38,9 @@ pub fn decode_ws<M: Message + Default>(data: &[u8]) -> Result<M, FrameError> {
         Some(_) => match M::decode(data) {
             Ok(m) => Ok(m),
             Err(e) => match read_varint(data) {
-                Some((0, _)) => unreachable!("first byte is non-zero"),
+                // An over-long encoding of 0 (e.g. 0x80 0x00): not the one-byte header the
+                // spec defines, and reachable from untrusted input, so an error, never a panic.
+                Some((0, _)) => Err(FrameError::BadHeader),
                 Some((h, _)) if looks_like_header(data) => Err(FrameError::NonZeroHeader(h)),
                 _ => Err(FrameError::Decode(e)),
             },
@@ -123,6 +125,21 @@ mod tests {
             decode_ws::<AgentToServer>(&bytes),
             Err(FrameError::NonZeroHeader(300))
         );
+    }
+
+    #[test]
+    fn overlong_zero_header_is_an_error_not_a_panic() {
+        let mut bytes = vec![0x80, 0x00];
+        bytes.extend(sample().encode_to_vec());
+        assert_eq!(
+            decode_ws::<AgentToServer>(&bytes),
+            Err(FrameError::BadHeader)
+        );
+        for first in 1..=255u8 {
+            for second in [0u8, 1, 0x0a, 0x80, 0xff] {
+                let _ = decode_ws::<AgentToServer>(&[first, second, 0x00, 0x01]);
+            }
+        }
     }
 
     #[test]
