@@ -509,6 +509,33 @@ pub fn remote_config_message(desired: &DesiredConfig) -> AgentRemoteConfig {
     }
 }
 
+/// Why a delivered command expired without a result, in the operator's terms. For some kinds
+/// and agents the outcome cannot be learned at all, and the message says so instead of
+/// suggesting the agent misbehaved.
+pub fn no_result_reason(cmd: &Command, agent: Option<&Agent>) -> String {
+    let plain = agent.is_some_and(|a| !reports_results(a));
+    let health = agent.is_some_and(|a| agent_has(a.capabilities, AgentCapabilities::ReportsHealth));
+    match cmd.kind {
+        CommandKind::Restart if agent.is_some() && !health => {
+            "delivered; this agent does not report health, so its restart cannot be confirmed"
+                .into()
+        }
+        CommandKind::Restart => {
+            "delivered, but the agent's health never showed a newer start time in time".into()
+        }
+        CommandKind::Chatops | CommandKind::Shutdown | CommandKind::Custom if plain => {
+            "delivered; this agent uses the plain fluent-opamp form, which reports only failures, \
+             and none arrived, so the outcome is unconfirmed"
+                .into()
+        }
+        CommandKind::RemoteConfig => {
+            "delivered, but the agent reported neither APPLIED nor FAILED for this config in time"
+                .into()
+        }
+        _ => "delivered, but the agent reported no result in time".into(),
+    }
+}
+
 /// Settles commands in status `sent` from what the agent just said.
 ///
 /// `before` is the agent record before this message was merged, `after` the merged one, `msg`

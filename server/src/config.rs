@@ -55,6 +55,13 @@ pub struct OpampConfig {
     pub ws_read_buffer_bytes: usize,
     /// WebSocket write buffer per connection, bytes.
     pub ws_write_buffer_bytes: usize,
+    /// A WebSocket whose agent has sent nothing for this long is pinged; one that does not
+    /// answer within `ws_pong_timeout_s` is closed (a host that vanished leaves a half-open
+    /// TCP connection that would otherwise hold its slot, and its uid, forever).
+    pub ws_idle_ping_s: u64,
+    /// How long a pinged WebSocket has to answer before it is considered dead. A connection
+    /// whose uid a newcomer claims gets `min(ws_pong_timeout_s, 3)` seconds.
+    pub ws_pong_timeout_s: u64,
     /// File with bearer tokens agents must present (one per line); unset means agents need no
     /// token.
     pub agent_tokens_file: Option<PathBuf>,
@@ -144,6 +151,8 @@ impl Default for OpampConfig {
             retry_after_s: 30,
             ws_read_buffer_bytes: 2 * 1024,
             ws_write_buffer_bytes: 2 * 1024,
+            ws_idle_ping_s: 90,
+            ws_pong_timeout_s: 10,
             agent_tokens_file: None,
         }
     }
@@ -336,6 +345,18 @@ impl Config {
                 self.opamp.retry_after_s
             ));
         }
+        if !(1..=86_400).contains(&self.opamp.ws_idle_ping_s) {
+            p.push(format!(
+                "opamp.ws_idle_ping_s = {} must be between 1 and 86400 seconds",
+                self.opamp.ws_idle_ping_s
+            ));
+        }
+        if !(1..=600).contains(&self.opamp.ws_pong_timeout_s) {
+            p.push(format!(
+                "opamp.ws_pong_timeout_s = {} must be between 1 and 600 seconds",
+                self.opamp.ws_pong_timeout_s
+            ));
+        }
         for (name, v) in [
             (
                 "opamp.ws_read_buffer_bytes",
@@ -460,6 +481,8 @@ mod tests {
     fn defaults_are_valid() {
         let v = Config::default().validate().unwrap();
         assert_eq!(v.opamp_addr.port(), 4320);
+        assert_eq!(v.config.opamp.path, "/v1/opamp");
+        assert_eq!(v.config.opamp.max_message_bytes, 64 * 1024 * 1024);
         assert_eq!(v.api_addr.to_string(), "127.0.0.1:8080");
     }
 
@@ -473,6 +496,8 @@ mod tests {
         c.opamp.max_connections = 0;
         c.opamp.max_in_flight = 0;
         c.opamp.ws_read_buffer_bytes = 1;
+        c.opamp.ws_idle_ping_s = 0;
+        c.opamp.ws_pong_timeout_s = 0;
         c.api.tokens_file = Some("/nonexistent/tokens".into());
         c.log.format = "xml".into();
         c.commands.queue_ttl_s = 0;
@@ -485,6 +510,8 @@ mod tests {
             "opamp.max_connections",
             "opamp.max_in_flight",
             "opamp.ws_read_buffer_bytes",
+            "opamp.ws_idle_ping_s",
+            "opamp.ws_pong_timeout_s",
             "api.tokens_file",
             "log.format",
             "commands.queue_ttl_s",

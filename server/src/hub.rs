@@ -10,13 +10,20 @@ use uuid::Uuid;
 
 use crate::model::Transport;
 
-/// A wake-up for a WebSocket session. The channel has capacity 1 so wake-ups coalesce: a
-/// session that is already going to look at its queue does not need a second nudge.
+/// A wake-up for a WebSocket session. The channel is tiny ([`WAKE_CAPACITY`]) so wake-ups
+/// coalesce: a session that is already going to look at its queue needs no second nudge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
     /// Look at the queue and send what is due.
     Deliver,
+    /// Someone else claims this uid: prove the connection is alive (ping, short deadline).
+    Probe,
+    /// Periodic idle check: ping if the agent has been silent for long.
+    IdleCheck,
 }
+
+/// Room for one delivery and one liveness wake-up at a time; more coalesce.
+pub const WAKE_CAPACITY: usize = 2;
 
 struct Entry {
     conn_id: u64,
@@ -109,6 +116,40 @@ impl Hub {
         }
     }
 
+    /// Asks the WebSocket session holding `uid` to prove it is alive (a newcomer claims the
+    /// uid). Returns false if no live WebSocket holds it.
+    pub fn probe(&self, uid: Uuid) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&uid).and_then(|e| e.wake.as_ref()) {
+            Some(w) => {
+                let _ = w.try_send(Wake::Probe);
+                !w.is_closed()
+            }
+            None => false,
+        }
+    }
+
+    /// Asks every WebSocket session to check whether its agent has gone quiet. The senders are
+    /// copied out first so the lock is not held while 100k wake-ups are sent.
+    pub fn idle_check_all(&self) -> usize {
+        let wakes: Vec<mpsc::Sender<Wake>> = {
+            let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            map.values().filter_map(|e| e.wake.clone()).collect()
+        };
+        for w in &wakes {
+            // Full: a wake-up is pending, and every wake-up also runs the idle check.
+            let _ = w.try_send(Wake::IdleCheck);
+        }
+        wakes.len()
+    }
+
+    /// Removes plain-HTTP bindings for which `gone` is true (agents that stopped polling
+    /// without saying goodbye), so the map does not grow with churn.
+    pub fn unbind_http(&self, mut gone: impl FnMut(&Uuid, u64) -> bool) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|uid, e| e.transport != Transport::Http || !gone(uid, e.conn_id));
+    }
+
     /// Number of agents bound to a live connection, by transport.
     pub fn counts(&self) -> (usize, usize) {
         let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,6 +180,31 @@ mod tests {
         assert!(!hub.unbind(uid, 2));
         assert!(hub.unbind(uid, 1));
         assert!(!hub.notify(uid));
+    }
+
+    #[test]
+    fn probe_reaches_only_a_live_websocket_holder() {
+        let hub = Hub::new();
+        let uid = Uuid::now_v7();
+        assert!(!hub.probe(uid));
+        let (tx, mut rx) = mpsc::channel(WAKE_CAPACITY);
+        hub.bind(uid, 1, Transport::Websocket, Some(tx)).unwrap();
+        assert!(hub.notify(uid));
+        assert!(hub.probe(uid));
+        assert_eq!(rx.try_recv(), Ok(Wake::Deliver));
+        assert_eq!(rx.try_recv(), Ok(Wake::Probe));
+        assert_eq!(hub.idle_check_all(), 1);
+        assert_eq!(rx.try_recv(), Ok(Wake::IdleCheck));
+    }
+
+    #[test]
+    fn silent_http_agents_are_unbound() {
+        let hub = Hub::new();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        hub.bind(a, 1, Transport::Http, None).unwrap();
+        hub.bind(b, 2, Transport::Http, None).unwrap();
+        hub.unbind_http(|uid, _| *uid == a);
+        assert_eq!(hub.counts(), (0, 1));
     }
 
     #[test]

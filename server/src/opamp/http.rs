@@ -123,6 +123,7 @@ pub async fn serve(
                     peer,
                     conn_id: link.conn_id,
                     settings_offered: link.settings_offered,
+                    last: crate::model::now_ms(),
                 },
             ),
             (false, None) => {}
@@ -149,7 +150,7 @@ async fn poll_one(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent) -> Result
     if next.kind == CommandKind::Restart && !apply(&commands_probe(), &mut reply.clone()) {
         return Ok(());
     }
-    let claimed = timed(fleet.claim_due(agent, 1)).await?;
+    let claimed = session::claim(sh, agent, 1).await?;
     let Some(cmd) = claimed.into_iter().next() else {
         return Ok(());
     };

@@ -47,6 +47,8 @@ pub enum Unavailable {
     Timeout,
     #[error("{0}")]
     Fleet(#[from] FleetError),
+    #[error("internal task failed: {0}")]
+    Task(String),
 }
 
 /// Runs one store (or fleet) operation with [`STORE_TIMEOUT`].
@@ -56,6 +58,32 @@ pub async fn timed<T, E: Into<Unavailable>>(
     match tokio::time::timeout(STORE_TIMEOUT, f).await {
         Ok(r) => r.map_err(Into::into),
         Err(_) => Err(Unavailable::Timeout),
+    }
+}
+
+/// Claims the agent's due commands (`queued → sent`) within [`STORE_TIMEOUT`]. The claim runs
+/// in a task of its own because cutting it short would leave commands marked `sent` that were
+/// never written; when it finishes after we gave up, what it claimed is put back.
+pub async fn claim(sh: &Shared, uid: Uuid, limit: usize) -> Result<Vec<Command>, Unavailable> {
+    let fleet = sh.ctx.fleet.clone();
+    let mut task = tokio::spawn(async move { fleet.claim_due(uid, limit).await });
+    match tokio::time::timeout(STORE_TIMEOUT, &mut task).await {
+        Ok(Ok(r)) => r.map_err(Into::into),
+        Ok(Err(e)) => Err(Unavailable::Task(e.to_string())),
+        Err(_) => {
+            let fleet = sh.ctx.fleet.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(cmds)) = task.await {
+                    for c in &cmds {
+                        if let Err(e) = fleet.unclaim(c).await {
+                            tracing::warn!(command = %c.id, error = %e,
+                                "could not put back a command claimed too late; it will expire");
+                        }
+                    }
+                }
+            });
+            Err(Unavailable::Timeout)
+        }
     }
 }
 
@@ -176,6 +204,23 @@ pub async fn handle(
             disconnected: false,
         });
     };
+    if uid.is_nil() && !requests_instance_uid(msg.flags) {
+        // Every agent that forgot to generate a uid would otherwise merge into one record.
+        fleet.metrics().message("malformed");
+        tracing::warn!(%remote, transport = link.transport.as_str(),
+            "refused OpAMP message: instance_uid is all zeros");
+        return Ok(Handled {
+            reply: error_reply(
+                msg.instance_uid.clone(),
+                ServerErrorResponseType::BadRequest,
+                "instance_uid must not be all zeros: generate a UUIDv7, or set the \
+                 RequestInstanceUid flag to be given one"
+                    .into(),
+            ),
+            deliver_to: None,
+            disconnected: false,
+        });
+    }
     let now = now_ms();
     let mut reply = ServerToAgent {
         instance_uid: msg.instance_uid.clone(),
@@ -187,13 +232,21 @@ pub async fn handle(
 
     // 1. The agent now uses a uid we issued: its record moves over from the old uid.
     if let Some((old, _)) = sh.renames.remove(&uid) {
-        match timed(fleet.store().rename_agent(old, uid)).await {
+        let mut audit =
+            crate::model::NewAudit::new(&crate::model::Caller::system(), "agent.rename");
+        audit.targets = vec![old.to_string(), uid.to_string()];
+        audit.params = serde_json::json!({"previous_uid": old.to_string(), "new_uid": uid.to_string(),
+            "remote_addr": remote});
+        match timed(fleet.store().rename_agent(old, uid, audit)).await {
             Ok(true) => {
                 sh.moved.insert(old, now);
                 sh.untouch(&old);
                 tracing::info!(%old, new = %uid, %remote, "agent adopted its new instance uid");
             }
-            Ok(false) => {}
+            Ok(false) => {
+                tracing::warn!(%old, new = %uid, %remote,
+                    "agent adopted a new uid, but its old record is gone or the new uid is taken; not moved");
+            }
             Err(e) => {
                 sh.renames.insert(uid, (old, now));
                 return Err(e);
@@ -240,8 +293,10 @@ pub async fn handle(
                 }
             }
             Err(_duplicate) => {
+                // A second agent (a cloned VM, a copied data directory) that must not inherit
+                // the first one's record, labels or queued commands: its new uid starts a
+                // record of its own, so nothing is put in `renames`.
                 let new = Uuid::now_v7();
-                sh.renames.insert(new, (uid, now));
                 tracing::warn!(%uid, %new, %remote, transport = link.transport.as_str(),
                     "instance_uid already in use by another live connection; offering a new uid");
                 reply.agent_identification = Some(AgentIdentification {
@@ -297,11 +352,18 @@ pub async fn handle(
                 // This is a full report already; asking again would loop.
                 false
             } else {
-                // The first message of a connection (or since we started) is the baseline;
-                // a repeat (HTTP retry) is not a gap.
-                prev.is_some_and(|p| {
-                    !(msg.sequence_num == p.seq || msg.sequence_num == p.seq.wrapping_add(1))
-                })
+                // Compared with the last number seen on this link or, for the first message
+                // of a connection or since a restart, the last one recorded (a heartbeat not
+                // yet flushed counts): messages lost while the agent reconnected, or before a
+                // crash of ours, are a gap too. A repeat (HTTP retry) is not.
+                let last = match prev {
+                    Some(p) => p.seq,
+                    None => sh.touches.get(&uid).map_or_else(
+                        || stored.as_ref().map_or(0, |a| a.sequence_num),
+                        |t| t.sequence_num,
+                    ),
+                };
+                !(msg.sequence_num == last || msg.sequence_num == last.wrapping_add(1))
             };
             let before = stored.unwrap_or_else(|| Agent::new(uid, now, cfg.heartbeat_interval_s));
             let mut after = before.clone();
@@ -313,9 +375,13 @@ pub async fn handle(
             if let Some(a) = link.remote {
                 after.remote_addr = Some(a.to_string());
             }
-            // We offer exactly the configured interval; agents we offer nothing are assumed
-            // to use it too (there is no better guess).
-            after.heartbeat_interval_s = cfg.heartbeat_interval_s;
+            // Agents we offer an interval use it; the others use their own, which the spec
+            // says we cannot know, so liveness assumes its recommended default.
+            after.heartbeat_interval_s = if takes_offered_interval(after.capabilities, link) {
+                cfg.heartbeat_interval_s
+            } else {
+                DEFAULT_AGENT_HEARTBEAT_S
+            };
             if wants_uid {
                 let new = Uuid::now_v7();
                 reply.agent_identification = Some(AgentIdentification {
@@ -379,29 +445,35 @@ pub async fn handle(
 }
 
 /// Binds `uid` to this link in the Hub. A well-behaved agent closes its old WebSocket before
-/// reconnecting, but the old session may not have seen that close yet; so before calling the
-/// newcomer a duplicate we wake the holder (a dead socket then ends its session) and retry for
-/// up to [`DUPLICATE_GRACE_MS`]. Only this rare path sleeps.
+/// reconnecting, but the old session may not have seen that close yet, and a host that
+/// vanished leaves a half-open connection that never will. So before calling the newcomer a
+/// duplicate we ask the holder to prove it is alive (a ping with a
+/// [`super::ws::PROBE_PONG_TIMEOUT`] deadline; a dead holder's session ends and frees the uid)
+/// and retry until that verdict is in. Only this rare path sleeps.
 async fn bind(sh: &Shared, link: &Link, uid: Uuid) -> Result<(), crate::hub::Duplicate> {
     let hub = sh.ctx.fleet.hub();
-    let mut waited = 0;
-    let mut step = 10;
+    let grace = super::ws::PROBE_PONG_TIMEOUT
+        .min(Duration::from_secs(sh.ctx.cfg.ws_pong_timeout_s))
+        + Duration::from_millis(500);
+    let start = tokio::time::Instant::now();
+    let mut step = Duration::from_millis(10);
+    // Re-asked every second: a probe that found the holder's wake channel full is lost.
+    let mut next_probe = Duration::ZERO;
     loop {
         match hub.bind(uid, link.conn_id, link.transport, link.wake.clone()) {
             Ok(()) => return Ok(()),
-            Err(d) if waited >= DUPLICATE_GRACE_MS => return Err(d),
+            Err(d) if start.elapsed() >= grace => return Err(d),
             Err(_) => {
-                hub.notify(uid);
-                tokio::time::sleep(Duration::from_millis(step)).await;
-                waited += step;
-                step *= 2;
+                if start.elapsed() >= next_probe {
+                    hub.probe(uid);
+                    next_probe += Duration::from_secs(1);
+                }
+                tokio::time::sleep(step).await;
+                step = (step * 2).min(Duration::from_millis(200));
             }
         }
     }
 }
-
-/// How long a newcomer waits for the previous holder of its uid to finish closing.
-const DUPLICATE_GRACE_MS: u64 = 150;
 
 /// Custom capabilities go in the first reply of a WebSocket and in every plain-HTTP reply
 /// (as opamp-go does: an HTTP agent has no "connection" to remember them by).
@@ -417,6 +489,17 @@ fn finish_reply(link: &mut Link, reply: &mut ServerToAgent) {
     link.replied = true;
 }
 
+/// The heartbeat interval the spec recommends, and the one agents use unless offered another.
+pub const DEFAULT_AGENT_HEARTBEAT_S: u64 = 30;
+
+/// True if we offer this agent our heartbeat interval (so it uses it): it takes OpAMP
+/// connection settings, sends heartbeats, and we know the endpoint to offer with it.
+fn takes_offered_interval(caps: u64, link: &Link) -> bool {
+    agent_has(caps, AgentCapabilities::AcceptsOpAmpConnectionSettings)
+        && agent_has(caps, AgentCapabilities::ReportsHeartbeat)
+        && link.endpoint.is_some()
+}
+
 /// Offers the heartbeat interval to agents that can take OpAMP connection settings and send
 /// heartbeats: once per link, and again whenever the agent reports a different settings hash.
 fn offer_settings(
@@ -426,8 +509,7 @@ fn offer_settings(
     reply: &mut ServerToAgent,
     interval_s: u64,
 ) {
-    let able = agent_has(caps, AgentCapabilities::AcceptsOpAmpConnectionSettings)
-        && agent_has(caps, AgentCapabilities::ReportsHeartbeat);
+    let able = takes_offered_interval(caps, link);
     let Some(endpoint) = link.endpoint.as_deref().filter(|_| able) else {
         return;
     };

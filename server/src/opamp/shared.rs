@@ -63,6 +63,23 @@ impl<V> Sharded<V> {
         out
     }
 
+    /// Removes and returns the entries for which `gone` is true.
+    pub fn remove_where(&self, mut gone: impl FnMut(&V) -> bool) -> Vec<Uuid> {
+        let mut out = Vec::new();
+        for s in &self.shards {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|uid, v| {
+                    let g = gone(v);
+                    if g {
+                        out.push(*uid);
+                    }
+                    !g
+                });
+        }
+        out
+    }
+
     /// Keeps only entries for which `keep` is true.
     pub fn retain(&self, mut keep: impl FnMut(&V) -> bool) {
         for s in &self.shards {
@@ -97,7 +114,14 @@ pub struct HttpPeer {
     pub conn_id: u64,
     /// Connection settings were offered since this server started.
     pub settings_offered: bool,
+    /// When its last request was handled.
+    pub last: Millis,
 }
+
+/// A plain-HTTP agent silent this long is forgotten (memory and Hub binding), so agents that
+/// go away without `agent_disconnect` (the Node client never sends one) do not accumulate. If
+/// it comes back, its next poll is treated like the first since a restart.
+const HTTP_PEER_TTL_MS: Millis = 3600 * 1000;
 
 /// Entries older than this are forgotten: an agent that did not adopt its new uid in a day
 /// never will, and a moved-away uid whose old holder was silent that long is gone.
@@ -204,10 +228,24 @@ impl Shared {
         }
     }
 
-    /// Drops rename bookkeeping older than a day.
+    /// Drops rename bookkeeping older than a day and plain-HTTP agents silent for an hour.
     pub fn purge(&self, now: Millis) {
         self.renames.retain(|(_, at)| now - *at < RENAME_TTL_MS);
         self.moved.retain(|at| now - *at < RENAME_TTL_MS);
+        let gone = self
+            .http_peers
+            .remove_where(|p| now - p.last >= HTTP_PEER_TTL_MS);
+        if !gone.is_empty() {
+            let gone: std::collections::HashSet<Uuid> = gone.into_iter().collect();
+            self.ctx
+                .fleet
+                .hub()
+                .unbind_http(|uid, _| gone.contains(uid));
+            tracing::debug!(
+                count = gone.len(),
+                "forgot plain-HTTP agents silent for an hour"
+            );
+        }
     }
 }
 
@@ -226,9 +264,13 @@ impl Drop for WsSlot {
 pub async fn flusher(sh: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Counted down rather than `n % 60` so the purge cadence needs no modulo (and the crate's
+    // Counted down rather than `n % 60` so the cadences need no modulo (and the crate's
     // minimum Rust has no `is_multiple_of`).
     let mut until_purge = 60u32;
+    // Sessions silent for `ws_idle_ping_s` are pinged; sweeping at a third of that bounds a
+    // dead connection's life to about 1.33 × ws_idle_ping_s + ws_pong_timeout_s.
+    let idle_every = (sh.ctx.cfg.ws_idle_ping_s / 3).clamp(1, 600) as u32;
+    let mut until_idle = idle_every;
     loop {
         tokio::select! {
             _ = sh.ctx.drain.cancelled() => {
@@ -241,6 +283,11 @@ pub async fn flusher(sh: Arc<Shared>) {
                 if until_purge == 0 {
                     until_purge = 60;
                     sh.purge(now_ms());
+                }
+                until_idle -= 1;
+                if until_idle == 0 {
+                    until_idle = idle_every;
+                    sh.ctx.fleet.hub().idle_check_all();
                 }
             }
         }

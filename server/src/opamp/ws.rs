@@ -1,14 +1,18 @@
 //! The WebSocket transport: one task per connection that owns the socket, so every write to it
-//! is serialised by construction (no writer task, no mutex). The task waits on three things
-//! only: the next frame, a Hub wake-up (a command was queued), and server shutdown.
+//! is serialised by construction (no writer task, no mutex). The task waits on the next frame,
+//! a Hub wake-up (a command was queued, or a liveness check), server shutdown, and — only
+//! while a ping is unanswered — a pong deadline.
 //!
 //! Memory per idle connection is the socket's read/write buffers (sized from the config), the
-//! small [`Link`] state, a capacity-1 wake channel and the task itself; message handling runs
-//! in a boxed future that exists only while a message is being processed. No timers.
+//! small [`Link`] state, a tiny wake channel and the task itself; message handling runs in a
+//! boxed future that exists only while a message is being processed. No per-connection timer
+//! while the connection is healthy: the idle check is one server-wide sweep through the Hub.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::pin::Pin;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
@@ -17,6 +21,7 @@ use bytes::Bytes;
 use flotilla_proto::framing::{decode_ws, encode_ws, read_varint};
 use flotilla_proto::{AgentToServer, ServerErrorResponseType, ServerToAgent};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
 use super::http::retry_later;
@@ -25,6 +30,7 @@ use super::session::{
     SERVER_CAPABILITIES,
 };
 use super::shared::{Shared, WsSlot};
+use crate::hub::{Wake, WAKE_CAPACITY};
 use crate::model::{now_ms, Transport};
 
 /// RFC 6455 close codes we send.
@@ -45,7 +51,13 @@ enum End {
     TooLarge,
     /// Server shutdown.
     Shutdown,
+    /// A ping went unanswered: the peer is gone without closing (half-open TCP).
+    Dead,
 }
+
+/// The pong deadline of a connection whose uid a newcomer claims: short, because the newcomer
+/// waits for the verdict before it is answered.
+pub const PROBE_PONG_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Accepts the upgrade unless `max_connections` are open (503 + Retry-After).
 pub fn upgrade(
@@ -93,19 +105,29 @@ async fn run(
     slot: WsSlot,
 ) {
     let hub = sh.ctx.fleet.hub().clone();
-    let (wake_tx, mut wake_rx) = mpsc::channel(1);
+    let (wake_tx, mut wake_rx) = mpsc::channel(WAKE_CAPACITY);
     let mut link = Link::new(Transport::Websocket, remote, endpoint, hub.next_conn_id());
     link.wake = Some(wake_tx);
     // Pinned once, so the session registers with the token once, not per message.
     let shutdown = sh.ctx.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
     tracing::debug!(remote = ?remote, conn = link.conn_id, "OpAMP WebSocket connected");
+    // When the agent was last heard from (any frame), and the deadline of an unanswered ping.
+    // The deadline is boxed so it costs a pointer while no ping is outstanding.
+    let mut last_heard = Instant::now();
+    let mut pong_deadline: Option<Pin<Box<Sleep>>> = None;
 
     let end = loop {
         tokio::select! {
             biased;
             _ = &mut shutdown => break End::Shutdown,
-            frame = socket.recv() => match frame {
+            _ = expired(&mut pong_deadline) => break End::Dead,
+            frame = socket.recv() => {
+                if frame.is_some() {
+                    last_heard = Instant::now();
+                    pong_deadline = None;
+                }
+                match frame {
                 None => break End::Peer,
                 Some(Err(e)) => {
                     // axum hides tungstenite's error type; its Display is the only way to tell
@@ -136,12 +158,26 @@ async fn run(
                     }
                 }
                 // Close is answered by tungstenite on the next read, which then ends the stream;
-                // pings are answered automatically.
+                // pings are answered automatically; a pong already cleared the deadline.
                 Some(Ok(_)) => {}
-            },
-            Some(_) = wake_rx.recv() => {
-                if let Some(uid) = link.bound {
-                    if let Err(end) = Box::pin(deliver(&sh, &link, &mut socket, uid)).await {
+            }},
+            Some(wake) = wake_rx.recv() => {
+                let cfg = &sh.ctx.cfg;
+                let ping_within = match wake {
+                    Wake::Deliver => {
+                        if let Some(uid) = link.bound {
+                            if let Err(end) = Box::pin(deliver(&sh, &link, &mut socket, uid)).await {
+                                break end;
+                            }
+                        }
+                        None
+                    }
+                    Wake::Probe => Some(PROBE_PONG_TIMEOUT.min(Duration::from_secs(cfg.ws_pong_timeout_s))),
+                    Wake::IdleCheck => (last_heard.elapsed() >= Duration::from_secs(cfg.ws_idle_ping_s))
+                        .then(|| Duration::from_secs(cfg.ws_pong_timeout_s)),
+                };
+                if let Some(within) = ping_within {
+                    if let Err(end) = Box::pin(ping(&mut socket, &mut pong_deadline, within)).await {
                         break end;
                     }
                 }
@@ -153,6 +189,39 @@ async fn run(
     Box::pin(finish(&sh, &mut socket, &mut link, end)).await;
     drop(wake_rx);
     drop(slot);
+}
+
+/// Resolves when the outstanding ping's deadline passes; never while no ping is outstanding.
+async fn expired(deadline: &mut Option<Pin<Box<Sleep>>>) {
+    match deadline {
+        Some(d) => d.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a ping and makes sure a pong (or any frame) must arrive within `within`. An earlier
+/// outstanding deadline is kept.
+async fn ping(
+    socket: &mut WebSocket,
+    deadline: &mut Option<Pin<Box<Sleep>>>,
+    within: Duration,
+) -> Result<(), End> {
+    let at = Instant::now() + within;
+    match deadline {
+        Some(d) if d.deadline() <= at => {}
+        _ => *deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+    }
+    // A peer that stopped reading fills the socket buffer; the deadline covers the write too.
+    match tokio::time::timeout(
+        within,
+        socket.send(Message::Ping(Bytes::from_static(b"flotilla"))),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Peer),
+        Err(_) => Err(End::Dead),
+    }
 }
 
 /// Ends a session: the Close frame the reason calls for, then the registry and the Hub.
@@ -172,6 +241,16 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
                 reason: "message too large".into(),
             }));
             let _ = socket.send(frame).await;
+        }
+        End::Dead => {
+            tracing::info!(remote = ?remote, uid = ?link.bound,
+                "OpAMP WebSocket did not answer a ping in time; closing it as dead");
+            let frame = Message::Close(Some(CloseFrame {
+                code: CLOSE_GOING_AWAY,
+                reason: "no answer to ping".into(),
+            }));
+            // The peer is most likely gone: do not wait on a full socket buffer.
+            let _ = tokio::time::timeout(Duration::from_millis(200), socket.send(frame)).await;
         }
         End::Peer => {}
     }
@@ -247,7 +326,7 @@ async fn on_binary(
 async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) -> Result<(), End> {
     let fleet = &sh.ctx.fleet;
     loop {
-        let cmds = match timed(fleet.claim_due(uid, CLAIM_BATCH)).await {
+        let cmds = match session::claim(sh, uid, CLAIM_BATCH).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%uid, error = %e, "could not claim queued commands; will retry on next wake");

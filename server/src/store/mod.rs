@@ -77,9 +77,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// At start-up nothing is connected yet: marks every agent disconnected.
     async fn mark_all_disconnected(&self, at: Millis) -> StoreResult<u64>;
-    /// Moves an agent (record, queued commands) to a new uid after it adopted `new_instance_uid`.
-    /// The new record keeps `previous_uid = old`. Returns false if `old` is unknown.
-    async fn rename_agent(&self, old: Uuid, new: Uuid) -> StoreResult<bool>;
+    /// Moves an agent (record, labels, queued and sent commands) to a new uid after it adopted
+    /// `new_instance_uid`, and appends `audit`, in one transaction. The new record keeps
+    /// `previous_uid = old`. Returns false (nothing written) if `old` is unknown or `new`
+    /// already belongs to another agent.
+    async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool>;
     /// Sets (`Some`) or removes (`None`) a label and appends `audit`, in one transaction.
     /// Returns `None` if the agent is unknown (nothing written).
     async fn set_label(

@@ -607,24 +607,24 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn rename_agent(&self, old: Uuid, new: Uuid) -> StoreResult<bool> {
+    async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool> {
         let _w = self.writer.lock().await;
         let mut tx = self.begin_write().await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE uid = ?")
             .bind(uid(old))
             .fetch_optional(&mut *tx)
             .await?;
-        if exists.is_none() {
+        if exists.is_none() || old == new {
+            return Ok(old == new && exists.is_some());
+        }
+        let taken: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE uid = ?")
+            .bind(uid(new))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            // Another agent's record: never overwritten by someone adopting its uid.
             return Ok(false);
         }
-        if old == new {
-            // Deleting "the existing new row" would delete the agent itself.
-            return Ok(true);
-        }
-        sqlx::query("DELETE FROM agents WHERE uid = ?")
-            .bind(uid(new))
-            .execute(&mut *tx)
-            .await?;
         sqlx::query("UPDATE agents SET uid = ?, previous_uid = ? WHERE uid = ?")
             .bind(uid(new))
             .bind(uid(old))
@@ -639,6 +639,7 @@ impl Store for SqliteStore {
         .bind(uid(old))
         .execute(&mut *tx)
         .await?;
+        append_audit_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -1220,8 +1221,18 @@ mod tests {
         a.previous_uid = None;
         s.put_agent(&a).await.unwrap();
         let new = Uuid::now_v7();
-        // A stale row already under the new uid is replaced by the renamed record.
-        s.put_agent(&Agent::new(new, 1, 1)).await.unwrap();
+        // Another agent's record under the new uid is never overwritten: refused, both kept.
+        let other_agent = Agent::new(Uuid::now_v7(), 1, 1);
+        s.put_agent(&other_agent).await.unwrap();
+        assert!(!s
+            .rename_agent(a.uid, other_agent.uid, op("agent.rename", &[a.uid]))
+            .await
+            .unwrap());
+        assert_eq!(
+            s.get_agent(other_agent.uid).await.unwrap(),
+            Some(other_agent.clone())
+        );
+        assert!(s.get_agent(a.uid).await.unwrap().is_some());
         let queued = cmd(a.uid, 10, 10_000);
         let sent = cmd(a.uid, 11, 10_000);
         let done = cmd(a.uid, 12, 10_000);
@@ -1245,14 +1256,21 @@ mod tests {
             .unwrap()
             .is_some());
 
-        assert!(s.rename_agent(a.uid, new).await.unwrap());
+        let audit_before = s.audit_chain(0, 100).await.unwrap().len();
+        assert!(s
+            .rename_agent(a.uid, new, op("agent.rename", &[a.uid, new]))
+            .await
+            .unwrap());
+        let chain = s.audit_chain(0, 100).await.unwrap();
+        assert_eq!(chain.len(), audit_before + 1, "the rename is audited");
+        assert_eq!(chain.last().unwrap().operation, "agent.rename");
         assert_eq!(s.get_agent(a.uid).await.unwrap(), None);
         let moved = s.get_agent(new).await.unwrap().unwrap();
         let mut expect = a.clone();
         expect.uid = new;
         expect.previous_uid = Some(a.uid);
         assert_eq!(moved, expect);
-        assert_eq!(s.list_agents(None, 10).await.unwrap().len(), 1);
+        assert_eq!(s.list_agents(None, 10).await.unwrap().len(), 2);
 
         let q: Vec<Uuid> = s
             .queued_for(new, 10)
@@ -1279,10 +1297,13 @@ mod tests {
         );
 
         assert!(!s
-            .rename_agent(Uuid::now_v7(), Uuid::now_v7())
+            .rename_agent(Uuid::now_v7(), Uuid::now_v7(), op("agent.rename", &[]))
             .await
             .unwrap());
-        assert!(s.rename_agent(new, new).await.unwrap());
+        assert!(s
+            .rename_agent(new, new, op("agent.rename", &[]))
+            .await
+            .unwrap());
         assert!(s.get_agent(new).await.unwrap().is_some());
     }
 

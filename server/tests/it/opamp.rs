@@ -119,16 +119,56 @@ async fn post(server: &TestServer, msg: &AgentToServer) -> ServerToAgent {
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-struct Ws(WsStream);
+/// A WebSocket agent whose frames are read by a background task, as real agents do (opamp-go
+/// and the supervisor read continuously), so the server's pings are answered at any time.
+struct Ws {
+    sink: futures_util::stream::SplitSink<WsStream, WsMessage>,
+    frames: tokio::sync::mpsc::UnboundedReceiver<WsMessage>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ws {
+    /// Dropping the agent drops its connection (the reader holds the other half of it).
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
 
 impl Ws {
     async fn connect(server: &TestServer) -> Ws {
+        Ws::answering(Ws::connect_raw(server).await)
+    }
+
+    /// A connection that nobody reads: the server's pings go unanswered, as with a host that
+    /// vanished and left a half-open TCP connection behind.
+    async fn connect_raw(server: &TestServer) -> WsStream {
         let (s, resp) = tokio::time::timeout(WAIT, connect_async(server.opamp_ws_url()))
             .await
             .expect("connect in time")
             .expect("WebSocket connect");
         assert_eq!(resp.status(), 101);
-        Ws(s)
+        s
+    }
+
+    fn answering(s: WsStream) -> Ws {
+        let (sink, mut stream) = s.split();
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            // Reading is what makes tungstenite answer pings.
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, WsMessage::Ping(_) | WsMessage::Pong(_)) {
+                    continue;
+                }
+                if tx.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        Ws {
+            sink,
+            frames,
+            reader,
+        }
     }
 
     /// Sends with the 0x00 header, as the spec requires.
@@ -137,24 +177,17 @@ impl Ws {
     }
 
     async fn send_raw(&mut self, bytes: Vec<u8>) {
-        self.0
+        self.sink
             .send(WsMessage::Binary(bytes.into()))
             .await
             .expect("ws send");
     }
 
-    /// The next frame of any kind (pings skipped).
+    /// The next frame of any kind (pings skipped); `None` once the connection ended.
     async fn frame(&mut self) -> Option<WsMessage> {
-        loop {
-            let next = tokio::time::timeout(WAIT, self.0.next())
-                .await
-                .expect("a frame in time");
-            match next {
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                Some(Ok(m)) => return Some(m),
-                Some(Err(_)) | None => return None,
-            }
-        }
+        tokio::time::timeout(WAIT, self.frames.recv())
+            .await
+            .expect("a frame in time")
     }
 
     /// The next ServerToAgent; checks the 0x00 header.
@@ -174,7 +207,7 @@ impl Ws {
 
     /// Nothing arrives within `d` (used to prove "exactly once").
     async fn silent_for(&mut self, d: Duration) -> bool {
-        tokio::time::timeout(d, self.0.next()).await.is_err()
+        tokio::time::timeout(d, self.frames.recv()).await.is_err()
     }
 
     async fn request(&mut self, msg: &AgentToServer) -> ServerToAgent {
@@ -317,6 +350,30 @@ async fn bad_uid_gets_bad_request_echoing_what_was_sent() {
     let r = ws.request(&msg).await;
     assert_eq!(r.instance_uid, short);
     assert_eq!(r.error_response.expect("error").r#type, BAD_REQUEST);
+
+    // All zeros is 16 bytes but no identity: every careless agent would share one record.
+    let nil = full(Uuid::nil(), 0, REPORTS_STATUS);
+    let r = post(&server, &nil).await;
+    assert_eq!(r.instance_uid, vec![0; 16]);
+    let err = r.error_response.expect("error response");
+    assert_eq!(err.r#type, BAD_REQUEST);
+    assert!(
+        err.error_message.contains("all zeros"),
+        "{}",
+        err.error_message
+    );
+    // …unless it asks for a uid, which is what the flag is for.
+    let mut ask = nil.clone();
+    ask.flags = 1;
+    let r = post(&server, &ask).await;
+    assert!(r.error_response.is_none());
+    let given = r
+        .agent_identification
+        .expect("a uid is given")
+        .new_instance_uid;
+    assert_eq!(Uuid::from_slice(&given).unwrap().get_version_num(), 7);
+    let db = db(&server).await;
+    assert!(db.get_agent(Uuid::nil()).await.unwrap().is_none());
     server.stop().await;
 }
 
@@ -350,7 +407,7 @@ async fn ws_garbage_and_text_frames_get_bad_request_and_the_connection_stays() {
         "nothing decoded, nothing to echo"
     );
 
-    ws.0.send(WsMessage::Text("hello".into())).await.unwrap();
+    ws.sink.send(WsMessage::Text("hello".into())).await.unwrap();
     let r = ws.recv().await;
     assert_eq!(r.error_response.expect("error").r#type, BAD_REQUEST);
 
@@ -388,6 +445,17 @@ async fn ws_frames_with_and_without_header_and_nonzero_header() {
         "{}",
         err.error_message
     );
+    // An over-long encoding of header 0 is refused, and the session lives on (it once
+    // panicked the session task).
+    let mut bytes = vec![0x80, 0x00];
+    bytes.extend(beat(uid, 3).encode_to_vec());
+    ws.send_raw(bytes).await;
+    assert_eq!(
+        ws.recv().await.error_response.expect("error").r#type,
+        BAD_REQUEST
+    );
+    let r = ws.request(&beat(uid, 3)).await;
+    assert!(r.error_response.is_none());
     server.stop().await;
 }
 
@@ -453,29 +521,47 @@ async fn report_full_state_on_sequence_gap_but_not_on_repeat() {
 }
 
 #[tokio::test]
-async fn first_message_of_a_connection_or_after_restart_is_a_baseline() {
+async fn sequence_gaps_are_found_across_reconnects_and_restarts() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start_in(tmp.path().to_path_buf(), |_| {}).await;
     let (ws_uid, http_uid) = (new_uid(), new_uid());
     let mut ws = Ws::connect(&server).await;
     ws.request(&full(ws_uid, 0, REPORTS_STATUS)).await;
+    ws.request(&beat(ws_uid, 1)).await;
     drop(ws);
     post(&server, &full(http_uid, 0, REPORTS_STATUS)).await;
 
-    // Reconnect without a description and with a sequence far ahead: the spec lets a reconnect
-    // omit unchanged status, so this is the new baseline.
+    // A reconnect that goes on with the next number (opamp-go keeps counting across
+    // reconnects and omits unchanged status): nothing was lost, nothing is asked.
     let mut ws = Ws::connect(&server).await;
-    assert!(!full_state_asked(&ws.request(&beat(ws_uid, 40)).await));
-    assert!(!full_state_asked(&ws.request(&beat(ws_uid, 41)).await));
+    assert!(!full_state_asked(&ws.request(&beat(ws_uid, 2)).await));
+    drop(ws);
+    // A reconnect after messages were lost in between: the gap is seen although it is the
+    // first message of the connection.
+    let mut ws = Ws::connect(&server).await;
+    assert!(full_state_asked(&ws.request(&beat(ws_uid, 40)).await));
+    assert!(!full_state_asked(
+        &ws.request(&full(ws_uid, 41, REPORTS_STATUS)).await
+    ));
     drop(ws);
     server.stop().await;
 
+    // After a restart the recorded numbers are the reference.
     let server = TestServer::start_in(tmp.path().to_path_buf(), |_| {}).await;
     assert!(
-        !full_state_asked(&post(&server, &beat(http_uid, 17)).await),
-        "known agent after a restart: baseline"
+        !full_state_asked(&post(&server, &beat(http_uid, 1)).await),
+        "known agent after a restart, next number: no gap"
     );
-    assert!(full_state_asked(&post(&server, &beat(http_uid, 19)).await));
+    assert!(
+        !full_state_asked(&post(&server, &beat(http_uid, 1)).await),
+        "a retried request repeats its number: no gap"
+    );
+    assert!(full_state_asked(&post(&server, &beat(http_uid, 3)).await));
+    let mut ws = Ws::connect(&server).await;
+    assert!(!full_state_asked(&ws.request(&beat(ws_uid, 42)).await));
+    drop(ws);
+    let mut ws = Ws::connect(&server).await;
+    assert!(full_state_asked(&ws.request(&beat(ws_uid, 7)).await));
     server.stop().await;
 }
 
@@ -551,6 +637,16 @@ async fn duplicate_ws_uid_gives_the_newcomer_a_new_uid() {
     let uid = new_uid();
     let mut first = Ws::connect(&server).await;
     first.request(&full(uid, 0, REPORTS_STATUS)).await;
+    let (status, _) = server
+        .rest()
+        .put(
+            &format!("/api/v1/agents/{uid}/labels/env"),
+            json!({"value": "prod"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // A clone (copied VM image, copied data directory) with the same uid, while the first
+    // agent is alive and answers the server's ping.
     let mut second = Ws::connect(&server).await;
     let r = second.request(&full(uid, 0, REPORTS_STATUS)).await;
     assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
@@ -567,20 +663,99 @@ async fn duplicate_ws_uid_gives_the_newcomer_a_new_uid() {
         full_state_asked(&r),
         "its status was not merged; ask again under the new uid"
     );
-    // The newcomer adopts it and is served normally.
+    // The newcomer adopts it and is a new agent of its own.
     let r = second.request(&full(new, 1, REPORTS_STATUS)).await;
     assert!(r.agent_identification.is_none());
     assert!(!full_state_asked(&r));
-    // The first connection is still served (its record moved to the newcomer: it is asked
-    // for its full state once, and then known again).
+    // The first agent keeps its identity, record and labels, undisturbed.
     let r = first.request(&beat(uid, 1)).await;
     assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
     assert!(r.agent_identification.is_none());
-    assert!(full_state_asked(&r));
-    let r = first.request(&full(uid, 2, REPORTS_STATUS)).await;
     assert!(!full_state_asked(&r));
-    let r = first.request(&beat(uid, 3)).await;
+    let db = db(&server).await;
+    let a = wait_agent(&db, uid, |a| a.connected).await;
+    assert_eq!(a.labels.get("env").map(String::as_str), Some("prod"));
+    let b = wait_agent(&db, new, |a| a.connected).await;
+    assert!(b.labels.is_empty(), "the clone inherits nothing");
+    assert_eq!(b.previous_uid, None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_holder_of_the_uid_is_probed_and_the_agent_reconnects_under_it() {
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let db = db(&server).await;
+    // The old connection of an agent whose host lost its network: open, but nobody reads it.
+    let mut stale = Ws::connect_raw(&server).await;
+    stale
+        .send(WsMessage::Binary(
+            encode_ws(&full(uid, 0, REPORTS_STATUS)).into(),
+        ))
+        .await
+        .unwrap();
+    wait_agent(&db, uid, |a| a.connected).await;
+    // The same agent back on a new connection: the old one does not answer the ping, so it
+    // is closed and the agent keeps its uid.
+    let mut fresh = Ws::connect(&server).await;
+    let r = fresh.request(&beat(uid, 1)).await;
+    assert!(
+        r.agent_identification.is_none(),
+        "a dead holder does not make the agent a duplicate"
+    );
     assert!(!full_state_asked(&r));
+    // The server closed the stale connection: after what it had sent, a Close frame.
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(m)) = stale.next().await {
+            if matches!(m, WsMessage::Close(_)) {
+                return true;
+            }
+        }
+        true
+    })
+    .await
+    .expect("the stale connection is closed in time");
+    assert!(closed);
+    let a = wait_agent(&db, uid, |a| a.connected).await;
+    assert_eq!(a.sequence_num, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_pinged_and_dead_ones_closed() {
+    let server = TestServer::start_with(|c| {
+        c.opamp.ws_idle_ping_s = 1;
+        c.opamp.ws_pong_timeout_s = 1;
+    })
+    .await;
+    let db = db(&server).await;
+    let (dead_uid, live_uid) = (new_uid(), new_uid());
+    let mut dead = Ws::connect_raw(&server).await;
+    dead.send(WsMessage::Binary(
+        encode_ws(&full(dead_uid, 0, REPORTS_STATUS)).into(),
+    ))
+    .await
+    .unwrap();
+    let mut live = Ws::connect(&server).await;
+    live.request(&full(live_uid, 0, REPORTS_STATUS)).await;
+    wait_agent(&db, dead_uid, |a| a.connected).await;
+    // Neither sends anything more. The one that does not answer pings is closed and recorded
+    // as disconnected; the one that answers stays.
+    wait_agent(&db, dead_uid, |a| !a.connected).await;
+    let a = wait_agent(&db, live_uid, |_| true).await;
+    assert!(a.connected, "an agent that answers pings is not closed");
+    let r = live.request(&beat(live_uid, 1)).await;
+    assert!(r.error_response.is_none() && !full_state_asked(&r));
+    let metrics = reqwest::get(server.api_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flotilla_websocket_connections 1"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 
@@ -745,7 +920,7 @@ async fn ws_close_marks_disconnected() {
     let mut ws = Ws::connect(&server).await;
     ws.request(&full(uid, 0, REPORTS_STATUS)).await;
     wait_agent(&db, uid, |a| a.connected).await;
-    ws.0.close(None).await.unwrap();
+    ws.sink.close().await.unwrap();
     wait_agent(&db, uid, |a| !a.connected).await;
 
     // agent_disconnect over WebSocket does the same while the socket is still open.
@@ -794,7 +969,7 @@ async fn too_many_websockets_get_503_with_retry_after() {
         other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
     }
     // The slot frees when the first connection closes.
-    first.0.close(None).await.unwrap();
+    first.sink.close().await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if connect_async(server.opamp_ws_url()).await.is_ok() {
@@ -802,6 +977,66 @@ async fn too_many_websockets_get_503_with_retry_after() {
         }
         assert!(tokio::time::Instant::now() < deadline, "slot never freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn storage_failure_is_answered_unavailable_with_retry_info_and_nothing_is_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let down = Arc::new(AtomicBool::new(false));
+    let switch = down.clone();
+    let server = TestServer::start_wrapped(
+        |c| c.opamp.retry_after_s = 7,
+        move |inner| {
+            Arc::new(crate::flaky::FlakyStore {
+                inner,
+                down: switch,
+            })
+        },
+    )
+    .await;
+    let (ws_uid, http_uid) = (new_uid(), new_uid());
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&full(ws_uid, 0, REPORTS_STATUS)).await;
+    post(&server, &full(http_uid, 0, REPORTS_STATUS)).await;
+
+    down.store(true, Ordering::SeqCst);
+    // WebSocket: UNAVAILABLE with RetryInfo carrying opamp.retry_after_s, uid echoed.
+    let mut status = beat(ws_uid, 1);
+    status.health = Some(ComponentHealth {
+        healthy: false,
+        last_error: "output down".into(),
+        ..Default::default()
+    });
+    let r = ws.request(&status).await;
+    assert_eq!(r.instance_uid, ws_uid.as_bytes().to_vec());
+    let err = r.error_response.expect("error response");
+    assert_eq!(err.r#type, 2, "UNAVAILABLE");
+    match err.details {
+        Some(flotilla_proto::v1::server_error_response::Details::RetryInfo(ri)) => {
+            assert_eq!(ri.retry_after_nanoseconds, 7_000_000_000)
+        }
+        other => panic!("expected RetryInfo, got {other:?}"),
+    }
+    // Plain HTTP: 503 with Retry-After (the clients that ignore RetryInfo honour this).
+    let mut http_status = beat(http_uid, 1);
+    http_status.health = status.health.clone();
+    let resp = post_raw(&server, http_status.encode_to_vec(), &[]).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "7");
+
+    // Storage back: the retried messages are processed; what was stored before is intact.
+    down.store(false, Ordering::SeqCst);
+    let r = ws.request(&status).await;
+    assert!(r.error_response.is_none(), "{r:?}");
+    assert!(post(&server, &http_status).await.error_response.is_none());
+    let db = db(&server).await;
+    for uid in [ws_uid, http_uid] {
+        let a = wait_agent(&db, uid, |a| a.health.as_ref().is_some_and(|h| !h.healthy)).await;
+        assert_eq!(a.attr("service.name"), Some("fluent-bit"), "{uid}");
+        assert_eq!(a.sequence_num, 1);
     }
     server.stop().await;
 }
@@ -904,6 +1139,10 @@ async fn heartbeat_interval_is_offered_only_to_agents_that_accept_connection_set
     let db = db(&server).await;
     let a = wait_agent(&db, uid, |_| true).await;
     assert_eq!(a.heartbeat_interval_s, 17);
+    // An agent offered nothing keeps its own interval, which we cannot know: liveness assumes
+    // the spec's recommended 30 s, not our offer.
+    let a = wait_agent(&db, plain, |_| true).await;
+    assert_eq!(a.heartbeat_interval_s, 30);
     server.stop().await;
 }
 

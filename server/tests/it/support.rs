@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use flotilla_server::config::{Config, Validated};
+use flotilla_server::store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -42,6 +43,25 @@ impl TestServer {
 
     /// Starts a server on an existing data directory (for restart tests).
     pub async fn start_in(data_dir: PathBuf, f: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_in_wrapped(data_dir, f, |s| s).await
+    }
+
+    /// Starts a server whose store is `wrap`ped (e.g. by a store that can be made to fail).
+    pub async fn start_wrapped(
+        f: impl FnOnce(&mut Config),
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestServer {
+        let tmp = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let mut s = Self::start_in_wrapped(tmp.path().to_path_buf(), f, wrap).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    async fn start_in_wrapped(
+        data_dir: PathBuf,
+        f: impl FnOnce(&mut Config),
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestServer {
         let tokens = data_dir.join("tokens.txt");
         std::fs::create_dir_all(&data_dir).expect("data dir");
         std::fs::write(
@@ -64,7 +84,7 @@ impl TestServer {
         let api_l = TcpListener::bind(v.api_addr).await.expect("bind api");
         let opamp = opamp_l.local_addr().unwrap();
         let api = api_l.local_addr().unwrap();
-        let store = flotilla_server::open_store(&v.config).await.expect("store");
+        let store = wrap(flotilla_server::open_store(&v.config).await.expect("store"));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             flotilla_server::run(v, store, opamp_l, api_l, async move {
