@@ -43,6 +43,14 @@ pub enum QueueTarget {
     Query(String),
 }
 
+/// A target set as a dry run saw it (REST's `expect_targets`): how many agents and a digest of
+/// their uids. Queuing with it fails with `conflict`, queuing nothing, if the set changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedTargets {
+    pub count: usize,
+    pub digest: String,
+}
+
 /// Filters of `GET /api/v1/commands` (all optional; strings as REST takes them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandsFilter {
@@ -96,10 +104,22 @@ pub trait FleetBackend: Send + Sync {
     /// params_schema, capable_agents}]}`.
     async fn catalog(&self) -> BackendResult<Value>;
 
+    /// `POST /api/v1/commands` with `dry_run: true`: what `queue` would do after all of its
+    /// checks (role, parameters, capabilities, `max_fanout`), queuing nothing: `{dry_run, kind,
+    /// params, destructive, target, matched, target_count, targets, skipped_count, skipped,
+    /// expect_targets}`. Fails exactly where `queue` would.
+    async fn plan(&self, target: &QueueTarget, kind: &str, params: &Value) -> BackendResult<Value>;
+
     /// `POST /api/v1/commands` with `agent` or `query`: `{command_id, command}` for one agent,
-    /// `{batch_id, queued, skipped, commands}` for a fan-out.
-    async fn queue(&self, target: &QueueTarget, kind: &str, params: &Value)
-        -> BackendResult<Value>;
+    /// `{batch_id, queued, skipped, commands}` for a fan-out. With `expect`, refused with
+    /// `conflict` (nothing queued) unless the targets are still exactly those of the plan.
+    async fn queue(
+        &self,
+        target: &QueueTarget,
+        kind: &str,
+        params: &Value,
+        expect: Option<&ExpectedTargets>,
+    ) -> BackendResult<Value>;
 
     /// `GET /api/v1/commands/{id}`: one command.
     async fn command(&self, id: &str) -> BackendResult<Value>;

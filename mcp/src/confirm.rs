@@ -4,7 +4,9 @@
 //! The token is random (128 bits from the OS), stored here with a digest of the caller's
 //! identity, the tool name and the exact arguments, expires after [`DEFAULT_TTL`], and is
 //! spent by its first presentation, matching or not, so a token can neither be replayed nor
-//! probed for other arguments. The same store backs the MRTR elicitation round trip of the
+//! probed for other arguments. It also carries what was shown to the user (the preview and the
+//! target set it named), handed back when the token is spent, so the confirmed call runs
+//! against exactly what was confirmed. The same store backs the MRTR elicitation round trip of the
 //! 2026-07-28 protocol, where the pending confirmation's token travels as `requestState`.
 //!
 //! Tokens live in memory: a restart forgets them, which only means asking again.
@@ -20,9 +22,11 @@ use sha2::{Digest, Sha256};
 /// How long a confirmation token stays valid.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 
-/// Most outstanding confirmations kept; beyond it the oldest-expiring are dropped so a caller
-/// cannot grow the map without bound.
+/// Most outstanding confirmations kept, so callers cannot grow the map without bound.
 const MAX_PENDING: usize = 10_000;
+/// Most outstanding confirmations of one caller: beyond it that caller's own oldest is
+/// dropped, so one caller can never push out another's.
+pub const MAX_PENDING_PER_CALLER: usize = 64;
 
 /// Why a presented token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,7 +39,10 @@ pub enum ConfirmError {
 
 struct Pending {
     digest: [u8; 32],
+    /// SHA-256 of the caller's identity, for the per-caller cap.
+    owner: [u8; 32],
     expires: Instant,
+    payload: Value,
 }
 
 /// Outstanding confirmations. Shared by every session and transport of one server.
@@ -107,42 +114,67 @@ impl ConfirmStore {
         self.ttl
     }
 
-    /// Issues a token for exactly this caller, tool and arguments.
-    pub fn issue(&self, identity: &str, tool: &str, args: &Map<String, Value>) -> String {
+    /// Issues a token for exactly this caller, tool and arguments; `payload` comes back from
+    /// [`ConfirmStore::redeem`].
+    pub fn issue(
+        &self,
+        identity: &str,
+        tool: &str,
+        args: &Map<String, Value>,
+        payload: Value,
+    ) -> String {
         let mut bytes = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let token = format!("fc_{}", hex::encode(bytes));
+        let owner: [u8; 32] = Sha256::digest(identity.as_bytes()).into();
         let now = Instant::now();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|_, v| v.expires > now);
-        if p.len() >= MAX_PENDING {
-            if let Some(k) = p
-                .iter()
+        let oldest_of = |p: &HashMap<String, Pending>, who: &[u8; 32]| {
+            p.iter()
+                .filter(|(_, v)| &v.owner == who)
                 .min_by_key(|(_, v)| v.expires)
                 .map(|(k, _)| k.clone())
-            {
-                p.remove(&k);
+        };
+        let mine = p.values().filter(|v| v.owner == owner).count();
+        let evict = if mine >= MAX_PENDING_PER_CALLER {
+            oldest_of(&p, &owner)
+        } else if p.len() >= MAX_PENDING {
+            // Full with many callers: the one holding the most gives up its oldest.
+            let mut per: HashMap<[u8; 32], usize> = HashMap::new();
+            for v in p.values() {
+                *per.entry(v.owner).or_default() += 1;
             }
+            per.into_iter()
+                .max_by_key(|(_, n)| *n)
+                .and_then(|(who, _)| oldest_of(&p, &who))
+        } else {
+            None
+        };
+        if let Some(k) = evict {
+            p.remove(&k);
         }
         p.insert(
             token.clone(),
             Pending {
                 digest: digest(identity, tool, args),
+                owner,
                 expires: now + self.ttl,
+                payload,
             },
         );
         token
     }
 
-    /// Spends `token`: Ok only if it is outstanding, unexpired and was issued for exactly this
-    /// caller, tool and arguments. Any presentation removes it.
+    /// Spends `token`: its payload only if it is outstanding, unexpired and was issued for
+    /// exactly this caller, tool and arguments. Any presentation removes it.
     pub fn redeem(
         &self,
         token: &str,
         identity: &str,
         tool: &str,
         args: &Map<String, Value>,
-    ) -> Result<(), ConfirmError> {
+    ) -> Result<Value, ConfirmError> {
         let now = Instant::now();
         let entry = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,7 +193,7 @@ impl ConfirmStore {
             .zip(entry.digest.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff == 0 {
-            Ok(())
+            Ok(entry.payload)
         } else {
             Err(ConfirmError::Mismatch)
         }
@@ -188,20 +220,20 @@ mod tests {
     fn single_use_bound_to_args_and_caller() {
         let s = ConfirmStore::default();
         let a = args(json!({"agent": "x", "kind": "restart", "params": {"b": 1, "a": 2}}));
-        let t = s.issue("alice", "command_queue", &a);
+        let t = s.issue("alice", "command_queue", &a, json!(1));
         // Key order and the token field itself do not matter.
         let mut same = args(
             json!({"params": {"a": 2, "b": 1}, "kind": "restart", "agent": "x",
                                    "dry_run": false, "query": null}),
         );
         same.insert("confirmation_token".into(), json!(t));
-        assert_eq!(s.redeem(&t, "alice", "command_queue", &same), Ok(()));
+        assert_eq!(s.redeem(&t, "alice", "command_queue", &same), Ok(json!(1)));
         assert_eq!(
             s.redeem(&t, "alice", "command_queue", &same),
             Err(ConfirmError::Unknown)
         );
 
-        let t = s.issue("alice", "command_queue", &a);
+        let t = s.issue("alice", "command_queue", &a, json!(1));
         assert_eq!(
             s.redeem(&t, "bob", "command_queue", &a),
             Err(ConfirmError::Mismatch)
@@ -212,13 +244,13 @@ mod tests {
             Err(ConfirmError::Unknown)
         );
 
-        let t = s.issue("alice", "command_queue", &a);
+        let t = s.issue("alice", "command_queue", &a, json!(1));
         let other = args(json!({"agent": "y", "kind": "restart", "params": {"b": 1, "a": 2}}));
         assert_eq!(
             s.redeem(&t, "alice", "command_queue", &other),
             Err(ConfirmError::Mismatch)
         );
-        let t = s.issue("alice", "command_queue", &a);
+        let t = s.issue("alice", "command_queue", &a, json!(1));
         assert_eq!(
             s.redeem(&t, "alice", "remote_config_push", &a),
             Err(ConfirmError::Mismatch)
@@ -226,10 +258,31 @@ mod tests {
     }
 
     #[test]
+    fn one_caller_cannot_evict_another() {
+        let s = ConfirmStore::default();
+        let a = args(json!({"kind": "restart"}));
+        let bobs = s.issue("bob", "command_queue", &a, json!("bob"));
+        let first = s.issue("alice", "command_queue", &a, json!(0));
+        for i in 1..=MAX_PENDING_PER_CALLER {
+            s.issue("alice", "command_queue", &a, json!(i));
+        }
+        // Alice's flood pushed out only her own oldest token.
+        assert_eq!(s.outstanding(), MAX_PENDING_PER_CALLER + 1);
+        assert_eq!(
+            s.redeem(&first, "alice", "command_queue", &a),
+            Err(ConfirmError::Unknown)
+        );
+        assert_eq!(
+            s.redeem(&bobs, "bob", "command_queue", &a),
+            Ok(json!("bob"))
+        );
+    }
+
+    #[test]
     fn tokens_expire() {
         let s = ConfirmStore::new(Duration::from_millis(1));
         let a = args(json!({"kind": "restart"}));
-        let t = s.issue("alice", "command_queue", &a);
+        let t = s.issue("alice", "command_queue", &a, json!(1));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(
             s.redeem(&t, "alice", "command_queue", &a),

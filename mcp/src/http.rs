@@ -9,7 +9,9 @@
 //!
 //! Authentication is the embedding server's job: it puts a [`crate::BackendHandle`] in each
 //! request's extensions; the handler reads it from the request parts this module (and rmcp)
-//! attach to every message. Host and Origin are checked on every transport against an
+//! attach to every message. A session (a `/mcp` session of the session-based revisions, or a
+//! legacy SSE session) belongs to the caller who opened it: another valid token that learns
+//! its id gets 403, so it can neither use the session nor answer its pending elicitation. Host and Origin are checked on every transport against an
 //! allow-list (loopback by default) to stop DNS-rebinding attacks from a browser.
 
 use std::collections::HashMap;
@@ -19,7 +21,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,6 +44,12 @@ pub const DEFAULT_ALLOWED_HOSTS: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 /// Most legacy SSE sessions open at once (each holds a task and two channels).
 const MAX_SSE_SESSIONS: usize = 1024;
+/// Most legacy SSE sessions one caller may hold open, so one caller cannot take every slot.
+pub const MAX_SSE_SESSIONS_PER_CALLER: usize = 32;
+/// Owners of `/mcp` sessions remembered before the closed ones are pruned.
+const SESSION_OWNERS_PRUNE_AT: usize = 1024;
+/// The streamable HTTP session header (rmcp's `HEADER_SESSION_ID`).
+const SESSION_HEADER: &str = "mcp-session-id";
 /// Messages buffered per direction of a legacy SSE session.
 const SSE_CHANNEL: usize = 64;
 /// Largest accepted JSON-RPC message on `/messages`.
@@ -89,18 +98,105 @@ pub fn router(mcp: FlotillaMcp, opts: HttpOptions) -> Router {
         let mcp = mcp.clone();
         move || Ok(mcp.clone())
     };
-    let streamable =
-        StreamableHttpService::new(factory, Arc::new(LocalSessionManager::default()), cfg);
+    let manager = Arc::new(LocalSessionManager::default());
+    let streamable = StreamableHttpService::new(factory, manager.clone(), cfg);
+    let owners = Arc::new(SessionOwners {
+        owners: Mutex::new(HashMap::new()),
+        manager,
+    });
     let sse = Arc::new(SseState {
         mcp,
         opts,
         sessions: Mutex::new(HashMap::new()),
     });
-    Router::new()
+    let streamable = Router::new()
         .route_service("/mcp", streamable)
+        .layer(axum::middleware::from_fn_with_state(owners, bind_session));
+    Router::new()
         .route("/sse", get(sse_open))
         .route("/messages", post(sse_message))
         .with_state(sse)
+        .merge(streamable)
+}
+
+// ---------------------------------------------------------------------------------------
+// Owners of streamable HTTP sessions. rmcp's session manager knows sessions, not callers:
+// this layer records who initialised each session (the `Mcp-Session-Id` of the initialize
+// answer) and refuses the session to anyone else.
+
+struct SessionOwners {
+    owners: Mutex<HashMap<String, Option<String>>>,
+    manager: Arc<LocalSessionManager>,
+}
+
+impl SessionOwners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets sessions rmcp has closed (idle timeout, shutdown) without a DELETE.
+    async fn prune(&self) {
+        let known: Vec<String> = self.lock().keys().cloned().collect();
+        let live = self.manager.sessions.read().await;
+        let dead: Vec<String> = known
+            .into_iter()
+            .filter(|id| !live.contains_key(id.as_str()))
+            .collect();
+        drop(live);
+        let mut owners = self.lock();
+        for id in dead {
+            owners.remove(&id);
+        }
+    }
+}
+
+/// A 403 with a JSON-RPC error body (what an MCP client can show).
+fn forbidden_jsonrpc(message: &str) -> Response {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": null,
+        "error": {"code": -32600, "message": message}});
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
+}
+
+async fn bind_session(State(st): State<Arc<SessionOwners>>, req: Request, next: Next) -> Response {
+    let identity = identity_of(req.extensions());
+    let sid = req
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let delete = req.method() == Method::DELETE;
+    if let Some(sid) = &sid {
+        let owner = st.lock().get(sid).cloned();
+        if owner.is_some_and(|o| o != identity) {
+            tracing::warn!(session = %sid, "MCP: request on another caller's session refused");
+            return forbidden_jsonrpc("Forbidden: this MCP session belongs to another caller");
+        }
+    }
+    let resp = next.run(req).await;
+    match sid {
+        None => {
+            let created = resp
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if let Some(new) = created {
+                let n = {
+                    let mut owners = st.lock();
+                    owners.insert(new, identity);
+                    owners.len()
+                };
+                if n >= SESSION_OWNERS_PRUNE_AT && n % 64 == 0 {
+                    st.prune().await;
+                }
+            }
+        }
+        Some(sid) if delete && resp.status().is_success() => {
+            st.lock().remove(&sid);
+        }
+        Some(_) => {}
+    }
+    resp
 }
 
 // ---------------------------------------------------------------------------------------
@@ -229,6 +325,17 @@ async fn sse_open(State(st): State<Arc<SseState>>, req: Request) -> Response {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many MCP SSE sessions open; retry later",
+            )
+                .into_response();
+        }
+        let mine = sessions.values().filter(|s| s.identity == identity).count();
+        if mine >= MAX_SSE_SESSIONS_PER_CALLER {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this caller already has {mine} MCP SSE sessions open; close one (end its \
+                     event stream) first"
+                ),
             )
                 .into_response();
         }

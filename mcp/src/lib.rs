@@ -15,11 +15,11 @@ pub mod stdio;
 pub mod tools;
 
 pub use backend::{
-    AuditFilter, BackendError, BackendHandle, BackendResult, CommandsFilter, FleetBackend,
-    QueueTarget,
+    AuditFilter, BackendError, BackendHandle, BackendResult, CommandsFilter, ExpectedTargets,
+    FleetBackend, QueueTarget,
 };
 pub use confirm::ConfirmStore;
 pub use http::{router, HttpOptions};
-pub use rest_backend::RestBackend;
+pub use rest_backend::{RestBackend, RestOptions};
 pub use server::FlotillaMcp;
 pub use stdio::{read_token_file, run_stdio};

@@ -7,19 +7,24 @@ use std::sync::OnceLock;
 
 use rmcp::model::{Prompt, PromptArgument};
 
-/// Every template file, embedded.
-const TEMPLATES: &[(&str, &str)] = &[
+/// Every template file, embedded, and whether it walks the model through changing the fleet
+/// (hidden and refused in read-only mode, where its tools are gone). A template marked false
+/// must say it is read-only (checked by a unit test).
+const TEMPLATES: &[(&str, &str, bool)] = &[
     (
         "triage-unhealthy-agents.md",
         include_str!("../../prompts/triage-unhealthy-agents.md"),
+        false,
     ),
     (
         "investigate-dropped-records.md",
         include_str!("../../prompts/investigate-dropped-records.md"),
+        false,
     ),
     (
         "roll-out-config-safely.md",
         include_str!("../../prompts/roll-out-config-safely.md"),
+        true,
     ),
 ];
 
@@ -40,6 +45,8 @@ pub struct Template {
     pub description: String,
     pub args: Vec<ArgSpec>,
     pub body: String,
+    /// Walks the model through state-changing tools (see [`TEMPLATES`]).
+    pub changes_fleet: bool,
 }
 
 /// Why a template did not parse, or a prompt could not be rendered.
@@ -53,6 +60,8 @@ pub enum PromptError {
     Missing { prompt: String, arg: String },
     #[error("prompt {prompt}: unknown argument {arg:?}")]
     UnknownArg { prompt: String, arg: String },
+    #[error("prompt {0:?} changes the fleet and this Flotilla MCP server is read-only; it is not offered")]
+    ReadOnly(String),
 }
 
 /// Parses one template file.
@@ -119,6 +128,7 @@ pub fn parse(file: &str, text: &str) -> Result<Template, PromptError> {
         description: field("description")?,
         args,
         body: body.trim().to_string(),
+        changes_fleet: false,
     };
     for a in &t.args {
         if !t.body.contains(&format!("{{{{{}}}}}", a.name)) {
@@ -138,8 +148,11 @@ pub fn templates() -> &'static [Template] {
     T.get_or_init(|| {
         TEMPLATES
             .iter()
-            .filter_map(|(f, text)| match parse(f, text) {
-                Ok(t) => Some(t),
+            .filter_map(|(f, text, changes_fleet)| match parse(f, text) {
+                Ok(t) => Some(Template {
+                    changes_fleet: *changes_fleet,
+                    ..t
+                }),
                 Err(e) => {
                     tracing::error!(error = %e, "skipping a broken prompt template");
                     None
@@ -149,10 +162,11 @@ pub fn templates() -> &'static [Template] {
     })
 }
 
-/// The MCP prompt list.
-pub fn list() -> Vec<Prompt> {
+/// The MCP prompt list; in read-only mode without the prompts that change the fleet.
+pub fn list(read_only: bool) -> Vec<Prompt> {
     templates()
         .iter()
+        .filter(|t| !(read_only && t.changes_fleet))
         .map(|t| {
             let args = t
                 .args
@@ -175,15 +189,20 @@ pub fn list() -> Vec<Prompt> {
         .collect()
 }
 
-/// Renders prompt `name` with `args`: `(description, text)`.
+/// Renders prompt `name` with `args`: `(description, text)`. In read-only mode a prompt that
+/// changes the fleet is refused.
 pub fn render(
     name: &str,
     args: &BTreeMap<String, String>,
+    read_only: bool,
 ) -> Result<(String, String), PromptError> {
     let t = templates()
         .iter()
         .find(|t| t.name == name)
         .ok_or_else(|| PromptError::Unknown(name.to_string()))?;
+    if read_only && t.changes_fleet {
+        return Err(PromptError::ReadOnly(name.to_string()));
+    }
     if let Some(k) = args.keys().find(|k| !t.args.iter().any(|a| &a.name == *k)) {
         return Err(PromptError::UnknownArg {
             prompt: name.into(),
@@ -216,8 +235,13 @@ mod tests {
 
     #[test]
     fn every_template_parses() {
-        for (f, text) in TEMPLATES {
-            parse(f, text).unwrap();
+        for (f, text, changes_fleet) in TEMPLATES {
+            let t = parse(f, text).unwrap();
+            // A prompt offered in read-only mode must itself say it only reads.
+            assert!(
+                *changes_fleet || format!("{} {}", t.description, t.body).contains("read-only"),
+                "{f} is offered in read-only mode but does not say it is read-only"
+            );
         }
         assert_eq!(templates().len(), TEMPLATES.len());
         // The folder holds no template the binary forgot to embed.
@@ -226,7 +250,7 @@ mod tests {
             let name = e.unwrap().file_name().to_string_lossy().to_string();
             if name.ends_with(".md") && name != "README.md" {
                 assert!(
-                    TEMPLATES.iter().any(|(f, _)| *f == name),
+                    TEMPLATES.iter().any(|(f, _, _)| *f == name),
                     "{name} is not embedded"
                 );
             }
@@ -235,26 +259,41 @@ mod tests {
 
     #[test]
     fn renders_with_defaults_and_refuses_bad_args() {
-        let (_, text) = render("triage_unhealthy_agents", &BTreeMap::new()).unwrap();
+        let (_, text) = render("triage_unhealthy_agents", &BTreeMap::new(), true).unwrap();
         assert!(text.contains("health:unhealthy type:*"), "{text}");
         assert!(!text.contains("{{"));
         let mut a = BTreeMap::new();
         a.insert("query".to_string(), "type:fluentbit".to_string());
         assert!(matches!(
-            render("roll_out_config_safely", &a),
+            render("roll_out_config_safely", &a, false),
             Err(PromptError::Missing { .. })
         ));
         a.insert("change".to_string(), "raise Retry_Limit".to_string());
-        let (_, text) = render("roll_out_config_safely", &a).unwrap();
+        let (_, text) = render("roll_out_config_safely", &a, false).unwrap();
         assert!(text.contains("raise Retry_Limit") && text.contains("`type:fluentbit`"));
         a.insert("nope".to_string(), "x".to_string());
         assert!(matches!(
-            render("roll_out_config_safely", &a),
+            render("roll_out_config_safely", &a, false),
             Err(PromptError::UnknownArg { .. })
         ));
         assert!(matches!(
-            render("x", &BTreeMap::new()),
+            render("x", &BTreeMap::new(), false),
             Err(PromptError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn read_only_mode_hides_prompts_that_change_the_fleet() {
+        let names = |ro| -> Vec<String> { list(ro).into_iter().map(|p| p.name).collect() };
+        assert!(names(false).contains(&"roll_out_config_safely".to_string()));
+        assert!(!names(true).contains(&"roll_out_config_safely".to_string()));
+        assert_eq!(names(true).len(), 2);
+        let mut a = BTreeMap::new();
+        a.insert("query".to_string(), "type:fluentbit".to_string());
+        a.insert("change".to_string(), "x".to_string());
+        assert!(matches!(
+            render("roll_out_config_safely", &a, true),
+            Err(PromptError::ReadOnly(_))
         ));
     }
 

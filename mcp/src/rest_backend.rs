@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::backend::{
-    AuditFilter, BackendError, BackendResult, CommandsFilter, FleetBackend, QueueTarget,
+    AuditFilter, BackendError, BackendResult, CommandsFilter, ExpectedTargets, FleetBackend,
+    QueueTarget,
 };
 
 /// Header naming the adapter a REST call comes from.
@@ -18,6 +19,17 @@ pub const CHANNEL_HEADER: &str = "X-Flotilla-Channel";
 
 /// How long one REST call may take before the tool call fails with `unavailable`.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the TCP (and TLS) connection: an unreachable server fails a tool call
+/// in seconds, not after the whole-call timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How to reach the server beyond its URL and token.
+#[derive(Debug, Clone, Default)]
+pub struct RestOptions {
+    /// PEM file of CA certificates trusted for `https://` besides the built-in web roots (a
+    /// private CA, or a self-signed server certificate).
+    pub ca_file: Option<std::path::PathBuf>,
+}
 
 /// A remote Flotilla's REST API.
 #[derive(Clone)]
@@ -39,26 +51,61 @@ impl std::fmt::Debug for RestBackend {
 }
 
 impl RestBackend {
-    /// `server` is the operator listener's base URL, e.g. `http://127.0.0.1:8080`.
+    /// `server` is the operator listener's base URL, e.g. `http://127.0.0.1:8080` or
+    /// `https://flotilla.example:8443`.
     pub fn new(server: &str, token: Option<String>) -> Result<RestBackend, BackendError> {
+        RestBackend::with_options(server, token, &RestOptions::default())
+    }
+
+    /// [`RestBackend::new`] with [`RestOptions`].
+    pub fn with_options(
+        server: &str,
+        token: Option<String>,
+        opts: &RestOptions,
+    ) -> Result<RestBackend, BackendError> {
+        let bad = |m: String| BackendError::new("bad_request", m);
         let base = server.trim().trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(BackendError::new(
-                "bad_request",
-                format!("server URL {server:?} must start with http:// or https://"),
-            ));
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| bad(format!("server URL {server:?} is not a URL: {e}")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" => {
+                if token.is_some() && !is_loopback(&url) {
+                    // Not refused: a trusted network without TLS is a deployment choice. But
+                    // the token crosses it in clear, so say so where the operator will look.
+                    tracing::warn!(server = %base,
+                        "flotilla mcp: plain http:// to a host that is not loopback sends the API token in clear; use https://");
+                }
+            }
+            _ => {
+                return Err(bad(format!(
+                    "server URL {server:?} must start with http:// or https://"
+                )))
+            }
         }
-        if base.starts_with("https://") {
-            // The workspace's reqwest is built without TLS; say so instead of failing later
-            // with an obscure connector error.
-            return Err(BackendError::new(
-                "bad_request",
-                "https:// is not supported by this build; reach the server over http:// on a \
-                 trusted network or through a local TLS-terminating tunnel",
-            ));
-        }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(path) = &opts.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| bad(format!("cannot read the CA file {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                bad(format!(
+                    "the CA file {} is not PEM certificates: {e}",
+                    path.display()
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(bad(format!(
+                    "the CA file {} holds no certificate",
+                    path.display()
+                )));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| BackendError::new("internal", format!("HTTP client: {e}")))?;
         // The identity binds confirmations to this caller without ever holding the token in
@@ -136,10 +183,31 @@ impl RestBackend {
     }
 }
 
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn push(q: &mut Vec<(&'static str, String)>, k: &'static str, v: &Option<String>) {
     if let Some(v) = v {
         q.push((k, v.clone()));
     }
+}
+
+/// The body of `POST /api/v1/commands`.
+fn queue_body(target: &QueueTarget, kind: &str, params: &Value) -> Value {
+    let mut body = json!({"kind": kind, "params": params});
+    match target {
+        QueueTarget::Agent(a) => body["agent"] = json!(a),
+        QueueTarget::Query(q) => body["query"] = json!(q),
+    }
+    body
 }
 
 fn seg(s: &str) -> String {
@@ -191,16 +259,23 @@ impl FleetBackend for RestBackend {
         self.call(Method::GET, "/api/v1/catalog", &[], None).await
     }
 
+    async fn plan(&self, target: &QueueTarget, kind: &str, params: &Value) -> BackendResult<Value> {
+        let mut body = queue_body(target, kind, params);
+        body["dry_run"] = json!(true);
+        self.call(Method::POST, "/api/v1/commands", &[], Some(body))
+            .await
+    }
+
     async fn queue(
         &self,
         target: &QueueTarget,
         kind: &str,
         params: &Value,
+        expect: Option<&ExpectedTargets>,
     ) -> BackendResult<Value> {
-        let mut body = json!({"kind": kind, "params": params});
-        match target {
-            QueueTarget::Agent(a) => body["agent"] = json!(a),
-            QueueTarget::Query(q) => body["query"] = json!(q),
+        let mut body = queue_body(target, kind, params);
+        if let Some(e) = expect {
+            body["expect_targets"] = json!(e);
         }
         self.call(Method::POST, "/api/v1/commands", &[], Some(body))
             .await
@@ -272,5 +347,23 @@ mod tests {
         assert!(!format!("{b:?}").contains("secret"));
         assert_eq!(b.base, "http://h:1");
         assert!(RestBackend::new("ftp://x", None).is_err());
+        assert!(RestBackend::new("not a url", None).is_err());
+    }
+
+    #[test]
+    fn https_is_accepted_and_loopback_is_recognised() {
+        // This build speaks TLS (rustls): an https URL is a valid server, token or not.
+        let b = RestBackend::new("https://flotilla.example:8443/", Some("t0ken".into())).unwrap();
+        assert_eq!(b.base, "https://flotilla.example:8443");
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        assert!(is_loopback(&u("http://127.0.0.1:8080")));
+        assert!(is_loopback(&u("http://[::1]:8080")));
+        assert!(is_loopback(&u("http://LOCALHOST:1")));
+        assert!(!is_loopback(&u("http://10.0.0.5:8080")));
+        let missing = RestOptions {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+        };
+        let e = RestBackend::with_options("https://h", None, &missing).unwrap_err();
+        assert!(e.message.contains("CA file"), "{e}");
     }
 }

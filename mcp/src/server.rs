@@ -25,7 +25,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 use crate::backend::{
-    AuditFilter, BackendError, BackendHandle, CommandsFilter, FleetBackend, QueueTarget,
+    AuditFilter, BackendError, BackendHandle, CommandsFilter, ExpectedTargets, FleetBackend,
+    QueueTarget,
 };
 use crate::confirm::ConfirmStore;
 use crate::prompts;
@@ -68,13 +69,13 @@ impl ToolFail {
     fn args(message: impl Into<String>) -> ToolFail {
         ToolFail::new("invalid_arguments", message)
     }
+    /// A tool error carries text only: structured content must match the tool's output
+    /// schema, which describes successes. The text starts with the stable code in brackets.
     fn into_result(self) -> CallToolResult {
-        let mut r = CallToolResult::error(vec![ContentBlock::text(format!(
+        CallToolResult::error(vec![ContentBlock::text(format!(
             "error ({}): {}",
             self.code, self.message
-        ))]);
-        r.structured_content = Some(json!({"error": {"code": self.code, "message": self.message}}));
-        r
+        ))])
     }
 }
 
@@ -220,18 +221,8 @@ impl FlotillaMcp {
                     ));
                 }
                 let params = a.params.clone().unwrap_or(Value::Null);
-                let destructive = tools::kind_is_destructive(&a.kind);
                 self.queue_flow(
-                    b,
-                    name,
-                    &args,
-                    cc,
-                    a.agent,
-                    a.query,
-                    &a.kind,
-                    params,
-                    a.dry_run,
-                    destructive,
+                    b, name, &args, cc, a.agent, a.query, &a.kind, params, a.dry_run,
                 )
                 .await
             }
@@ -289,15 +280,45 @@ impl FlotillaMcp {
             }
             "remote_config_get" => {
                 let a: tools::RemoteConfigGetArgs = parse(name, &args)?;
-                let uid = resolve_agent(b, &a.agent).await?;
-                let v = b.agent(&uid).await?;
-                done(json!({
-                    "uid": v["uid"],
-                    "host": attr(&v, &["host.name", "hostname"]),
-                    "effective_config": v["effective_config"],
-                    "desired_config": v["desired_config"],
-                    "remote_config_status": v["remote_config_status"],
-                }))
+                match (a.agent, a.query) {
+                    (Some(r), None) => {
+                        if a.limit.is_some() || a.cursor.is_some() {
+                            return Err(ToolFail::args(
+                                "limit and cursor page a query; one agent has no pages",
+                            ));
+                        }
+                        let uid = resolve_agent(b, &r).await?;
+                        let v = b.agent(&uid).await?;
+                        done(json!({
+                            "uid": v["uid"],
+                            "host": attr(&v, &["host.name", "hostname"]),
+                            "effective_config": v["effective_config"],
+                            "effective_config_hash": effective_config_hash(&v["effective_config"]),
+                            "desired_config": v["desired_config"],
+                            "remote_config_status": v["remote_config_status"],
+                        }))
+                    }
+                    (None, Some(q)) => {
+                        let limit = a.limit.unwrap_or(SEARCH_DEFAULT_LIMIT);
+                        if !(1..=tools::CONFIG_ROWS_MAX_LIMIT).contains(&limit) {
+                            return Err(ToolFail::args(format!(
+                                "limit {limit} must be between 1 and {}",
+                                tools::CONFIG_ROWS_MAX_LIMIT
+                            )));
+                        }
+                        let page = b.search(&q, Some(limit), a.cursor.as_deref(), true).await?;
+                        let mut rows = Vec::new();
+                        for row in page["items"].as_array().into_iter().flatten() {
+                            let uid = row["uid"].as_str().unwrap_or_default();
+                            rows.push(config_row(&b.agent(uid).await?));
+                        }
+                        done(json!({"items": rows, "next_cursor": page["next_cursor"],
+                                    "total": page["total"]}))
+                    }
+                    _ => Err(ToolFail::args(
+                        "give exactly one of agent (one agent's config) and query (a row per matching agent)",
+                    )),
+                }
             }
             "remote_config_push" => {
                 let a: tools::RemoteConfigPushArgs = parse(name, &args)?;
@@ -318,7 +339,6 @@ impl FlotillaMcp {
                     "remote_config",
                     params,
                     a.dry_run,
-                    true,
                 )
                 .await
             }
@@ -330,7 +350,11 @@ impl FlotillaMcp {
         }
     }
 
-    /// command_queue and remote_config_push: resolve the target, dry-run or confirm, queue.
+    /// command_queue and remote_config_push: resolve the target; dry-run, confirm or queue.
+    ///
+    /// Dry runs and previews are the service's own plan (`FleetBackend::plan`), so they apply
+    /// every check of the real call — a bad parameter fails here, before any token exists —
+    /// and a confirmed call queues only if its targets are still the ones the user was shown.
     #[allow(clippy::too_many_arguments)]
     async fn queue_flow(
         &self,
@@ -343,7 +367,6 @@ impl FlotillaMcp {
         kind: &str,
         params: Value,
         dry_run: bool,
-        destructive_kind: bool,
     ) -> ToolResult<Outcome> {
         let target = match (agent, query) {
             (Some(a), None) => QueueTarget::Agent(resolve_agent(b, &a).await?),
@@ -352,91 +375,75 @@ impl FlotillaMcp {
                 "give exactly one of agent (one agent) and query (fan-out over matching agents)",
             )),
         };
-        let needs_confirmation = destructive_kind || matches!(target, QueueTarget::Query(_));
-        if dry_run || needs_confirmation {
-            let (targets, total) = preview_targets(b, &target).await?;
-            if dry_run {
-                return Ok(Outcome::Done(json!({
-                    "status": "dry_run",
-                    "kind": kind,
-                    "params": params,
-                    "targets": targets,
-                    "total_targets": total,
-                    "note": "nothing was queued; parameters and capabilities are checked when the command is queued",
-                })));
-            }
-            let (what, summary) = match &target {
-                QueueTarget::Agent(uid) => {
-                    let who = targets
-                        .first()
-                        .map(row_label)
-                        .unwrap_or_else(|| uid.clone());
-                    (
-                        json!({"agent": targets.first().cloned().unwrap_or(json!({"uid": uid}))}),
-                        format!("{kind} on agent {who}"),
-                    )
-                }
-                QueueTarget::Query(q) => (
-                    json!({"query": q, "total_targets": total, "sample": targets}),
-                    format!("{kind} on all {total} agents matching {q:?} (fan-out)"),
-                ),
+        // Bind a confirmation to the resolved agent too, so a host name that comes to mean
+        // another agent between the two calls cannot reuse it.
+        let mut bound = args.clone();
+        bound.insert("__resolved_target".into(), json!(target));
+        let identity = b.identity();
+        if !dry_run {
+            let spend = |token: &str| {
+                self.confirm
+                    .redeem(token, &identity, tool, &bound)
+                    .map_err(|e| ToolFail::new("confirmation_invalid", e.to_string()))
             };
-            let preview =
-                json!({"tool": tool, "kind": kind, "params": redact(&params), "target": what});
-            // Bind the confirmation to the resolved target too, so a host name that comes to
-            // mean another agent between the two calls cannot reuse it.
-            let mut bound = args.clone();
-            bound.insert("__resolved_target".into(), json!(target));
-            match self.gate(b, tool, &bound, cc, preview, &summary).await? {
-                Gate::Proceed => {}
-                Gate::Stop(o) => return Ok(o),
+            if let Some(token) = bound.get("confirmation_token").and_then(Value::as_str) {
+                let confirmed = spend(token)?;
+                return queue_confirmed(b, &target, kind, &params, &confirmed).await;
+            }
+            if let Some(state) = &cc.request_state {
+                // MRTR retry: requestState is our pending token; the answer is in
+                // inputResponses.
+                let confirmed = spend(state)?;
+                let answer = cc
+                    .input_responses
+                    .as_ref()
+                    .and_then(|r| r.get("confirm"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                return if elicit_accepted(&answer) {
+                    queue_confirmed(b, &target, kind, &params, &confirmed).await
+                } else {
+                    Ok(declined(confirmed["preview"].clone()))
+                };
             }
         }
-        let mut out = b.queue(&target, kind, &params).await?;
-        if let Value::Object(m) = &mut out {
-            m.insert("status".into(), json!("queued"));
+        let plan = b.plan(&target, kind, &params).await?;
+        if dry_run {
+            return Ok(Outcome::Done(dry_run_view(&plan)));
         }
-        Ok(Outcome::Done(out))
+        // Destructive kinds come from the service's catalog (the plan says), not a list here.
+        let needs_confirmation =
+            plan["destructive"] == json!(true) || matches!(target, QueueTarget::Query(_));
+        if !needs_confirmation {
+            return queued(b.queue(&target, kind, &params, None).await?);
+        }
+        let (preview, summary) = preview(tool, &target, &plan);
+        let confirmed = json!({"preview": preview, "expect_targets": plan["expect_targets"]});
+        match self
+            .gate(&identity, tool, &bound, cc, confirmed.clone(), &summary)
+            .await?
+        {
+            Gate::Proceed => queue_confirmed(b, &target, kind, &params, &confirmed).await,
+            Gate::Stop(o) => Ok(o),
+        }
     }
 
-    /// The confirmation gate of a destructive call (see [`crate::confirm`]).
+    /// Asks for the user's confirmation of a fresh destructive call (see [`crate::confirm`]):
+    /// by elicitation when the client can show a form, else with a two-step token. `confirmed`
+    /// is what the user is shown and agrees to; it travels with the token.
     async fn gate(
         &self,
-        b: &dyn FleetBackend,
+        identity: &str,
         tool: &str,
         bound: &Map<String, Value>,
         cc: &CallCtx,
-        preview: Value,
+        confirmed: Value,
         summary: &str,
     ) -> ToolResult<Gate> {
-        let identity = b.identity();
-        if let Some(token) = bound.get("confirmation_token").and_then(Value::as_str) {
-            return match self.confirm.redeem(token, &identity, tool, bound) {
-                Ok(()) => Ok(Gate::Proceed),
-                Err(e) => Err(ToolFail::new("confirmation_invalid", e.to_string())),
-            };
-        }
-        if let Some(state) = &cc.request_state {
-            // MRTR retry: requestState is our pending token; the answer is in inputResponses.
-            self.confirm
-                .redeem(state, &identity, tool, bound)
-                .map_err(|e| ToolFail::new("confirmation_invalid", e.to_string()))?;
-            let answer = cc
-                .input_responses
-                .as_ref()
-                .and_then(|r| r.get("confirm"))
-                .cloned()
-                .unwrap_or(Value::Null);
-            return Ok(if elicit_accepted(&answer) {
-                Gate::Proceed
-            } else {
-                Gate::Stop(declined(preview))
-            });
-        }
         let message = format!("Flotilla: confirm {summary}?");
         if cc.elicitation {
             if cc.modern {
-                let token = self.confirm.issue(&identity, tool, bound);
+                let token = self.confirm.issue(identity, tool, bound, confirmed);
                 let mut reqs = InputRequests::new();
                 reqs.insert(
                     "confirm".into(),
@@ -456,7 +463,7 @@ impl FlotillaMcp {
                     return Ok(if elicit_accepted(&v) {
                         Gate::Proceed
                     } else {
-                        Gate::Stop(declined(preview))
+                        Gate::Stop(declined(confirmed["preview"].clone()))
                     });
                 }
                 // A client that declared elicitation but cannot answer falls back to tokens.
@@ -465,7 +472,8 @@ impl FlotillaMcp {
                 }
             }
         }
-        let token = self.confirm.issue(&identity, tool, bound);
+        let preview = confirmed["preview"].clone();
+        let token = self.confirm.issue(identity, tool, bound, confirmed);
         Ok(Gate::Stop(Outcome::Done(json!({
             "status": "confirmation_required",
             "preview": preview,
@@ -474,6 +482,97 @@ impl FlotillaMcp {
             "expires_in_seconds": self.confirm.ttl().as_secs(),
         }))))
     }
+}
+
+/// Rows shown in a dry run or preview (the counts cover every target).
+const PREVIEW_ROWS: usize = 10;
+
+fn first_rows(v: &Value) -> Vec<Value> {
+    v.as_array()
+        .map(|a| a.iter().take(PREVIEW_ROWS).cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The answer of `dry_run: true`, from the service's plan.
+fn dry_run_view(plan: &Value) -> Value {
+    json!({
+        "status": "dry_run",
+        "kind": plan["kind"],
+        "params": redact(&plan["params"]),
+        "destructive": plan["destructive"],
+        "matched": plan["matched"],
+        "total_targets": plan["target_count"],
+        "targets": first_rows(&plan["targets"]),
+        "skipped_count": plan["skipped_count"],
+        "skipped": first_rows(&plan["skipped"]),
+        "note": "nothing was queued; the role, parameters, capabilities and max_fanout were checked as the real call will check them",
+    })
+}
+
+/// What the user confirms, and a one-line summary for the elicitation message.
+fn preview(tool: &str, target: &QueueTarget, plan: &Value) -> (Value, String) {
+    let kind = plan["kind"].as_str().unwrap_or("?");
+    let total = plan["target_count"].as_u64().unwrap_or(0);
+    let skipped = plan["skipped_count"].as_u64().unwrap_or(0);
+    let (what, summary) = match target {
+        QueueTarget::Agent(uid) => {
+            let row = plan["targets"][0].clone();
+            let who = if row.is_object() {
+                row_label(&row)
+            } else {
+                uid.clone()
+            };
+            (json!({"agent": row}), format!("{kind} on agent {who}"))
+        }
+        QueueTarget::Query(q) => (
+            json!({"query": q, "total_targets": total, "sample": first_rows(&plan["targets"]),
+                   "skipped_count": skipped, "skipped": first_rows(&plan["skipped"])}),
+            format!(
+                "{kind} on all {total} agents matching {q:?} (fan-out{})",
+                if skipped > 0 {
+                    format!("; {skipped} more match but cannot run it")
+                } else {
+                    String::new()
+                }
+            ),
+        ),
+    };
+    (
+        json!({"tool": tool, "kind": kind, "params": redact(&plan["params"]), "target": what}),
+        summary,
+    )
+}
+
+/// Queues a confirmed call, refused by the service if the targets are no longer the ones in
+/// the confirmation.
+async fn queue_confirmed(
+    b: &dyn FleetBackend,
+    target: &QueueTarget,
+    kind: &str,
+    params: &Value,
+    confirmed: &Value,
+) -> ToolResult<Outcome> {
+    let expect: ExpectedTargets = serde_json::from_value(confirmed["expect_targets"].clone())
+        .map_err(|e| ToolFail::new("internal", format!("confirmation without targets: {e}")))?;
+    match b.queue(target, kind, params, Some(&expect)).await {
+        Ok(v) => queued(v),
+        Err(e) if e.code == "conflict" => Err(ToolFail::new(
+            "targets_changed",
+            format!(
+                "{}. The confirmation is spent; call again without confirmation_token to see \
+                 the new targets and ask the user again.",
+                e.message
+            ),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn queued(mut out: Value) -> ToolResult<Outcome> {
+    if let Value::Object(m) = &mut out {
+        m.insert("status".into(), json!("queued"));
+    }
+    Ok(Outcome::Done(out))
 }
 
 fn elicit_params(message: &str) -> ElicitRequestParams {
@@ -552,31 +651,42 @@ fn row_label(row: &Value) -> String {
     }
 }
 
-/// A compact search row built from a full agent view (a point lookup is far cheaper than a
-/// search, which scans the registry).
-fn row_of_view(v: &Value) -> Value {
-    json!({
-        "uid": v["uid"], "type": v["type"],
-        "name": attr(v, &["service.name"]), "host": attr(v, &["host.name", "hostname"]),
-        "version": attr(v, &["service.version"]), "state": v["state"],
-        "healthy": v["health"]["healthy"], "labels": v["labels"], "last_seen": v["last_seen"],
-    })
-}
-
-/// Targets of a queue request as compact rows (at most 10) and their count.
-async fn preview_targets(
-    b: &dyn FleetBackend,
-    target: &QueueTarget,
-) -> ToolResult<(Vec<Value>, u64)> {
-    match target {
-        QueueTarget::Agent(uid) => Ok((vec![row_of_view(&b.agent(uid).await?)], 1)),
-        QueueTarget::Query(q) => {
-            let page = b.search(q, Some(10), None, true).await?;
-            let items = page["items"].as_array().cloned().unwrap_or_default();
-            let total = page["total"].as_u64().unwrap_or(items.len() as u64);
-            Ok((items, total))
+/// SHA-256 of an agent's reported files computed as the server hashes a remote config
+/// (`flotilla_server::commands::config_hash`: name, body and content type of each file in name
+/// order, length-prefixed), so it equals `desired_config.hash` when the agent runs exactly the
+/// pushed files. `None` when the agent reported no config.
+pub fn effective_config_hash(files: &Value) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let files = files.as_object()?;
+    let mut names: Vec<&String> = files.keys().collect();
+    names.sort();
+    let mut h = Sha256::new();
+    for name in names {
+        let f = &files[name.as_str()];
+        for part in [
+            name.as_str(),
+            f["body"].as_str().unwrap_or_default(),
+            f["content_type"].as_str().unwrap_or_default(),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
         }
     }
+    Some(hex::encode(h.finalize()))
+}
+
+/// One compact row of `remote_config_get` with a query, from the REST agent view.
+fn config_row(v: &Value) -> Value {
+    let rcs = &v["remote_config_status"];
+    json!({
+        "uid": v["uid"],
+        "host": attr(v, &["host.name", "hostname"]),
+        "desired_hash": v["desired_config"]["hash"],
+        "remote_config_status": rcs["status"],
+        "remote_config_hash": rcs["hash"],
+        "remote_config_error": rcs.get("error").cloned().unwrap_or(Value::Null),
+        "effective_config_hash": effective_config_hash(&v["effective_config"]),
+    })
 }
 
 /// Resolves an agent reference (uid, unique host name, unique service name, or a query that
@@ -836,7 +946,9 @@ impl ServerHandler for FlotillaMcp {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
-        Ok(ListPromptsResult::with_all_items(prompts::list()))
+        Ok(ListPromptsResult::with_all_items(prompts::list(
+            self.read_only,
+        )))
     }
 
     async fn get_prompt(
@@ -853,7 +965,7 @@ impl ServerHandler for FlotillaMcp {
             };
             args.insert(k, s);
         }
-        let (description, text) = prompts::render(&request.name, &args)
+        let (description, text) = prompts::render(&request.name, &args, self.read_only)
             .map_err(|e| McpError::invalid_params(e.to_string(), None))?;
         Ok(
             GetPromptResult::new(vec![PromptMessage::new_text(Role::User, text)])

@@ -4,12 +4,16 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rmcp::ServiceExt;
 
 use crate::backend::FleetBackend;
 use crate::confirm::ConfirmStore;
 use crate::server::FlotillaMcp;
+
+/// How long the start-up probe waits before logging that the server does not answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the stdio server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +44,21 @@ pub fn read_token_file(path: &Path) -> Result<String, StdioError> {
 
 /// Serves MCP on stdin/stdout over `backend` until the client closes stdin.
 pub async fn run_stdio(backend: Arc<dyn FleetBackend>, read_only: bool) -> Result<(), StdioError> {
-    // A quick probe so a wrong URL or token shows up in the client's server log at once,
-    // rather than as the first tool call's error. Serving goes on either way.
-    match backend.summary().await {
-        Ok(s) => tracing::info!(agents = %s["total"], read_only, "flotilla mcp: connected"),
-        Err(e) => tracing::warn!(code = %e.code, error = %e.message,
-                                 "flotilla mcp: the Flotilla server did not answer a probe; tools will report errors until it does"),
-    }
+    // A probe so a wrong URL or token shows up in the client's server log at once rather than
+    // as the first tool call's error. It runs beside the session: clients give a server a few
+    // seconds to answer `initialize` (Codex: 10 s), and an unreachable Flotilla must not make
+    // the whole server look broken — each tool call then reports the error itself.
+    let probe = backend.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(PROBE_TIMEOUT, probe.summary()).await {
+            Ok(Ok(s)) => tracing::info!(agents = %s["total"], read_only, "flotilla mcp: connected"),
+            Ok(Err(e)) => tracing::warn!(code = %e.code, error = %e.message,
+                "flotilla mcp: the Flotilla server refused a probe; tools will report errors until it answers"),
+            Err(_) => tracing::warn!(
+                "flotilla mcp: the Flotilla server did not answer a probe within {} s; tools will report errors until it does",
+                PROBE_TIMEOUT.as_secs()),
+        }
+    });
     let mcp = FlotillaMcp::new(Some(backend), read_only, Arc::new(ConfirmStore::default()));
     let running = mcp
         .serve(rmcp::transport::stdio())

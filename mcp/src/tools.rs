@@ -14,6 +14,14 @@ use serde_json::{json, Map, Value};
 /// Default and largest page of `agents_search` (kept small: every row costs model context).
 pub const SEARCH_DEFAULT_LIMIT: usize = 20;
 pub const SEARCH_MAX_LIMIT: usize = 200;
+/// Largest page of `remote_config_get` with a query (each row is one agent lookup).
+pub const CONFIG_ROWS_MAX_LIMIT: usize = 50;
+
+/// The kinds the server's catalog marks destructive, as named in the tool descriptions. The
+/// gate itself follows the catalog (the service's plan says `destructive`); a test in
+/// `server/tests/it/mcp.rs` keeps this list equal to the catalog's.
+pub const DESTRUCTIVE_KINDS: &[&str] =
+    &["restart", "chatops", "shutdown", "custom", "remote_config"];
 
 /// The search language, as the model needs it (mirrors `flotilla_server::query`).
 pub const QUERY_HELP: &str = "Query language: whitespace-separated terms, all must match. \
@@ -167,8 +175,20 @@ pub struct AuditQueryArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfigGetArgs {
-    /// Uid, unique host name or unique service name.
-    pub agent: String,
+    /// One agent (uid, unique host or service name): its full configuration. Give exactly one
+    /// of agent and query.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Every agent matching this search query: one compact row each (hashes and status, no
+    /// config bodies), paged.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// Rows per page with query, 1-50 (default 20).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -245,6 +265,90 @@ fn agent_row_schema() -> Value {
     }})
 }
 
+fn nullable(t: &str) -> Value {
+    json!({"type": [t, "null"]})
+}
+
+/// One command, as `views::command` renders it (REST's `Command`).
+fn command_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["id", "agent_uid", "kind", "params", "status", "created_at", "expires_at", "actor", "channel"],
+        "properties": {
+            "id": {"type": "string"}, "agent_uid": {"type": "string"},
+            "batch_id": nullable("string"), "kind": {"type": "string"},
+            "params": {"type": "object"},
+            "status": {"type": "string", "enum": ["queued", "sent", "succeeded", "failed", "expired", "cancelled"]},
+            "created_at": {"type": "string"}, "sent_at": nullable("string"),
+            "finished_at": nullable("string"), "expires_at": {"type": "string"},
+            "result": {"description": "What the agent reported, once finished"},
+            "error": nullable("string"), "actor": {"type": "string"}, "channel": {"type": "string"},
+            "audit_id": nullable("string")
+        }
+    })
+}
+
+fn skipped_schema() -> Value {
+    json!({"type": "object", "required": ["agent_uid", "reason"], "properties": {
+        "agent_uid": {"type": "string"}, "reason": {"type": "string"}}})
+}
+
+/// A fan-out's progress, as `views::batch_progress` renders it (REST's `BatchProgress`).
+fn batch_progress_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["batch", "counts", "commands"],
+        "properties": {
+            "batch": {"type": "object", "required": ["id", "query", "kind"], "properties": {
+                "id": {"type": "string"}, "query": {"type": "string"}, "kind": {"type": "string"},
+                "params": {"type": "object"}, "created_at": {"type": "string"},
+                "actor": {"type": "string"}, "channel": {"type": "string"},
+                "skipped": {"type": "array", "items": skipped_schema()}}},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "Commands by status, plus skipped"},
+            "commands": {"type": "array", "items": {"type": "object", "required": ["agent_uid", "command_id", "status"], "properties": {
+                "agent_uid": {"type": "string"}, "command_id": {"type": "string"},
+                "status": {"type": "string"}, "error": {"type": "string"}}}}
+        }
+    })
+}
+
+/// One audit record, as `views::audit` renders it (REST's `AuditRecord`).
+fn audit_record_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["id", "ts", "actor", "channel", "operation", "targets", "outcome", "hash"],
+        "properties": {
+            "id": {"type": "string"}, "ts": {"type": "string"}, "actor": {"type": "string"},
+            "channel": {"type": "string"}, "operation": {"type": "string"},
+            "targets": {"type": "array", "items": {"type": "string"}},
+            "params": {"description": "What was asked (config bodies reduced to their size)"},
+            "outcome": {"type": "string"}, "ref_id": nullable("string"),
+            "prev_hash": {"type": "string"}, "hash": {"type": "string"}
+        }
+    })
+}
+
+/// `remote_config_get` for one agent, or a page of compact rows for a query.
+fn remote_config_schema() -> Value {
+    let one = json!({"type": "object", "required": ["uid"], "properties": {
+        "uid": {"type": "string"}, "host": nullable("string"),
+        "effective_config": {"type": ["object", "null"]},
+        "effective_config_hash": nullable("string"),
+        "desired_config": {"type": ["object", "null"]},
+        "remote_config_status": {"type": ["object", "null"]}
+    }});
+    let row = json!({"type": "object", "required": ["uid"], "properties": {
+        "uid": {"type": "string"}, "host": nullable("string"),
+        "desired_hash": nullable("string"),
+        "remote_config_status": nullable("string"),
+        "remote_config_hash": nullable("string"),
+        "remote_config_error": nullable("string"),
+        "effective_config_hash": nullable("string")
+    }});
+    json!({"type": "object", "anyOf": [one, page_schema(row)]})
+}
+
 fn queue_outcome_schema() -> Value {
     json!({
         "type": "object",
@@ -256,7 +360,10 @@ fn queue_outcome_schema() -> Value {
             "command": {"type": "object"},
             "batch_id": {"type": "string"},
             "queued": {"type": "integer"},
-            "skipped": {"type": "array"},
+            "skipped": {"type": "array", "items": skipped_schema()},
+            "skipped_count": {"type": "integer"},
+            "matched": {"type": "integer"},
+            "destructive": {"type": "boolean"},
             "commands": {"type": "array"},
             "targets": {"type": "array", "items": agent_row_schema()},
             "total_targets": {"type": "integer"},
@@ -269,12 +376,16 @@ fn queue_outcome_schema() -> Value {
 
 /// Every tool, in the order they are listed.
 pub fn all() -> Vec<ToolDef> {
-    let confirm_note = "Destructive: restart, shutdown, chatops, custom and remote_config, and \
-        every fan-out (query), need the user's confirmation. If the client supports elicitation \
-        the user is asked directly; otherwise the first call queues nothing and returns \
-        status=confirmation_required with a preview and a confirmation_token (valid 5 minutes, \
-        single use, bound to these exact arguments): show the preview to the user and, only if \
-        they agree, call again with the same arguments plus confirmation_token.";
+    let confirm_note = format!(
+        "Destructive: {} commands, and every fan-out (query), need the user's confirmation. \
+         If the client supports elicitation the user is asked directly; otherwise the first \
+         call queues nothing and returns status=confirmation_required with a preview and a \
+         confirmation_token (valid 5 minutes, single use, bound to these exact arguments and \
+         to the previewed targets): show the preview to the user and, only if they agree, call \
+         again with the same arguments plus confirmation_token. If the targets changed in \
+         between, nothing is queued (targets_changed).",
+        DESTRUCTIVE_KINDS.join(", ")
+    );
     vec![
         ToolDef {
             name: "agents_search",
@@ -375,7 +486,9 @@ pub fn all() -> Vec<ToolDef> {
                 JsonObject::new(),
             )
             .with_input_schema::<CommandStatusArgs>()
-            .with_raw_output_schema(obj(json!({"type": "object"})))
+            .with_raw_output_schema(obj(
+                json!({"type": "object", "anyOf": [command_schema(), batch_progress_schema()]}),
+            ))
             .with_annotations(annotations("Command status", true, false, true)),
         },
         ToolDef {
@@ -387,7 +500,7 @@ pub fn all() -> Vec<ToolDef> {
                 JsonObject::new(),
             )
             .with_input_schema::<CommandsListArgs>()
-            .with_raw_output_schema(obj(page_schema(json!({"type": "object"}))))
+            .with_raw_output_schema(obj(page_schema(command_schema())))
             .with_annotations(annotations("List commands", true, false, true)),
         },
         ToolDef {
@@ -400,7 +513,7 @@ pub fn all() -> Vec<ToolDef> {
                 JsonObject::new(),
             )
             .with_input_schema::<CommandCancelArgs>()
-            .with_raw_output_schema(obj(json!({"type": "object"})))
+            .with_raw_output_schema(obj(command_schema()))
             .with_annotations(annotations("Cancel a command", false, false, true)),
         },
         ToolDef {
@@ -414,7 +527,7 @@ pub fn all() -> Vec<ToolDef> {
                 JsonObject::new(),
             )
             .with_input_schema::<AuditQueryArgs>()
-            .with_raw_output_schema(obj(page_schema(json!({"type": "object"}))))
+            .with_raw_output_schema(obj(page_schema(audit_record_schema())))
             .with_annotations(annotations("Query the audit trail", true, false, true)),
         },
         ToolDef {
@@ -423,18 +536,17 @@ pub fn all() -> Vec<ToolDef> {
             tool: Tool::new(
                 "remote_config_get",
                 format!(
-                    "An agent's configuration: the files it reports running (effective config), \
-                     the remote config Flotilla wants it to run (hash and the command that set \
-                     it) and the agent's last remote-config status. {AGENT_REF}"
+                    "With agent: that agent's configuration — the files it reports running \
+                     (effective config), the remote config Flotilla wants it to run (hash and \
+                     the command that set it) and its last remote-config status. {AGENT_REF} \
+                     With query: one compact row per matching agent (uid, host, desired hash, \
+                     remote-config status and hash, effective config hash; equal hashes mean \
+                     equal files), paged, to check a rollout. {QUERY_HELP}"
                 ),
                 JsonObject::new(),
             )
             .with_input_schema::<RemoteConfigGetArgs>()
-            .with_raw_output_schema(obj(json!({"type": "object", "required": ["uid"], "properties": {
-                "uid": {"type": "string"}, "effective_config": {"type": ["object", "null"]},
-                "desired_config": {"type": ["object", "null"]},
-                "remote_config_status": {"type": ["object", "null"]}
-            }})))
+            .with_raw_output_schema(obj(remote_config_schema()))
             .with_annotations(annotations("Get an agent's config", true, false, true)),
         },
         ToolDef {
@@ -455,15 +567,6 @@ pub fn all() -> Vec<ToolDef> {
             .with_annotations(annotations("Push a config", false, true, false)),
         },
     ]
-}
-
-/// Kinds that need confirmation even for a single agent (mirrors `destructive` in the
-/// server's catalog; fan-outs always need it).
-pub fn kind_is_destructive(kind: &str) -> bool {
-    matches!(
-        kind,
-        "restart" | "shutdown" | "chatops" | "custom" | "remote_config"
-    )
 }
 
 #[cfg(test)]

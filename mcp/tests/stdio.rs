@@ -46,7 +46,12 @@ async fn rest_backend_answers_exactly_like_rest() {
     );
 
     let q = backend
-        .queue(&QueueTarget::Agent(a.uid_str()), "force_resync", &json!({}))
+        .queue(
+            &QueueTarget::Agent(a.uid_str()),
+            "force_resync",
+            &json!({}),
+            None,
+        )
         .await
         .unwrap();
     let id = q["command_id"].as_str().unwrap().to_string();
@@ -62,6 +67,7 @@ async fn rest_backend_answers_exactly_like_rest() {
             &QueueTarget::Query("type:fluentbit".into()),
             "force_resync",
             &json!({}),
+            None,
         )
         .await
         .unwrap();
@@ -102,13 +108,23 @@ async fn rest_backend_answers_exactly_like_rest() {
         .unwrap_err();
     assert_eq!(e.code, "invalid_query");
     let e = backend
-        .queue(&QueueTarget::Agent(a.uid_str()), "explode", &json!({}))
+        .queue(
+            &QueueTarget::Agent(a.uid_str()),
+            "explode",
+            &json!({}),
+            None,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code, "invalid_params");
     let viewer = RestBackend::new(&server.url(""), Some(home.tokens.viewer.clone())).unwrap();
     let e = viewer
-        .queue(&QueueTarget::Agent(a.uid_str()), "force_resync", &json!({}))
+        .queue(
+            &QueueTarget::Agent(a.uid_str()),
+            "force_resync",
+            &json!({}),
+            None,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code, "forbidden");
@@ -150,17 +166,16 @@ fn ok(r: &CallToolResult) -> Value {
     r.structured_content.clone().expect("structured content")
 }
 
+/// The stable code of a tool error: its text reads `error (<code>): <message>`; a tool error
+/// carries no structured content (that is for the output schema of a success).
 fn err_code(r: &CallToolResult) -> String {
-    assert_eq!(
-        r.is_error,
-        Some(true),
-        "expected an error: {:?}",
-        r.structured_content
-    );
-    r.structured_content.as_ref().unwrap()["error"]["code"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    assert_eq!(r.is_error, Some(true), "expected an error: {:?}", r.content);
+    assert!(r.structured_content.is_none(), "{:?}", r.structured_content);
+    let text = r.content[0].as_text().expect("text content").text.clone();
+    text.strip_prefix("error (")
+        .and_then(|t| t.split_once("): "))
+        .map(|(code, _)| code.to_string())
+        .unwrap_or_else(|| panic!("not a tool error text: {text}"))
 }
 
 async fn commands(server: &Server) -> Vec<Value> {

@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use flotilla_mcp::{
     AuditFilter as McpAuditFilter, BackendError, BackendHandle, BackendResult, CommandsFilter,
-    ConfirmStore, FleetBackend, FlotillaMcp, HttpOptions, QueueTarget,
+    ConfirmStore, ExpectedTargets as McpExpected, FleetBackend, FlotillaMcp, HttpOptions,
+    QueueTarget,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +30,7 @@ use crate::model::{
 };
 use crate::rest::auth::Tokens;
 use crate::rest::errors::ApiError;
-use crate::service::{agent_view, Fleet, FleetError, Queued, Target};
+use crate::service::{agent_view, ExpectedTargets, Fleet, FleetError, Queued, Target};
 use crate::views;
 
 /// How many of an agent's latest commands its view embeds (as `GET /api/v1/agents/{uid}`).
@@ -90,6 +91,13 @@ fn parse_time(name: &str, s: &str) -> BackendResult<Millis> {
     views::parse_time(name, s).map_err(bad)
 }
 
+fn service_target(target: &QueueTarget) -> BackendResult<Target> {
+    Ok(match target {
+        QueueTarget::Agent(a) => Target::Agent(uuid("agent", a)?),
+        QueueTarget::Query(q) => Target::Query(q.clone()),
+    })
+}
+
 #[async_trait]
 impl FleetBackend for McpBackend {
     fn identity(&self) -> String {
@@ -139,21 +147,33 @@ impl FleetBackend for McpBackend {
         Ok(json!({"kinds": self.fleet.catalog(&self.caller).await.map_err(err)?}))
     }
 
+    async fn plan(&self, target: &QueueTarget, kind: &str, params: &Value) -> BackendResult<Value> {
+        let kind = parse_kind(kind)?;
+        let plan = self
+            .fleet
+            .plan(&self.caller, service_target(target)?, kind, params)
+            .await
+            .map_err(err)?;
+        Ok(views::plan(&plan))
+    }
+
     async fn queue(
         &self,
         target: &QueueTarget,
         kind: &str,
         params: &Value,
+        expect: Option<&McpExpected>,
     ) -> BackendResult<Value> {
         let kind = parse_kind(kind)?;
-        let target = match target {
-            QueueTarget::Agent(a) => Target::Agent(uuid("agent", a)?),
-            QueueTarget::Query(q) => Target::Query(q.clone()),
-        };
+        let target = service_target(target)?;
+        let expect = expect.map(|e| ExpectedTargets {
+            count: e.count,
+            digest: e.digest.clone(),
+        });
         Ok(
             match self
                 .fleet
-                .queue(&self.caller, target, kind, params)
+                .queue_expecting(&self.caller, target, kind, params, expect.as_ref())
                 .await
                 .map_err(err)?
             {

@@ -174,6 +174,54 @@ pub enum Queued {
     Batch(Batch, Vec<Command>),
 }
 
+/// What a queue request would do ([`Fleet::plan`]): the agents it would reach and those it
+/// would skip. Nothing is queued or audited to compute it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub kind: CommandKind,
+    /// Validated, normalised parameters, as they would be queued.
+    pub params: Value,
+    /// The search query of a fan-out; `None` for one agent.
+    pub query: Option<String>,
+    /// Agents the target matched.
+    pub matched: usize,
+    /// Agents the command would be queued for, in uid order.
+    pub targets: Vec<AgentRow>,
+    /// Matching agents that cannot run it, with the reason.
+    pub skipped: Vec<SkippedTarget>,
+}
+
+impl Plan {
+    /// The target set in the form [`Fleet::queue_expecting`] checks.
+    pub fn expected(&self) -> ExpectedTargets {
+        ExpectedTargets::of(self.targets.iter().map(|t| t.uid))
+    }
+}
+
+/// A target set as it was previewed: how many agents and a SHA-256 digest of their uids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ExpectedTargets {
+    pub count: usize,
+    pub digest: String,
+}
+
+impl ExpectedTargets {
+    /// `uids` in uid order (the order plans list them in).
+    pub fn of(uids: impl IntoIterator<Item = Uuid>) -> ExpectedTargets {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut count = 0;
+        for u in uids {
+            count += 1;
+            h.update(u.as_bytes());
+        }
+        ExpectedTargets {
+            count,
+            digest: hex::encode(h.finalize()),
+        }
+    }
+}
+
 /// A fan-out's per-agent progress.
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchProgress {
@@ -502,6 +550,21 @@ impl Fleet {
         kind: CommandKind,
         params: &Value,
     ) -> FleetResult<Queued> {
+        self.queue_expecting(caller, target, kind, params, None)
+            .await
+    }
+
+    /// What [`Fleet::queue`] would do, without queuing or auditing anything: the same role
+    /// check, parameter validation, target resolution, `max_fanout` and capability checks (it
+    /// is the first half of `queue` itself, so a dry run and the real call cannot disagree).
+    /// Fails exactly where `queue` would fail.
+    pub async fn plan(
+        &self,
+        caller: &Caller,
+        target: Target,
+        kind: CommandKind,
+        params: &Value,
+    ) -> FleetResult<Plan> {
         Self::require(caller, Role::Operator, "queue commands")?;
         let params = commands::validate_params(kind, params)?;
         let now = now_ms();
@@ -509,6 +572,110 @@ impl Fleet {
             Target::Agent(uid) => {
                 let agent = self.get_agent(caller, uid).await?;
                 commands::check_capable(&agent, kind, &params)?;
+                Ok(Plan {
+                    kind,
+                    params,
+                    query: None,
+                    matched: 1,
+                    targets: vec![AgentRow::of(&agent, now)],
+                    skipped: Vec::new(),
+                })
+            }
+            Target::Query(q) => {
+                let query = Self::parse_query(&q)?;
+                let mut matched = 0usize;
+                let mut first = None;
+                let mut targets = Vec::new();
+                let mut skipped = Vec::new();
+                self.scan(None, |a| {
+                    if query.matches(&a, now) {
+                        matched += 1;
+                        first.get_or_insert(a.uid);
+                        // Past max_fanout the request fails anyway: stop collecting rows.
+                        if matched <= self.settings.max_fanout {
+                            match commands::check_capable(&a, kind, &params) {
+                                Ok(()) => targets.push(AgentRow::of(&a, now)),
+                                Err(e) => skipped.push(SkippedTarget {
+                                    agent_uid: a.uid,
+                                    reason: e.to_string(),
+                                }),
+                            }
+                        }
+                    }
+                    true
+                })
+                .await?;
+                let Some(first) = first else {
+                    return Err(FleetError::NoTargets(q));
+                };
+                if matched > self.settings.max_fanout {
+                    return Err(FleetError::TooManyTargets {
+                        count: matched,
+                        max: self.settings.max_fanout,
+                    });
+                }
+                if targets.is_empty() {
+                    return Err(FleetError::Command(CommandError::NotCapable {
+                        agent: first,
+                        kind: kind.as_str(),
+                        reason: format!(
+                            "none of the {matched} matching agents can run it ({})",
+                            skipped[0].reason
+                        ),
+                    }));
+                }
+                Ok(Plan {
+                    kind,
+                    params,
+                    query: Some(q),
+                    matched,
+                    targets,
+                    skipped,
+                })
+            }
+        }
+    }
+
+    /// [`Fleet::queue`], refusing with a conflict (nothing queued) when `expect` is given and
+    /// the resolved target set is no longer the one previewed, so a confirmation of "restart 5
+    /// agents" can never restart 500.
+    pub async fn queue_expecting(
+        &self,
+        caller: &Caller,
+        target: Target,
+        kind: CommandKind,
+        params: &Value,
+        expect: Option<&ExpectedTargets>,
+    ) -> FleetResult<Queued> {
+        let plan = self.plan(caller, target, kind, params).await?;
+        if let Some(e) = expect {
+            let now = plan.expected();
+            if now != *e {
+                return Err(FleetError::Conflict(format!(
+                    "the target set changed since it was previewed ({} agents then, {} now{}); \
+                     nothing was queued: preview the command again",
+                    e.count,
+                    now.count,
+                    if e.count == now.count {
+                        ", but not the same agents"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        let Plan {
+            kind,
+            params,
+            query,
+            targets,
+            skipped,
+            ..
+        } = plan;
+        let now = now_ms();
+        match query {
+            None => {
+                let uid = targets[0].uid;
                 let mut cmd = self.new_command(caller, uid, kind, &params, None, now);
                 let mut audit = NewAudit::new(caller, "command.queue");
                 audit.targets = vec![uid.to_string(), cmd.id.to_string()];
@@ -522,55 +689,12 @@ impl Fleet {
                 self.hub.notify(uid);
                 Ok(Queued::One(cmd))
             }
-            Target::Query(q) => {
-                let query = Self::parse_query(&q)?;
-                let mut matched = Vec::new();
-                self.scan(None, |a| {
-                    if query.matches(&a, now) {
-                        matched.push(a);
-                    }
-                    true
-                })
-                .await?;
-                if matched.is_empty() {
-                    return Err(FleetError::NoTargets(q));
-                }
-                if matched.len() > self.settings.max_fanout {
-                    return Err(FleetError::TooManyTargets {
-                        count: matched.len(),
-                        max: self.settings.max_fanout,
-                    });
-                }
+            Some(q) => {
                 let batch_id = Uuid::now_v7();
-                let mut skipped = Vec::new();
-                let mut cmds = Vec::new();
-                for a in &matched {
-                    match commands::check_capable(a, kind, &params) {
-                        Ok(()) => cmds.push(self.new_command(
-                            caller,
-                            a.uid,
-                            kind,
-                            &params,
-                            Some(batch_id),
-                            now,
-                        )),
-                        Err(e) => skipped.push(SkippedTarget {
-                            agent_uid: a.uid,
-                            reason: e.to_string(),
-                        }),
-                    }
-                }
-                if cmds.is_empty() {
-                    return Err(FleetError::Command(CommandError::NotCapable {
-                        agent: matched[0].uid,
-                        kind: kind.as_str(),
-                        reason: format!(
-                            "none of the {} matching agents can run it ({})",
-                            matched.len(),
-                            skipped[0].reason
-                        ),
-                    }));
-                }
+                let mut cmds: Vec<Command> = targets
+                    .iter()
+                    .map(|t| self.new_command(caller, t.uid, kind, &params, Some(batch_id), now))
+                    .collect();
                 let batch = Batch {
                     id: batch_id,
                     query: q.clone(),

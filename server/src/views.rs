@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::model::{rfc3339, AuditRecord, Batch, Command, CommandKind, Millis};
-use crate::service::BatchProgress;
+use crate::service::{BatchProgress, Plan};
 
 fn opt_time(ms: Option<i64>) -> Value {
     ms.map(|m| Value::String(rfc3339(m))).unwrap_or(Value::Null)
@@ -49,6 +49,33 @@ pub fn batch_progress(p: &BatchProgress) -> Value {
         "batch": batch(&p.batch),
         "counts": p.counts,
         "commands": p.commands,
+    })
+}
+
+/// Targets and skipped agents listed in a rendered plan; the counts and the digest cover all.
+pub const PLAN_SAMPLE: usize = 100;
+
+/// A dry run (`dry_run: true` on the queue endpoints; MCP previews): what would be queued.
+/// `expect_targets` can be sent back with the real request so it is refused if the target set
+/// changed in between.
+pub fn plan(p: &Plan) -> Value {
+    let destructive = crate::commands::catalog_entry(p.kind)["destructive"].clone();
+    let target = match &p.query {
+        Some(q) => json!({"query": q}),
+        None => json!({"agent": p.targets.first().map(|t| t.uid)}),
+    };
+    json!({
+        "dry_run": true,
+        "kind": p.kind,
+        "params": p.params,
+        "destructive": destructive,
+        "target": target,
+        "matched": p.matched,
+        "target_count": p.targets.len(),
+        "targets": &p.targets[..p.targets.len().min(PLAN_SAMPLE)],
+        "skipped_count": p.skipped.len(),
+        "skipped": &p.skipped[..p.skipped.len().min(PLAN_SAMPLE)],
+        "expect_targets": p.expected(),
     })
 }
 

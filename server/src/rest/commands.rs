@@ -14,7 +14,7 @@ use super::auth::Auth;
 use super::errors::{parse_uuid, ApiError, Json, Path, Query};
 use super::ApiState;
 use crate::model::{Caller, CommandFilter, CommandKind, CommandStatus};
-use crate::service::{Queued, Target};
+use crate::service::{ExpectedTargets, Queued, Target};
 use crate::views;
 
 fn parse_kind(s: &str) -> Result<CommandKind, ApiError> {
@@ -34,6 +34,12 @@ pub struct QueueOne {
     kind: String,
     #[serde(default)]
     params: Value,
+    /// Answer 200 with what would be queued ([`views::plan`]); queue nothing.
+    #[serde(default)]
+    dry_run: bool,
+    /// A dry run's `expect_targets`: refuse (409, nothing queued) if the targets changed.
+    #[serde(default)]
+    expect_targets: Option<ExpectedTargets>,
 }
 
 fn accepted(location: String, body: Value) -> Response {
@@ -50,10 +56,11 @@ async fn queue_one(
     uid: Uuid,
     kind: CommandKind,
     params: &Value,
+    expect: Option<&ExpectedTargets>,
 ) -> Result<Response, ApiError> {
     match st
         .fleet
-        .queue(caller, Target::Agent(uid), kind, params)
+        .queue_expecting(caller, Target::Agent(uid), kind, params, expect)
         .await?
     {
         Queued::One(c) => Ok(accepted(
@@ -90,7 +97,18 @@ pub async fn queue_for_agent(
 ) -> Result<Response, ApiError> {
     let uid = parse_uuid("agent uid", &uid)?;
     let kind = parse_kind(&body.kind)?;
-    queue_one(&st, &caller, uid, kind, &body.params).await
+    if body.dry_run {
+        return dry_run(&st, &caller, Target::Agent(uid), kind, &body.params).await;
+    }
+    queue_one(
+        &st,
+        &caller,
+        uid,
+        kind,
+        &body.params,
+        body.expect_targets.as_ref(),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +121,23 @@ pub struct QueueMany {
     kind: String,
     #[serde(default)]
     params: Value,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    expect_targets: Option<ExpectedTargets>,
+}
+
+/// `dry_run: true` on either queue endpoint: 200 with the plan, the same checks as queuing
+/// (they share [`crate::service::Fleet::plan`]), nothing queued or audited.
+async fn dry_run(
+    st: &ApiState,
+    caller: &Caller,
+    target: Target,
+    kind: CommandKind,
+    params: &Value,
+) -> Result<Response, ApiError> {
+    let plan = st.fleet.plan(caller, target, kind, params).await?;
+    Ok(axum::Json(views::plan(&plan)).into_response())
 }
 
 /// `POST /api/v1/commands`: with `query`, a fan-out (202 `{batch_id, queued, skipped,
@@ -113,11 +148,24 @@ pub async fn queue(
     Json(body): Json<QueueMany>,
 ) -> Result<Response, ApiError> {
     let kind = parse_kind(&body.kind)?;
+    if body.dry_run {
+        let target = match (body.query, body.agent) {
+            (Some(q), None) => Target::Query(q),
+            (None, Some(a)) => Target::Agent(parse_uuid("agent", &a)?),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",
+                ))
+            }
+        };
+        return dry_run(&st, &caller, target, kind, &body.params).await;
+    }
+    let expect = body.expect_targets.as_ref();
     match (body.query, body.agent) {
         (Some(q), None) => {
             match st
                 .fleet
-                .queue(&caller, Target::Query(q), kind, &body.params)
+                .queue_expecting(&caller, Target::Query(q), kind, &body.params, expect)
                 .await?
             {
                 Queued::Batch(b, cmds) => Ok(batch_response(&b, &cmds)),
@@ -129,7 +177,7 @@ pub async fn queue(
         }
         (None, Some(a)) => {
             let uid = parse_uuid("agent", &a)?;
-            queue_one(&st, &caller, uid, kind, &body.params).await
+            queue_one(&st, &caller, uid, kind, &body.params, expect).await
         }
         _ => Err(ApiError::bad_request(
             "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",

@@ -175,7 +175,17 @@ fn schemas() -> Value {
     let attrs = json!({"type": "object", "additionalProperties": {"type": "string"}});
     let skipped = json!({"type": "object", "required": ["agent_uid", "reason"], "properties": {
         "agent_uid": uuid_schema(), "reason": {"type": "string"}}});
-    let mut fanout_extra = Map::new();
+    // Every queue request may be a dry run, or carry a dry run's target expectation.
+    let mut queue_extra = Map::new();
+    queue_extra.insert(
+        "dry_run".into(),
+        json!({"type": "boolean", "default": false, "description": "Queue nothing: answer 200 with the plan (targets, skipped agents, expect_targets) after the same checks as the real request."}),
+    );
+    queue_extra.insert(
+        "expect_targets".into(),
+        json!({"allOf": [schema_ref("ExpectedTargets")], "description": "A dry run's expect_targets: the request is refused (409 conflict, nothing queued) if the resolved targets are no longer exactly those."}),
+    );
+    let mut fanout_extra = queue_extra.clone();
     fanout_extra.insert(
         "query".into(),
         json!({"type": "string", "description": "Fan out to every agent matching this search query (see GET /api/v1/agents)."}),
@@ -269,7 +279,31 @@ fn schemas() -> Value {
             "properties": {"items": {"type": "array", "items": schema_ref("Command")},
                            "next_cursor": nullable("string")}
         },
-        "QueueRequest": queue_variants(&Map::new(), &[]),
+        "QueueRequest": queue_variants(&queue_extra, &[]),
+        "ExpectedTargets": {
+            "type": "object", "required": ["count", "digest"], "additionalProperties": false,
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "digest": {"type": "string", "description": "Hex SHA-256 of the target uids (16 bytes each) in uid order."}
+            }
+        },
+        "Plan": {
+            "type": "object",
+            "required": ["dry_run", "kind", "params", "destructive", "target", "matched", "target_count", "targets", "skipped_count", "skipped", "expect_targets"],
+            "properties": {
+                "dry_run": {"const": true},
+                "kind": {"type": "string", "enum": kinds},
+                "params": {"type": "object", "description": "Validated, normalised parameters."},
+                "destructive": {"type": "boolean", "description": "The kind is destructive (catalog)."},
+                "target": {"type": "object", "properties": {"agent": uuid_schema(), "query": {"type": "string"}}},
+                "matched": {"type": "integer", "description": "Agents the target matched."},
+                "target_count": {"type": "integer", "description": "Agents a command would be queued for."},
+                "targets": {"type": "array", "items": schema_ref("AgentRow"), "description": "The first 100 of them, in uid order."},
+                "skipped_count": {"type": "integer"},
+                "skipped": {"type": "array", "items": skipped, "description": "The first 100 matching agents that cannot run it."},
+                "expect_targets": schema_ref("ExpectedTargets")
+            }
+        },
         "QueueFanoutRequest": {
             "description": "Exactly one of `query` and `agent`.",
             "allOf": [queue_variants(&fanout_extra, &[])]
@@ -493,6 +527,24 @@ pub fn document() -> Value {
             "too_many_targets",
         ],
     );
+    // Both queue endpoints answer a dry run with its plan, and refuse a stale expectation.
+    let (mut queue_one, mut queue_many) = (queue_one, queue_many);
+    for o in [&mut queue_one, &mut queue_many] {
+        o["responses"]["200"] = ok(
+            "Dry run (`dry_run: true`): what would be queued; nothing was.",
+            schema_ref("Plan"),
+        );
+        if let Value::Object(r) = &mut o["responses"] {
+            r.extend(errors(&["conflict"]));
+        }
+        let d = o["description"].as_str().unwrap_or_default().to_string();
+        o["description"] = json!(format!(
+            "{d} With `dry_run: true`: the same checks, nothing queued or audited, 200 with the \
+             plan (the first 100 targets and skipped agents, counts, and `expect_targets`). \
+             Sending that `expect_targets` with the real request makes it fail with 409 \
+             `conflict`, queuing nothing, if the resolved targets changed in between."
+        ));
+    }
     let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
     let statuses: Vec<&str> = CommandStatus::ALL.iter().map(|s| s.as_str()).collect();
     let list = op(

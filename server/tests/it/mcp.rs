@@ -23,7 +23,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::{
-    register_agent, register_agent_with_health, TestServer, OPERATOR_TOKEN, VIEWER_TOKEN,
+    register_agent, register_agent_with_health, TestServer, ADMIN_TOKEN, OPERATOR_TOKEN,
+    VIEWER_TOKEN,
 };
 
 const STATUS: u64 = Cap::ReportsStatus as u64;
@@ -109,19 +110,27 @@ fn ok(r: &CallToolResult) -> Value {
     r.structured_content.clone().expect("structured content")
 }
 
-/// The error code of a failed call.
+/// The error code and message of a failed call. A tool error is text only,
+/// `error (<code>): <message>`: structured content would have to match the output schema,
+/// which describes successes.
 fn fail(r: &CallToolResult) -> (String, String) {
     assert_eq!(
         r.is_error,
         Some(true),
         "expected a tool error: {:?}",
-        r.structured_content
+        r.content
     );
-    let e = &r.structured_content.as_ref().expect("structured error")["error"];
-    (
-        e["code"].as_str().unwrap().to_string(),
-        e["message"].as_str().unwrap().to_string(),
-    )
+    assert!(r.structured_content.is_none(), "{:?}", r.structured_content);
+    let text = r.content[0].as_text().expect("text content").text.clone();
+    parse_tool_error(&text)
+}
+
+fn parse_tool_error(text: &str) -> (String, String) {
+    let (code, message) = text
+        .strip_prefix("error (")
+        .and_then(|t| t.split_once("): "))
+        .unwrap_or_else(|| panic!("not a tool error text: {text}"));
+    (code.to_string(), message.to_string())
 }
 
 struct Fleet {
@@ -785,8 +794,9 @@ async fn python_sdk_drives_every_tool_on_streamable_http_and_sse() {
             .unwrap()
             .is_empty());
         assert_eq!(calls[12]["result"]["isError"], true);
+        assert!(calls[12]["result"].get("structuredContent").is_none());
         assert_eq!(
-            calls[12]["result"]["structuredContent"]["error"]["code"],
+            parse_tool_error(calls[12]["result"]["content"][0]["text"].as_str().unwrap()).0,
             "ambiguous_agent"
         );
         assert!(
@@ -819,5 +829,755 @@ async fn python_sdk_drives_every_tool_on_streamable_http_and_sse() {
     }
     let recs = audit(&server, "channel=mcp&operation=command.queue").await;
     assert_eq!(recs.len(), 4, "two restarts and two config pushes");
+    server.stop().await;
+}
+
+// ---- dry runs, target-bound confirmations, session ownership, older revisions ----------
+
+#[tokio::test]
+async fn a_confirmation_is_bound_to_the_previewed_targets() {
+    let server = TestServer::start().await;
+    let f = fleet(&server).await;
+    let c = connect(
+        &server,
+        OPERATOR_TOKEN,
+        Revision::Session,
+        TestClient::default(),
+    )
+    .await;
+    let fan = json!({"query": "host:web-*", "kind": "force_resync"});
+    let v = ok(&call(&c, "command_queue", fan.clone()).await);
+    assert_eq!(v["status"], "confirmation_required", "{v}");
+    assert_eq!(v["preview"]["target"]["total_targets"], 2);
+    // Another agent comes to match before the user's yes arrives: the confirmed call must not
+    // reach an agent the user never saw.
+    register_agent(
+        &server,
+        &[("service.name", "fluent-bit"), ("host.name", "web-9")],
+        ALL_CAPS,
+        &[],
+    )
+    .await;
+    let mut with = fan.clone();
+    with["confirmation_token"] = v["confirmation_token"].clone();
+    let (code, msg) = fail(&call(&c, "command_queue", with.clone()).await);
+    assert_eq!(code, "targets_changed", "{msg}");
+    assert!(msg.contains("2 agents then, 3 now"), "{msg}");
+    assert!(commands(&server).await.is_empty());
+    assert!(audit(&server, "operation=batch.queue").await.is_empty());
+    // The token is spent; a fresh preview names all three, and confirming it queues three.
+    assert_eq!(
+        fail(&call(&c, "command_queue", with).await).0,
+        "confirmation_invalid"
+    );
+    let v = ok(&call(&c, "command_queue", fan.clone()).await);
+    assert_eq!(v["preview"]["target"]["total_targets"], 3);
+    let mut with = fan;
+    with["confirmation_token"] = v["confirmation_token"].clone();
+    assert_eq!(ok(&call(&c, "command_queue", with).await)["queued"], 3);
+    assert_eq!(commands(&server).await.len(), 3);
+
+    // Same count, other agents: REST refuses a stale expect_targets too (409, nothing queued).
+    let rest = server.rest();
+    let (s, _) = rest
+        .put(
+            &format!("/api/v1/agents/{}/labels/wave", f.web1),
+            json!({"value": "1"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let body = json!({"query": "label:wave=1", "kind": "force_resync"});
+    let mut dry = body.clone();
+    dry["dry_run"] = json!(true);
+    let (s, plan) = rest.post("/api/v1/commands", dry).await;
+    assert_eq!((s, plan["target_count"].as_u64()), (200, Some(1)), "{plan}");
+    rest.delete(&format!("/api/v1/agents/{}/labels/wave", f.web1))
+        .await;
+    rest.put(
+        &format!("/api/v1/agents/{}/labels/wave", f.web3),
+        json!({"value": "1"}),
+    )
+    .await;
+    let mut real = body.clone();
+    real["expect_targets"] = plan["expect_targets"].clone();
+    let (s, e) = rest.post("/api/v1/commands", real.clone()).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not the same agents"),
+        "{e}"
+    );
+    assert_eq!(commands(&server).await.len(), 3);
+    // With a current expectation it queues.
+    let mut dry = body.clone();
+    dry["dry_run"] = json!(true);
+    let (_, plan) = rest.post("/api/v1/commands", dry).await;
+    real["expect_targets"] = plan["expect_targets"].clone();
+    let (s, v) = rest.post("/api/v1/commands", real).await;
+    assert_eq!((s, v["queued"].as_u64()), (202, Some(1)), "{v}");
+    c.cancel().await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dry_runs_and_previews_apply_every_check_of_the_real_call() {
+    let server = TestServer::start_with(|c| c.commands.max_fanout = 3).await;
+    let f = fleet(&server).await;
+    let rest = server.rest();
+    // restart over the three fluent-bit agents: the two "dup" ones cannot restart.
+    let (s, v) = rest
+        .post(
+            "/api/v1/commands",
+            json!({"query": "name:fluent-bit", "kind": "restart", "dry_run": true}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["matched"].as_u64(),
+            v["target_count"].as_u64(),
+            v["skipped_count"].as_u64()
+        ),
+        (Some(3), Some(1), Some(2)),
+        "{v}"
+    );
+    assert_eq!(v["targets"][0]["uid"], f.web1.to_string());
+    assert_eq!(
+        (v["destructive"].as_bool(), v["dry_run"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(v["expect_targets"]["count"], 1);
+    let (s, v) = rest
+        .post(
+            &format!("/api/v1/agents/{}/commands", f.web1),
+            json!({"kind": "chatops", "params": {"tag": "rotate"}, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["target"]["agent"].as_str()),
+        (200, Some(f.web1.to_string().as_str())),
+        "{v}"
+    );
+    // The same refusals as the real call, with the same codes.
+    for (path, body, status, code) in [
+        (
+            "/api/v1/commands".to_string(),
+            json!({"query": "", "kind": "force_resync"}),
+            422,
+            "too_many_targets",
+        ),
+        (
+            "/api/v1/commands".to_string(),
+            json!({"query": "host:none", "kind": "force_resync"}),
+            422,
+            "no_targets",
+        ),
+        (
+            "/api/v1/commands".to_string(),
+            json!({"agent": f.web1, "kind": "chatops", "params": {}}),
+            400,
+            "invalid_params",
+        ),
+        (
+            format!("/api/v1/agents/{}/commands", f.dup[0]),
+            json!({"kind": "restart"}),
+            422,
+            "capability_missing",
+        ),
+    ] {
+        let mut dry = body.clone();
+        dry["dry_run"] = json!(true);
+        let (s, e) = rest.post(&path, dry).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path} {body}: {e}"
+        );
+        let (s, e) = rest.post(&path, body.clone()).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (status, Some(code)),
+            "real {path} {body}: {e}"
+        );
+    }
+    let (s, e) = server
+        .rest_as(Some(VIEWER_TOKEN))
+        .post(
+            "/api/v1/commands",
+            json!({"agent": f.web1, "kind": "force_resync", "dry_run": true}),
+        )
+        .await;
+    assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
+    assert!(commands(&server).await.is_empty());
+    assert!(
+        audit(&server, "").await.is_empty(),
+        "a dry run is not audited"
+    );
+
+    // MCP's dry run and preview are that plan; bad input fails before any token exists.
+    let c = connect(
+        &server,
+        OPERATOR_TOKEN,
+        Revision::Modern,
+        TestClient::default(),
+    )
+    .await;
+    let v = ok(&call(
+        &c,
+        "command_queue",
+        json!({"query": "name:fluent-bit", "kind": "restart", "dry_run": true}),
+    )
+    .await);
+    assert_eq!(
+        (
+            v["status"].as_str(),
+            v["total_targets"].as_u64(),
+            v["skipped_count"].as_u64()
+        ),
+        (Some("dry_run"), Some(1), Some(2)),
+        "{v}"
+    );
+    let v = ok(&call(
+        &c,
+        "command_queue",
+        json!({"query": "name:fluent-bit", "kind": "restart"}),
+    )
+    .await);
+    assert_eq!(v["preview"]["target"]["total_targets"], 1, "{v}");
+    assert_eq!(v["preview"]["target"]["skipped_count"], 2, "{v}");
+    for (tool, args, code) in [
+        (
+            "command_queue",
+            json!({"query": "", "kind": "force_resync"}),
+            "too_many_targets",
+        ),
+        (
+            "command_queue",
+            json!({"agent": "web-1", "kind": "chatops", "params": {}}),
+            "invalid_params",
+        ),
+        (
+            "command_queue",
+            json!({"agent": "web-1", "kind": "restart", "params": {"ttl_seconds": 0}}),
+            "invalid_params",
+        ),
+        (
+            "command_queue",
+            json!({"agent": "dup", "kind": "restart"}),
+            "ambiguous_agent",
+        ),
+        (
+            "command_queue",
+            json!({"agent": f.dup[0].to_string(), "kind": "restart"}),
+            "capability_missing",
+        ),
+        (
+            "remote_config_push",
+            json!({"agent": "web-1", "files": {"a.conf": 5}}),
+            "invalid_params",
+        ),
+    ] {
+        let r = call(&c, tool, args.clone()).await;
+        assert_eq!(fail(&r).0, code, "{tool} {args}");
+    }
+    assert!(commands(&server).await.is_empty());
+    c.cancel().await.unwrap();
+    server.stop().await;
+}
+
+#[test]
+fn confirmation_follows_the_catalogs_destructive_kinds() {
+    use flotilla_server::model::CommandKind;
+    let from_catalog: Vec<&str> = CommandKind::ALL
+        .iter()
+        .filter(|k| flotilla_server::commands::catalog_entry(**k)["destructive"] == json!(true))
+        .map(|k| k.as_str())
+        .collect();
+    let mut named = flotilla_mcp::tools::DESTRUCTIVE_KINDS.to_vec();
+    let mut want = from_catalog.clone();
+    named.sort();
+    want.sort();
+    assert_eq!(
+        named, want,
+        "tool descriptions name other kinds than the catalog"
+    );
+}
+
+#[tokio::test]
+async fn remote_config_get_by_query_gives_compact_rows() {
+    let server = TestServer::start().await;
+    let f = fleet(&server).await;
+    // web-1 reports its running config.
+    let mut msg = crate::support::agent_status(
+        f.web1,
+        1,
+        &[
+            ("service.name", "fluent-bit"),
+            ("service.version", "5.1.1"),
+            ("host.name", "web-1"),
+        ],
+        ALL_CAPS,
+        &[CAP_CHATOPS],
+    );
+    let mut files = std::collections::HashMap::new();
+    files.insert(
+        "fluent-bit.conf".to_string(),
+        flotilla_proto::AgentConfigFile {
+            body: b"[SERVICE]\n    flush 1\n".to_vec(),
+            content_type: "text/plain".into(),
+        },
+    );
+    msg.effective_config = Some(flotilla_proto::EffectiveConfig {
+        config_map: Some(flotilla_proto::AgentConfigMap { config_map: files }),
+    });
+    crate::support::opamp_post(&server, &msg).await;
+    let c = connect(
+        &server,
+        OPERATOR_TOKEN,
+        Revision::Modern,
+        TestClient::default(),
+    )
+    .await;
+    let v = ok(&call(
+        &c,
+        "remote_config_get",
+        json!({"query": "host:web-*", "limit": 1}),
+    )
+    .await);
+    assert_eq!(
+        (v["total"].as_u64(), v["items"].as_array().unwrap().len()),
+        (Some(2), 1),
+        "{v}"
+    );
+    let row = &v["items"][0];
+    assert_eq!(row["uid"], f.web1.to_string());
+    assert!(
+        row.get("effective_config").is_none(),
+        "rows carry no config bodies"
+    );
+    // The effective hash is the server's config hash of the reported files.
+    let (_, agent) = server
+        .rest()
+        .get(&format!("/api/v1/agents/{}", f.web1))
+        .await;
+    let reported: flotilla_server::model::ConfigFiles =
+        serde_json::from_value(agent["effective_config"].clone()).unwrap();
+    assert_eq!(
+        row["effective_config_hash"],
+        flotilla_server::commands::config_hash(&reported)
+    );
+    let next = v["next_cursor"].as_str().unwrap();
+    let v = ok(&call(
+        &c,
+        "remote_config_get",
+        json!({"query": "host:web-*", "limit": 1, "cursor": next}),
+    )
+    .await);
+    assert_eq!(v["items"][0]["uid"], f.web3.to_string());
+    assert!(v["items"][0]["effective_config_hash"].is_null());
+    let one = ok(&call(&c, "remote_config_get", json!({"agent": "web-1"})).await);
+    assert_eq!(one["effective_config_hash"], row["effective_config_hash"]);
+    let (code, _) = fail(
+        &call(
+            &c,
+            "remote_config_get",
+            json!({"agent": "web-1", "query": "x"}),
+        )
+        .await,
+    );
+    assert_eq!(code, "invalid_arguments");
+    let (code, _) = fail(&call(&c, "remote_config_get", json!({"query": "", "limit": 51})).await);
+    assert_eq!(code, "invalid_arguments");
+    c.cancel().await.unwrap();
+    server.stop().await;
+}
+
+/// The JSON-RPC message answering `id` in a streamable HTTP response (JSON or SSE body).
+async fn rpc_answer(resp: reqwest::Response, id: u64) -> Value {
+    let text = resp.text().await.unwrap();
+    if let Ok(v) = serde_json::from_str::<Value>(&text) {
+        return v;
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("no answer to {id} in {text}"))
+}
+
+fn rpc(id: u64, method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+fn initialize(version: &str) -> Value {
+    rpc(
+        1,
+        "initialize",
+        json!({"protocolVersion": version, "capabilities": {},
+               "clientInfo": {"name": "raw", "version": "0"}}),
+    )
+}
+
+/// Opens a session-based `/mcp` session with raw HTTP as `token`; its id.
+async fn open_session(server: &TestServer, token: &str, version: &str) -> String {
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(server.api_url("/mcp"))
+        .bearer_auth(token)
+        .header("Accept", "application/json, text/event-stream")
+        .json(&initialize(version))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let sid = resp
+        .headers()
+        .get("mcp-session-id")
+        .expect("a session id")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let init = rpc_answer(resp, 1).await;
+    assert_eq!(init["result"]["protocolVersion"], version, "{init}");
+    let resp = http
+        .post(server.api_url("/mcp"))
+        .bearer_auth(token)
+        .header("Accept", "application/json, text/event-stream")
+        .header("Mcp-Session-Id", &sid)
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    sid
+}
+
+#[tokio::test]
+async fn session_based_revision_2025_03_26_over_raw_http() {
+    let server = TestServer::start().await;
+    fleet(&server).await;
+    let sid = open_session(&server, OPERATOR_TOKEN, "2025-03-26").await;
+    let http = reqwest::Client::new();
+    // 2025-03-26 clients send the session id and no MCP-Protocol-Version header.
+    let post = |body: Value| {
+        http.post(server.api_url("/mcp"))
+            .bearer_auth(OPERATOR_TOKEN)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Mcp-Session-Id", &sid)
+            .json(&body)
+            .send()
+    };
+    let list = rpc_answer(post(rpc(2, "tools/list", json!({}))).await.unwrap(), 2).await;
+    assert_eq!(
+        list["result"]["tools"].as_array().unwrap().len(),
+        11,
+        "{list}"
+    );
+    let r = rpc_answer(
+        post(rpc(
+            3,
+            "tools/call",
+            json!({"name": "fleet_summary", "arguments": {}}),
+        ))
+        .await
+        .unwrap(),
+        3,
+    )
+    .await;
+    assert_eq!(r["result"]["structuredContent"]["total"], 4, "{r}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_streamable_http_session_belongs_to_its_caller() {
+    let server = TestServer::start().await;
+    let f = fleet(&server).await;
+    let sid = open_session(&server, OPERATOR_TOKEN, "2025-06-18").await;
+    let http = reqwest::Client::new();
+    let req = |method: reqwest::Method, token: &str| {
+        http.request(method, server.api_url("/mcp"))
+            .bearer_auth(token)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Mcp-Session-Id", &sid)
+            .header("MCP-Protocol-Version", "2025-06-18")
+    };
+    let queue = rpc(
+        2,
+        "tools/call",
+        json!({"name": "command_queue", "arguments": {"agent": f.web1.to_string(), "kind": "force_resync"}}),
+    );
+    // Another valid token that knows the session id can neither call, listen, answer an
+    // elicitation nor close it.
+    let answer = json!({"jsonrpc": "2.0", "id": 0, "result": {"action": "accept", "content": {"confirm": true}}});
+    for (method, body) in [
+        (reqwest::Method::POST, Some(queue.clone())),
+        (reqwest::Method::POST, Some(answer)),
+        (reqwest::Method::GET, None),
+        (reqwest::Method::DELETE, None),
+    ] {
+        let mut r = req(method.clone(), ADMIN_TOKEN);
+        if let Some(b) = &body {
+            r = r.json(b);
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "{method}");
+        let v: Value = resp.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("another caller"),
+            "{v}"
+        );
+    }
+    assert!(commands(&server).await.is_empty());
+    // Its owner still uses it, and closing it forgets the binding.
+    let r = rpc_answer(
+        req(reqwest::Method::POST, OPERATOR_TOKEN)
+            .json(&queue)
+            .send()
+            .await
+            .unwrap(),
+        2,
+    )
+    .await;
+    assert_eq!(r["result"]["structuredContent"]["status"], "queued", "{r}");
+    let all = commands(&server).await;
+    assert_eq!((all.len(), all[0]["actor"].as_str()), (1, Some("ops")));
+    let resp = req(reqwest::Method::DELETE, OPERATOR_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    server.stop().await;
+}
+
+/// A legacy SSE session opened with raw HTTP: the event stream and the endpoint it names.
+struct RawSse {
+    resp: reqwest::Response,
+    buf: String,
+    endpoint: String,
+}
+
+impl RawSse {
+    async fn open(server: &TestServer, token: &str) -> RawSse {
+        let resp = reqwest::Client::new()
+            .get(server.api_url("/sse"))
+            .bearer_auth(token)
+            .header("Accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut s = RawSse {
+            resp,
+            buf: String::new(),
+            endpoint: String::new(),
+        };
+        let (event, data) = s.next_event().await;
+        assert_eq!(event, "endpoint");
+        s.endpoint = data;
+        s
+    }
+
+    async fn next_event(&mut self) -> (String, String) {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim().to_string();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim());
+                    }
+                }
+                if !event.is_empty() || !data.is_empty() {
+                    return (event, data);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), self.resp.chunk())
+                .await
+                .expect("an SSE event")
+                .unwrap()
+                .expect("the SSE stream ended");
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// The message answering `id`.
+    async fn answer(&mut self, id: u64) -> Value {
+        loop {
+            let (event, data) = self.next_event().await;
+            if event == "message" {
+                let v: Value = serde_json::from_str(&data).unwrap();
+                if v["id"] == id {
+                    return v;
+                }
+            }
+        }
+    }
+}
+
+async fn post_message(
+    server: &TestServer,
+    endpoint: &str,
+    token: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> u16 {
+    let mut req = reqwest::Client::new()
+        .post(server.api_url(endpoint))
+        .bearer_auth(token)
+        .json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn legacy_sse_2024_11_05_over_raw_http_and_its_checks() {
+    let server = TestServer::start().await;
+    fleet(&server).await;
+    let mut sse = RawSse::open(&server, OPERATOR_TOKEN).await;
+    let ep = sse.endpoint.clone();
+    assert!(ep.starts_with("/messages?sessionId="), "{ep}");
+    assert_eq!(
+        post_message(&server, &ep, OPERATOR_TOKEN, &initialize("2024-11-05"), &[]).await,
+        202
+    );
+    let init = sse.answer(1).await;
+    assert_eq!(init["result"]["protocolVersion"], "2024-11-05", "{init}");
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        post_message(&server, &ep, OPERATOR_TOKEN, &note, &[]).await,
+        202
+    );
+    let list = rpc(2, "tools/list", json!({}));
+    assert_eq!(
+        post_message(&server, &ep, OPERATOR_TOKEN, &list, &[]).await,
+        202
+    );
+    assert_eq!(
+        sse.answer(2).await["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .len(),
+        11
+    );
+    let summary = rpc(
+        3,
+        "tools/call",
+        json!({"name": "fleet_summary", "arguments": {}}),
+    );
+    assert_eq!(
+        post_message(&server, &ep, OPERATOR_TOKEN, &summary, &[]).await,
+        202
+    );
+    assert_eq!(
+        sse.answer(3).await["result"]["structuredContent"]["total"],
+        4
+    );
+
+    // Another caller's message, a rebinding Host or a foreign Origin: refused, not delivered.
+    let queue = rpc(
+        4,
+        "tools/call",
+        json!({"name": "command_queue",
+        "arguments": {"agent": "web-1", "kind": "force_resync"}}),
+    );
+    assert_eq!(
+        post_message(&server, &ep, ADMIN_TOKEN, &queue, &[]).await,
+        403
+    );
+    assert_eq!(
+        post_message(
+            &server,
+            &ep,
+            OPERATOR_TOKEN,
+            &queue,
+            &[("Host", "evil.example")]
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        post_message(
+            &server,
+            &ep,
+            OPERATOR_TOKEN,
+            &queue,
+            &[("Origin", "http://evil.example")]
+        )
+        .await,
+        403
+    );
+    assert!(commands(&server).await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_caller_cannot_take_every_sse_session() {
+    let server = TestServer::start().await;
+    let mut open = Vec::new();
+    for _ in 0..flotilla_mcp::http::MAX_SSE_SESSIONS_PER_CALLER {
+        open.push(RawSse::open(&server, VIEWER_TOKEN).await);
+    }
+    let resp = reqwest::Client::new()
+        .get(server.api_url("/sse"))
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    // Everyone else still gets a session.
+    let other = RawSse::open(&server, OPERATOR_TOKEN).await;
+    assert!(other.endpoint.starts_with("/messages"));
+    drop(open);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_mode_hides_prompts_that_change_the_fleet() {
+    let server = TestServer::start_with(|c| c.mcp.read_only = true).await;
+    let c = connect(
+        &server,
+        OPERATOR_TOKEN,
+        Revision::Session,
+        TestClient::default(),
+    )
+    .await;
+    let names: Vec<String> = c
+        .list_all_prompts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!names.iter().any(|n| n == "roll_out_config_safely"));
+    let err = c
+        .get_prompt(
+            rmcp::model::GetPromptRequestParams::new("roll_out_config_safely").with_arguments(
+                json!({"query": "type:fluentbit", "change": "x"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("read-only"), "{err}");
+    c.cancel().await.unwrap();
     server.stop().await;
 }
