@@ -111,15 +111,67 @@ pub enum VerifyError {
     Store(#[from] StoreError),
 }
 
-/// Walks the whole audit trail in id order and checks every link and every hash.
+/// The last record of a verified chain: id and hash. Kept outside the database (a log line,
+/// a ticket, another system), it proves later that the trail up to it is still whole: a chain
+/// cut off before it, or rewritten from any point before it, no longer contains it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    pub id: i64,
+    pub hash: String,
+}
+
+impl fmt::Display for ChainHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.id, self.hash)
+    }
+}
+
+impl std::str::FromStr for ChainHead {
+    type Err = String;
+    /// `ID:HASH`, as [`ChainHead`]'s `Display` writes it.
+    fn from_str(s: &str) -> Result<ChainHead, String> {
+        let (id, hash) = s
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| format!("anchor {s:?} must be ID:HASH (as `audit verify` prints it)"))?;
+        let id: i64 = id
+            .parse()
+            .ok()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| format!("anchor id {id:?} is not a positive record id"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("anchor hash {hash:?} is not 64 hex digits"));
+        }
+        Ok(ChainHead {
+            id,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// What [`verify`] found in an intact chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub count: u64,
+    /// The last record (`None` for an empty trail).
+    pub head: Option<ChainHead>,
+}
+
+/// Walks the whole audit trail in id order and checks every link and every hash, and, given
+/// an `anchor` (a head recorded earlier), that the chain still holds that record unchanged.
 ///
-/// Returns how many records were checked, or the first broken record. A deleted record
-/// cannot be seen directly; it shows up as the next surviving record failing to link to
-/// its predecessor, and the reason then names the missing ids.
-pub async fn verify(store: &dyn Store) -> Result<u64, VerifyError> {
+/// Returns the count and head, or the first broken record. A deleted record cannot be seen
+/// directly; it shows up as the next surviving record failing to link to its predecessor,
+/// and the reason then names the missing ids. Deleting the newest records leaves a chain
+/// that links; only an anchor from before the deletion reveals it.
+pub async fn verify(
+    store: &dyn Store,
+    anchor: Option<&ChainHead>,
+) -> Result<Verified, VerifyError> {
     let mut checked: u64 = 0;
     let mut prev: Option<(i64, String)> = None;
     let mut after = 0i64;
+    let mut anchor_seen = false;
     loop {
         let page = store.audit_chain(after, PAGE).await?;
         let Some(last) = page.last() else { break };
@@ -129,6 +181,17 @@ pub async fn verify(store: &dyn Store) -> Result<u64, VerifyError> {
             if let Some(reason) = check(prev.as_ref(), r) {
                 return Err(VerifyError::Broken(ChainBreak { id: r.id, reason }));
             }
+            if let Some(a) = anchor.filter(|a| a.id == r.id) {
+                if a.hash != r.hash {
+                    return Err(VerifyError::Broken(ChainBreak {
+                        id: r.id,
+                        reason: format!(
+                            "hash differs from the anchor {a}: the trail was rewritten from here or earlier"
+                        ),
+                    }));
+                }
+                anchor_seen = true;
+            }
             prev = Some((r.id, r.hash.clone()));
             checked += 1;
         }
@@ -136,7 +199,19 @@ pub async fn verify(store: &dyn Store) -> Result<u64, VerifyError> {
             break;
         }
     }
-    Ok(checked)
+    if let Some(a) = anchor.filter(|_| !anchor_seen) {
+        return Err(VerifyError::Broken(ChainBreak {
+            id: a.id,
+            reason: format!(
+                "the anchor's record is missing (the chain ends at {}): records were deleted from the end",
+                prev.as_ref().map_or_else(|| "nothing".to_string(), |(id, _)| format!("record {id}"))
+            ),
+        }));
+    }
+    Ok(Verified {
+        count: checked,
+        head: prev.map(|(id, hash)| ChainHead { id, hash }),
+    })
 }
 
 /// Why `r` does not follow `prev` (id and hash of the previous record), if it does not.
@@ -252,7 +327,8 @@ mod tests {
     async fn verify_empty_and_intact_chains() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).await.unwrap();
-        assert_eq!(verify(&store).await.unwrap(), 0);
+        let empty = verify(&store, None).await.unwrap();
+        assert_eq!((empty.count, empty.head), (0, None));
         let caller = Caller::system();
         for i in 0..5 {
             let mut a = NewAudit::new(&caller, "test.op");
@@ -261,7 +337,59 @@ mod tests {
             a.targets = vec![format!("agent-{i}")];
             store.append_audit(a).await.unwrap();
         }
-        assert_eq!(verify(&store).await.unwrap(), 5);
+        let v = verify(&store, None).await.unwrap();
+        assert_eq!(v.count, 5);
+        let head = v.head.expect("a head");
+        assert_eq!(head.id, 5);
+        // The head, printed and parsed back, anchors a later verification.
+        let anchor: ChainHead = head.to_string().parse().unwrap();
+        assert_eq!(anchor, head);
+        store
+            .append_audit(NewAudit::new(&caller, "test.later"))
+            .await
+            .unwrap();
+        assert_eq!(verify(&store, Some(&anchor)).await.unwrap().count, 6);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_anchor_reveals_records_deleted_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let caller = Caller::system();
+        for _ in 0..4 {
+            store
+                .append_audit(NewAudit::new(&caller, "test.op"))
+                .await
+                .unwrap();
+        }
+        let anchor = verify(&store, None).await.unwrap().head.unwrap();
+        // Cutting off the newest records leaves a chain that links…
+        sqlx::query("DELETE FROM audit WHERE id >= 3")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(verify(&store, None).await.unwrap().count, 2);
+        // …but not one that holds the anchor.
+        match verify(&store, Some(&anchor)).await {
+            Err(VerifyError::Broken(b)) => {
+                assert_eq!(b.id, 4);
+                assert!(b.reason.contains("deleted from the end"), "{}", b.reason);
+            }
+            other => panic!("expected a break, got {other:?}"),
+        }
+        // A rewritten anchor record is named too.
+        let wrong = ChainHead {
+            id: 2,
+            hash: "0".repeat(64),
+        };
+        match verify(&store, Some(&wrong)).await {
+            Err(VerifyError::Broken(b)) => assert_eq!(b.id, 2),
+            other => panic!("expected a break, got {other:?}"),
+        }
+        for bad in ["", "7", "x:abc", "0:ab", &format!("3:{}", "g".repeat(64))] {
+            assert!(bad.parse::<ChainHead>().is_err(), "{bad:?}");
+        }
         store.close().await;
     }
 
@@ -276,14 +404,14 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert_eq!(verify(&store).await.unwrap(), (PAGE + 5) as u64);
+        assert_eq!(verify(&store, None).await.unwrap().count, (PAGE + 5) as u64);
         // A break on the second page is still found.
         sqlx::query("UPDATE audit SET actor = 'mallory' WHERE id = ?")
             .bind((PAGE + 2) as i64)
             .execute(store.pool())
             .await
             .unwrap();
-        match verify(&store).await {
+        match verify(&store, None).await {
             Err(VerifyError::Broken(b)) => assert_eq!(b.id, (PAGE + 2) as i64),
             other => panic!("expected a break, got {other:?}"),
         }

@@ -131,6 +131,7 @@ pub async fn run(
     let rest_app =
         rest::router(rest_ctx).merge(mcp_backend::routes(fleet.clone(), &cfg, token.clone()));
 
+    log_audit_head(store.as_ref(), "at start").await;
     let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
     tracing::info!(
         opamp = %opamp.local_addr()?, path = %cfg.opamp.path,
@@ -167,11 +168,34 @@ pub async fn run(
     if let Err(e) = flusher.await {
         tracing::warn!(error = %e, "heartbeat flusher ended abnormally");
     }
+    log_audit_head(store.as_ref(), "at stop").await;
     store.close().await;
     tracing::info!("flotilla stopped; store flushed");
     a?;
     b?;
     Ok(())
+}
+
+/// Logs the newest audit record's id and hash. Shipped with the logs, these lines are anchors
+/// outside the database: `flotilla audit verify --anchor ID:HASH` proves later that nothing up
+/// to that record was deleted or rewritten (deleting the newest records leaves a chain that
+/// still links, so the chain alone cannot show it).
+async fn log_audit_head(store: &dyn Store, when: &str) {
+    let newest = store
+        .query_audit(&model::AuditFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .await;
+    match newest {
+        Ok(recs) => match recs.first() {
+            Some(r) => {
+                tracing::info!(anchor = %format!("{}:{}", r.id, r.hash), "audit head {when}")
+            }
+            None => tracing::info!("audit trail empty {when}"),
+        },
+        Err(e) => tracing::warn!(error = %e, "could not read the audit head {when}"),
+    }
 }
 
 /// Expires overdue commands every second.

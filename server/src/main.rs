@@ -63,8 +63,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check the whole hash chain; names the first broken record.
-    Verify,
+    /// Check the whole hash chain; names the first broken record and prints the chain head.
+    Verify {
+        /// A head printed by an earlier run (`ID:HASH`): also prove the chain still holds that
+        /// record unchanged, which reveals records deleted from the end.
+        #[arg(long, value_name = "ID:HASH")]
+        anchor: Option<flotilla_server::audit::ChainHead>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,12 +148,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Audit {
-            command: AuditCmd::Verify,
+            command: AuditCmd::Verify { anchor },
         } => {
             let store = flotilla_server::open_store_for_tools(&v.config).await?;
-            match flotilla_server::audit::verify(store.as_ref()).await {
-                Ok(n) => {
-                    println!("audit chain intact: {n} records verified");
+            match flotilla_server::audit::verify(store.as_ref(), anchor.as_ref()).await {
+                Ok(ok) => {
+                    println!("audit chain intact: {} records verified", ok.count);
+                    if let Some(head) = ok.head {
+                        println!("head: {head}");
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(flotilla_server::audit::VerifyError::Broken(b)) => {

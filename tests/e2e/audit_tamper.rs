@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotilla_e2e::{audit_verify, python, sqlite, Home, HttpAgent, Server};
+use flotilla_e2e::{audit_verify, audit_verify_anchored, python, sqlite, Home, HttpAgent, Server};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(15);
@@ -200,9 +200,27 @@ async fn audit_tampering_is_detected_and_located() {
         "{reason}"
     );
 
-    // The original is untouched and still verifies.
+    // 4. The newest records are deleted: what is left still links, so only the head printed
+    //    by an earlier verification (kept outside the database) reveals it.
+    let intact = audit_verify(&trail.home.data_dir).await;
+    let anchor = intact.head().expect("a head line");
+    let last = *trail.ids.last().unwrap();
+    assert!(anchor.starts_with(&format!("{last}:")), "{anchor}");
+    let dir = trail.copy("truncated");
+    let res = sqlite(
+        &dir.join("flotilla.db"),
+        &format!("DELETE FROM audit WHERE id >= {after}"),
+    );
+    assert!(res["changes"].as_u64().unwrap() >= 1, "{res}");
+    assert!(audit_verify(&dir).await.intact_count() < trail.ids.len() as u64);
+    let (id, reason) = audit_verify_anchored(&dir, &anchor).await.broken_at();
+    assert_eq!(id, last, "{reason}");
+    assert!(reason.contains("deleted from the end"), "{reason}");
+    // The untouched trail holds its own anchor.
     assert_eq!(
-        audit_verify(&trail.home.data_dir).await.intact_count(),
+        audit_verify_anchored(&trail.home.data_dir, &anchor)
+            .await
+            .intact_count(),
         trail.ids.len() as u64
     );
 }

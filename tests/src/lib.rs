@@ -11,7 +11,9 @@ pub mod agent;
 pub mod server;
 
 pub use agent::HttpAgent;
-pub use server::{audit_verify, flotilla_bin, python, run_flotilla, sqlite, Home, Server};
+pub use server::{
+    audit_verify, audit_verify_anchored, flotilla_bin, python, run_flotilla, sqlite, Home, Server,
+};
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};

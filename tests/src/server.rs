@@ -143,11 +143,22 @@ impl Verify {
     pub fn intact_count(&self) -> u64 {
         assert_eq!(self.code, Some(0), "audit verify should pass: {self:?}");
         self.stdout
+            .lines()
+            .next()
+            .unwrap_or_default()
             .trim()
             .strip_prefix("audit chain intact: ")
             .and_then(|s| s.strip_suffix(" records verified"))
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("unexpected `audit verify` output: {self:?}"))
+    }
+
+    /// `ID:HASH` from the "head: ID:HASH" line of an intact chain.
+    pub fn head(&self) -> Option<String> {
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("head: "))
+            .map(str::to_string)
     }
 
     /// (record id, reason) from "audit chain BROKEN at record N: reason"; panics unless it
@@ -172,13 +183,19 @@ impl Verify {
 
 /// Runs `flotilla audit verify --data-dir <data_dir>`.
 pub async fn audit_verify(data_dir: &Path) -> Verify {
+    verify_with(data_dir, &[]).await
+}
+
+/// `flotilla audit verify --anchor ID:HASH` on `data_dir`.
+pub async fn audit_verify_anchored(data_dir: &Path, anchor: &str) -> Verify {
+    verify_with(data_dir, &["--anchor", anchor]).await
+}
+
+async fn verify_with(data_dir: &Path, extra: &[&str]) -> Verify {
     let dir = data_dir.to_str().expect("UTF-8 temp path");
-    let out = run_flotilla(
-        &["audit", "verify", "--data-dir", dir],
-        &[],
-        Duration::from_secs(30),
-    )
-    .await;
+    let mut args = vec!["audit", "verify", "--data-dir", dir];
+    args.extend_from_slice(extra);
+    let out = run_flotilla(&args, &[], Duration::from_secs(30)).await;
     Verify {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -1672,7 +1672,7 @@ mod tests {
         for w in recs.windows(2) {
             assert_eq!(w[1].prev_hash, w[0].hash);
         }
-        assert_eq!(verify(&s).await.unwrap(), 5);
+        assert_eq!(verify(&s, None).await.unwrap().count, 5);
     }
 
     #[tokio::test]
@@ -1683,7 +1683,7 @@ mod tests {
             .execute(s.pool())
             .await
             .unwrap();
-        match verify(&s).await {
+        match verify(&s, None).await {
             Err(VerifyError::Broken(b)) => {
                 assert_eq!(b.id, recs[2].id);
                 assert!(b.reason.contains("does not match its hash"), "{b}");
@@ -1700,7 +1700,7 @@ mod tests {
             .execute(s.pool())
             .await
             .unwrap();
-        match verify(&s).await {
+        match verify(&s, None).await {
             Err(VerifyError::Broken(b)) => {
                 assert_eq!(b.id, recs[3].id);
                 assert!(
@@ -1745,7 +1745,7 @@ mod tests {
         // Appending after reopen continues the same chain.
         let next = s.append_audit(op("login", &[])).await.unwrap();
         assert_eq!(next.prev_hash, rec.hash);
-        assert_eq!(verify(&s).await.unwrap(), 2);
+        assert_eq!(verify(&s, None).await.unwrap().count, 2);
         let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
             .fetch_one(s.pool())
             .await
