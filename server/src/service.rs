@@ -509,6 +509,43 @@ impl Fleet {
             .collect())
     }
 
+    /// An operator-chosen `new_uid` must name nobody yet (adopting it would overwrite that
+    /// agent's record) and can go to one agent only (a batch gets a fresh uid per agent).
+    async fn check_chosen_uid(
+        &self,
+        target: &Target,
+        kind: CommandKind,
+        params: &Value,
+    ) -> FleetResult<()> {
+        if kind != CommandKind::NewInstanceUid {
+            return Ok(());
+        }
+        let Some(chosen) = params.get("new_uid").and_then(Value::as_str) else {
+            return Ok(());
+        };
+        let bad = |reason: String| {
+            FleetError::Command(CommandError::InvalidParams {
+                kind: kind.as_str(),
+                message: reason,
+            })
+        };
+        if matches!(target, Target::Query(_)) {
+            return Err(bad(
+                "new_uid can be chosen for one agent only; leave it out and every agent of the \
+                 batch gets a fresh UUIDv7"
+                    .into(),
+            ));
+        }
+        if let Ok(uid) = Uuid::parse_str(chosen) {
+            if self.store.get_agent(uid).await?.is_some() {
+                return Err(bad(format!(
+                    "new_uid {uid} already belongs to an agent in the registry"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn new_command(
         &self,
         caller: &Caller,
@@ -522,12 +559,17 @@ impl Fleet {
             .get("ttl_seconds")
             .and_then(Value::as_u64)
             .unwrap_or(self.settings.queue_ttl_s);
+        let mut params = params.clone();
+        if kind == CommandKind::NewInstanceUid && batch.is_some() {
+            // The batch's params hold one generated uid; every agent needs its own.
+            params["new_uid"] = json!(Uuid::now_v7().to_string());
+        }
         Command {
             id: Uuid::now_v7(),
             agent_uid: agent,
             batch_id: batch,
             kind,
-            params: params.clone(),
+            params,
             status: CommandStatus::Queued,
             created_at: now,
             sent_at: None,
@@ -566,6 +608,7 @@ impl Fleet {
         params: &Value,
     ) -> FleetResult<Plan> {
         Self::require(caller, Role::Operator, "queue commands")?;
+        self.check_chosen_uid(&target, kind, params).await?;
         let params = commands::validate_params(kind, params)?;
         let now = now_ms();
         match target {
@@ -910,13 +953,18 @@ impl Fleet {
         let mut n = 0;
         for c in due {
             let error = match c.status {
-                CommandStatus::Queued => "not delivered before it expired (agent not connected?)",
-                _ => "delivered, but the agent reported no result in time",
+                CommandStatus::Queued => {
+                    "not delivered before it expired (agent not connected?)".to_string()
+                }
+                _ => {
+                    let agent = self.store.get_agent(c.agent_uid).await?;
+                    commands::no_result_reason(&c, agent.as_ref())
+                }
             };
             let finish = Finish {
                 to: CommandStatus::Expired,
                 result: None,
-                error: Some(error.into()),
+                error: Some(error),
                 at: now,
             };
             if self.settle(&c, &[c.status], finish).await?.is_some() {

@@ -1269,6 +1269,125 @@ async fn ws_command_is_delivered_at_once_and_exactly_once() {
     server.stop().await;
 }
 
+/// A fluent-opamp supervisor (shared/reference/fluent-opamp-compat.md) as it registers and
+/// answers: `request:`-prefixed custom capabilities, capabilities 0xC01, failures only, no
+/// command ids. Flotilla must drive it in that plain form and say honestly what it learnt.
+#[tokio::test]
+async fn fluent_opamp_supervisors_are_driven_in_their_own_wire_form() {
+    const CHATOPS: &str = "org.mp3monster.opamp_provider.chatopcommand";
+    const SHUTDOWN: &str = "org.mp3monster.opamp_provider.command_shutdown_agent";
+    let server = TestServer::start_with(|c| c.commands.result_timeout_s = 1).await;
+    let uid = new_uid();
+    let mut hello = full(uid, 0, 0xC01);
+    hello.agent_description = Some(AgentDescription {
+        identifying_attributes: vec![
+            kv_str("service.name", "fluentbit-agent"),
+            kv_str("service.namespace", "fluent"),
+            kv_str("service.type", "Fluent Bit"),
+            kv_str("service.instance.id", "node-7"),
+            kv_str("service.version", "Fluent Bit - 5.1.1 (Community)"),
+        ],
+        non_identifying_attributes: vec![kv_str("os_type", "linux"), kv_str("hostname", "node-7")],
+    });
+    hello.custom_capabilities = Some(flotilla_proto::CustomCapabilities {
+        capabilities: vec![
+            format!("request:{CHATOPS}"),
+            format!("request:{SHUTDOWN}"),
+            "request:org.mp3monster.opamp_provider.nullcommand".into(),
+        ],
+    });
+    let mut ws = Ws::connect(&server).await;
+    let r = ws.request(&hello).await;
+    let offered = r
+        .custom_capabilities
+        .expect("the server lists its custom capabilities");
+    for c in [CHATOPS, SHUTDOWN] {
+        assert!(offered.capabilities.iter().any(|o| o == c), "{offered:?}");
+    }
+
+    // ChatOps in fluent-opamp's form: type "request", keys sorted, no command id.
+    let failing = queue(
+        &server,
+        uid,
+        "chatops",
+        json!({"tag": "flush", "attributes": {"why": "disk"}}),
+    )
+    .await;
+    let m = ws.recv().await;
+    let cm = m.custom_message.expect("a custom message");
+    assert_eq!(
+        (cm.capability.as_str(), cm.r#type.as_str()),
+        (CHATOPS, "request")
+    );
+    assert_eq!(
+        String::from_utf8(cm.data).unwrap(),
+        r#"{"attributes":{"why":"disk"},"tag":"flush"}"#
+    );
+    wait_command(&server, &failing, "sent").await;
+    // Its only report: a failure, correlated with the last ChatOps command sent.
+    let mut fail = beat(uid, 1);
+    fail.custom_message = Some(flotilla_proto::CustomMessage {
+        capability: CHATOPS.into(),
+        r#type: "failure".into(),
+        data: br#"{"http_code": 503, "err_msg": "input paused"}"#.to_vec(),
+    });
+    ws.request(&fail).await;
+    let c = wait_command(&server, &failing, "failed").await;
+    assert!(c["error"].as_str().unwrap().contains("input paused"), "{c}");
+    assert_eq!(c["result"]["data"]["http_code"], 503, "{c}");
+
+    // No news is not reported as good news: without a failure report the command expires,
+    // and the message says the outcome is unknown and why.
+    let silent = queue(&server, uid, "chatops", json!({"tag": "rotate"})).await;
+    assert!(ws.recv().await.custom_message.is_some());
+    let c = wait_command(&server, &silent, "expired").await;
+    assert!(
+        c["error"]
+            .as_str()
+            .unwrap()
+            .contains("reports only failures"),
+        "{c}"
+    );
+
+    // Shutdown in its form; agent_disconnect is the evidence it ran.
+    let bye = queue(&server, uid, "shutdown", json!({})).await;
+    let cm = ws.recv().await.custom_message.expect("shutdown message");
+    assert_eq!(
+        (cm.capability.as_str(), cm.r#type.as_str()),
+        (SHUTDOWN, "Shutdown Agent")
+    );
+    let mut disconnect = beat(uid, 2);
+    disconnect.agent_disconnect = Some(AgentDisconnect {});
+    ws.request(&disconnect).await;
+    wait_command(&server, &bye, "succeeded").await;
+    let db = db(&server).await;
+    let a = wait_agent(&db, uid, |a| !a.connected).await;
+    assert_eq!(a.attr("service.type"), Some("Fluent Bit"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_that_cannot_be_confirmed_expires_saying_so() {
+    let server = TestServer::start_with(|c| c.commands.result_timeout_s = 1).await;
+    let uid = new_uid();
+    // AcceptsRestartCommand without ReportsHealth: no start time will ever show the restart.
+    let caps = REPORTS_STATUS | AC::AcceptsRestartCommand as u64;
+    let mut msg = full(uid, 0, caps);
+    msg.health = None;
+    post(&server, &msg).await;
+    let id = queue(&server, uid, "restart", json!({})).await;
+    assert!(post(&server, &beat(uid, 1)).await.command.is_some());
+    let c = wait_command(&server, &id, "expired").await;
+    assert!(
+        c["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not report health"),
+        "{c}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn ws_commands_queued_while_offline_arrive_after_the_first_message() {
     let server = TestServer::start().await;

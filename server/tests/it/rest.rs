@@ -676,6 +676,30 @@ async fn queue_every_command_kind_and_refusals() {
         .post(&on(a), json!({"kind": "restart", "extra": 1}))
         .await;
     assert_eq!((s, code(&v)), (400, "malformed_json"));
+    // A chosen new uid that already names an agent would overwrite its record on adoption;
+    // one chosen uid for a whole batch would make every member the same agent.
+    let (s, v) = rest
+        .post(
+            &on(a),
+            json!({"kind": "new_instance_uid", "params": {"new_uid": plain}}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (400, "invalid_params"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already belongs"),
+        "{v}"
+    );
+    let (s, v) = rest
+        .post(
+            "/api/v1/commands",
+            json!({"query": "service.name:fluent*", "kind": "new_instance_uid",
+                   "params": {"new_uid": Uuid::now_v7()}}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (400, "invalid_params"), "{v}");
     let (s, v) = rest.post(&on(plain), json!({"kind": "restart"})).await;
     assert_eq!((s, code(&v)), (422, "capability_missing"), "{v}");
     let (s, v) = rest
@@ -1044,6 +1068,26 @@ async fn fan_out_batch_with_skipped_agents() {
     assert!(audit(&rest, &format!("agent={other}&channel=rest"))
         .await
         .is_empty());
+
+    // A new uid for a whole batch: a fresh one per agent, never one shared by all.
+    let (s, v) = rest
+        .post(
+            "/api/v1/commands",
+            json!({"query": "host:fan-*", "kind": "new_instance_uid"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let mut uids = BTreeSet::new();
+    for c in v["commands"].as_array().unwrap() {
+        let (_, cmd) = rest
+            .get(&format!(
+                "/api/v1/commands/{}",
+                c["command_id"].as_str().unwrap()
+            ))
+            .await;
+        uids.insert(cmd["params"]["new_uid"].as_str().unwrap().to_string());
+    }
+    assert_eq!(uids.len(), 3, "one distinct new uid per agent: {uids:?}");
     server.stop().await;
 }
 
