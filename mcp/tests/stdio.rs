@@ -6,10 +6,17 @@
 use flotilla_e2e::agent::HttpAgent;
 use flotilla_e2e::{flotilla_bin, Home, Server};
 use flotilla_mcp::{AuditFilter, CommandsFilter, FleetBackend, QueueTarget, RestBackend};
-use rmcp::model::{CallToolRequestParams, CallToolResult};
-use rmcp::service::RunningService;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ElicitRequestParams,
+    ElicitResult, ElicitationAction, ElicitationCapability, FormElicitationCapability,
+    Implementation,
+};
+use rmcp::service::{RequestContext, RunningService};
 use rmcp::transport::TokioChildProcess;
-use rmcp::{RoleClient, ServiceExt};
+use rmcp::{ClientHandler, ErrorData as McpError, RoleClient, ServiceExt};
 use serde_json::{json, Value};
 
 async fn agent(server: &Server, name: &str) -> HttpAgent {
@@ -72,6 +79,41 @@ async fn rest_backend_answers_exactly_like_rest() {
         .await
         .unwrap();
     assert_eq!(fan["queued"], 2);
+    // The plan is REST's dry run, and its expect_targets is honoured by queue.
+    let target = QueueTarget::Query("type:fluentbit".into());
+    let plan = backend
+        .plan(&target, "force_resync", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        plan,
+        server
+            .post(
+                "/api/v1/commands",
+                &json!({"query": "type:fluentbit", "kind": "force_resync", "dry_run": true}),
+            )
+            .await
+            .expect(200, "dry run")
+    );
+    assert_eq!(plan["target_count"], 2);
+    let stale = flotilla_mcp::ExpectedTargets {
+        count: 1,
+        digest: "00".into(),
+    };
+    let e = backend
+        .queue(&target, "force_resync", &json!({}), Some(&stale))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "conflict", "{e}");
+    let expect: flotilla_mcp::ExpectedTargets =
+        serde_json::from_value(plan["expect_targets"].clone()).unwrap();
+    assert_eq!(
+        backend
+            .queue(&target, "force_resync", &json!({}), Some(&expect))
+            .await
+            .unwrap()["queued"],
+        2
+    );
     let batch = fan["batch_id"].as_str().unwrap();
     assert_eq!(backend.batch(batch).await.unwrap()["counts"]["queued"], 2);
     let list = backend
@@ -82,7 +124,7 @@ async fn rest_backend_answers_exactly_like_rest() {
         })
         .await
         .unwrap();
-    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
     let cancelled = backend.cancel(&id).await.unwrap();
     assert_eq!(cancelled["status"], "cancelled");
     let audit = backend
@@ -135,11 +177,52 @@ async fn rest_backend_answers_exactly_like_rest() {
     assert_ne!(backend.identity(), viewer.identity());
 }
 
-type Client = RunningService<RoleClient, ()>;
+/// A desktop client: with `elicit`, it declares form elicitation and answers every request
+/// with that choice (counting them).
+#[derive(Clone, Default)]
+struct Desktop {
+    elicit: Option<bool>,
+    asked: Arc<AtomicUsize>,
+}
 
-async fn stdio_client(server: &Server, token_file: &std::path::Path, read_only: bool) -> Client {
+impl ClientHandler for Desktop {
+    fn get_info(&self) -> ClientConfig {
+        let mut caps = ClientCapabilities::default();
+        if self.elicit.is_some() {
+            caps.elicitation =
+                Some(ElicitationCapability::default().with_form(FormElicitationCapability::new()));
+        }
+        ClientConfig::new(caps, Implementation::new("flotilla-stdio-test", "0"))
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let ElicitRequestParams::FormElicitationParams { message, .. } = request else {
+            return Ok(ElicitResult::new(ElicitationAction::Decline));
+        };
+        assert!(message.contains("restart"), "{message}");
+        Ok(match self.elicit {
+            Some(true) => {
+                ElicitResult::new(ElicitationAction::Accept).with_content(json!({"confirm": true}))
+            }
+            _ => ElicitResult::new(ElicitationAction::Decline),
+        })
+    }
+}
+
+type Client = RunningService<RoleClient, Desktop>;
+
+fn mcp_command(
+    server_url: &str,
+    token_file: &std::path::Path,
+    read_only: bool,
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(flotilla_bin());
-    cmd.args(["mcp", "--server", &server.url("")])
+    cmd.args(["mcp", "--server", server_url])
         .arg("--token-file")
         .arg(token_file)
         .env("FLOTILLA_LOG", "warn")
@@ -147,9 +230,26 @@ async fn stdio_client(server: &Server, token_file: &std::path::Path, read_only: 
     if read_only {
         cmd.arg("--read-only");
     }
-    ().serve(TokioChildProcess::new(cmd).expect("spawn flotilla mcp"))
+    cmd
+}
+
+async fn stdio_client_with(
+    server_url: &str,
+    token_file: &std::path::Path,
+    read_only: bool,
+    handler: Desktop,
+) -> Client {
+    handler
+        .serve(
+            TokioChildProcess::new(mcp_command(server_url, token_file, read_only))
+                .expect("spawn flotilla mcp"),
+        )
         .await
         .expect("MCP initialize over stdio")
+}
+
+async fn stdio_client(server: &Server, token_file: &std::path::Path, read_only: bool) -> Client {
+    stdio_client_with(&server.url(""), token_file, read_only, Desktop::default()).await
 }
 
 async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
@@ -266,6 +366,27 @@ async fn stdio_server_drives_every_tool() {
     assert_eq!(commands(&server).await.len(), 2);
     let v = ok(&call(&c, "audit_query", json!({"operation": "command.queue"})).await);
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
+    // Relayed through REST, every command and audit record still says it came over MCP.
+    let all = commands(&server).await;
+    assert!(all.iter().all(|c| c["channel"] == "mcp"), "{all:?}");
+    let trail = server
+        .get("/api/v1/audit?limit=1000")
+        .await
+        .expect(200, "audit")["items"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let ops: Vec<&str> = trail
+        .iter()
+        .filter(|r| r["actor"] == flotilla_e2e::server::OPERATOR)
+        .map(|r| {
+            assert_eq!(r["channel"], "mcp", "{r}");
+            r["operation"].as_str().unwrap()
+        })
+        .collect();
+    for op in ["command.queue", "command.cancel"] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
 
     assert_eq!(
         err_code(&call(&c, "agent_get", json!({"agent": "nope"})).await),
@@ -300,23 +421,42 @@ async fn stdio_read_only_and_bad_token() {
         .map(|t| t.name.to_string())
         .collect();
     assert_eq!(names.len(), 8);
-    assert!(!names
-        .iter()
-        .any(|n| n == "command_queue" || n == "remote_config_push" || n == "command_cancel"));
-    let e = c
-        .call_tool(
-            CallToolRequestParams::new("command_queue").with_arguments(
-                json!({"agent": a.uid_str(), "kind": "force_resync"})
-                    .as_object()
-                    .unwrap()
-                    .clone(),
-            ),
+    // A command the read-only client must not be able to cancel.
+    let queued = server
+        .post(
+            &format!("/api/v1/agents/{}/commands", a.uid_str()),
+            &json!({"kind": "force_resync"}),
         )
         .await
-        .unwrap_err()
+        .expect(202, "queue")["command_id"]
+        .as_str()
+        .unwrap()
         .to_string();
-    assert!(e.contains("read-only"), "{e}");
-    assert!(commands(&server).await.is_empty());
+    for (tool, args) in [
+        (
+            "command_queue",
+            json!({"agent": a.uid_str(), "kind": "force_resync"}),
+        ),
+        ("command_cancel", json!({"command_id": queued})),
+        (
+            "remote_config_push",
+            json!({"agent": a.uid_str(), "files": {"f.conf": "x"}}),
+        ),
+    ] {
+        assert!(!names.iter().any(|n| n == tool), "{tool} listed");
+        let e = c
+            .call_tool(
+                CallToolRequestParams::new(tool).with_arguments(args.as_object().unwrap().clone()),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("read-only"), "{tool}: {e}");
+    }
+    let all = commands(&server).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["status"], "queued");
+    assert_eq!(c.list_all_prompts().await.unwrap().len(), 2);
     c.cancel().await.unwrap();
 
     let bad = home.path().join("bad.token");
@@ -326,5 +466,77 @@ async fn stdio_read_only_and_bad_token() {
         err_code(&call(&c, "fleet_summary", json!({})).await),
         "unauthorized"
     );
+    c.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn stdio_elicitation_confirms_or_declines() {
+    let home = Home::new();
+    let server = Server::start(&home).await;
+    let a = agent(&server, "alpha").await;
+    let token_file = home.path().join("operator.token");
+    std::fs::write(&token_file, &home.tokens.operator).unwrap();
+    let args = json!({"agent": "alpha-host", "kind": "restart"});
+    let mut queued = 0;
+    for accept in [false, true] {
+        let handler = Desktop {
+            elicit: Some(accept),
+            ..Default::default()
+        };
+        let asked = handler.asked.clone();
+        let c = stdio_client_with(&server.url(""), &token_file, false, handler).await;
+        let v = ok(&call(&c, "command_queue", args.clone()).await);
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "the user was asked once");
+        if accept {
+            queued += 1;
+            assert_eq!(v["status"], "queued", "{v}");
+            assert_eq!(v["command"]["agent_uid"], a.uid_str());
+        } else {
+            assert_eq!(v["status"], "declined", "{v}");
+        }
+        let all = commands(&server).await;
+        assert_eq!(all.len(), queued, "accept={accept}");
+        c.cancel().await.unwrap();
+    }
+    let all = commands(&server).await;
+    assert_eq!(
+        (all[0]["kind"].as_str(), all[0]["channel"].as_str()),
+        (Some("restart"), Some("mcp"))
+    );
+}
+
+#[tokio::test]
+async fn stdio_answers_at_once_when_the_server_is_unreachable() {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let home = Home::new();
+    let token_file = home.path().join("t.token");
+    std::fs::write(&token_file, "some-token-0123456789").unwrap();
+    // initialize is answered without waiting for the Flotilla server; tools are listed...
+    let c = stdio_client_with(
+        &format!("http://127.0.0.1:{port}"),
+        &token_file,
+        false,
+        Desktop::default(),
+    )
+    .await;
+    assert_eq!(c.list_all_tools().await.unwrap().len(), 11);
+    // ...and each call says clearly that the server cannot be reached.
+    for (tool, args) in [
+        ("fleet_summary", json!({})),
+        ("agents_search", json!({"query": "type:fluentbit"})),
+    ] {
+        let r = call(&c, tool, args).await;
+        assert_eq!(err_code(&r), "unavailable", "{tool}");
+        let text = &r.content[0].as_text().unwrap().text;
+        assert!(
+            text.contains("cannot reach Flotilla") && text.contains(&port.to_string()),
+            "{text}"
+        );
+    }
     c.cancel().await.unwrap();
 }

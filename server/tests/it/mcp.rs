@@ -742,6 +742,10 @@ async fn python_sdk_drives_every_tool_on_streamable_http_and_sse() {
             {"tool": "audit_query", "args": {"channel": "mcp"}},
             {"tool": "agent_get", "args": {"agent": "dup"}},
             {"tool": "no_such_tool", "args": {}},
+            {"tool": "command_status", "args": {"command_id": "$6.command_id"}},
+            {"tool": "command_status", "args": {"batch_id": "$8.batch_id"}},
+            {"tool": "command_cancel", "args": {"command_id": "$6.command_id"}},
+            {"tool": "remote_config_get", "args": {"query": "host:web-*"}},
         ]);
         let out = python_client(transport, &server.api_url(path), &plan).await;
         assert_eq!(out["tools"].as_array().unwrap().len(), 11, "{transport}");
@@ -808,6 +812,24 @@ async fn python_sdk_drives_every_tool_on_streamable_http_and_sse() {
             calls[13]
         );
 
+        // The follow-ups: status of the command and of the batch, then the cancel. The SDK
+        // validated each structured result against the tool's output schema.
+        assert_eq!(
+            (
+                structured(&calls[14])["id"].as_str(),
+                structured(&calls[14])["status"].as_str()
+            ),
+            (Some(restart.as_str()), Some("queued"))
+        );
+        assert_eq!(structured(&calls[15])["counts"]["queued"], 2);
+        assert_eq!(
+            structured(&calls[15])["batch"]["id"],
+            structured(&calls[8])["batch_id"]
+        );
+        assert_eq!(structured(&calls[16])["status"], "cancelled");
+        assert_eq!(structured(&calls[17])["total"], 2);
+        assert_eq!(structured(&calls[17])["items"].as_array().unwrap().len(), 2);
+
         // Server state: exactly restart (1) + fan-out (2) + config push (1), all as ops via mcp.
         let all = commands(&server).await;
         assert_eq!(all.len(), before + 4, "{transport}");
@@ -826,6 +848,12 @@ async fn python_sdk_drives_every_tool_on_streamable_http_and_sse() {
             .get(&format!("/api/v1/commands/{restart}"))
             .await;
         assert_eq!(got["agent_uid"], f.web1.to_string());
+        assert_eq!(got["status"], "cancelled", "{transport}: {got}");
+        let cancels = audit(&server, "channel=mcp&operation=command.cancel").await;
+        assert!(
+            cancels.iter().any(|r| r["targets"][1] == json!(restart)),
+            "{transport}: {cancels:?}"
+        );
     }
     let recs = audit(&server, "channel=mcp&operation=command.queue").await;
     assert_eq!(recs.len(), 4, "two restarts and two config pushes");

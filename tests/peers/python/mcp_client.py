@@ -7,6 +7,8 @@ Used by server/tests/it/mcp.rs for the streamable HTTP and legacy SSE transports
 The plan (stdin) is a JSON list of tool calls: {"tool": name, "args": {...}, "confirm": bool}.
 With "confirm", the first answer must be status=confirmation_required and the call is
 repeated with its confirmation_token (the two-step flow a client without elicitation uses).
+An argument value "$N.key" is replaced by `key` of call N's structured result (e.g.
+"$6.command_id": the command queued by call 6), so a plan can follow up on what it queued.
 Prints one JSON object on stdout: the tools, prompts and resources seen, and every call's
 answers (wire JSON, camelCase). Exit status 0 unless the session itself failed.
 """
@@ -24,6 +26,17 @@ from mcp.client.streamable_http import streamable_http_client
 
 def dump(model):
     return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def resolve(value, calls):
+    """An argument, with "$N.key" replaced by `key` of call N's structured result."""
+    if isinstance(value, str) and value.startswith("$"):
+        index, key = value[1:].split(".", 1)
+        structured = calls[int(index)]["result"].get("structuredContent") or {}
+        if key not in structured:
+            raise SystemExit(f"plan refers to {value}, but call {index} gave {structured}")
+        return structured[key]
+    return value
 
 
 async def run(session, plan):
@@ -46,8 +59,9 @@ async def run(session, plan):
     calls = []
     for step in plan:
         entry = {"tool": step["tool"]}
+        step_args = {k: resolve(v, calls) for k, v in step.get("args", {}).items()}
         try:
-            result = dump(await session.call_tool(step["tool"], step.get("args", {})))
+            result = dump(await session.call_tool(step["tool"], step_args))
         except Exception as e:  # protocol errors (unknown tool, read-only refusal)
             entry["protocol_error"] = str(e)
             calls.append(entry)
@@ -56,7 +70,7 @@ async def run(session, plan):
             entry["first"] = result
             token = (result.get("structuredContent") or {}).get("confirmation_token")
             if token:
-                args = dict(step.get("args", {}))
+                args = dict(step_args)
                 args["confirmation_token"] = token
                 result = dump(await session.call_tool(step["tool"], args))
         entry["result"] = result
