@@ -5,7 +5,8 @@
 .DESCRIPTION
   Config file: %APPDATA%\Claude\claude_desktop_config.json (override with -Config).
   Idempotent: an unchanged entry leaves the file untouched; otherwise the previous file is kept
-  as <file>.bak-<UTC timestamp>. Other servers and settings are preserved. Restart Claude
+  as <file>.bak-<UTC time to the
+  microsecond>. Other servers and settings are preserved. Restart Claude
   Desktop afterwards.
 
 .EXAMPLE
@@ -67,8 +68,12 @@ if ($current) { $servers.PSObject.Properties.Remove($Name) }
 $servers | Add-Member -NotePropertyName $Name -NotePropertyValue ([pscustomobject]$entry)
 
 if (Test-Path $Config) {
-  $backup = "$Config.bak-" + (Get-Date).ToUniversalTime().ToString("yyyyMMddTHHmmssZ")
-  Copy-Item -Path $Config -Destination $backup
+  # Microseconds, and a counter on a clash: two runs in one second keep two backups.
+  $stamp = (Get-Date).ToUniversalTime().ToString("yyyyMMddTHHmmss.ffffffZ")
+  $backup = "$Config.bak-$stamp"
+  $n = 1
+  while (Test-Path -LiteralPath $backup) { $backup = "$Config.bak-$stamp-$n"; $n++ }
+  Copy-Item -LiteralPath $Config -Destination $backup
   Write-Output "backup: $backup"
 }
 $dir = Split-Path -Parent $Config

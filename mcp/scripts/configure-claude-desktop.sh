@@ -9,7 +9,7 @@
 #              Linux ${XDG_CONFIG_HOME:-~/.config}/Claude/claude_desktop_config.json
 #              (Windows: use configure-claude-desktop.ps1).
 # Idempotent: an unchanged entry leaves the file untouched; otherwise the previous file is kept
-# as <file>.bak-<UTC timestamp>. Other servers and settings are preserved. Needs python3.
+# as <file>.bak-<UTC time to the microsecond>. Other servers and settings are preserved. Needs python3.
 # Restart Claude Desktop afterwards.
 set -euo pipefail
 
@@ -86,7 +86,12 @@ if servers.get(name) == entry:
     sys.exit(0)
 servers[name] = entry
 if os.path.exists(config):
-    backup = f"{config}.bak-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    # Microseconds, and a counter on a clash: two runs in one second keep two backups.
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 1000000:06d}Z"
+    backup, n = f"{config}.bak-{stamp}", 1
+    while os.path.exists(backup):
+        backup, n = f"{config}.bak-{stamp}-{n}", n + 1
     shutil.copy2(config, backup)
     print(f"backup: {backup}")
 os.makedirs(os.path.dirname(config) or ".", exist_ok=True)

@@ -5,8 +5,12 @@
 .DESCRIPTION
   Config file: $env:CODEX_HOME\config.toml, else ~\.codex\config.toml (override with -Config);
   table [mcp_servers.<name>] with command, args and env. Idempotent: an unchanged entry leaves
-  the file untouched; otherwise the previous file is kept as <file>.bak-<UTC timestamp>. Other
-  tables are preserved verbatim.
+  the file untouched; otherwise the previous file is kept as <file>.bak-<UTC time to
+  the microsecond>. Other
+  tables are preserved verbatim. An entry written as dotted keys or an inline table (not a
+  [mcp_servers.<name>] table) is refused rather than duplicated. The result is validated with
+  Python's tomllib when a Python >= 3.11 is found; without one only those structural checks
+  run (the entry itself is generated, the rest of the file is kept byte for byte).
 
 .EXAMPLE
   .\configure-codex.ps1 -Server http://127.0.0.1:8080 -TokenFile $HOME\.flotilla\token
@@ -62,15 +66,43 @@ foreach ($line in ($old -split "`n")) {
   }
   if (-not $skipping) { $kept.Add($line) }
 }
+# Definitions of our entry the table removal above cannot see: dotted keys
+# (mcp_servers.<name>.command = ..., or <name>.command = ... inside [mcp_servers]) and inline
+# tables (mcp_servers = { ... }, <name> = { ... }). Rewriting those by text is how duplicate
+# keys happen: refuse and let the operator decide (as configure-codex.sh does).
+$q = [regex]::Escape($Name)
+$nameRe = "(?:$q|`"$q`"|'$q')"
+$table = ""
+foreach ($line in $kept) {
+  if ($line -match '^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$') { $table = $Matches[1] -replace ' ', ''; continue }
+  $other = (($table -eq "") -and ($line -match "^\s*mcp_servers\s*\.\s*$nameRe\s*[.=]")) -or
+    (($table -eq "") -and ($line -match '^\s*mcp_servers\s*=')) -or
+    (($table -eq "mcp_servers") -and ($line -match "^\s*$nameRe\s*[.=]"))
+  if ($other) {
+    throw "$Config defines mcp_servers.$Name (or mcp_servers) with dotted keys or an inline table; this script replaces only a [mcp_servers.$Name] table. Remove that definition (or rewrite it as such a table) and run again."
+  }
+}
 $rest = ($kept -join "`n").TrimEnd("`n")
 $new = if ($rest) { "$rest`n`n$block" } else { $block }
+# Validate with tomllib where a Python >= 3.11 exists: exit 0 valid, 1 invalid (traceback),
+# anything else (no tomllib, the Store's python stub) means no validator.
+$check = "import sys`ntry:`n import tomllib`nexcept ImportError:`n sys.exit(3)`ntomllib.loads(sys.stdin.read())"
+$py = @("py", "python3", "python") | ForEach-Object { Get-Command $_ -ErrorAction SilentlyContinue } | Select-Object -First 1
+if ($py) {
+  $new | & $py.Source -c $check 2>$null | Out-Null
+  if ($LASTEXITCODE -eq 1) { throw "refusing to write ${Config}: the result would not be valid TOML" }
+}
 if ($new -eq $old) {
   Write-Output "${Config}: $Name already up to date"
   exit 0
 }
 if (Test-Path $Config) {
-  $backup = "$Config.bak-" + (Get-Date).ToUniversalTime().ToString("yyyyMMddTHHmmssZ")
-  Copy-Item -Path $Config -Destination $backup
+  # Microseconds, and a counter on a clash: two runs in one second keep two backups.
+  $stamp = (Get-Date).ToUniversalTime().ToString("yyyyMMddTHHmmss.ffffffZ")
+  $backup = "$Config.bak-$stamp"
+  $n = 1
+  while (Test-Path -LiteralPath $backup) { $backup = "$Config.bak-$stamp-$n"; $n++ }
+  Copy-Item -LiteralPath $Config -Destination $backup
   Write-Output "backup: $backup"
 }
 $dir = Split-Path -Parent $Config

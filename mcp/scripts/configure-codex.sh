@@ -7,8 +7,10 @@
 #
 # Config file: ${CODEX_HOME:-~/.codex}/config.toml, table [mcp_servers.<name>] with command,
 # args and env. Idempotent: an unchanged entry leaves the file untouched; otherwise the previous
-# file is kept as <file>.bak-<UTC timestamp>. Other tables are preserved verbatim. Needs
-# python3 (>= 3.11 validates the result with tomllib).
+# file is kept as <file>.bak-<UTC time to the microsecond>. Other tables are preserved verbatim.
+# Needs python3 >= 3.11 (tomllib) or the tomli package: the result is validated before it is
+# written, and nothing is written without validation. An entry written as dotted keys or an
+# inline table (not a [mcp_servers.<name>] table) is refused rather than duplicated.
 set -euo pipefail
 
 server="http://127.0.0.1:8080"
@@ -19,7 +21,7 @@ command=""
 config=""
 
 die() { echo "configure-codex.sh: $*" >&2; exit 2; }
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -83,18 +85,45 @@ rest = "".join(kept).rstrip("\n")
 new = (rest + "\n\n" if rest else "") + block
 try:
     import tomllib
+except ModuleNotFoundError:
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        sys.exit(
+            f"configure-codex.sh: refusing to write {config}: cannot validate TOML with "
+            f"{sys.executable} (Python {sys.version.split()[0]}); use Python >= 3.11 or "
+            "install the tomli package"
+        )
+try:
+    before = tomllib.loads(rest)
+except Exception as e:
+    sys.exit(f"configure-codex.sh: {config} is not valid TOML ({e}); fix or move it first")
+servers = before.get("mcp_servers")
+if isinstance(servers, dict) and name in servers:
+    # Still defined once our [mcp_servers.<name>] tables are gone: dotted keys
+    # (mcp_servers.<name>.command = ...) or an inline table. Rewriting those by text is how
+    # duplicate keys happen; the operator decides.
+    sys.exit(
+        f"configure-codex.sh: {config} defines mcp_servers.{name} with dotted keys or an "
+        f"inline table; this script replaces only a [mcp_servers.{name}] table. Remove that "
+        "definition (or rewrite it as such a table) and run again."
+    )
+try:
     doc = tomllib.loads(new)
     got = doc["mcp_servers"][name]
-    assert got["command"] == command and got["args"] == args
-except ModuleNotFoundError:
-    pass
+    assert got["command"] == command and got["args"] == args, "the entry did not come out as written"
 except Exception as e:
     sys.exit(f"configure-codex.sh: refusing to write {config}: the result would not be valid ({e})")
 if new == old:
     print(f"{config}: {name} already up to date")
     sys.exit(0)
 if os.path.exists(config):
-    backup = f"{config}.bak-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    # Microseconds, and a counter on a clash: two runs in one second keep two backups.
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 1000000:06d}Z"
+    backup, n = f"{config}.bak-{stamp}", 1
+    while os.path.exists(backup):
+        backup, n = f"{config}.bak-{stamp}-{n}", n + 1
     shutil.copy2(config, backup)
     print(f"backup: {backup}")
 os.makedirs(os.path.dirname(config) or ".", exist_ok=True)

@@ -209,3 +209,104 @@ fn scripts_refuse_bad_input() {
         );
     }
 }
+
+/// Runs a script expecting it to fail; its stderr.
+fn run_failing(name: &str, home: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script(name))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CODEX_HOME");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run bash");
+    assert!(
+        !out.status.success(),
+        "{name} {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn codex_refuses_entries_it_cannot_replace_and_unvalidated_toml() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let bin = fake_flotilla(h);
+    let dir = h.join(".codex");
+    let cfg = dir.join("config.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Dotted keys and inline tables define the entry without a [mcp_servers.flotilla] header;
+    // appending one would make a duplicate key.
+    for existing in [
+        "mcp_servers.flotilla.command = \"old\"\n",
+        "[mcp_servers]\nflotilla.command = \"old\"\n",
+        "[mcp_servers]\n\"flotilla\" = { command = \"old\" }\n",
+        "mcp_servers = { flotilla = { command = \"old\" } }\n",
+    ] {
+        std::fs::write(&cfg, existing).unwrap();
+        let err = run_failing("configure-codex.sh", h, &["--command", &bin], &[]);
+        assert!(
+            err.contains("dotted keys or an inline table"),
+            "{existing}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), existing);
+        assert_eq!(backups(&dir), 0, "{existing}");
+    }
+    // Another server inline: the new table could not be added; refused, nothing written.
+    let existing = "mcp_servers = { other = { command = \"x\" } }\n";
+    std::fs::write(&cfg, existing).unwrap();
+    let err = run_failing("configure-codex.sh", h, &["--command", &bin], &[]);
+    assert!(err.contains("would not be valid"), "{err}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), existing);
+
+    // A Python without tomllib (< 3.11) and without tomli cannot validate: refused.
+    let shadow = h.join("no-tomllib");
+    std::fs::create_dir_all(&shadow).unwrap();
+    for m in ["tomllib.py", "tomli.py"] {
+        std::fs::write(
+            shadow.join(m),
+            "raise ModuleNotFoundError('not in this Python')\n",
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(&cfg).unwrap();
+    let err = run_failing(
+        "configure-codex.sh",
+        h,
+        &["--command", &bin],
+        &[("PYTHONPATH", &shadow)],
+    );
+    assert!(err.contains("cannot validate TOML"), "{err}");
+    assert!(!cfg.exists(), "nothing written without validation");
+}
+
+#[test]
+fn quick_successive_changes_keep_every_backup() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let bin = fake_flotilla(h);
+    let codex = h.join(".codex");
+    std::fs::create_dir_all(&codex).unwrap();
+    std::fs::write(codex.join("config.toml"), "model = \"o4\"\n").unwrap();
+    let claude = if cfg!(target_os = "macos") {
+        h.join("Library/Application Support/Claude")
+    } else {
+        h.join(".config/Claude")
+    };
+    std::fs::create_dir_all(&claude).unwrap();
+    std::fs::write(claude.join("claude_desktop_config.json"), "{}").unwrap();
+    // Four changes well within a second: four distinct backups, none overwritten.
+    for (s, dir) in [
+        ("configure-codex.sh", &codex),
+        ("configure-claude-desktop.sh", &claude),
+    ] {
+        for i in 0..4 {
+            let server = format!("http://127.0.0.1:{}", 8080 + i);
+            run(s, h, &["--command", &bin, "--server", &server]);
+        }
+        assert_eq!(backups(dir), 4, "{s}");
+    }
+}
