@@ -82,6 +82,16 @@ impl Hub {
         Ok(())
     }
 
+    /// True if `uid` is bound to any connection now (WebSocket, or an HTTP agent that polled
+    /// within the last hour and did not say goodbye).
+    pub fn is_bound(&self, uid: Uuid) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&uid).is_some_and(|e| match &e.wake {
+            Some(w) => !w.is_closed(),
+            None => true,
+        })
+    }
+
     /// True if `uid` is bound to a live WebSocket connection other than `conn_id`.
     pub fn held_by_other(&self, uid: Uuid, conn_id: u64) -> bool {
         let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());

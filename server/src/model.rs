@@ -205,6 +205,12 @@ pub struct Agent {
     pub heartbeat_interval_s: u64,
     /// Set after the agent adopted a new uid: the uid it had before.
     pub previous_uid: Option<Uuid>,
+    /// A silent record that is very likely this same agent under an earlier uid (same
+    /// `service.instance.id` and host): agents that generate a uid on every start, such as
+    /// fluent-opamp supervisors, come back as new agents.
+    pub replaces: Option<Uuid>,
+    /// Set on such an earlier record: the agent that re-registered in its place.
+    pub replaced_by: Option<Uuid>,
 }
 
 impl Agent {
@@ -229,7 +235,21 @@ impl Agent {
             sequence_num: 0,
             heartbeat_interval_s,
             previous_uid: None,
+            replaces: None,
+            replaced_by: None,
         }
+    }
+
+    /// What identifies the agent across uids: `service.instance.id` and its host, when it
+    /// reports both. Two records with the same key and one of them silent are one agent that
+    /// came back under a new uid.
+    pub fn identity_key(&self) -> Option<String> {
+        let instance = self.attr("service.instance.id").filter(|v| !v.is_empty())?;
+        let host = self
+            .attr("host.name")
+            .or_else(|| self.attr("hostname"))
+            .filter(|v| !v.is_empty())?;
+        Some(format!("{instance}\u{0}{host}"))
     }
 
     /// Looks an attribute up in identifying then non-identifying attributes.

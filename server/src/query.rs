@@ -7,7 +7,8 @@
 //! `type`, `health` (healthy|unhealthy|unknown), `state` (healthy|late|offline|online),
 //! `version` (service.version), `name` (service.name), `host` (host.name), `label` (`k=v` or
 //! `k`), `capability` (a standard capability name, `chatops`/`shutdown`/`restart`/`remote_config`,
-//! or a custom capability), `uid` (prefix), `transport` (http|websocket), and any attribute key
+//! or a custom capability), `uid` (prefix), `transport` (http|websocket), `replaced` (yes|no:
+//! earlier records of agents that re-registered under a new uid), and any attribute key
 //! containing a dot, e.g. `host.name:web-*`.
 
 use flotilla_proto::caps::{agent_capability_by_name, agent_has};
@@ -37,6 +38,8 @@ enum Term {
     Capability(String),
     UidPrefix(String),
     Transport(Transport),
+    /// `replaced:yes` — earlier records of agents that re-registered under a new uid.
+    Replaced(bool),
 }
 
 /// A parsed query. The empty query matches every agent.
@@ -128,10 +131,15 @@ impl Query {
                             "websocket" | "ws" => Transport::Websocket,
                             _ => return Err(bad("transport is http or websocket")),
                         }),
+                        "replaced" => Term::Replaced(match v.to_ascii_lowercase().as_str() {
+                            "yes" | "true" => true,
+                            "no" | "false" => false,
+                            _ => return Err(bad("replaced is yes or no")),
+                        }),
                         _ if k.contains('.') => Term::Attr(k.to_string(), glob(v)),
                         _ => return Err(bad(
                             "unknown key (use type, health, state, version, name, host, label, \
-                                 capability, uid, transport, or an attribute name with a dot)",
+                                 capability, uid, transport, replaced, or an attribute name with a dot)",
                         )),
                     }
                 }
@@ -191,6 +199,7 @@ fn term_matches(t: &Term, a: &Agent, now: Millis) -> bool {
                 || a.uid.simple().to_string().starts_with(p.as_str())
         }
         Term::Transport(t) => a.transport == Some(*t),
+        Term::Replaced(yes) => a.replaced_by.is_some() == *yes,
     }
 }
 

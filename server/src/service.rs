@@ -156,6 +156,8 @@ pub fn agent_view(a: &Agent, now: Millis) -> Value {
         "sequence_num": a.sequence_num,
         "heartbeat_interval_seconds": a.heartbeat_interval_s,
         "previous_uid": a.previous_uid,
+        "replaces": a.replaces,
+        "replaced_by": a.replaced_by,
     })
 }
 

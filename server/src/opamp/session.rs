@@ -400,6 +400,8 @@ pub async fn handle(
             sh.untouch(&uid);
             if existed {
                 settle_from(sh, &before, &after, msg, now).await?;
+            } else if has_desc {
+                link_reregistration(sh, &after, &remote).await;
             }
             // The spec's MUST: a reported remote-config hash that differs from ours gets the
             // config again. Only when the agent reported one (now, or at the start of this
@@ -541,6 +543,46 @@ pub fn connection_settings(endpoint: &str, interval_s: u64) -> ConnectionSetting
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// A new agent whose `service.instance.id` and host match a silent record is most likely that
+/// agent back under a uid made up at start (fluent-opamp supervisors do this): the two are
+/// linked (`replaces` / `replaced_by`, audited) so the old one shows as replaced instead of as
+/// a ghost. Labels and queued commands stay where they are: the link is a strong guess, not
+/// proof. Best effort: a store problem here only costs the link.
+async fn link_reregistration(sh: &Shared, agent: &Agent, remote: &str) {
+    let Some(key) = agent.identity_key() else {
+        return;
+    };
+    let store = sh.ctx.fleet.store();
+    let candidates = match timed(store.same_identity(&key, agent.uid, 4)).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(uid = %agent.uid, error = %e, "could not look for an earlier record of this agent");
+            return;
+        }
+    };
+    // One that is live right now is a second agent with the same identity, not this one.
+    let hub = sh.ctx.fleet.hub();
+    let Some(old) = candidates.into_iter().find(|u| !hub.is_bound(*u)) else {
+        return;
+    };
+    let mut audit =
+        crate::model::NewAudit::new(&crate::model::Caller::system(), "agent.reregistered");
+    audit.targets = vec![old.to_string(), agent.uid.to_string()];
+    audit.params = serde_json::json!({
+        "replaced_uid": old.to_string(), "new_uid": agent.uid.to_string(),
+        "service.instance.id": agent.attr("service.instance.id"),
+        "remote_addr": remote,
+    });
+    match timed(store.link_reregistration(old, agent.uid, audit)).await {
+        Ok(true) => tracing::info!(%old, new = %agent.uid, %remote,
+            "agent re-registered under a new uid; earlier record marked replaced"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(%old, new = %agent.uid, error = %e, "could not link a re-registration")
+        }
     }
 }
 

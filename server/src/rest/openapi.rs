@@ -245,6 +245,10 @@ fn schemas() -> Value {
                 "sequence_num": {"type": "integer"},
                 "heartbeat_interval_seconds": {"type": "integer"},
                 "previous_uid": {"type": ["string", "null"], "format": "uuid"},
+                "replaces": {"type": ["string", "null"], "format": "uuid",
+                             "description": "A silent earlier record of this same agent (same service.instance.id and host) that it re-registered in place of."},
+                "replaced_by": {"type": ["string", "null"], "format": "uuid",
+                                "description": "Set on such an earlier record: the agent that took its place."},
                 "recent_commands": {"type": "array", "items": schema_ref("Command"),
                                     "description": "The agent's 10 newest commands."}
             }

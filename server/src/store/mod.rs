@@ -82,6 +82,14 @@ pub trait Store: Send + Sync + 'static {
     /// `previous_uid = old`. Returns false (nothing written) if `old` is unknown or `new`
     /// already belongs to another agent.
     async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool>;
+    /// Agents other than `uid` with identity key `key` (see `Agent::identity_key`) that no
+    /// other record replaced yet, most recently seen first, at most `limit`.
+    async fn same_identity(&self, key: &str, uid: Uuid, limit: usize) -> StoreResult<Vec<Uuid>>;
+    /// Records that `new` re-registered in place of `old` (`old.replaced_by`, `new.replaces`,
+    /// `old` no longer connected) and appends `audit`, in one transaction. Returns false
+    /// (nothing written) if either record is gone or `old` was already replaced.
+    async fn link_reregistration(&self, old: Uuid, new: Uuid, audit: NewAudit)
+        -> StoreResult<bool>;
     /// Sets (`Some`) or removes (`None`) a label and appends `audit`, in one transaction.
     /// Returns `None` if the agent is unknown (nothing written).
     async fn set_label(

@@ -35,10 +35,11 @@ pub const DB_FILE: &str = "flotilla.db";
 const DEFAULT_LIMIT: usize = 100;
 
 /// Versioned schema changes, applied in order at open. Never edit a shipped entry: append.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE agents (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE agents (
             uid TEXT PRIMARY KEY NOT NULL,
             identifying TEXT NOT NULL,
             non_identifying TEXT NOT NULL,
@@ -58,7 +59,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             heartbeat_interval_s INTEGER NOT NULL,
             previous_uid TEXT
         )",
-        "CREATE TABLE batches (
+            "CREATE TABLE batches (
             id TEXT PRIMARY KEY NOT NULL,
             query TEXT NOT NULL,
             kind TEXT NOT NULL,
@@ -68,7 +69,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             channel TEXT NOT NULL,
             skipped TEXT NOT NULL
         )",
-        "CREATE TABLE commands (
+            "CREATE TABLE commands (
             id TEXT PRIMARY KEY NOT NULL,
             agent_uid TEXT NOT NULL,
             batch_id TEXT REFERENCES batches(id),
@@ -85,11 +86,11 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             channel TEXT NOT NULL,
             audit_id INTEGER
         )",
-        "CREATE INDEX commands_agent_status ON commands(agent_uid, status, id)",
-        "CREATE INDEX commands_status_expires ON commands(status, expires_at)",
-        "CREATE INDEX commands_status_sent ON commands(status, sent_at)",
-        "CREATE INDEX commands_batch ON commands(batch_id, id)",
-        "CREATE TABLE audit (
+            "CREATE INDEX commands_agent_status ON commands(agent_uid, status, id)",
+            "CREATE INDEX commands_status_expires ON commands(status, expires_at)",
+            "CREATE INDEX commands_status_sent ON commands(status, sent_at)",
+            "CREATE INDEX commands_batch ON commands(batch_id, id)",
+            "CREATE TABLE audit (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             ts INTEGER NOT NULL,
             actor TEXT NOT NULL,
@@ -102,21 +103,33 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             prev_hash TEXT NOT NULL,
             hash TEXT NOT NULL
         )",
-        "CREATE INDEX audit_actor ON audit(actor, id)",
-        "CREATE INDEX audit_operation ON audit(operation, id)",
-        "CREATE INDEX audit_channel ON audit(channel, id)",
-        "CREATE INDEX audit_ts ON audit(ts)",
-        // Denormalised copy of audit.targets for indexed "records about agent X" queries.
-        // The hash covers audit.targets only; this table is an index, not evidence.
-        // CASCADE so deleting an audit row (tampering, or a future retention job) still works.
-        "CREATE TABLE audit_targets (
+            "CREATE INDEX audit_actor ON audit(actor, id)",
+            "CREATE INDEX audit_operation ON audit(operation, id)",
+            "CREATE INDEX audit_channel ON audit(channel, id)",
+            "CREATE INDEX audit_ts ON audit(ts)",
+            // Denormalised copy of audit.targets for indexed "records about agent X" queries.
+            // The hash covers audit.targets only; this table is an index, not evidence.
+            // CASCADE so deleting an audit row (tampering, or a future retention job) still works.
+            "CREATE TABLE audit_targets (
             target TEXT NOT NULL,
             audit_id INTEGER NOT NULL REFERENCES audit(id) ON DELETE CASCADE,
             PRIMARY KEY (target, audit_id)
         ) WITHOUT ROWID",
-        "CREATE INDEX audit_targets_audit ON audit_targets(audit_id)",
-    ],
-)];
+            "CREATE INDEX audit_targets_audit ON audit_targets(audit_id)",
+        ],
+    ),
+    (
+        2,
+        &[
+            // Re-registration: agents that make up a new uid on every start are linked to their
+            // earlier record by `service.instance.id` + host (see `Agent::identity_key`).
+            "ALTER TABLE agents ADD COLUMN identity_key TEXT",
+            "ALTER TABLE agents ADD COLUMN replaces TEXT",
+            "ALTER TABLE agents ADD COLUMN replaced_by TEXT",
+            "CREATE INDEX agents_identity ON agents(identity_key, last_seen)",
+        ],
+    ),
+];
 
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -292,6 +305,8 @@ fn agent_from_row(row: &SqliteRow) -> StoreResult<Agent> {
         sequence_num: u64_from_db(row.try_get("sequence_num")?),
         heartbeat_interval_s: u64_from_db(row.try_get("heartbeat_interval_s")?),
         previous_uid: opt_parse_uuid(row.try_get("previous_uid")?, &what)?,
+        replaces: opt_parse_uuid(row.try_get("replaces")?, &what)?,
+        replaced_by: opt_parse_uuid(row.try_get("replaced_by")?, &what)?,
     })
 }
 
@@ -458,8 +473,8 @@ impl Store for SqliteStore {
             "INSERT INTO agents (uid, identifying, non_identifying, capabilities,
                 custom_capabilities, health, effective_config, remote_config_status,
                 desired_config, labels, transport, remote_addr, first_seen, last_seen,
-                connected, sequence_num, heartbeat_interval_s, previous_uid)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (uid) DO UPDATE SET
                 identifying = excluded.identifying,
                 non_identifying = excluded.non_identifying,
@@ -475,7 +490,8 @@ impl Store for SqliteStore {
                 connected = excluded.connected,
                 sequence_num = excluded.sequence_num,
                 heartbeat_interval_s = excluded.heartbeat_interval_s,
-                previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid)",
+                previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid),
+                identity_key = excluded.identity_key",
         )
         .bind(uid(a.uid))
         .bind(to_json(&a.identifying, "identifying attributes")?)
@@ -498,6 +514,7 @@ impl Store for SqliteStore {
         .bind(u64_to_db(a.sequence_num))
         .bind(u64_to_db(a.heartbeat_interval_s))
         .bind(opt_uid(a.previous_uid))
+        .bind(a.identity_key())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -639,6 +656,56 @@ impl Store for SqliteStore {
         .bind(uid(old))
         .execute(&mut *tx)
         .await?;
+        append_audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn same_identity(&self, key: &str, id: Uuid, limit: usize) -> StoreResult<Vec<Uuid>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT uid FROM agents WHERE identity_key = ? AND uid != ? AND replaced_by IS NULL
+             ORDER BY last_seen DESC LIMIT ?",
+        )
+        .bind(key)
+        .bind(uid(id))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|u| parse_uuid(u, "agent with the same identity"))
+            .collect()
+    }
+
+    async fn link_reregistration(
+        &self,
+        old: Uuid,
+        new: Uuid,
+        audit: NewAudit,
+    ) -> StoreResult<bool> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let old_free: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM agents WHERE uid = ? AND replaced_by IS NULL")
+                .bind(uid(old))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let new_there: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE uid = ?")
+            .bind(uid(new))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if old_free.is_none() || new_there.is_none() || old == new {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE agents SET replaced_by = ?, connected = 0 WHERE uid = ?")
+            .bind(uid(new))
+            .bind(uid(old))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE agents SET replaces = ? WHERE uid = ?")
+            .bind(uid(old))
+            .bind(uid(new))
+            .execute(&mut *tx)
+            .await?;
         append_audit_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(true)
@@ -1019,6 +1086,8 @@ mod tests {
             sequence_num: u64::MAX,
             heartbeat_interval_s: 30,
             previous_uid: Some(Uuid::now_v7()),
+            replaces: None,
+            replaced_by: None,
         }
     }
 
@@ -1305,6 +1374,57 @@ mod tests {
             .await
             .unwrap());
         assert!(s.get_agent(new).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn reregistrations_are_found_by_identity_and_linked_once() {
+        let (_d, s) = open().await;
+        let mut old = Agent::new(Uuid::now_v7(), 1, 30);
+        old.identifying = vec![("service.instance.id".into(), "node-7".into())];
+        old.non_identifying = vec![("hostname".into(), "node-7".into())];
+        old.connected = true;
+        s.put_agent(&old).await.unwrap();
+        let mut other_host = old.clone();
+        other_host.uid = Uuid::now_v7();
+        other_host.non_identifying = vec![("hostname".into(), "node-8".into())];
+        s.put_agent(&other_host).await.unwrap();
+        let mut new = old.clone();
+        new.uid = Uuid::now_v7();
+        new.last_seen = 2;
+        s.put_agent(&new).await.unwrap();
+        let key = new.identity_key().unwrap();
+        assert_eq!(
+            s.same_identity(&key, new.uid, 4).await.unwrap(),
+            vec![old.uid]
+        );
+        assert!(s
+            .link_reregistration(
+                old.uid,
+                new.uid,
+                op("agent.reregistered", &[old.uid, new.uid])
+            )
+            .await
+            .unwrap());
+        let o = s.get_agent(old.uid).await.unwrap().unwrap();
+        assert_eq!((o.replaced_by, o.connected), (Some(new.uid), false));
+        assert_eq!(
+            s.get_agent(new.uid).await.unwrap().unwrap().replaces,
+            Some(old.uid)
+        );
+        // Replaced records are not candidates again, and a second link is refused.
+        assert!(s.same_identity(&key, new.uid, 4).await.unwrap().is_empty());
+        assert!(!s
+            .link_reregistration(old.uid, other_host.uid, op("agent.reregistered", &[]))
+            .await
+            .unwrap());
+        // put_agent by a session holding an old copy does not undo the link.
+        s.put_agent(&old).await.unwrap();
+        assert_eq!(
+            s.get_agent(old.uid).await.unwrap().unwrap().replaced_by,
+            Some(new.uid)
+        );
+        // No identity without both attributes.
+        assert_eq!(Agent::new(Uuid::now_v7(), 1, 30).identity_key(), None);
     }
 
     #[tokio::test]

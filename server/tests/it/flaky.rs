@@ -78,6 +78,19 @@ impl Store for FlakyStore {
         self.check()?;
         self.inner.rename_agent(old, new, audit).await
     }
+    async fn same_identity(&self, key: &str, uid: Uuid, limit: usize) -> StoreResult<Vec<Uuid>> {
+        self.check()?;
+        self.inner.same_identity(key, uid, limit).await
+    }
+    async fn link_reregistration(
+        &self,
+        old: Uuid,
+        new: Uuid,
+        audit: NewAudit,
+    ) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.link_reregistration(old, new, audit).await
+    }
     async fn set_label(
         &self,
         uid: Uuid,

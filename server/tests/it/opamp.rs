@@ -1363,6 +1363,34 @@ async fn fluent_opamp_supervisors_are_driven_in_their_own_wire_form() {
     let db = db(&server).await;
     let a = wait_agent(&db, uid, |a| !a.connected).await;
     assert_eq!(a.attr("service.type"), Some("Fluent Bit"));
+
+    // It starts again with a fresh uid (it never persists one): not a ghost beside a new
+    // agent, but the same agent back, linked both ways and audited.
+    let again = new_uid();
+    let mut hello2 = hello.clone();
+    hello2.instance_uid = again.as_bytes().to_vec();
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&hello2).await;
+    let rest = server.rest();
+    let (_, new_view) = rest.get(&format!("/api/v1/agents/{again}")).await;
+    assert_eq!(new_view["replaces"], uid.to_string(), "{new_view}");
+    let (_, old_view) = rest.get(&format!("/api/v1/agents/{uid}")).await;
+    assert_eq!(old_view["replaced_by"], again.to_string(), "{old_view}");
+    let (_, found) = rest.get("/api/v1/agents?q=replaced:yes").await;
+    let uids: Vec<&str> = found["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uid"].as_str().unwrap())
+        .collect();
+    assert_eq!(uids, vec![uid.to_string().as_str()]);
+    let (_, trail) = rest
+        .get(&format!(
+            "/api/v1/audit?operation=agent.reregistered&agent={again}"
+        ))
+        .await;
+    assert_eq!(trail["items"].as_array().unwrap().len(), 1, "{trail}");
+    assert_eq!(trail["items"][0]["channel"], "system");
     server.stop().await;
 }
 
