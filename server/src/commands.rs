@@ -378,8 +378,30 @@ pub fn catalog_entry(kind: CommandKind) -> Value {
         "description": description,
         "requires": requires,
         "destructive": destructive,
+        "outcome": outcome(kind),
         "params_schema": schema,
     })
+}
+
+/// How the server learns whether a command of `kind` ran, so callers know in advance when
+/// `succeeded` is impossible to observe and an expiry only means "unconfirmed".
+fn outcome(kind: CommandKind) -> &'static str {
+    match kind {
+        CommandKind::Restart => {
+            "succeeded when the agent's health shows a newer start time; agents that do not \
+             report health cannot confirm it (the command then expires as unconfirmed)"
+        }
+        CommandKind::ForceResync => "succeeded when the agent sends its full state",
+        CommandKind::NewInstanceUid => "succeeded when the agent speaks with the new uid",
+        CommandKind::Chatops | CommandKind::Shutdown | CommandKind::Custom => {
+            "agents declaring io.flotilla.command/v1 (flotilla-supervisor) report success or \
+             failure with the command id; plain fluent-opamp supervisors report failures only \
+             (shutdown: agent_disconnect), so silence expires as unconfirmed"
+        }
+        CommandKind::RemoteConfig => {
+            "the agent's RemoteConfigStatus for this config hash: APPLIED succeeds, FAILED fails"
+        }
+    }
 }
 
 /// What one command puts into a ServerToAgent.

@@ -356,6 +356,7 @@ fn schemas() -> Value {
                 "description": {"type": "string"},
                 "requires": {"type": "string"},
                 "destructive": {"type": "boolean"},
+                "outcome": {"type": "string", "description": "How the server learns whether it ran."},
                 "params_schema": {"type": "object", "description": "JSON Schema of `params`."},
                 "capable_agents": {"type": "integer", "description": "Known agents that can run it."}
             }}}}

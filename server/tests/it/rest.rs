@@ -1120,7 +1120,9 @@ async fn catalog_counts_capable_agents() {
     assert_eq!(capable("custom"), 2);
     for k in kinds {
         assert!(
-            k["params_schema"].is_object() && k["description"].is_string(),
+            k["params_schema"].is_object()
+                && k["description"].is_string()
+                && k["outcome"].as_str().is_some_and(|o| !o.is_empty()),
             "{k}"
         );
     }
