@@ -131,14 +131,21 @@ fn claude_desktop_config_is_valid_complete_and_idempotent() {
     );
 }
 
+/// A temporary HOME with a fake `flotilla` and an empty `~/.codex`: (home, flotilla path,
+/// `~/.codex`, `~/.codex/config.toml`).
+fn codex_home() -> (tempfile::TempDir, String, PathBuf, PathBuf) {
+    let home = tempfile::tempdir().unwrap();
+    let bin = fake_flotilla(home.path());
+    let dir = home.path().join(".codex");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.toml");
+    (home, bin, dir, cfg)
+}
+
 #[test]
 fn codex_config_is_valid_complete_and_idempotent() {
-    let home = tempfile::tempdir().unwrap();
+    let (home, bin, dir, cfg) = codex_home();
     let h = home.path();
-    let bin = fake_flotilla(h);
-    let dir = h.join(".codex");
-    let cfg = dir.join("config.toml");
-    std::fs::create_dir_all(&dir).unwrap();
     // Our table sits between others and has an old sub-table: both are replaced, the rest kept.
     std::fs::write(
         &cfg,
@@ -232,12 +239,8 @@ fn run_failing(name: &str, home: &Path, args: &[&str], env: &[(&str, &Path)]) ->
 
 #[test]
 fn codex_refuses_entries_it_cannot_replace_and_unvalidated_toml() {
-    let home = tempfile::tempdir().unwrap();
+    let (home, bin, dir, cfg) = codex_home();
     let h = home.path();
-    let bin = fake_flotilla(h);
-    let dir = h.join(".codex");
-    let cfg = dir.join("config.toml");
-    std::fs::create_dir_all(&dir).unwrap();
     // Dotted keys and inline tables define the entry without a [mcp_servers.flotilla] header;
     // appending one would make a duplicate key.
     for existing in [

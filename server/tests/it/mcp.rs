@@ -95,6 +95,11 @@ async fn connect(server: &TestServer, token: &str, rev: Revision, handler: TestC
     }
 }
 
+/// An operator's session without elicitation (the two-step token flow).
+async fn operator(server: &TestServer, rev: Revision) -> Client {
+    connect(server, OPERATOR_TOKEN, rev, TestClient::default()).await
+}
+
 async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
     let Value::Object(m) = args else {
         panic!("args must be an object")
@@ -198,7 +203,7 @@ async fn every_tool_over_streamable_http_both_revisions() {
     let server = TestServer::start().await;
     let f = fleet(&server).await;
     for rev in [Revision::Modern, Revision::Session] {
-        let c = connect(&server, OPERATOR_TOKEN, rev, TestClient::default()).await;
+        let c = operator(&server, rev).await;
         let tools = c.list_all_tools().await.unwrap();
         assert_eq!(tools.len(), 11, "{rev:?}");
         let queue = tools.iter().find(|t| t.name == "command_queue").unwrap();
@@ -442,13 +447,7 @@ async fn every_tool_over_streamable_http_both_revisions() {
 async fn bad_input_gives_clear_errors() {
     let server = TestServer::start().await;
     let f = fleet(&server).await;
-    let c = connect(
-        &server,
-        OPERATOR_TOKEN,
-        Revision::Modern,
-        TestClient::default(),
-    )
-    .await;
+    let c = operator(&server, Revision::Modern).await;
     let err = c
         .call_tool(CallToolRequestParams::new("restart_everything"))
         .await
@@ -538,7 +537,7 @@ async fn read_only_mode_refuses_every_state_changing_tool() {
     let server = TestServer::start_with(|c| c.mcp.read_only = true).await;
     let f = fleet(&server).await;
     for rev in [Revision::Modern, Revision::Session] {
-        let c = connect(&server, OPERATOR_TOKEN, rev, TestClient::default()).await;
+        let c = operator(&server, rev).await;
         let names: Vec<String> = c
             .list_all_tools()
             .await
@@ -866,13 +865,7 @@ async fn python_sdk_drives_every_tool_on_streamable_http_and_sse() {
 async fn a_confirmation_is_bound_to_the_previewed_targets() {
     let server = TestServer::start().await;
     let f = fleet(&server).await;
-    let c = connect(
-        &server,
-        OPERATOR_TOKEN,
-        Revision::Session,
-        TestClient::default(),
-    )
-    .await;
+    let c = operator(&server, Revision::Session).await;
     let fan = json!({"query": "host:web-*", "kind": "force_resync"});
     let v = ok(&call(&c, "command_queue", fan.clone()).await);
     assert_eq!(v["status"], "confirmation_required", "{v}");
@@ -1049,13 +1042,7 @@ async fn dry_runs_and_previews_apply_every_check_of_the_real_call() {
     );
 
     // MCP's dry run and preview are that plan; bad input fails before any token exists.
-    let c = connect(
-        &server,
-        OPERATOR_TOKEN,
-        Revision::Modern,
-        TestClient::default(),
-    )
-    .await;
+    let c = operator(&server, Revision::Modern).await;
     let v = ok(&call(
         &c,
         "command_queue",
@@ -1165,13 +1152,7 @@ async fn remote_config_get_by_query_gives_compact_rows() {
         config_map: Some(flotilla_proto::AgentConfigMap { config_map: files }),
     });
     crate::support::opamp_post(&server, &msg).await;
-    let c = connect(
-        &server,
-        OPERATOR_TOKEN,
-        Revision::Modern,
-        TestClient::default(),
-    )
-    .await;
+    let c = operator(&server, Revision::Modern).await;
     let v = ok(&call(
         &c,
         "remote_config_get",
@@ -1577,13 +1558,7 @@ async fn one_caller_cannot_take_every_sse_session() {
 #[tokio::test]
 async fn read_only_mode_hides_prompts_that_change_the_fleet() {
     let server = TestServer::start_with(|c| c.mcp.read_only = true).await;
-    let c = connect(
-        &server,
-        OPERATOR_TOKEN,
-        Revision::Session,
-        TestClient::default(),
-    )
-    .await;
+    let c = operator(&server, Revision::Session).await;
     let names: Vec<String> = c
         .list_all_prompts()
         .await
