@@ -297,7 +297,8 @@ impl Fleet {
     async fn scan(&self, after: Option<Uuid>, mut f: impl FnMut(Agent) -> bool) -> FleetResult<()> {
         let mut cursor = after;
         loop {
-            let page = self.store.list_agents(cursor, SCAN_PAGE).await?;
+            // Scans never need configuration bodies, which can dwarf the rest of a record.
+            let page = self.store.list_agents_brief(cursor, SCAN_PAGE).await?;
             let n = page.len();
             for a in page {
                 cursor = Some(a.uid);

@@ -64,6 +64,12 @@ pub trait Store: Send + Sync + 'static {
     async fn get_agent(&self, uid: Uuid) -> StoreResult<Option<Agent>>;
     /// Agents ordered by uid, strictly after `after`, at most `limit`.
     async fn list_agents(&self, after: Option<Uuid>, limit: usize) -> StoreResult<Vec<Agent>>;
+    /// Like [`Store::list_agents`] but without the configuration bodies: `effective_config`
+    /// and `desired_config` are `None`. For whole-fleet scans (search, summary, catalog,
+    /// fan-out), which never need them and would otherwise read and decode every agent's
+    /// configuration files.
+    async fn list_agents_brief(&self, after: Option<Uuid>, limit: usize)
+        -> StoreResult<Vec<Agent>>;
     /// Writes heartbeat liveness for many agents in one transaction.
     async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()>;
     /// Records a connection state change.

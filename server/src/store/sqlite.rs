@@ -558,6 +558,30 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn list_agents_brief(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> StoreResult<Vec<Agent>> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT uid, identifying, non_identifying, capabilities, custom_capabilities, health,
+                NULL AS effective_config, remote_config_status, NULL AS desired_config, labels,
+                transport, remote_addr, first_seen, last_seen, connected, sequence_num,
+                heartbeat_interval_s, previous_uid, replaces, replaced_by
+             FROM agents",
+        );
+        if let Some(after) = after {
+            q.push(" WHERE uid > ").push_bind(uid(after));
+        }
+        q.push(" ORDER BY uid LIMIT ").push_bind(limit_to_db(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
     async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()> {
         if touches.is_empty() {
             return Ok(());
@@ -1180,6 +1204,19 @@ mod tests {
             seen.extend(page.into_iter().map(|a| a.uid));
         }
         assert_eq!(seen, uids);
+    }
+
+    #[tokio::test]
+    async fn brief_listing_is_the_record_without_config_bodies() {
+        let (_d, s) = open().await;
+        let a = full_agent();
+        s.put_agent(&a).await.unwrap();
+        let brief = s.list_agents_brief(None, 10).await.unwrap();
+        let mut expect = a.clone();
+        expect.effective_config = None;
+        expect.desired_config = None;
+        assert_eq!(brief, vec![expect]);
+        assert_eq!(s.list_agents(None, 10).await.unwrap(), vec![a]);
     }
 
     #[tokio::test]

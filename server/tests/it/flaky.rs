@@ -53,6 +53,14 @@ impl Store for FlakyStore {
         self.check()?;
         self.inner.list_agents(after, limit).await
     }
+    async fn list_agents_brief(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> StoreResult<Vec<Agent>> {
+        self.check()?;
+        self.inner.list_agents_brief(after, limit).await
+    }
     async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()> {
         self.check()?;
         self.inner.touch_agents(touches).await
