@@ -127,6 +127,14 @@ pub fn event(agent: &str, mut fields: serde_json::Value) {
     }
 }
 
+/// `FAKE_DRY_RUN_PASSES=1`: `-D` / `--dry-run` reports success without looking at the config.
+/// Not a recorded behaviour: it stands in for a dry run that misses what the live load then
+/// refuses, so a supervisor's "reload refused" path (Fluent Bit's halted reload, Fluentd's
+/// "Failed to reload config file") can be reached behind its own dry run.
+pub fn dry_run_passes() -> bool {
+    std::env::var("FAKE_DRY_RUN_PASSES").as_deref() == Ok("1")
+}
+
 /// True while the file named by `FAKE_UNHEALTHY_FILE` exists.
 pub fn unhealthy() -> bool {
     std::env::var_os("FAKE_UNHEALTHY_FILE").is_some_and(|p| Path::new(&p).exists())

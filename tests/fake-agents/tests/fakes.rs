@@ -149,6 +149,27 @@ fn get(port: u16, path: &str) -> Option<Resp> {
     http("GET", port, path, None)
 }
 
+/// Waits until `/api/v1/metrics` answers 200: it is 404 for about the first second after a
+/// start or reload (B_v1_metrics.json), and the counters are refreshed once it is up.
+fn wait_metrics(port: u16) -> serde_json::Value {
+    wait_until(Duration::from_secs(5), || {
+        get(port, "/api/v1/metrics").filter(|r| r.status == 200)
+    })
+    .expect("/api/v1/metrics answers 200")
+    .json()
+}
+
+/// Waits until `text()` (an agent's captured output) contains `needle`; panics with it if not.
+fn wait_text(what: &str, needle: &str, text: impl Fn() -> String) {
+    if wait_until(Duration::from_secs(5), || {
+        text().contains(needle).then_some(())
+    })
+    .is_none()
+    {
+        panic!("{what}: {needle:?} not logged:\n{}", text());
+    }
+}
+
 fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + timeout;
     loop {
@@ -352,6 +373,40 @@ fn fb_dry_run_outcomes_match_recordings() {
 }
 
 #[test]
+fn dry_run_passes_hook_accepts_what_the_live_load_refuses() {
+    // FAKE_DRY_RUN_PASSES (not recorded): both dry runs say yes to a config with an
+    // unknown plugin, which starting or reloading still refuses.
+    let dir = TempDir::new();
+    dir.write(
+        "fb.conf",
+        &fixture("fluent-bit-5.1.1/configs/bad-plugin.conf"),
+    );
+    dir.write(
+        "fd.conf",
+        &fixture("fluentd-1.18.0/configs/bad-plugin.conf"),
+    );
+    let with_hook = |bin: &str, args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .current_dir(&dir.0)
+            .env("FAKE_DRY_RUN_PASSES", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = with_hook(FB, &["-D", "-c", "fb.conf"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.ends_with("configuration test is successful\n"), "{err}");
+    assert_eq!(with_hook(FD, &["--dry-run", "-c", "fd.conf"]).0, Some(0));
+    // Without -D the config is still refused, hook or not.
+    assert_eq!(with_hook(FB, &["-c", "fb.conf"]).0, Some(1));
+    assert_eq!(with_hook(FD, &["-c", "fd.conf"]).0, Some(1));
+}
+
+#[test]
 fn fb_start_failures_match_recordings() {
     let dir = TempDir::new();
     for name in [
@@ -490,7 +545,7 @@ fn fb_endpoints_match_recordings() {
     assert_eq!(r.status, rec_status(&rec));
     assert_eq!(r.header("allow"), Some("GET, POST, PUT"));
 
-    std::thread::sleep(Duration::from_millis(1300));
+    wait_metrics(port);
     // B_v1_metrics.json: same plugin names (aliases and name.N) and counters.
     let ours = get(port, "/api/v1/metrics").unwrap();
     assert_eq!(ours.status, 200);
@@ -630,7 +685,8 @@ fn fb_hot_reload_done_halted_and_aborted() {
         r.body,
         recorded_body(&fb_rec("B_v2_reload_POST_badplugin.json"))
     );
-    std::thread::sleep(Duration::from_millis(800));
+    // The reload runs asynchronously; once it logged its verdict the count must not move.
+    wait_text("halted reload", "Reloading is halted", || agent.stderr());
     assert_eq!(count(), 1);
     let err = fb_norm(&agent.stderr(), None);
     assert!(err.contains(
@@ -651,7 +707,11 @@ fn fb_hot_reload_done_halted_and_aborted() {
         r.body,
         recorded_body(&fb_rec("B_v2_reload_POST_badprop.json"))
     );
-    std::thread::sleep(Duration::from_millis(800));
+    wait_text(
+        "halted reload",
+        "check properties for output plugins is failed",
+        || agent.stderr(),
+    );
     assert_eq!(count(), 1);
     let recorded = fb_norm(&fb_rec("B-conf.log"), None);
     let prop_line = recorded
@@ -735,14 +795,17 @@ fn fb_cli_pipeline_logs_match_a_cli_and_sigterm() {
         get(port, "/api/v2/health").unwrap().body,
         recorded_body(&fb_rec("A_v2_health.json"))
     );
-    std::thread::sleep(Duration::from_millis(1100));
-    let m = get(port, "/api/v1/metrics").unwrap().json();
+    let m = wait_metrics(port);
     let rec: serde_json::Value =
         serde_json::from_str(recorded_body(&fb_rec("A_v1_metrics.json"))).unwrap();
     assert_eq!(json_keys(&m["input"]), json_keys(&rec["input"]));
     assert_eq!(json_keys(&m["output"]), json_keys(&rec["output"]));
     agent.signal(libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_text(
+        "SIGHUP without hot reload",
+        "[reload] hot reloading is not enabled",
+        || agent.stderr(),
+    );
     assert!(
         agent.child.try_wait().unwrap().is_none(),
         "SIGHUP without hot reload keeps it running"
@@ -812,14 +875,16 @@ fn fb_crash_hooks() {
 
     let dir = TempDir::new();
     let flag = dir.path("crash-now");
-    dir.write("live.conf", &fb_conf(free_port(), free_port()));
+    let port = free_port();
+    dir.write("live.conf", &fb_conf(port, free_port()));
     let mut agent = Agent::spawn(
         FB,
         &["-c", "live.conf"],
         &[("FAKE_CRASH_FILE", flag.display().to_string())],
         dir,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Up and serving, and no flag yet: still running.
+    wait_http(port);
     assert!(agent.child.try_wait().unwrap().is_none());
     std::fs::write(&flag, "").unwrap();
     assert_eq!(
@@ -844,8 +909,8 @@ fn fb_unhealthy_hook_turns_health_red_like_b_recordings() {
         ],
         dir,
     );
-    wait_http(port);
-    std::thread::sleep(Duration::from_millis(1200));
+    // Samples are taken once the engine runs (metrics up): healthy before the flag exists.
+    wait_metrics(port);
     assert_eq!(get(port, "/api/v2/health").unwrap().status, 200);
     std::fs::write(&flag, "").unwrap();
     let h = wait_until(Duration::from_secs(6), || {
@@ -910,10 +975,15 @@ fn fb_yaml_config_and_http_input_sink() {
         .expect("http_input event");
     assert_eq!(e["tag"], "chatops.restart");
     assert_eq!(e["body"]["command"], "restart");
-    std::thread::sleep(Duration::from_millis(1300));
-    let m = get(port, "/api/v1/metrics").unwrap().json();
+    // The counters are refreshed once a second: wait for the record to be counted.
+    let m = wait_until(Duration::from_secs(5), || {
+        get(port, "/api/v1/metrics")
+            .filter(|r| r.status == 200)
+            .map(|r| r.json())
+            .filter(|m| m["input"]["http.1"]["records"] == 1)
+    })
+    .expect("the http input's record counted");
     assert_eq!(json_keys(&m["input"]), ["dummy_in", "http.1"]);
-    assert_eq!(m["input"]["http.1"]["records"], 1);
     assert!(agent.count("request") >= 3);
 }
 
@@ -1115,7 +1185,11 @@ fn fd_two_processes_monitor_agent_and_rpc() {
         r.body,
         recorded_body(&fd_rec("rpc_config.gracefulReload_syntaxerr.json"))
     );
-    std::thread::sleep(Duration::from_millis(300));
+    wait_text(
+        "refused graceful reload",
+        "expected '>' at live.conf line",
+        || agent.stdout(),
+    );
     let log = fd_norm(&agent.stdout());
     assert!(log.contains(&"[error]: Failed to reload config file: Unknown output plugin 'no_such_plugin_xyz'. Run 'gem search -rd fluent-plugin' to find plugins".to_string()));
     assert!(log.iter().any(

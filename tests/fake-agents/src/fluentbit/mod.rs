@@ -391,6 +391,10 @@ pub fn main() -> i32 {
             *log.file.lock().expect("log lock") = Some(f);
         }
     }
+    if cli.dry_run && common::dry_run_passes() {
+        log.stderr("configuration test is successful\n");
+        return ok_exit(0);
+    }
     let cfg = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -865,15 +869,16 @@ fn engine_tick(engine: &Shared) {
     // the first output) behaves like fwd_dead in B-conf.log / B_v1_metrics.json: flushes
     // fail and are retried; after FAKE_UNHEALTHY_DELAY_MS (default 5000, the recorded ~6 s
     // to the first "cannot be retried") each second also abandons a chunk.
-    let failing = std::env::var("FAKE_UNHEALTHY_OUTPUT")
-        .ok()
-        .and_then(|name| {
-            outputs
-                .iter()
-                .position(|o| o.instance == name || o.name == name)
-        })
-        .unwrap_or(0);
-    let unhealthy = common::unhealthy() && !outputs.is_empty();
+    // A name that matches no output fails none (as the Fluentd fake does): a test can make
+    // only an output that a new config adds fail.
+    let failing = match std::env::var("FAKE_UNHEALTHY_OUTPUT") {
+        Ok(name) => outputs
+            .iter()
+            .position(|o| o.instance == name || o.name == name),
+        Err(_) => Some(0),
+    };
+    let unhealthy = common::unhealthy() && failing.is_some_and(|i| i < outputs.len());
+    let failing = failing.unwrap_or(usize::MAX);
     if unhealthy {
         ctx.unhealthy_since.get_or_insert_with(Instant::now);
     } else {

@@ -264,6 +264,9 @@ pub fn main() -> i32 {
     if cli.under_supervisor {
         return rt.block_on(worker::run(cli, log));
     }
+    if cli.dry_run && crate::common::dry_run_passes() {
+        return 0;
+    }
     // The config is parsed before the logger exists, so a syntax error is a bare
     // backtrace (startup-bad-syntax.log, dryrun-bad-syntax.log): exit 1.
     let root = match read_config(&cli.config) {
