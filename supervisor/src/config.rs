@@ -439,17 +439,26 @@ impl Config {
             }
         }
         self.validate_auth(&mut p);
-        if self.server.heartbeat_interval_s == 0 || self.server.heartbeat_interval_s > 86_400 {
-            p.push("server.heartbeat_interval_s: must be between 1 and 86400".into());
-        }
-        if self.server.backoff_initial_ms == 0 {
-            p.push("server.backoff_initial_ms: must be at least 1".into());
-        }
-        if self.server.backoff_max_s == 0 {
-            p.push("server.backoff_max_s: must be at least 1".into());
-        }
-        if self.server.connect_timeout_s == 0 {
-            p.push("server.connect_timeout_s: must be at least 1".into());
+        // Durations are bounded above too: `Instant + Duration` panics on overflow, and no
+        // sensible setting is longer than a day.
+        let sv = &self.server;
+        for (field, v, min, max) in [
+            (
+                "server.heartbeat_interval_s",
+                sv.heartbeat_interval_s,
+                1,
+                DAY_S,
+            ),
+            (
+                "server.backoff_initial_ms",
+                sv.backoff_initial_ms,
+                1,
+                DAY_MS,
+            ),
+            ("server.backoff_max_s", sv.backoff_max_s, 1, DAY_S),
+            ("server.connect_timeout_s", sv.connect_timeout_s, 1, DAY_S),
+        ] {
+            check_range(&mut p, field, v, min, max);
         }
         match self.server.full_state {
             FullStateController::SentCount { n: 0 } => {
@@ -540,24 +549,56 @@ impl Config {
         }
         if a.chat_ops_port == 0 {
             p.push("agent.chat_ops_port: must be a port between 1 and 65535".into());
+        } else {
+            // The ChatOps input and the agent's own API cannot share a port: one of them
+            // would fail to bind (Fluent Bit exits 255 on an HTTP port conflict).
+            let api = match a.kind {
+                Some(AgentKind::Fluentbit) => Some(("agent.http_port", a.http_port)),
+                Some(AgentKind::Fluentd) => {
+                    url_port(&a.monitor_url).map(|p| ("agent.monitor_url", p))
+                }
+                None => None,
+            };
+            let rpc = a
+                .rpc_endpoint
+                .as_deref()
+                .and_then(|r| r.parse::<SocketAddr>().ok())
+                .filter(|_| a.kind == Some(AgentKind::Fluentd))
+                .map(|sa| ("agent.rpc_endpoint", sa.port()));
+            for (other, port) in [api, rpc].into_iter().flatten() {
+                if port == a.chat_ops_port {
+                    p.push(format!(
+                        "agent.chat_ops_port: {port} is also the port of {other}; the ChatOps input needs its own"
+                    ));
+                }
+            }
         }
-        for (field, v, min) in [
-            ("agent.stop_timeout_s", a.stop_timeout_s.unwrap_or(1), 1),
-            ("agent.health_interval_s", a.health_interval_s, 1),
-            ("agent.health_gate_s", a.health_gate_s, 1),
-            ("agent.reload_timeout_s", a.reload_timeout_s, 1),
-            ("agent.dry_run_timeout_s", a.dry_run_timeout_s, 1),
+        for (field, v, min, max) in [
+            (
+                "agent.stop_timeout_s",
+                a.stop_timeout_s.unwrap_or(1),
+                1,
+                DAY_S,
+            ),
+            ("agent.health_interval_s", a.health_interval_s, 1, DAY_S),
+            ("agent.health_gate_s", a.health_gate_s, 1, DAY_S),
+            ("agent.reload_timeout_s", a.reload_timeout_s, 1, DAY_S),
+            ("agent.dry_run_timeout_s", a.dry_run_timeout_s, 1, DAY_S),
             (
                 "agent.restart_backoff_initial_ms",
                 a.restart_backoff_initial_ms,
                 1,
+                DAY_MS,
             ),
-            ("agent.restart_backoff_max_s", a.restart_backoff_max_s, 1),
-            ("agent.crash_loop_window_s", a.crash_loop_window_s, 1),
+            (
+                "agent.restart_backoff_max_s",
+                a.restart_backoff_max_s,
+                1,
+                DAY_S,
+            ),
+            ("agent.crash_loop_window_s", a.crash_loop_window_s, 1, DAY_S),
         ] {
-            if v < min {
-                p.push(format!("{field}: must be at least {min}"));
-            }
+            check_range(&mut p, field, v, min, max);
         }
         if a.crash_loop_threshold < 2 {
             p.push("agent.crash_loop_threshold: must be at least 2".into());
@@ -660,17 +701,7 @@ impl Config {
                         "server.auth.token_env: environment variable {var} is unset or empty"
                     )),
                 },
-                (None, Some(file)) => match std::fs::read_to_string(file) {
-                    Ok(v) if !v.trim().is_empty() => {}
-                    Ok(_) => p.push(format!(
-                        "server.auth.token_file: {} is empty",
-                        file.display()
-                    )),
-                    Err(e) => p.push(format!(
-                        "server.auth.token_file: cannot read {}: {e}",
-                        file.display()
-                    )),
-                },
+                (None, Some(file)) => check_secret_file(p, "server.auth.token_file", file),
             },
             "oauth2" => {
                 match a.token_url.as_deref() {
@@ -705,14 +736,7 @@ impl Config {
                             ));
                         }
                     }
-                    (None, Some(f)) => {
-                        if let Err(e) = std::fs::read_to_string(f) {
-                            p.push(format!(
-                                "server.auth.client_secret_file: cannot read {}: {e}",
-                                f.display()
-                            ));
-                        }
-                    }
+                    (None, Some(f)) => check_secret_file(p, "server.auth.client_secret_file", f),
                 }
             }
             other => p.push(format!(
@@ -759,6 +783,34 @@ impl Config {
     /// True if the custom capability is declared.
     pub fn declares_custom(&self, cap: &str) -> bool {
         self.capabilities.custom.iter().any(|c| c == cap)
+    }
+}
+
+const DAY_S: u64 = 86_400;
+const DAY_MS: u64 = DAY_S * 1000;
+
+/// A token or secret file must be readable now and hold something (it is re-read at use).
+fn check_secret_file(p: &mut Vec<String>, field: &str, file: &Path) {
+    match std::fs::read_to_string(file) {
+        Ok(v) if !v.trim().is_empty() => {}
+        Ok(_) => p.push(format!("{field}: {} is empty", file.display())),
+        Err(e) => p.push(format!("{field}: cannot read {}: {e}", file.display())),
+    }
+}
+
+fn check_range(p: &mut Vec<String>, field: &str, v: u64, min: u64, max: u64) {
+    if v < min || v > max {
+        p.push(format!("{field}: {v} is not between {min} and {max}"));
+    }
+}
+
+/// The port of an `http://host:port[/...]` URL (80 when it names none).
+fn url_port(url: &str) -> Option<u16> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    match authority.rsplit_once(':') {
+        Some((_, port)) if !authority.ends_with(']') => port.parse().ok(),
+        _ => Some(80),
     }
 }
 
@@ -1021,6 +1073,83 @@ mod tests {
                 "description.service_name",
                 Box::new(|c| c.description.service_name = Some("".into())),
             ),
+            (
+                "agent.chat_ops_port",
+                Box::new(|c| c.agent.chat_ops_port = c.agent.http_port),
+            ),
+            (
+                "agent.chat_ops_port",
+                Box::new(|c| {
+                    c.agent.kind = Some(AgentKind::Fluentd);
+                    c.agent.monitor_url = "http://127.0.0.1:24220/".into();
+                    c.agent.chat_ops_port = 24220;
+                }),
+            ),
+            (
+                "agent.chat_ops_port",
+                Box::new(|c| {
+                    c.agent.kind = Some(AgentKind::Fluentd);
+                    c.agent.rpc_endpoint = Some("127.0.0.1:24444".into());
+                    c.agent.chat_ops_port = 24444;
+                }),
+            ),
+            (
+                "server.auth.client_secret_file",
+                Box::new(|c| {
+                    c.server.auth.kind = "oauth2".into();
+                    c.server.auth.token_url = Some("http://127.0.0.1:9/token".into());
+                    c.server.auth.client_id = Some("vm".into());
+                    c.server.auth.client_secret_file = Some("/nonexistent/secret".into());
+                }),
+            ),
+            (
+                "server.auth.client_secret_file",
+                Box::new(|c| {
+                    c.server.auth.kind = "oauth2".into();
+                    c.server.auth.token_url = Some("http://127.0.0.1:9/token".into());
+                    c.server.auth.client_id = Some("vm".into());
+                    // A directory cannot be read as a file.
+                    c.server.auth.client_secret_file = Some(std::env::temp_dir());
+                }),
+            ),
+            (
+                "description.non_identifying",
+                Box::new(|c| {
+                    c.description.non_identifying.insert("".into(), "x".into());
+                }),
+            ),
+            (
+                "server.heartbeat_interval_s",
+                Box::new(|c| c.server.heartbeat_interval_s = 86_401),
+            ),
+            (
+                "server.backoff_max_s",
+                Box::new(|c| c.server.backoff_max_s = u64::MAX),
+            ),
+            (
+                "server.connect_timeout_s",
+                Box::new(|c| c.server.connect_timeout_s = u64::MAX),
+            ),
+            (
+                "agent.stop_timeout_s",
+                Box::new(|c| c.agent.stop_timeout_s = Some(u64::MAX)),
+            ),
+            (
+                "agent.health_gate_s",
+                Box::new(|c| c.agent.health_gate_s = u64::MAX),
+            ),
+            (
+                "agent.reload_timeout_s",
+                Box::new(|c| c.agent.reload_timeout_s = u64::MAX),
+            ),
+            (
+                "agent.restart_backoff_initial_ms",
+                Box::new(|c| c.agent.restart_backoff_initial_ms = u64::MAX),
+            ),
+            (
+                "agent.crash_loop_window_s",
+                Box::new(|c| c.agent.crash_loop_window_s = u64::MAX),
+            ),
             ("log.format", Box::new(|c| c.log.format = "xml".into())),
             ("log.level", Box::new(|c| c.log.level = "[[[".into())),
             (
@@ -1033,6 +1162,66 @@ mod tests {
             mutate(&mut c);
             assert_bad(&c, field);
         }
+    }
+
+    #[test]
+    fn empty_client_secret_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, " \n").unwrap();
+        let mut c = good();
+        c.server.auth.kind = "oauth2".into();
+        c.server.auth.token_url = Some("http://127.0.0.1:9/token".into());
+        c.server.auth.client_id = Some("vm".into());
+        c.server.auth.client_secret_file = Some(f.clone());
+        let p = problems(&c);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.auth.client_secret_file") && m.contains("empty")),
+            "{p:?}"
+        );
+        std::fs::write(&f, "s3cret\n").unwrap();
+        assert_eq!(problems(&c), Vec::<String>::new());
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_urls_need_the_tls_feature() {
+        for url in [
+            "wss://opamp.example.com/v1/opamp",
+            "https://opamp.example.com/v1/opamp",
+        ] {
+            let mut c = good();
+            c.server.url = url.into();
+            let p = problems(&c);
+            assert!(
+                p.iter()
+                    .any(|m| m.starts_with("server.url") && m.contains("--features tls")),
+                "{url}: {p:?}"
+            );
+        }
+        let mut c = good();
+        c.server.auth.kind = "oauth2".into();
+        c.server.auth.token_url = Some("https://idp.example.com/token".into());
+        assert_bad(&c, "server.auth.token_url");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_urls_are_accepted_with_the_tls_feature() {
+        let mut c = good();
+        c.server.url = "wss://opamp.example.com/v1/opamp".into();
+        assert_eq!(problems(&c), Vec::<String>::new());
+    }
+
+    #[test]
+    fn url_ports() {
+        assert_eq!(url_port("http://127.0.0.1:24220"), Some(24220));
+        assert_eq!(url_port("http://127.0.0.1:24220/x"), Some(24220));
+        assert_eq!(url_port("http://localhost/"), Some(80));
+        assert_eq!(url_port("http://[::1]"), Some(80));
+        assert_eq!(url_port("http://[::1]:5"), Some(5));
+        assert_eq!(url_port("ftp://x"), None);
     }
 
     #[test]
