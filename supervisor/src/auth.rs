@@ -50,8 +50,22 @@ struct TokenResponse {
     access_token: String,
     #[serde(default)]
     token_type: Option<String>,
+    /// Seconds; some endpoints send a string or a float, a broken one a negative or
+    /// enormous number: read leniently, clamped by [`refresh_at`].
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
+}
+
+/// `expires_in` as whole seconds (negative → 0, beyond u64 → u64::MAX); `None` if absent or
+/// not a number.
+fn expires_in_secs(v: &serde_json::Value) -> Option<u64> {
+    let f = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    // `as` saturates: NaN → 0, negative → 0, huge → u64::MAX.
+    Some(f as u64)
 }
 
 impl TokenSource {
@@ -120,17 +134,13 @@ impl OAuth2 {
             }
         }
         let (tok, lifetime) = self.fetch().await?;
-        // Refresh well before expiry: a WebSocket upgrade or poll must never carry a token that
-        // expires in flight. A fifth of the lifetime, at least 5 s, is kept as margin.
-        let until = lifetime.map(|l| {
-            let margin = (l / 5).max(Duration::from_secs(5)).min(l);
-            Instant::now() + (l - margin)
-        });
+        let until = lifetime.and_then(|secs| refresh_at(Instant::now(), secs));
         *self.cached.lock().expect("token cache") = Some((tok.clone(), until));
         Ok(tok)
     }
 
-    async fn fetch(&self) -> Result<(String, Option<Duration>), AuthError> {
+    /// The token and its `expires_in` (seconds), as the endpoint gave them.
+    async fn fetch(&self) -> Result<(String, Option<u64>), AuthError> {
         let err = |message: String| AuthError::OAuth2 {
             url: self.token_url.clone(),
             message,
@@ -174,8 +184,25 @@ impl OAuth2 {
                 return Err(err(format!("token_type {tt:?} is not Bearer")));
             }
         }
-        Ok((t.access_token, t.expires_in.map(Duration::from_secs)))
+        Ok((
+            t.access_token,
+            t.expires_in.as_ref().and_then(expires_in_secs),
+        ))
     }
+}
+
+/// Longest token lifetime taken from a token endpoint (a day): a larger `expires_in` (up to
+/// u64::MAX) would overflow the clock, and a daily refresh costs nothing.
+pub const MAX_TOKEN_LIFETIME_S: u64 = 86_400;
+
+/// When a token that lives `expires_in` seconds from `now` is refreshed. Refreshed well
+/// before expiry: a WebSocket upgrade or poll must never carry a token that expires in flight,
+/// so a fifth of the lifetime, at least 5 s, is kept as margin. The lifetime is clamped to
+/// 1 s ..= [`MAX_TOKEN_LIFETIME_S`]; `None` only if the clock cannot represent the instant.
+pub fn refresh_at(now: Instant, expires_in: u64) -> Option<Instant> {
+    let l = Duration::from_secs(expires_in.clamp(1, MAX_TOKEN_LIFETIME_S));
+    let margin = (l / 5).max(Duration::from_secs(5)).min(l);
+    now.checked_add(l - margin)
 }
 
 /// The first `n` characters of `s`, on one line.
@@ -189,5 +216,41 @@ pub fn excerpt(s: &str, n: usize) -> String {
         format!("{}…", t.chars().take(n).collect::<String>())
     } else {
         t.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lifetimes_are_clamped() {
+        let now = Instant::now();
+        // u64::MAX seconds would overflow `now + lifetime`: capped at a day.
+        let far = refresh_at(now, u64::MAX).unwrap();
+        assert_eq!(
+            far - now,
+            Duration::from_secs(MAX_TOKEN_LIFETIME_S * 4 / 5),
+            "a fifth of a day as margin"
+        );
+        // An hour: refreshed at 48 min.
+        assert_eq!(
+            refresh_at(now, 3600).unwrap() - now,
+            Duration::from_secs(2880)
+        );
+        // Short lives keep a 5 s margin; 0 behaves like 1 s (refetched next time).
+        assert_eq!(refresh_at(now, 6).unwrap() - now, Duration::from_secs(1));
+        assert_eq!(refresh_at(now, 0).unwrap(), now);
+    }
+
+    #[test]
+    fn expires_in_is_read_leniently() {
+        let v = |s: &str| expires_in_secs(&serde_json::from_str(s).unwrap());
+        assert_eq!(v("3600"), Some(3600));
+        assert_eq!(v("\"3600\""), Some(3600));
+        assert_eq!(v("59.9"), Some(59));
+        assert_eq!(v("-5"), Some(0));
+        assert_eq!(v("1e30"), Some(u64::MAX));
+        assert_eq!(v("null"), None);
     }
 }

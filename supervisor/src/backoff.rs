@@ -49,6 +49,18 @@ pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
+/// Longest wait a server's `Retry-After` / `RetryInfo` can impose: a typo or a hostile value
+/// (`Retry-After: 99999999`) must not park the supervisor for years.
+pub const MAX_SERVER_DELAY: Duration = Duration::from_secs(3600);
+
+/// How long to wait after a throttling answer that asked for `server` (Retry-After, RetryInfo):
+/// the server's value, capped at [`MAX_SERVER_DELAY`], but never less than the backoff's next
+/// delay. The backoff advances either way, so `Retry-After: 0`, a date in the past or a tiny
+/// RetryInfo cannot turn into an immediate reconnect loop.
+pub fn throttle_delay(server: Duration, backoff: &mut Backoff) -> Duration {
+    server.min(MAX_SERVER_DELAY).max(backoff.next_delay())
+}
+
 /// Parses a `Retry-After` value: delta-seconds or an HTTP-date (a date in the past gives 0).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
@@ -84,5 +96,36 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(42));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+        // Absurd values parse (the cap is applied where the delay is used).
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn throttling_waits_at_least_the_backoff_and_at_most_an_hour() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        // Retry-After: 0 (or a past date): the backoff's delay, and the backoff advances.
+        let d0 = throttle_delay(Duration::ZERO, &mut b);
+        assert!(d0 >= Duration::from_millis(800), "{d0:?}");
+        let d1 = throttle_delay(Duration::ZERO, &mut b);
+        assert!(d1 >= Duration::from_millis(1600), "{d1:?}");
+        assert_eq!(b.attempts(), 2);
+        // A longer server value wins over the backoff.
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(
+            throttle_delay(Duration::from_secs(30), &mut b),
+            Duration::from_secs(30)
+        );
+        // A huge one is capped.
+        assert_eq!(
+            throttle_delay(Duration::from_secs(u64::MAX), &mut b),
+            MAX_SERVER_DELAY
+        );
+        assert_eq!(
+            throttle_delay(Duration::from_nanos(u64::MAX), &mut b),
+            MAX_SERVER_DELAY
+        );
     }
 }
