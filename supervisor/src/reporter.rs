@@ -36,9 +36,12 @@ pub struct Reporter {
     sent_remote_status: Option<RemoteConfigStatus>,
     /// Results and reports not yet sent.
     queue: VecDeque<CustomMessage>,
-    /// Sent, but no ServerToAgent seen since: re-queued if the connection drops (the server
-    /// ignores a result for a command already settled, so a duplicate is harmless).
-    unconfirmed: Vec<CustomMessage>,
+    /// Sent, but not yet answered: re-queued if the connection drops (the server ignores a
+    /// result for a command already settled, so a duplicate is harmless). Each is kept with
+    /// its position among the messages sent on this connection, see [`Reporter::confirm_replies`].
+    unconfirmed: Vec<(u64, CustomMessage)>,
+    /// Messages built since the connection (re)started.
+    conn_sent: u64,
     controller: FullStateController,
     sends_since_full: u64,
     last_full: Instant,
@@ -72,6 +75,7 @@ impl Reporter {
             sent_remote_status: None,
             queue: VecDeque::new(),
             unconfirmed: Vec::new(),
+            conn_sent: 0,
             controller,
             sends_since_full: 0,
             last_full: Instant::now(),
@@ -142,14 +146,29 @@ impl Reporter {
     /// A new connection: report the full state first, and re-send what may have been lost.
     pub fn connection_lost(&mut self) {
         self.full_pending = true;
-        for m in self.unconfirmed.drain(..).rev() {
+        self.conn_sent = 0;
+        for (_, m) in self.unconfirmed.drain(..).rev() {
             self.queue.push_front(m);
+        }
+        while self.queue.len() > MAX_QUEUE {
+            self.queue.pop_back();
         }
     }
 
-    /// The server answered: what was sent before arrived.
+    /// Plain HTTP: the answer to a POST is the answer to the one message it carried, so
+    /// everything sent so far arrived.
     pub fn confirm(&mut self) {
         self.unconfirmed.clear();
+    }
+
+    /// WebSocket: `replies` ServerToAgent messages have arrived on this connection. The server
+    /// answers every AgentToServer, in order, so the n-th answer proves the first n messages
+    /// arrived; a frame that merely arrives after a result was sent proves nothing (it may
+    /// answer an earlier message, and the result may die with the connection). A frame the
+    /// server sends unasked (a command) is counted like an answer: it can confirm one message
+    /// early, never a message not yet sent.
+    pub fn confirm_replies(&mut self, replies: u64) {
+        self.unconfirmed.retain(|(n, _)| *n >= replies);
     }
 
     /// True if the next [`Reporter::build`] without heartbeat would send something.
@@ -214,9 +233,14 @@ impl Reporter {
             }
         }
         if let Some(c) = self.queue.pop_front() {
-            self.unconfirmed.push(c.clone());
+            if self.unconfirmed.len() >= MAX_QUEUE {
+                // A server that never answers: keep memory bounded.
+                self.unconfirmed.remove(0);
+            }
+            self.unconfirmed.push((self.conn_sent, c.clone()));
             m.custom_message = Some(c);
         }
+        self.conn_sent += 1;
         self.seq += 1;
         if full {
             self.full_pending = false;
@@ -378,5 +402,50 @@ mod tests {
         assert!(r.build(false).unwrap().health.is_some());
         let d = r.build_disconnect();
         assert!(d.agent_disconnect.is_some());
+    }
+
+    fn result(n: u8) -> CustomMessage {
+        CustomMessage {
+            capability: "c".into(),
+            r#type: "result".into(),
+            data: vec![n],
+        }
+    }
+
+    #[test]
+    fn only_answers_to_the_message_itself_confirm_a_result() {
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.build(false).unwrap(); // #0 on this connection
+        r.build(true).unwrap(); // #1
+        r.push_custom(result(1));
+        assert!(r.build(false).unwrap().custom_message.is_some()); // #2
+                                                                   // Answers to #0 and #1 arrive after the result went out: not proof it arrived.
+        r.confirm_replies(1);
+        r.confirm_replies(2);
+        r.connection_lost();
+        let again = r.build(false).unwrap(); // #0 of the new connection
+        assert_eq!(again.custom_message.unwrap().data, vec![1], "re-sent");
+        // The answer to the message that carried it confirms it.
+        r.confirm_replies(1);
+        r.connection_lost();
+        assert!(r.build(false).unwrap().custom_message.is_none());
+    }
+
+    #[test]
+    fn unconfirmed_results_stay_bounded() {
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        for i in 0..(MAX_QUEUE + 10) {
+            r.push_custom(result(i as u8));
+            r.build(false).unwrap();
+        }
+        r.connection_lost();
+        let mut n = 0;
+        while let Some(m) = r.build(false) {
+            if m.custom_message.is_none() {
+                break;
+            }
+            n += 1;
+        }
+        assert_eq!(n, MAX_QUEUE);
     }
 }
