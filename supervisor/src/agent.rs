@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::config::AgentKind;
@@ -103,6 +103,17 @@ impl LogTail {
             .collect()
     }
 
+    /// The last `n` error-looking lines among those pushed at or after `cursor`.
+    pub fn errors_since(&self, cursor: u64, n: usize) -> Vec<String> {
+        let errs: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|(i, l)| *i >= cursor && is_error_line(l))
+            .map(|(_, l)| l.clone())
+            .collect();
+        errs[errs.len().saturating_sub(n)..].to_vec()
+    }
+
     /// The last `n` error-looking lines.
     pub fn last_errors(&self, n: usize) -> Vec<String> {
         let skip = self.errors.len().saturating_sub(n);
@@ -114,10 +125,16 @@ impl LogTail {
 pub type SharedTail = Arc<Mutex<LogTail>>;
 
 /// True for lines that explain a failure (Fluent Bit `[error]`, Fluentd `[error]:`, Ruby
-/// backtraces' first line, "aborting").
+/// backtraces' first line, "aborting", Fluentd's "Worker 0 finished unexpectedly"). The
+/// frames of a logged backtrace (indented `[error]: #0 /path.rb:201:in `bind'`, as in
+/// portconflict.log) explain nothing and would crowd the real message out of a summary.
 pub fn is_error_line(line: &str) -> bool {
+    if line.starts_with(char::is_whitespace) && line.contains(":in `") {
+        return false;
+    }
     let l = line.to_ascii_lowercase();
-    l.contains("[error]")
+    l.contains("finished unexpectedly")
+        || l.contains("[error]")
         || l.contains("[ error]")
         || l.contains("[fatal]")
         || l.contains("error_class=")
@@ -142,9 +159,30 @@ pub type PidSink = Arc<dyn Fn(Option<(i32, u64)>) + Send + Sync>;
 pub struct AgentHandle {
     ctl: mpsc::Sender<Ctl>,
     pub tail: SharedTail,
+    /// Number of [`RestartHold`]s alive.
+    hold: Arc<watch::Sender<u32>>,
+}
+
+/// While alive, an agent that dies is not restarted on its own (explicit restarts still
+/// are). A config apply holds one from writing the new files until last-known-good is back:
+/// an agent that exits 255 on the new config must not be auto-restarted with the bad files
+/// still on disk before the applier restores them.
+#[derive(Debug)]
+pub struct RestartHold(Arc<watch::Sender<u32>>);
+
+impl Drop for RestartHold {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl AgentHandle {
+    /// Holds automatic restarts until the returned guard is dropped.
+    pub fn hold_restarts(&self) -> RestartHold {
+        self.hold.send_modify(|n| *n += 1);
+        RestartHold(self.hold.clone())
+    }
+
     /// Stops the agent gracefully and starts it again; returns when the new process started.
     pub async fn restart(&self) {
         let (tx, rx) = oneshot::channel();
@@ -165,23 +203,31 @@ impl AgentHandle {
 /// Starts the runner task. Events go to `events`; the pid file is kept through `on_pid`.
 pub fn spawn(spec: Spec, events: mpsc::Sender<AgentEvent>, on_pid: PidSink) -> AgentHandle {
     let (ctl_tx, ctl_rx) = mpsc::channel(8);
+    let (hold_tx, hold_rx) = watch::channel(0u32);
     let tail: SharedTail = Arc::new(Mutex::new(LogTail::default()));
     let runner = Runner {
         spec,
         events,
         ctl: ctl_rx,
+        hold: hold_rx,
         tail: tail.clone(),
         on_pid,
         exits: VecDeque::new(),
     };
     tokio::spawn(runner.run());
-    AgentHandle { ctl: ctl_tx, tail }
+    AgentHandle {
+        ctl: ctl_tx,
+        tail,
+        hold: Arc::new(hold_tx),
+    }
 }
 
 struct Runner {
     spec: Spec,
     events: mpsc::Sender<AgentEvent>,
     ctl: mpsc::Receiver<Ctl>,
+    /// Automatic restarts wait while this is above 0 (see [`RestartHold`]).
+    hold: watch::Receiver<u32>,
     tail: SharedTail,
     on_pid: PidSink,
     /// Times of recent unexpected exits, for crash-loop detection.
@@ -214,7 +260,18 @@ impl Runner {
         'outer: loop {
             let started = Instant::now();
             let (mut running, pgid) = match self.start() {
-                Ok(x) => x,
+                Ok((running, pgid, start_time_ns)) => {
+                    // Awaited, not try_send: a dropped Started would leave the core
+                    // believing the agent is down.
+                    let _ = self
+                        .events
+                        .send(AgentEvent::Started {
+                            pid: running.pid(),
+                            start_time_ns,
+                        })
+                        .await;
+                    (running, pgid)
+                }
                 Err(e) => {
                     // Not even started (binary gone, permissions): treat like a crash so the
                     // backoff and crash-loop reporting apply.
@@ -423,8 +480,18 @@ impl Runner {
                 restart_in: Some(delay),
             })
             .await;
+        let mut hold = self.hold.clone();
+        let wait = async move {
+            tokio::time::sleep(delay).await;
+            if *hold.borrow() > 0 {
+                tracing::info!(
+                    "a config apply is in progress; the agent is restarted when it ends"
+                );
+            }
+            let _ = hold.wait_for(|n| *n == 0).await;
+        };
         tokio::select! {
-            _ = tokio::time::sleep(delay) => None,
+            _ = wait => None,
             c = self.ctl.recv() => match c {
                 Some(c) => Some(c),
                 // Supervisor gone: do not start again.
@@ -433,7 +500,8 @@ impl Runner {
         }
     }
 
-    fn start(&mut self) -> std::io::Result<(Running, i32)> {
+    /// Spawns the agent: (the process, its group, its start time in ns since the epoch).
+    fn start(&mut self) -> std::io::Result<(Running, i32, u64)> {
         let mut cmd = Command::new(&self.spec.executable);
         cmd.args(&self.spec.args)
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
@@ -481,10 +549,7 @@ impl Runner {
         let ticks = proc_start_ticks(pid).unwrap_or(0);
         (self.on_pid)(Some((pid, ticks)));
         tracing::info!(pid, agent = name, "agent started");
-        let _ = self
-            .events
-            .try_send(AgentEvent::Started { pid, start_time_ns });
-        Ok((Running::Child(child, pid), pid))
+        Ok((Running::Child(child, pid), pid, start_time_ns))
     }
 
     async fn wait(&mut self, running: &mut Running) -> Outcome {
@@ -789,9 +854,20 @@ mod tests {
         t.push("ok");
         assert_eq!(t.since(c), vec!["[error] [config] bad", "ok"]);
         assert_eq!(t.last_errors(5), vec!["[error] [config] bad"]);
+        t.push("[error] second");
+        assert_eq!(t.errors_since(c, 1), vec!["[error] second"]);
+        assert!(t.errors_since(t.cursor(), 5).is_empty());
         assert!(is_error_line(
             "2026-11-22 02:51:05 +0000 [error]: Failed to reload config file: x"
         ));
         assert!(!is_error_line("[ info] [engine] started"));
+        // portconflict.log: the message counts, its backtrace frames do not.
+        assert!(is_error_line("2026-11-22 02:52:25 +0000 [error]: #0 unexpected error error_class=Errno::EADDRINUSE error=\"Address already in use - bind(2) for 127.0.0.1:24220\""));
+        assert!(!is_error_line(
+            "  2026-11-22 02:52:25 +0000 [error]: #0 /usr/lib/ruby/3.1.0/socket.rb:201:in `bind'"
+        ));
+        assert!(is_error_line(
+            "2026-11-22 02:51:10 +0000 [info]: Worker 0 finished unexpectedly with status 1"
+        ));
     }
 }

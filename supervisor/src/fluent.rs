@@ -413,6 +413,12 @@ impl Fluent {
                     return Ok(());
                 }
             }
+            // A halted reload says so in the log at once (B-conf.log): no need to wait out
+            // the timeout for a count that will not move.
+            let lines = tail.lock().expect("tail").since(cursor);
+            if lines.iter().any(|l| reload_halted(l)) {
+                break;
+            }
         }
         let lines = tail.lock().expect("tail").since(cursor);
         let errs: Vec<&String> = lines.iter().filter(|l| is_error_line(l)).collect();
@@ -469,6 +475,14 @@ impl Fluent {
         tracing::warn!("Fluentd logged no reload outcome; relying on the health gate");
         Ok(())
     }
+}
+
+/// True for the log lines of a Fluent Bit hot reload that will not happen (B-conf.log):
+/// `[reload] ... Reloading is halted`, or a syntax error, which is logged alone as
+/// `[config] error in <file>:<line>: ...`.
+fn reload_halted(line: &str) -> bool {
+    line.contains("Reloading is halted")
+        || (line.contains("[config]") && line.contains("error in "))
 }
 
 fn fluentd_components(v: &Value) -> BTreeMap<String, ComponentHealth> {
@@ -606,6 +620,18 @@ mod tests {
         );
         assert_eq!(parse_version("fluentd 1.18.0").as_deref(), Some("1.18.0"));
         assert_eq!(parse_version("no version"), None);
+    }
+
+    #[test]
+    fn halted_reloads_are_recognised() {
+        // B-conf.log
+        assert!(reload_halted(
+            "[2026/11/22 02:51:05.123] [error] [reload] reloaded config is invalid. Reloading is halted"
+        ));
+        assert!(reload_halted(
+            "[2026/11/22 02:51:05.123] [error] [config] error in live.conf:47: bad header definition"
+        ));
+        assert!(!reload_halted("[ info] [reload] successful reload done."));
     }
 
     #[test]

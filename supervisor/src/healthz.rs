@@ -14,8 +14,15 @@ use crate::view::SharedView;
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, view: SharedView, connected: Arc<AtomicBool>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Out of file descriptors (EMFILE) fails every accept at once: pause instead
+                // of spinning a core on the error.
+                tracing::warn!("/healthz accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let view = view.clone();
         let connected = connected.clone();

@@ -276,6 +276,9 @@ impl Applier {
         let mut fluent = Fluent::new(&self.cfg);
         let before = fluent.probe().await;
         let exits_before = self.view.lock().expect("view").unexpected_exits;
+        // From the first write until last-known-good is back in force, an agent that dies is
+        // not restarted on its own: it would start on files about to be rolled back.
+        let _hold = self.agent.hold_restarts();
         // 3. Write in place, atomically.
         for (path, body) in &new {
             if let Err(e) = write_atomic(path, body.as_bytes()) {
