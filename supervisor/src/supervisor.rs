@@ -5,7 +5,7 @@
 //! SIGTERM/SIGINT. Every command runs at most once: ids are persisted before execution.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,11 @@ pub enum StartError {
     },
 }
 
+/// At most this many re-reports of one already processed config hash per window: far more
+/// than operators re-send the same config, far fewer than a server stuck re-offering it.
+const REREPORT_BURST: u32 = 5;
+const REREPORT_WINDOW: Duration = Duration::from_secs(10);
+
 /// Work that finished off the core task.
 enum Job {
     Command(Incoming, Outcome),
@@ -65,7 +70,8 @@ struct Core {
     /// Hash of the last remote config taken in hand (applying, applied or failed).
     last_hash: Option<String>,
     applying: Option<String>,
-    last_rereport: Option<(String, Instant)>,
+    /// Re-reports of an already processed hash: (hash, window start, count in the window).
+    rereports: Option<(String, Instant, u32)>,
     next_offer: Option<(String, BTreeMap<String, StoredFile>)>,
     restarting: bool,
     /// Command ids running now (a duplicate delivery is neither run nor answered twice).
@@ -74,6 +80,8 @@ struct Core {
     version: Option<String>,
     crash_window: Duration,
     started_at: Option<Instant>,
+    /// Log-tail cursor at the current process's start: its own error lines come after it.
+    start_cursor: u64,
 }
 
 /// Runs the supervisor until SIGTERM/SIGINT or a shutdown command. Returns the exit code.
@@ -120,12 +128,7 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
             reporter.set_remote_status(remote_status(&l.hash, &l.status, &l.error_message));
         }
     }
-    let link = Link {
-        reporter: Arc::new(Mutex::new(reporter)),
-        wake: Arc::new(Notify::new()),
-        heartbeat_s: Arc::new(AtomicU64::new(cfg.server.heartbeat_interval_s)),
-        connected: Arc::new(AtomicBool::new(false)),
-    };
+    let link = Link::new(reporter, cfg.server.heartbeat_interval_s);
     let view: SharedView = Arc::new(Mutex::new(AgentView {
         version: version.clone(),
         ..Default::default()
@@ -190,7 +193,6 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let settings = Settings {
         url: cfg.server.url.clone(),
-        websocket: cfg.websocket(),
         connect_timeout: Duration::from_secs(cfg.server.connect_timeout_s),
         backoff_initial: Duration::from_millis(cfg.server.backoff_initial_ms),
         backoff_max: Duration::from_secs(cfg.server.backoff_max_s),
@@ -243,7 +245,7 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         probe_now,
         last_hash: last.map(|l| l.hash),
         applying: None,
-        last_rereport: None,
+        rereports: None,
         next_offer: None,
         restarting: false,
         in_flight: HashSet::new(),
@@ -251,6 +253,7 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         version,
         crash_window: Duration::from_secs(cfg.agent.crash_loop_window_s),
         started_at: None,
+        start_cursor: 0,
     };
     core.update_health();
 
@@ -377,7 +380,22 @@ impl Core {
         } else {
             match &v.probe {
                 None => (false, "starting", "waiting for the agent's API".to_string()),
-                Some(p) if !p.reachable => (false, "unreachable", p.last_error.clone()),
+                Some(p) if !p.reachable => {
+                    // The API alone says only "connection refused"; the agent's own words
+                    // say why (a Fluentd worker crash-looping on a taken port, say).
+                    let errors = self
+                        .agent
+                        .tail
+                        .lock()
+                        .expect("tail")
+                        .errors_since(self.start_cursor, 3);
+                    let mut e = p.last_error.clone();
+                    if !errors.is_empty() {
+                        e.push_str("; agent log: ");
+                        e.push_str(&errors.join(" | "));
+                    }
+                    (false, "unreachable", e)
+                }
                 Some(p) if !p.healthy => (false, "unhealthy", p.last_error.clone()),
                 Some(_) => (true, "running", String::new()),
             }
@@ -414,6 +432,7 @@ impl Core {
                     v.start_time_ns = *start_time_ns;
                     v.probe = None;
                     self.started_at = Some(Instant::now());
+                    self.start_cursor = self.agent.tail.lock().expect("tail").cursor();
                     self.restarting = false;
                 }
                 AgentEvent::Exited {
@@ -498,29 +517,33 @@ impl Core {
             .as_ref()
             .and_then(|c| c.opamp.as_ref())
         {
-            if self
+            let accepts = self
                 .cfg
-                .declares(AgentCapabilities::AcceptsOpAmpConnectionSettings)
-                && self.cfg.declares(AgentCapabilities::ReportsHeartbeat)
-            {
-                let old = self
-                    .link
-                    .heartbeat_s
-                    .swap(cs.heartbeat_interval_seconds, Ordering::Relaxed);
-                if old != cs.heartbeat_interval_seconds {
+                .declares(AgentCapabilities::AcceptsOpAmpConnectionSettings);
+            if accepts && self.cfg.declares(AgentCapabilities::ReportsHeartbeat) {
+                // Clamped: an absurd offer (u64::MAX) would overflow the timer arithmetic.
+                let offered = cs.heartbeat_interval_seconds;
+                let hb = transport::clamp_heartbeat_s(offered);
+                if hb != offered {
+                    tracing::warn!(
+                        offered,
+                        used = hb,
+                        "server-offered heartbeat interval is out of range; capped"
+                    );
+                }
+                let old = self.link.heartbeat_s.swap(hb, Ordering::Relaxed);
+                if old != hb {
                     tracing::info!(
-                        heartbeat_interval_s = cs.heartbeat_interval_seconds,
+                        heartbeat_interval_s = hb,
                         "heartbeat interval offered by the server applied (0 = off)"
                     );
                     self.link.poke();
                 }
             }
-            if !cs.destination_endpoint.is_empty() && cs.destination_endpoint != self.cfg.server.url
-            {
-                tracing::info!(
-                    offered = %cs.destination_endpoint,
-                    "server offered another OpAMP endpoint; not switching (edit server.url to move)"
-                );
+            if accepts && !cs.destination_endpoint.is_empty() {
+                // The transport compares it with the endpoint in use, switches if it differs
+                // and goes back if the new one does not answer.
+                self.link.offer_endpoint(&cs.destination_endpoint);
             }
         }
         if let Some(rc) = msg.remote_config {
@@ -587,19 +610,33 @@ impl Core {
             return;
         }
         if self.last_hash.as_deref() == Some(hash.as_str()) {
-            // Same config again: no reload; say again where it stands. At most once per
-            // 10 s per hash: a server that attaches the config to every reply must not turn
-            // this into a message loop (the spec forbids status reports that change nothing).
-            let recent = self
-                .last_rereport
-                .as_ref()
-                .map(|(h, t)| *h == hash && t.elapsed() < Duration::from_secs(10))
-                .unwrap_or(false);
-            if !recent {
+            // Same config again (a second identical remote_config command, or a server that
+            // re-offers it): no reload; say again where it stands, every time, or a command
+            // waiting on that answer is never settled. A server that attaches the config to
+            // every reply would make this a message loop (each re-report draws the offer
+            // again); a burst limit per hash breaks such a loop without losing real repeats.
+            let now = Instant::now();
+            let burst = match &mut self.rereports {
+                Some((h, since, n)) if *h == hash && since.elapsed() < REREPORT_WINDOW => {
+                    *n += 1;
+                    *n
+                }
+                other => {
+                    *other = Some((hash.clone(), now, 1));
+                    1
+                }
+            };
+            if burst <= REREPORT_BURST {
                 tracing::info!(hash, "remote config already processed; status re-reported");
-                self.last_rereport = Some((hash, Instant::now()));
                 self.reporter().resend_remote_status();
                 self.link.poke();
+            } else if burst == REREPORT_BURST + 1 {
+                tracing::warn!(
+                    hash,
+                    "the server keeps offering the config it already has; not re-reporting \
+                     again for {} s (message loop guard)",
+                    REREPORT_WINDOW.as_secs()
+                );
             }
             return;
         }

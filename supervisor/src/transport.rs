@@ -1,7 +1,8 @@
 //! The OpAMP connection: a persistent WebSocket (ws://) or plain-HTTP polling (http://), with
 //! reconnects under exponential backoff + jitter, HTTP 429/503 + `Retry-After` (seconds or
 //! HTTP-date), `UNAVAILABLE` + `RetryInfo`, bearer/OAuth2 auth with a refresh after 401,
-//! heartbeats at the (server-offered) interval, and agent_disconnect + Close on stop.
+//! heartbeats at the (server-offered) interval, a switch to a server-offered endpoint (with a
+//! fall back when it does not answer), and agent_disconnect + Close on stop.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::auth::TokenSource;
-use crate::backoff::{parse_retry_after, Backoff};
+use crate::backoff::{parse_retry_after, throttle_delay, Backoff};
 use crate::reporter::Reporter;
 
 /// Shared between the core and the transport.
@@ -30,18 +31,57 @@ pub struct Link {
     pub heartbeat_s: Arc<AtomicU64>,
     /// True while a WebSocket is open or the last HTTP exchange succeeded.
     pub connected: Arc<AtomicBool>,
+    /// The OpAMP endpoint the server offered last (AcceptsOpAMPConnectionSettings), not yet
+    /// looked at by the transport.
+    pub offered_endpoint: Arc<Mutex<Option<String>>>,
 }
 
 impl Link {
+    pub fn new(reporter: Reporter, heartbeat_s: u64) -> Link {
+        Link {
+            reporter: Arc::new(Mutex::new(reporter)),
+            wake: Arc::new(Notify::new()),
+            heartbeat_s: Arc::new(AtomicU64::new(clamp_heartbeat_s(heartbeat_s))),
+            connected: Arc::new(AtomicBool::new(false)),
+            offered_endpoint: Arc::new(Mutex::new(None)),
+        }
+    }
+
     pub fn poke(&self) {
         self.wake.notify_one();
     }
+
+    /// Hands a server-offered endpoint to the transport, which switches to it if it differs
+    /// from the one in use (and falls back if it does not answer).
+    pub fn offer_endpoint(&self, url: &str) {
+        *self.offered_endpoint.lock().expect("offer") = Some(url.trim().to_string());
+        self.poke();
+    }
+
+    fn take_offer(&self) -> Option<String> {
+        self.offered_endpoint.lock().expect("offer").take()
+    }
+}
+
+/// Longest heartbeat / polling interval taken from a server (a day). A larger offer, up to
+/// u64::MAX seconds, would overflow the clock arithmetic; 0 keeps meaning "off".
+pub const MAX_HEARTBEAT_S: u64 = 86_400;
+
+/// A server-offered `heartbeat_interval_seconds` made safe to use: 0 stays 0 (off), anything
+/// else is capped at [`MAX_HEARTBEAT_S`].
+pub fn clamp_heartbeat_s(s: u64) -> u64 {
+    s.min(MAX_HEARTBEAT_S)
+}
+
+/// `t + d`, or `None` where the clock cannot represent it.
+fn deadline(t: Instant, d: Duration) -> Option<Instant> {
+    t.checked_add(d)
 }
 
 /// Transport settings.
 pub struct Settings {
+    /// The configured endpoint; the scheme picks the transport (ws/wss or http/https).
     pub url: String,
-    pub websocket: bool,
     pub connect_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -49,18 +89,83 @@ pub struct Settings {
     pub local_heartbeat_s: u64,
 }
 
+/// True for `ws://` and `wss://` endpoints.
+pub fn is_websocket(url: &str) -> bool {
+    url.starts_with("ws://") || url.starts_with("wss://")
+}
+
+/// Whether this build can connect to `url` at all (an offered endpoint is checked before use).
+pub fn usable_endpoint(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("{url:?} is not a URL"));
+    };
+    if !matches!(scheme, "ws" | "wss" | "http" | "https") {
+        return Err(format!(
+            "scheme {scheme:?} is not one of ws, wss, http, https"
+        ));
+    }
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{url:?} has no host"));
+    }
+    if matches!(scheme, "wss" | "https") && !cfg!(feature = "tls") {
+        return Err(format!("{scheme}:// needs the tls build feature"));
+    }
+    Ok(())
+}
+
+fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim().trim_end_matches('/') == b.trim().trim_end_matches('/')
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
     /// Reconnect after the usual backoff.
     Lost(String),
-    /// Reconnect after exactly this long (Retry-After / RetryInfo).
+    /// Throttled: reconnect after this long, or the backoff if that is longer
+    /// (Retry-After / RetryInfo).
     RetryAfter(Duration, String),
+    /// The server offered another endpoint; agent_disconnect was sent on this one.
+    Switch(String),
     /// Asked to stop; agent_disconnect was sent.
     Stopped,
 }
 
 const USER_AGENT: &str = concat!("flotilla-supervisor/", env!("CARGO_PKG_VERSION"));
+
+/// What one session works with.
+struct Session<'a> {
+    s: &'a Settings,
+    /// The endpoint of this session.
+    url: &'a str,
+    link: &'a Link,
+    tokens: &'a TokenSource,
+    inbound: &'a mpsc::Sender<ServerToAgent>,
+    /// Offered endpoints that did not work before.
+    refused: &'a [String],
+    /// Set once the server answered a message without an error: the endpoint works.
+    answered: bool,
+}
+
+impl Session<'_> {
+    /// A switch the server asked for, if it is one this build can and should make.
+    fn switch(&self) -> Option<String> {
+        let url = self.link.take_offer()?;
+        if same_endpoint(&url, self.url) {
+            return None;
+        }
+        if self.refused.iter().any(|r| same_endpoint(r, &url)) {
+            tracing::debug!(offered = %url, "offered OpAMP endpoint failed before; staying");
+            return None;
+        }
+        if let Err(e) = usable_endpoint(&url) {
+            tracing::warn!(offered = %url, "not switching to the offered OpAMP endpoint: {e}");
+            return None;
+        }
+        tracing::info!(from = %self.url, to = %url, "server offered another OpAMP endpoint; switching");
+        Some(url)
+    }
+}
 
 /// Runs the transport until a stop request arrives on `stop` (answered after agent_disconnect).
 pub async fn run(
@@ -72,18 +177,53 @@ pub async fn run(
     http: reqwest::Client,
 ) {
     let mut backoff = Backoff::new(s.backoff_initial, s.backoff_max);
+    let mut current = s.url.clone();
+    // While an offered endpoint is being tried: the one to go back to if it does not answer
+    // (the spec: a client MUST verify new connection settings by actually connecting).
+    let mut trial_from: Option<String> = None;
+    // Offered endpoints that did not answer: the server offers again on every connection, and
+    // trying each time would cost a failed connection per reconnect.
+    let mut refused: Vec<String> = Vec::new();
     loop {
-        let end = if s.websocket {
-            ws_session(&s, &link, &tokens, &inbound, &mut stop, &mut backoff).await
-        } else {
-            http_session(&s, &link, &tokens, &inbound, &mut stop, &mut backoff, &http).await
+        let mut sess = Session {
+            s: &s,
+            url: &current,
+            link: &link,
+            tokens: &tokens,
+            inbound: &inbound,
+            refused: &refused,
+            answered: false,
         };
+        let end = if is_websocket(&current) {
+            ws_session(&mut sess, &mut stop, &mut backoff).await
+        } else {
+            http_session(&mut sess, &mut stop, &mut backoff, &http).await
+        };
+        let answered = sess.answered;
         link.connected.store(false, Ordering::Relaxed);
         link.reporter.lock().expect("reporter").connection_lost();
+        if let Some(prev) = trial_from.take() {
+            if matches!(end, End::Stopped) {
+                return;
+            }
+            if answered {
+                tracing::info!(endpoint = %current, "the offered OpAMP endpoint works; staying on it");
+            } else {
+                tracing::warn!(offered = %current, back_to = %prev,
+                    "the offered OpAMP endpoint did not answer ({end:?}); going back");
+                refused.push(std::mem::replace(&mut current, prev));
+                continue;
+            }
+        }
         let delay = match end {
             End::Stopped => return,
+            End::Switch(url) => {
+                trial_from = Some(std::mem::replace(&mut current, url));
+                continue;
+            }
             End::RetryAfter(d, why) => {
-                tracing::warn!(retry_after_s = d.as_secs_f64(), "OpAMP server busy: {why}");
+                let d = throttle_delay(d, &mut backoff);
+                tracing::warn!(retry_in_s = d.as_secs_f64(), "OpAMP server busy: {why}");
                 d
             }
             End::Lost(why) => {
@@ -108,7 +248,7 @@ pub async fn run(
 }
 
 fn heartbeat(link: &Link) -> Option<Duration> {
-    match link.heartbeat_s.load(Ordering::Relaxed) {
+    match clamp_heartbeat_s(link.heartbeat_s.load(Ordering::Relaxed)) {
         0 => None,
         s => Some(Duration::from_secs(s)),
     }
@@ -144,8 +284,8 @@ fn server_error(msg: &ServerToAgent, link: &Link) -> Option<End> {
         };
         let why = format!("UNAVAILABLE: {}", e.error_message);
         return Some(match d {
-            Some(d) if !d.is_zero() => End::RetryAfter(d, why),
-            _ => End::Lost(why),
+            Some(d) => End::RetryAfter(d, why),
+            None => End::Lost(why),
         });
     }
     // BAD_REQUEST / UNKNOWN: the spec says not to retry that message; keep going.
@@ -157,15 +297,38 @@ fn server_error(msg: &ServerToAgent, link: &Link) -> Option<End> {
     None
 }
 
+type WsSink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    WsMessage,
+>;
+type WsStream = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// The last message on a WebSocket: agent_disconnect (spec: MUST be in the last
+/// AgentToServer, also when switching connection settings), then Close, then a short wait
+/// for the server's Close so the disconnect is read, not reset.
+async fn say_goodbye(link: &Link, sink: &mut WsSink, stream: &mut WsStream) {
+    let bye = link.reporter.lock().expect("reporter").build_disconnect();
+    let _ = sink.send(WsMessage::binary(encode_ws(&bye))).await;
+    let _ = sink.send(WsMessage::Close(None)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(f)) = stream.next().await {
+            if matches!(f, WsMessage::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn ws_session(
-    s: &Settings,
-    link: &Link,
-    tokens: &TokenSource,
-    inbound: &mpsc::Sender<ServerToAgent>,
+    sess: &mut Session<'_>,
     stop: &mut mpsc::Receiver<oneshot::Sender<()>>,
     backoff: &mut Backoff,
 ) -> End {
-    let mut req = match s.url.as_str().into_client_request() {
+    let link = sess.link;
+    let mut req = match sess.url.into_client_request() {
         Ok(r) => r,
         Err(e) => return End::Lost(format!("bad URL: {e}")),
     };
@@ -175,7 +338,7 @@ async fn ws_session(
     if let Ok(v) = HeaderValue::from_str(&uid.to_string()) {
         h.insert("opamp-instance-uid", v);
     }
-    match tokens.token().await {
+    match sess.tokens.token().await {
         Ok(Some(t)) => {
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}")) {
                 h.insert("authorization", v);
@@ -185,12 +348,12 @@ async fn ws_session(
         Err(e) => return End::Lost(e.to_string()),
     }
     let connect = tokio_tungstenite::connect_async(req);
-    let ws = match tokio::time::timeout(s.connect_timeout, connect).await {
+    let ws = match tokio::time::timeout(sess.s.connect_timeout, connect).await {
         Err(_) => return End::Lost("connect timed out".into()),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
             let status = resp.status().as_u16();
             if status == 401 {
-                tokens.invalidate();
+                sess.tokens.invalidate();
                 return End::Lost("HTTP 401: the server refused our credentials".into());
             }
             if status == 429 || status == 503 {
@@ -205,12 +368,20 @@ async fn ws_session(
         Ok(Err(e)) => return End::Lost(e.to_string()),
         Ok(Ok((ws, _))) => ws,
     };
-    tracing::info!(url = %s.url, "OpAMP WebSocket connected");
+    tracing::info!(url = %sess.url, "OpAMP WebSocket connected");
     link.connected.store(true, Ordering::Relaxed);
     let (mut sink, mut stream) = ws.split();
     let mut last_sent = Instant::now();
     let mut first = true;
+    // ServerToAgent messages received on this connection (each answers one of ours, in order).
+    let mut replies: u64 = 0;
     loop {
+        if !first {
+            if let Some(url) = sess.switch() {
+                say_goodbye(link, &mut sink, &mut stream).await;
+                return End::Switch(url);
+            }
+        }
         // Send everything pending (the first message is the full status report).
         loop {
             let msg = link.reporter.lock().expect("reporter").build(first);
@@ -221,8 +392,7 @@ async fn ws_session(
             }
             last_sent = Instant::now();
         }
-        let hb = heartbeat(link);
-        let next_hb = hb.map(|d| last_sent + d);
+        let next_hb = heartbeat(link).and_then(|d| deadline(last_sent, d));
         tokio::select! {
             _ = link.wake.notified() => {}
             _ = async { match next_hb { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
@@ -243,13 +413,17 @@ async fn ws_session(
                             continue;
                         }
                     };
-                    backoff.reset();
-                    link.reporter.lock().expect("reporter").confirm();
+                    replies += 1;
                     if let Some(end) = server_error(&msg, link) {
+                        // UNAVAILABLE: what it answered was not taken in; nothing is
+                        // confirmed and the backoff is not reset.
                         let _ = sink.send(WsMessage::Close(None)).await;
                         return end;
                     }
-                    if inbound.send(msg).await.is_err() {
+                    link.reporter.lock().expect("reporter").confirm_replies(replies);
+                    backoff.reset();
+                    sess.answered = true;
+                    if sess.inbound.send(msg).await.is_err() {
                         return End::Stopped;
                     }
                 }
@@ -269,15 +443,7 @@ async fn ws_session(
                         break;
                     }
                 }
-                let bye = link.reporter.lock().expect("reporter").build_disconnect();
-                let _ = sink.send(WsMessage::binary(encode_ws(&bye))).await;
-                let _ = sink.send(WsMessage::Close(None)).await;
-                // Wait briefly for the server's Close so the disconnect is read, not reset.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while let Some(Ok(f)) = stream.next().await {
-                        if matches!(f, WsMessage::Close(_)) { break; }
-                    }
-                }).await;
+                say_goodbye(link, &mut sink, &mut stream).await;
                 tracing::info!("sent agent_disconnect and closed the OpAMP WebSocket");
                 if let Some(r) = r { let _ = r.send(()); }
                 return End::Stopped;
@@ -287,19 +453,32 @@ async fn ws_session(
 }
 
 async fn http_session(
-    s: &Settings,
-    link: &Link,
-    tokens: &TokenSource,
-    inbound: &mpsc::Sender<ServerToAgent>,
+    sess: &mut Session<'_>,
     stop: &mut mpsc::Receiver<oneshot::Sender<()>>,
     backoff: &mut Backoff,
     http: &reqwest::Client,
 ) -> End {
+    let link = sess.link;
     let mut last_sent: Option<Instant> = None;
     loop {
+        if last_sent.is_some() {
+            if let Some(url) = sess.switch() {
+                let bye = link.reporter.lock().expect("reporter").build_disconnect();
+                if let Err(e) = post(sess, http, &bye).await {
+                    tracing::debug!("agent_disconnect before switching endpoints: {e:?}");
+                }
+                return End::Switch(url);
+            }
+        }
         // HTTP must poll to hear from the server; with heartbeats off it polls at the local rate.
-        let poll = heartbeat(link).unwrap_or(Duration::from_secs(s.local_heartbeat_s));
-        let due = last_sent.map(|t| t + poll).unwrap_or_else(Instant::now);
+        let poll = heartbeat(link).unwrap_or(Duration::from_secs(clamp_heartbeat_s(
+            sess.s.local_heartbeat_s,
+        )));
+        let due = match last_sent {
+            None => Instant::now(),
+            Some(t) => deadline(t, poll)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(MAX_HEARTBEAT_S)),
+        };
         let mut stopping: Option<Option<oneshot::Sender<()>>> = None;
         let msg = {
             let ready = link.reporter.lock().expect("reporter").has_pending();
@@ -320,7 +499,7 @@ async fn http_session(
             }
             msgs.push(link.reporter.lock().expect("reporter").build_disconnect());
             for m in msgs {
-                if let Err(e) = post(s, link, tokens, http, &m).await {
+                if let Err(e) = post(sess, http, &m).await {
                     tracing::warn!("could not deliver the last messages: {e:?}");
                     break;
                 }
@@ -333,15 +512,17 @@ async fn http_session(
         }
         let Some(msg) = msg else { continue };
         last_sent = Some(Instant::now());
-        match post(s, link, tokens, http, &msg).await {
+        match post(sess, http, &msg).await {
             Ok(reply) => {
-                backoff.reset();
                 link.connected.store(true, Ordering::Relaxed);
-                link.reporter.lock().expect("reporter").confirm();
                 if let Some(end) = server_error(&reply, link) {
                     return end;
                 }
-                if inbound.send(reply).await.is_err() {
+                // The answer to this POST is the answer to the one message it carried.
+                link.reporter.lock().expect("reporter").confirm();
+                backoff.reset();
+                sess.answered = true;
+                if sess.inbound.send(reply).await.is_err() {
                     return End::Stopped;
                 }
             }
@@ -351,21 +532,19 @@ async fn http_session(
 }
 
 async fn post(
-    s: &Settings,
-    link: &Link,
-    tokens: &TokenSource,
+    sess: &Session<'_>,
     http: &reqwest::Client,
     msg: &flotilla_proto::AgentToServer,
 ) -> Result<ServerToAgent, End> {
-    let uid = link.reporter.lock().expect("reporter").uid();
+    let uid = sess.link.reporter.lock().expect("reporter").uid();
     let mut req = http
-        .post(&s.url)
-        .timeout(s.connect_timeout)
+        .post(sess.url)
+        .timeout(sess.s.connect_timeout)
         .header("content-type", "application/x-protobuf")
         .header("user-agent", USER_AGENT)
         .header("opamp-instance-uid", uid.to_string())
         .body(msg.encode_to_vec());
-    match tokens.token().await {
+    match sess.tokens.token().await {
         Ok(Some(t)) => req = req.bearer_auth(t),
         Ok(None) => {}
         Err(e) => return Err(End::Lost(e.to_string())),
@@ -375,7 +554,7 @@ async fn post(
     match status {
         200 => {}
         401 => {
-            tokens.invalidate();
+            sess.tokens.invalidate();
             return Err(End::Lost(
                 "HTTP 401: the server refused our credentials".into(),
             ));
@@ -392,4 +571,45 @@ async fn post(
     }
     let body = resp.bytes().await.map_err(|e| End::Lost(e.to_string()))?;
     ServerToAgent::decode(body.as_ref()).map_err(|e| End::Lost(format!("bad ServerToAgent: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_heartbeats_are_clamped_and_never_overflow() {
+        assert_eq!(clamp_heartbeat_s(0), 0, "0 keeps meaning off");
+        assert_eq!(clamp_heartbeat_s(30), 30);
+        assert_eq!(clamp_heartbeat_s(u64::MAX), MAX_HEARTBEAT_S);
+        let link = Link::new(
+            Reporter::new(
+                uuid::Uuid::now_v7(),
+                0,
+                vec![],
+                crate::config::FullStateController::AlwaysSend,
+            ),
+            30,
+        );
+        link.heartbeat_s.store(u64::MAX, Ordering::Relaxed);
+        let d = heartbeat(&link).unwrap();
+        assert_eq!(d, Duration::from_secs(MAX_HEARTBEAT_S));
+        assert!(deadline(Instant::now(), d).is_some());
+        assert!(deadline(Instant::now(), Duration::from_secs(u64::MAX)).is_none());
+    }
+
+    #[test]
+    fn offered_endpoints_are_checked() {
+        assert!(usable_endpoint("ws://10.0.0.1:4320/v1/opamp").is_ok());
+        assert!(usable_endpoint("http://h/v1/opamp").is_ok());
+        assert!(usable_endpoint("ftp://h/x").is_err());
+        assert!(usable_endpoint("ws:///v1/opamp").is_err());
+        assert!(usable_endpoint("nonsense").is_err());
+        assert_eq!(
+            usable_endpoint("wss://h/v1/opamp").is_ok(),
+            cfg!(feature = "tls")
+        );
+        assert!(same_endpoint("ws://h:1/v1/opamp/", " ws://h:1/v1/opamp"));
+        assert!(!same_endpoint("ws://h:1/v1/opamp", "ws://h:2/v1/opamp"));
+    }
 }

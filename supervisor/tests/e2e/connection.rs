@@ -1,7 +1,8 @@
-//! The connection side: server outage and reconnect without duplicate execution, Retry-After
-//! (seconds) on both transports, duplicate command ids across reconnects and supervisor
-//! restarts, agent_disconnect before Close, OAuth2 client credentials with refresh, and HTTP
-//! polling against the real server.
+//! The connection side: server outage and reconnect without duplicate execution (also with a
+//! command still running when the server dies), Retry-After on both transports and from the
+//! real server when it is full, duplicate command ids across reconnects and supervisor
+//! restarts, agent_disconnect before Close, a server-offered endpoint (switch and fall back),
+//! OAuth2 client credentials with refresh, and HTTP polling against the real server.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,14 +20,7 @@ const CAP_CHATOPS: &str = "org.mp3monster.opamp_provider.chatopcommand";
 #[tokio::test]
 async fn server_outage_then_reconnect_without_duplicates() {
     let mut server = Server::start().await;
-    let sink = ChatSink::start().await;
-    let mut opts = SupOpts::fluent_bit(&server.ws_url());
-    opts.chat_ops_port = sink.port;
-    let sup = Sup::start(opts).await;
-    let uid = sup.uid().await;
-    server
-        .wait_agent(&uid, "connected", T, |a| a["connected"] == true)
-        .await;
+    let (sink, sup, uid) = chatops_setup(&server).await;
     let id = server
         .command(&uid, "chatops", json!({"tag": "before", "attributes": {}}))
         .await;
@@ -53,9 +47,136 @@ async fn server_outage_then_reconnect_without_duplicates() {
     assert!(sup.log().contains("OpAMP WebSocket connected"));
 }
 
-/// A local endpoint answering every request with 503 + `Retry-After: 2` for the first
-/// `refusals` requests (then it closes the connection); records when each arrived.
-async fn throttling_endpoint(refusals: usize) -> (String, Arc<Mutex<Vec<Instant>>>) {
+#[tokio::test]
+async fn outage_while_a_command_runs_settles_it_once() {
+    let mut server = Server::start().await;
+    let (sink, sup, uid) = chatops_setup(&server).await;
+    let id = server
+        .command(
+            &uid,
+            "chatops",
+            json!({"tag": "hold.deploy", "attributes": {}}),
+        )
+        .await;
+    // The supervisor is running it (the POST reached the listener, which has not answered)...
+    wait_for("the ChatOps POST", T, || {
+        let n = sink.count("/hold.deploy");
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // ...when the server dies. The result is produced while nobody listens.
+    server.kill().await;
+    sink.release();
+    sup.wait_log("command succeeded", T).await;
+    server.restart().await;
+    // Delivered after the reconnect and stored on the command, which ran exactly once.
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
+    assert_eq!(c["result"]["http_code"], 201, "{c}");
+    assert_eq!(sink.count("/hold.deploy"), 1);
+    let done = std::fs::read_to_string(sup.data_dir().join("commands.json")).unwrap();
+    assert!(done.contains(&id), "{done}");
+}
+
+#[tokio::test]
+async fn retry_after_from_the_real_server_when_it_is_full() {
+    // Room for one agent connection, and the test takes it: the supervisor's upgrade gets the
+    // server's own 503 + Retry-After: 2.
+    let server = Server::start_with_toml("[opamp]\nmax_connections = 1\nretry_after_s = 2\n").await;
+    let (holder, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .expect("the test's own connection");
+    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let uid = sup.uid().await;
+    wait_for("three refused upgrades", T, || {
+        let n = sup.log_times("OpAMP server busy").len();
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    assert!(
+        sup.log().contains("HTTP 503, Retry-After 2"),
+        "{}",
+        sup.log()
+    );
+    let refused = sup.log_times("OpAMP server busy");
+    for w in refused.windows(2).take(2) {
+        let gap = w[1] - w[0];
+        // The backoff here starts at 200 ms; only Retry-After explains ≥ 1.9 s every time.
+        assert!(gap >= Duration::from_millis(1900), "retried after {gap:?}");
+    }
+    let overload = server
+        .metric("flotilla_opamp_rejected_total{reason=\"overload\"}")
+        .await;
+    assert!(overload >= 3.0, "server counted {overload} refusals");
+    // A slot frees up: it gets in.
+    drop(holder);
+    server
+        .wait_agent(&uid, "connected once there is room", T, |a| {
+            a["connected"] == true
+        })
+        .await;
+}
+
+/// A ServerToAgent offering `endpoint` as the OpAMP destination (heartbeat unchanged: 30 s).
+fn endpoint_offer(endpoint: &str) -> ServerToAgent {
+    ServerToAgent {
+        connection_settings: Some(flotilla_proto::ConnectionSettingsOffers {
+            opamp: Some(flotilla_proto::OpAmpConnectionSettings {
+                destination_endpoint: endpoint.to_string(),
+                heartbeat_interval_seconds: 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn offered_endpoint_is_used_and_a_dead_one_falls_back() {
+    let mut a = FakeOpamp::start().await;
+    let mut b = FakeOpamp::start().await;
+    let sup = Sup::start(SupOpts::fluent_bit(&a.url)).await;
+    a.wait_message("first status", T, |_| true).await;
+    // Offered another endpoint: goodbye here, full status there.
+    a.push.send(endpoint_offer(&b.url)).unwrap();
+    a.wait_message("agent_disconnect on the old endpoint", T, |m| {
+        m.agent_disconnect.is_some()
+    })
+    .await;
+    b.wait_message("status on the offered endpoint", T, |m| {
+        m.agent_description.is_some()
+    })
+    .await;
+    // Offered one that does not answer: back to the one that works...
+    let dead = format!("ws://127.0.0.1:{}/v1/opamp", free_port());
+    b.push.send(endpoint_offer(&dead)).unwrap();
+    b.wait_message("agent_disconnect before trying it", T, |m| {
+        m.agent_disconnect.is_some()
+    })
+    .await;
+    b.wait_message("status after falling back", T, |m| {
+        m.agent_description.is_some()
+    })
+    .await;
+    // ...and offered it again (as a server does on every connection): not tried again.
+    b.push.send(endpoint_offer(&dead)).unwrap();
+    sup.wait_log("offered OpAMP endpoint failed before; staying", T)
+        .await;
+    assert_eq!(
+        sup.log().matches("did not answer").count(),
+        1,
+        "{}",
+        sup.log()
+    );
+}
+
+/// A local endpoint answering every request with 503 + `Retry-After: <retry_after>` for the
+/// first `refusals` requests (then it closes the connection); records when each arrived.
+async fn throttling_endpoint(
+    refusals: usize,
+    retry_after: &'static str,
+) -> (String, Arc<Mutex<Vec<Instant>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -76,9 +197,8 @@ async fn throttling_endpoint(refusals: usize) -> (String, Arc<Mutex<Vec<Instant>
                     v.len()
                 };
                 if n <= refusals {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                        .await;
+                    let resp = format!("HTTP/1.1 503 Service Unavailable\r\nretry-after: {retry_after}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    let _ = s.write_all(resp.as_bytes()).await;
                 }
             });
         }
@@ -87,7 +207,7 @@ async fn throttling_endpoint(refusals: usize) -> (String, Arc<Mutex<Vec<Instant>
 }
 
 async fn assert_retry_after(scheme: &str) {
-    let (addr, seen) = throttling_endpoint(3).await;
+    let (addr, seen) = throttling_endpoint(3, "2").await;
     let _sup = Sup::start(SupOpts::fluent_bit(&format!("{scheme}://{addr}"))).await;
     wait_for("three attempts", Duration::from_secs(20), || {
         let n = seen.lock().unwrap().len();
@@ -113,6 +233,26 @@ async fn retry_after_is_honoured_over_http() {
 #[tokio::test]
 async fn retry_after_is_honoured_on_websocket_upgrade() {
     assert_retry_after("ws").await;
+}
+
+#[tokio::test]
+async fn retry_after_zero_still_backs_off() {
+    // "Retry now" (0, or a date already past) must not become a reconnect loop: each retry
+    // waits at least the backoff's next delay (200 ms, 400 ms, 800 ms ± 20 % here).
+    let (addr, seen) = throttling_endpoint(4, "0").await;
+    let _sup = Sup::start(SupOpts::fluent_bit(&format!("ws://{addr}"))).await;
+    wait_for("four attempts", Duration::from_secs(20), || {
+        let n = seen.lock().unwrap().len();
+        async move { (n >= 4).then_some(()) }
+    })
+    .await;
+    let v = seen.lock().unwrap().clone();
+    let gaps: Vec<Duration> = v.windows(2).take(3).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(150)),
+        "retried without waiting: {gaps:?}"
+    );
+    assert!(gaps[2] > gaps[0], "the backoff did not advance: {gaps:?}");
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! The supervisor with a (fake) Fluent Bit against the real Flotilla server: registration,
-//! health with components, effective config, restart, ChatOps, remote config applied and
-//! rolled back, crash-loop reporting, new_instance_uid, shutdown and SIGTERM.
+//! health with components (and an output turning red), effective config, restart, ChatOps,
+//! remote config applied and rolled back (dry run, aborted reload, halted reload, health
+//! gate), crash-loop reporting with the agent's own error, new_instance_uid, shutdown and
+//! SIGTERM.
 
 use std::time::Duration;
 
@@ -145,14 +147,7 @@ async fn restart_command_restarts_the_agent_once() {
 #[tokio::test]
 async fn chatops_reaches_the_local_listener_exactly_once() {
     let server = Server::start().await;
-    let sink = ChatSink::start().await;
-    let mut opts = SupOpts::fluent_bit(&server.ws_url());
-    opts.chat_ops_port = sink.port;
-    let sup = Sup::start(opts).await;
-    let uid = sup.uid().await;
-    server
-        .wait_agent(&uid, "connected", T, |a| a["connected"] == true)
-        .await;
+    let (sink, _sup, uid) = chatops_setup(&server).await;
     let id = server
         .command(
             &uid,
@@ -194,14 +189,8 @@ async fn remote_config_is_applied_with_hot_reload() {
         .await;
     let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
     let body = conf_with_stdout();
-    let id = server
-        .command(
-            &uid,
-            "remote_config",
-            json!({"files": {"fluent-bit.conf": {"body": body, "content_type": "text/plain"}}}),
-        )
-        .await;
-    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    let files = json!({"fluent-bit.conf": {"body": body, "content_type": "text/plain"}});
+    let c = server.push_files(&uid, files.clone()).await;
     assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
     let a = server
         .wait_agent(&uid, "effective config updated", T, |a| {
@@ -222,17 +211,12 @@ async fn remote_config_is_applied_with_hot_reload() {
     let stored = std::fs::read_to_string(sup.data_dir().join("remote_config.json")).unwrap();
     assert!(stored.contains("out2"), "{stored}");
 
-    // The same config again: no reload, the status is simply re-reported.
-    let again = server
-        .command(
-            &uid,
-            "remote_config",
-            json!({"files": {"fluent-bit.conf": {"body": body, "content_type": "text/plain"}}}),
-        )
-        .await;
-    let c = server.wait_command(&again, T).await;
-    assert_eq!(c["status"], "succeeded", "{c}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The same config again, twice in a row: no reload, the status is simply re-reported
+    // each time (every repeat is answered, not only one per few seconds).
+    for _ in 0..2 {
+        let c = server.push_files(&uid, files.clone()).await;
+        assert_eq!(c["status"], "succeeded", "{c}");
+    }
     assert_eq!(
         sup.count_events(|e| e["event"] == "reload"),
         1,
@@ -263,21 +247,18 @@ async fn remote_config_is_applied_with_hot_reload() {
 #[tokio::test]
 async fn bad_remote_config_is_refused_or_rolled_back() {
     let server = Server::start().await;
-    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    // Restart after a crash at once: an agent dying on the new config must still not be
+    // started again before last-known-good is back on disk.
+    opts.restart_backoff_initial_ms = 1;
+    let sup = Sup::start(opts).await;
     let uid = sup.uid().await;
     server
         .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
         .await;
     // 1. Caught by the dry run: nothing in place changes.
     let bad = format!("{FB_CONF}\n[OUTPUT]\n    Name  no_such_output\n    Match *\n");
-    let id = server
-        .command(
-            &uid,
-            "remote_config",
-            json!({"files": {"fluent-bit.conf": bad}}),
-        )
-        .await;
-    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    let c = server.push_config(&uid, "fluent-bit.conf", &bad).await;
     assert_eq!(c["status"], "failed", "{c}");
     let err = c["error"].as_str().unwrap();
     assert!(
@@ -293,14 +274,7 @@ async fn bad_remote_config_is_refused_or_rolled_back() {
     let bad = format!(
         "{FB_CONF}\n[INPUT]\n    Name   http\n    Listen 127.0.0.1\n    Port   {port}\n    Tag    x\n"
     );
-    let id = server
-        .command(
-            &uid,
-            "remote_config",
-            json!({"files": {"fluent-bit.conf": bad}}),
-        )
-        .await;
-    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    let c = server.push_config(&uid, "fluent-bit.conf", &bad).await;
     assert_eq!(c["status"], "failed", "{c}\n{}", sup.log());
     let a = server
         .wait_agent(&uid, "healthy after rollback", T, |a| {
@@ -316,15 +290,144 @@ async fn bad_remote_config_is_refused_or_rolled_back() {
     );
     assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), FB_CONF);
     assert_eq!(a["effective_config"]["fluent-bit.conf"]["body"], FB_CONF);
+    // The first process, then one restart with last-known-good; none on the bad files.
+    let lifecycle: Vec<Value> = sup
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] != "request")
+        .collect();
+    let starts = lifecycle.iter().filter(|e| e["event"] == "start").count();
+    assert_eq!(starts, 2, "{lifecycle:?}");
+    assert!(
+        sup.events()
+            .iter()
+            .any(|e| e["event"] == "reload" && e["result"] == "aborted"),
+        "{:?}",
+        sup.events()
+    );
     drop(taken);
 }
 
+/// [`FB_CONF`] with its health limits raised, so only the supervisor's per-output view (not
+/// Fluent Bit's own windowed verdict, which remembers failures for a minute) decides.
+fn tolerant(extra: &str) -> String {
+    FB_CONF.replace(
+        "    Log_Level info\n",
+        "    Log_Level info\n    HC_Errors_Count 1000\n    HC_Retry_Failure_Count 1000\n",
+    ) + extra
+}
+
 #[tokio::test]
-async fn crash_loop_is_reported_with_exit_code() {
+async fn remote_config_halted_or_unhealthy_after_reload_is_rolled_back() {
     let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("bad_out-fails");
+    std::fs::write(&flag, "").unwrap();
+    let mut opts = SupOpts::fluent_bit(&server.ws_url())
+        // The dry run misses what the live load refuses, so the reload itself is tested.
+        .env("FAKE_DRY_RUN_PASSES", "1")
+        // Only an output called bad_out fails (there is none yet), abandoning chunks at once.
+        .env("FAKE_UNHEALTHY_FILE", flag.to_str().unwrap())
+        .env("FAKE_UNHEALTHY_OUTPUT", "bad_out")
+        .env("FAKE_UNHEALTHY_DELAY_MS", "0")
+        .env("FAKE_RELOAD_MS", "300");
+    opts.health_gate_s = 2;
+    opts.agent_conf = tolerant("");
+    let base = opts.agent_conf.clone();
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+
+    // 1. An unknown plugin: the reload answers "done" but is HALTED (B-conf.log); the old
+    //    pipeline never stopped, so nothing needs reloading again.
+    let halted = tolerant("\n[OUTPUT]\n    Name  no_such_output\n    Match *\n");
+    let c = server.push_config(&uid, "fluent-bit.conf", &halted).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    let err = c["error"].as_str().unwrap();
+    assert!(err.contains("Reloading is halted"), "{err}");
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), base);
+    assert_eq!(sup.count_events(|e| e["event"] == "reload"), 1);
+
+    // 2. Loads fine, but its new output fails at once: the health gate refuses it, and
+    //    last-known-good is reloaded.
+    let failing = tolerant("\n[OUTPUT]\n    Name  null\n    Alias bad_out\n    Match app.*\n");
+    let c = server.push_config(&uid, "fluent-bit.conf", &failing).await;
+    assert_eq!(c["status"], "failed", "{c}\n{}", sup.log());
+    let err = c["error"].as_str().unwrap();
+    assert!(
+        err.contains("not healthy") && err.contains("bad_out"),
+        "{err}"
+    );
+    let a = server
+        .wait_agent(&uid, "healthy again on last-known-good", T, |a| {
+            a["health"]["healthy"] == true && a["remote_config_status"]["status"] == "failed"
+        })
+        .await;
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), base);
+    assert_eq!(
+        a["effective_config"]["fluent-bit.conf"]["body"],
+        base.as_str()
+    );
+    // New config, then last-known-good: two reloads done, no restart.
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "reload" && e["result"] == "done"),
+        2,
+        "{:?}",
+        sup.events()
+    );
+    assert_eq!(sup.count_events(|e| e["event"] == "start"), 1);
+}
+
+#[tokio::test]
+async fn a_failing_output_is_named_unhealthy_on_the_server() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("fail");
     let opts = SupOpts::fluent_bit(&server.ws_url())
-        .env("FAKE_CRASH_AFTER_MS", "400")
-        .env("FAKE_CRASH_CODE", "3");
+        .env("FAKE_UNHEALTHY_FILE", flag.to_str().unwrap())
+        .env("FAKE_UNHEALTHY_DELAY_MS", "0");
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "healthy", T, |a| {
+            a["health"]["components"]["output"]["components"]["null_out"]["healthy"] == true
+        })
+        .await;
+    // null_out starts failing (B_v1_metrics.json's fwd_dead: retries, then dropped chunks).
+    std::fs::write(&flag, "").unwrap();
+    let a = server
+        .wait_agent(&uid, "null_out unhealthy", T, |a| {
+            a["health"]["components"]["output"]["components"]["null_out"]["healthy"] == false
+        })
+        .await;
+    let h = &a["health"];
+    assert_eq!(h["healthy"], false, "{h}");
+    assert_eq!(h["status"], "unhealthy", "{h}");
+    assert!(
+        h["last_error"].as_str().unwrap().contains("null_out"),
+        "{h}"
+    );
+    assert_eq!(h["components"]["output"]["healthy"], false, "{h}");
+    assert_eq!(h["components"]["input"]["healthy"], true, "{h}");
+    let out = &h["components"]["output"]["components"]["null_out"];
+    assert!(
+        out["last_error"].as_str().unwrap().contains("null_out"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn crash_loop_on_a_bad_property_reports_the_agents_own_error() {
+    let server = Server::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    // C_start_bad_prop.txt: an unknown property parses, then the engine gives up with exit
+    // 255 after about a second.
+    opts.agent_conf = FB_CONF.replace(
+        "    Tag   app.dummy\n",
+        "    Tag   app.dummy\n    bogus_key 1\n",
+    );
     let sup = Sup::start(opts).await;
     let uid = sup.uid().await;
     let a = server
@@ -335,9 +438,15 @@ async fn crash_loop_is_reported_with_exit_code() {
     assert_eq!(a["health"]["healthy"], false);
     let err = a["health"]["last_error"].as_str().unwrap();
     assert!(
-        err.contains("crash loop") && err.contains("code 3"),
+        err.contains("crash loop") && err.contains("code 255"),
         "{err}"
     );
+    // The agent's own last error lines, as it logged them.
+    assert!(
+        err.contains("unknown configuration property 'bogus_key'"),
+        "{err}"
+    );
+    assert!(err.contains("input initialization failed"), "{err}");
     // It keeps being restarted (with backoff), not given up on.
     assert!(sup.count_events(|e| e["event"] == "start") >= 3);
 }
@@ -391,7 +500,18 @@ async fn sigterm_sends_agent_disconnect_and_stops_the_agent() {
     server
         .wait_agent(&uid, "disconnected", T, |a| a["connected"] == false)
         .await;
-    assert!(sup.log().contains("agent_disconnect"), "{}", sup.log());
+    // The server got an AgentToServer carrying agent_disconnect (not just a dropped socket),
+    // and the supervisor logged that it sent it.
+    let disconnects = server
+        .metric("flotilla_opamp_messages_total{kind=\"disconnect\"}")
+        .await;
+    assert_eq!(disconnects, 1.0, "{}", server.metrics().await);
+    assert!(
+        sup.log()
+            .contains("sent agent_disconnect and closed the OpAMP WebSocket"),
+        "{}",
+        sup.log()
+    );
     let ev = sup.events();
     assert!(
         ev.iter()

@@ -1,7 +1,9 @@
 //! The supervisor with a (fake) Fluentd 1.18 against the real Flotilla server: registration
 //! with per-plugin health, ChatOps into its `http` source, remote config through
-//! `config.gracefulReload` (and a refused one), and the 1.18 zero-downtime-restart trap: the
-//! original process exits 0 while its successor keeps serving, and must stay managed.
+//! `config.gracefulReload` (and a refused one), rollback when the graceful reload refuses a
+//! config or, without an RPC endpoint, when a restart on it leaves the worker crash-looping
+//! (reported as unreachable with Fluentd's own errors), and the 1.18 zero-downtime-restart
+//! trap: the original process exits 0 while its successor keeps serving, and must stay managed.
 
 use std::time::Duration;
 
@@ -43,6 +45,14 @@ fn fluentd_conf(monitor: u16, rpc: u16, chat: u16, rate: u32) -> String {
   @id rest
 </match>
 "#
+    )
+}
+
+/// `conf` with its catch-all output turned into a plugin Fluentd does not have.
+fn with_unknown_plugin(conf: &str) -> String {
+    conf.replace(
+        "@type null\n  @id rest",
+        "@type no_such_plugin_xyz\n  @id rest",
     )
 }
 
@@ -103,14 +113,7 @@ async fn fluentd_registration_chatops_and_graceful_reload() {
     // Remote config through the RPC graceful reload: same supervisor process, new config.
     let start0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
     let body = fluentd_conf(monitor, rpc, chat, 2);
-    let id = server
-        .command(
-            &uid,
-            "remote_config",
-            json!({"files": {"fluent.conf": body}}),
-        )
-        .await;
-    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    let c = server.push_config(&uid, "fluent.conf", &body).await;
     assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
     assert_eq!(
         sup.count_events(|e| e["event"] == "graceful_reload" && e["result"] == "ok"),
@@ -131,24 +134,122 @@ async fn fluentd_registration_chatops_and_graceful_reload() {
     );
 
     // A config Fluentd refuses: the dry run names the plugin, nothing changes in place.
-    let bad = body.replace(
-        "@type null\n  @id rest",
-        "@type no_such_plugin_xyz\n  @id rest",
-    );
-    let id = server
-        .command(
-            &uid,
-            "remote_config",
-            json!({"files": {"fluent.conf": bad}}),
-        )
-        .await;
-    let c = server.wait_command(&id, Duration::from_secs(60)).await;
+    let bad = with_unknown_plugin(&body);
+    let c = server.push_config(&uid, "fluent.conf", &bad).await;
     assert_eq!(c["status"], "failed", "{c}");
     assert!(
         c["error"].as_str().unwrap().contains("no_such_plugin_xyz"),
         "{c}"
     );
     assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), body);
+}
+
+/// [`fluentd_conf`] plus an `http` source on `port`, listed first so a taken port stops the
+/// worker before it binds anything else (portconflict.log).
+fn with_http_source_on(conf: &str, port: u16) -> String {
+    format!("<source>\n  @type http\n  @id extra_http\n  bind 127.0.0.1\n  port {port}\n</source>\n{conf}")
+}
+
+#[tokio::test]
+async fn fluentd_rollback_on_refused_reload_and_on_restart_without_rpc() {
+    let server = Server::start().await;
+
+    // A. With the RPC: the graceful reload refuses what the dry run let through. Fluentd
+    //    answers {"ok":true} and only logs "Failed to reload config file"; its old pipeline
+    //    runs on, so the files are put back and nothing is reloaded or restarted.
+    let refused = async {
+        let (o, _) = opts(&server.ws_url());
+        let o = o.env("FAKE_DRY_RUN_PASSES", "1");
+        let conf = o.agent_conf.clone();
+        let sup = Sup::start(o).await;
+        let uid = sup.uid().await;
+        server
+            .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+            .await;
+        let bad = with_unknown_plugin(&conf);
+        let c = server.push_config(&uid, "fluent.conf", &bad).await;
+        assert_eq!(c["status"], "failed", "{c}");
+        let err = c["error"].as_str().unwrap();
+        assert!(
+            err.contains("Failed to reload config file") && err.contains("no_such_plugin_xyz"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), conf);
+        assert_eq!(
+            sup.count_events(|e| e["event"] == "graceful_reload" && e["result"] == "failed"),
+            1,
+            "{:?}",
+            sup.events()
+        );
+        assert_eq!(
+            sup.count_events(|e| e["event"] == "start" && e["role"] == "supervisor"),
+            1
+        );
+    };
+
+    // B. Without an RPC endpoint configs load by a controlled restart. It starts with its
+    //    monitor port taken: the worker crash-loops while Fluentd's supervisor lives on, and
+    //    only health polling sees it (fluent-agents.md §4.10).
+    let restarted = async {
+        let (o, _) = opts(&server.ws_url());
+        // Quicker worker start-ups and a shorter gate: this part restarts Fluentd four times.
+        let mut o = o.env("FAKE_START_DELAY_MS", "300");
+        o.health_gate_s = 2;
+        o.extra_toml = String::new();
+        let monitor = std::net::TcpListener::bind(("127.0.0.1", o.http_port)).unwrap();
+        let (http_port, rpc_port) = (o.http_port, free_port());
+        let sup = Sup::start(o).await;
+        let uid = sup.uid().await;
+        let a = server
+            .wait_agent(&uid, "unreachable, with Fluentd's own error", T, |a| {
+                a["health"]["status"] == "unreachable"
+                    && a["health"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("Address already in use"))
+            })
+            .await;
+        assert_eq!(a["health"]["healthy"], false);
+        drop(monitor);
+        let a = server
+            .wait_agent(&uid, "healthy once the port is free", T, |a| {
+                a["health"]["healthy"] == true
+            })
+            .await;
+        let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+
+        // A good config: applied by restarting Fluentd.
+        let good = fluentd_conf(http_port, rpc_port, sup.opts.chat_ops_port, 2);
+        let c = server.push_config(&uid, "fluent.conf", &good).await;
+        assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
+        let a = server
+            .wait_agent(&uid, "restarted on the new config", T, |a| {
+                a["health"]["healthy"] == true
+                    && a["health"]["start_time_unix_nano"].as_u64() > Some(t0)
+            })
+            .await;
+        let t1 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+
+        // One that passes the dry run but cannot start (its http source's port is taken):
+        // the health gate fails, last-known-good is restored and loaded by another restart.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let bad = with_http_source_on(&good, taken.local_addr().unwrap().port());
+        let c = server.push_config(&uid, "fluent.conf", &bad).await;
+        assert_eq!(c["status"], "failed", "{c}\n{}", sup.log());
+        let err = c["error"].as_str().unwrap();
+        assert!(err.contains("Address already in use"), "{err}");
+        server
+            .wait_agent(&uid, "healthy on last-known-good", T, |a| {
+                a["health"]["healthy"] == true
+                    && a["health"]["start_time_unix_nano"].as_u64() > Some(t1)
+            })
+            .await;
+        assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), good);
+        // Never a graceful reload, never SIGUSR2: restarts only.
+        assert_eq!(sup.count_events(|e| e["event"] == "graceful_reload"), 0);
+        assert_eq!(sup.count_events(|e| e["event"] == "zdr_start"), 0);
+        drop(taken);
+    };
+    tokio::join!(refused, restarted);
 }
 
 fn group_of(pid: i32) -> Option<i32> {

@@ -103,35 +103,50 @@ where
     }
 }
 
-/// Collects a child's stderr/stdout into a shared string (for waits and failure messages).
-fn capture(child: &mut Child) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    if let Some(err) = child.stderr.take() {
-        let b = buf.clone();
+/// A child's output, line by line, with the moment each line was read.
+#[derive(Default)]
+pub struct Captured {
+    pub text: String,
+    pub lines: Vec<(Instant, String)>,
+}
+
+pub type SharedLog = Arc<Mutex<Captured>>;
+
+/// Collects a child's stderr/stdout (for waits, timing checks and failure messages).
+fn capture(child: &mut Child) -> SharedLog {
+    let buf: SharedLog = Arc::default();
+    fn pump(r: impl tokio::io::AsyncRead + Unpin + Send + 'static, b: SharedLog, echo: bool) {
         tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
+            let mut lines = BufReader::new(r).lines();
             while let Ok(Some(l)) = lines.next_line().await {
-                if std::env::var_os("E2E_VERBOSE").is_some() {
+                if echo && std::env::var_os("E2E_VERBOSE").is_some() {
                     eprintln!("{l}");
                 }
-                let mut s = b.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
+                let mut c = b.lock().unwrap();
+                c.text.push_str(&l);
+                c.text.push('\n');
+                c.lines.push((Instant::now(), l));
             }
         });
+    }
+    if let Some(err) = child.stderr.take() {
+        pump(err, buf.clone(), true);
     }
     if let Some(out) = child.stdout.take() {
-        let b = buf.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let mut s = b.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
-            }
-        });
+        pump(out, buf.clone(), false);
     }
     buf
+}
+
+/// When each line containing `needle` was read.
+fn times_of(log: &SharedLog, needle: &str) -> Vec<Instant> {
+    log.lock()
+        .unwrap()
+        .lines
+        .iter()
+        .filter(|(_, l)| l.contains(needle))
+        .map(|(t, _)| *t)
+        .collect()
 }
 
 /// The real Flotilla server.
@@ -142,8 +157,10 @@ pub struct Server {
     pub api_port: u16,
     token: String,
     http: reqwest::Client,
-    log: Arc<Mutex<String>>,
+    log: SharedLog,
     env: Vec<(String, String)>,
+    /// `[opamp]`-style TOML given to `flotilla serve --config`, if any.
+    toml: Option<String>,
 }
 
 impl Server {
@@ -153,6 +170,16 @@ impl Server {
 
     /// Starts with extra environment (e.g. `FLOTILLA_HEARTBEAT_INTERVAL_S`).
     pub async fn start_with(env: Vec<(&str, &str)>) -> Server {
+        Self::start_full(env, None).await
+    }
+
+    /// Starts with a configuration file (settings that have no environment variable, such as
+    /// `opamp.retry_after_s`).
+    pub async fn start_with_toml(toml: &str) -> Server {
+        Self::start_full(vec![], Some(toml.to_string())).await
+    }
+
+    async fn start_full(env: Vec<(&str, &str)>, toml: Option<String>) -> Server {
         build_bins();
         let dir = tempfile::tempdir().unwrap();
         let token = format!("t{}", uuid::Uuid::new_v4().simple());
@@ -164,11 +191,12 @@ impl Server {
             api_port: free_port(),
             token,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            log: Arc::new(Mutex::new(String::new())),
+            log: SharedLog::default(),
             env: env
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            toml,
         };
         s.spawn().await;
         s
@@ -176,7 +204,13 @@ impl Server {
 
     async fn spawn(&mut self) {
         let data = self.dir.path().join("data");
-        let mut child = Command::new(bin_dir().join("flotilla"))
+        let mut cmd = Command::new(bin_dir().join("flotilla"));
+        if let Some(t) = &self.toml {
+            let path = self.dir.path().join("flotilla.toml");
+            std::fs::write(&path, t).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(&data)
@@ -205,7 +239,7 @@ impl Server {
                 }
             }
             if Instant::now() > end {
-                panic!("flotilla did not come up:\n{}", log.lock().unwrap());
+                panic!("flotilla did not come up:\n{}", log.lock().unwrap().text);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -234,7 +268,29 @@ impl Server {
 
     #[allow(dead_code)]
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.lock().unwrap().text.clone()
+    }
+
+    /// The server's Prometheus metrics (`/metrics`, unauthenticated).
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://127.0.0.1:{}/metrics", self.api_port))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one metric sample line, e.g.
+    /// `flotilla_opamp_messages_total{kind="disconnect"}` (0 when absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn api(&self, path: &str) -> String {
@@ -302,6 +358,20 @@ impl Server {
             .to_string()
     }
 
+    /// Offers `files` (name → body, or → {body, content_type}) as a remote_config command
+    /// and waits for the command to finish; returns it.
+    pub async fn push_files(&self, uid: &str, files: Value) -> Value {
+        let id = self
+            .command(uid, "remote_config", json!({ "files": files }))
+            .await;
+        self.wait_command(&id, Duration::from_secs(60)).await
+    }
+
+    /// [`Server::push_files`] with one file.
+    pub async fn push_config(&self, uid: &str, name: &str, body: &str) -> Value {
+        self.push_files(uid, json!({ name: body })).await
+    }
+
     pub async fn get_command(&self, id: &str) -> Value {
         self.http
             .get(self.api(&format!("/commands/{id}")))
@@ -348,6 +418,7 @@ pub struct SupOpts {
     pub tail_toml: String,
     pub health_gate_s: u64,
     pub heartbeat_s: u64,
+    pub restart_backoff_initial_ms: u64,
 }
 
 impl SupOpts {
@@ -364,6 +435,7 @@ impl SupOpts {
             tail_toml: String::new(),
             health_gate_s: 3,
             heartbeat_s: 30,
+            restart_backoff_initial_ms: 200,
         }
     }
 
@@ -381,7 +453,7 @@ pub struct Sup {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub opts: SupOpts,
-    log: Arc<Mutex<String>>,
+    log: SharedLog,
 }
 
 impl Sup {
@@ -405,7 +477,7 @@ impl Sup {
             child: None,
             dir,
             opts,
-            log: Arc::new(Mutex::new(String::new())),
+            log: SharedLog::default(),
         };
         std::fs::write(s.conf_path(), &s.opts.agent_conf).unwrap();
         s.spawn();
@@ -444,7 +516,7 @@ chat_ops_port = {chat}
 health_interval_s = 1
 health_gate_s = {gate}
 reload_timeout_s = 6
-restart_backoff_initial_ms = 200
+restart_backoff_initial_ms = {restart_ms}
 restart_backoff_max_s = 2
 crash_loop_threshold = 3
 crash_loop_window_s = 20
@@ -465,6 +537,7 @@ level = "info,flotilla_supervisor=debug"
             http_port = o.http_port,
             chat = o.chat_ops_port,
             gate = o.health_gate_s,
+            restart_ms = o.restart_backoff_initial_ms,
             extra = o.extra_toml,
             server_extra = o.server_extra,
             tail = o.tail_toml,
@@ -484,7 +557,12 @@ level = "info,flotilla_supervisor=debug"
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.lock().unwrap().text.clone()
+    }
+
+    /// When each supervisor log line containing `needle` was read.
+    pub fn log_times(&self, needle: &str) -> Vec<Instant> {
+        times_of(&self.log, needle)
     }
 
     pub fn pid(&self) -> i32 {
@@ -583,9 +661,12 @@ impl Drop for Sup {
 
 /// A local HTTP listener standing in for the agent's ChatOps `http` input: records each
 /// request (method, path, body) and answers 201, or 404 for paths starting with `/missing`.
+/// Requests to paths starting with `/hold` are recorded at once but answered only after
+/// [`ChatSink::release`] (a command still running when something else happens).
 pub struct ChatSink {
     pub port: u16,
     pub requests: Arc<Mutex<Vec<(String, String, String)>>>,
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 impl ChatSink {
@@ -594,18 +675,25 @@ impl ChatSink {
         let port = l.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let reqs = requests.clone();
+        let held = Arc::new(tokio::sync::Semaphore::new(0));
+        let gate = held.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = l.accept().await else {
                     return;
                 };
                 let reqs = reqs.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
                     let Some((method, path, _headers, body)) = read_http(&mut s).await else {
                         return;
                     };
                     let missing = path.starts_with("/missing");
+                    let hold = path.starts_with("/hold");
                     reqs.lock().unwrap().push((method, path, body));
+                    if hold {
+                        let _ = gate.acquire().await.map(|p| p.forget());
+                    }
                     let resp = if missing {
                         "HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nno route\n"
                     } else {
@@ -615,7 +703,16 @@ impl ChatSink {
                 });
             }
         });
-        ChatSink { port, requests }
+        ChatSink {
+            port,
+            requests,
+            held,
+        }
+    }
+
+    /// Lets one held request be answered.
+    pub fn release(&self) {
+        self.held.add_permits(1);
     }
 
     pub fn count(&self, path: &str) -> usize {
@@ -626,6 +723,22 @@ impl ChatSink {
             .filter(|(_, p, _)| p == path)
             .count()
     }
+}
+
+/// A Fluent Bit supervisor whose ChatOps port is a [`ChatSink`], connected to `server`:
+/// (sink, supervisor, uid).
+pub async fn chatops_setup(server: &Server) -> (ChatSink, Sup, String) {
+    let sink = ChatSink::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    opts.chat_ops_port = sink.port;
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "connected", Duration::from_secs(30), |a| {
+            a["connected"] == true
+        })
+        .await;
+    (sink, sup, uid)
 }
 
 /// Reads one HTTP/1.1 request: (method, path, lower-cased headers, body).
