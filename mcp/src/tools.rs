@@ -541,7 +541,8 @@ pub fn all() -> Vec<ToolDef> {
                      the command that set it) and its last remote-config status. {AGENT_REF} \
                      With query: one compact row per matching agent (uid, host, desired hash, \
                      remote-config status and hash, effective config hash; equal hashes mean \
-                     equal files), paged, to check a rollout. {QUERY_HELP}"
+                     equal files), paged, to check a rollout; the query language is \
+                     agents_search's."
                 ),
                 JsonObject::new(),
             )
