@@ -332,11 +332,18 @@ pub async fn handle(
         // A pure heartbeat from an agent we know: batched liveness only, no registry read.
         Some(p) if kind == "heartbeat" && !wants_uid => {
             need_full = !(msg.sequence_num == p.seq || msg.sequence_num == p.seq.wrapping_add(1));
-            sh.touch(uid, now, msg.sequence_num);
             caps = p.caps;
+            let beat_ms = learn_interval(Some(p), now);
+            let learnt = (!takes_offered_interval(caps, link))
+                .then(|| interval_secs(beat_ms))
+                .flatten()
+                .filter(|s| Some(*s) != interval_secs(p.beat_ms));
+            sh.touch(uid, now, msg.sequence_num, learnt);
             link.peer = Some(Peer {
                 seq: msg.sequence_num,
                 caps,
+                at: now,
+                beat_ms,
             });
             // Commands queued while connected arrive through Hub::notify; an HTTP agent has no
             // other chance than its poll.
@@ -376,9 +383,16 @@ pub async fn handle(
                 after.remote_addr = Some(a.to_string());
             }
             // Agents we offer an interval use it; the others use their own, which the spec
-            // says we cannot know, so liveness assumes its recommended default.
+            // says we cannot know: it is learnt from the spacing of their heartbeats, and until
+            // then liveness assumes the recommended default (or what was learnt before). A
+            // status message can come at any time, so its spacing teaches nothing.
+            let beat_ms = prev.map_or(0, |p| p.beat_ms);
             after.heartbeat_interval_s = if takes_offered_interval(after.capabilities, link) {
                 cfg.heartbeat_interval_s
+            } else if let Some(s) = interval_secs(beat_ms) {
+                s
+            } else if existed {
+                before.heartbeat_interval_s
             } else {
                 DEFAULT_AGENT_HEARTBEAT_S
             };
@@ -419,6 +433,8 @@ pub async fn handle(
             link.peer = (after.uid == uid).then_some(Peer {
                 seq: msg.sequence_num,
                 caps,
+                at: now,
+                beat_ms,
             });
         }
     }
@@ -493,6 +509,24 @@ fn finish_reply(link: &mut Link, reply: &mut ServerToAgent) {
 
 /// The heartbeat interval the spec recommends, and the one agents use unless offered another.
 pub const DEFAULT_AGENT_HEARTBEAT_S: u64 = 30;
+
+/// The heartbeat interval of an agent we offer none, learnt when a pure heartbeat arrives (the
+/// spec counts the interval from the last message sent, so the gap before a heartbeat is the
+/// interval): the longest recent gap, shrinking by a tenth with every heartbeat so the
+/// estimate follows an agent that speeds up, while one long silence (a retry, a blip) errs on
+/// the patient side. In ms; 0 until learnt on this link.
+fn learn_interval(prev: Option<Peer>, now: Millis) -> u32 {
+    let Some(p) = prev.filter(|p| p.at > 0) else {
+        return 0;
+    };
+    let gap = (now - p.at).clamp(0, 86_400_000) as u32;
+    gap.max(p.beat_ms - p.beat_ms / 10)
+}
+
+/// A learnt interval in whole seconds (rounded up, at least 1), or `None` if none was learnt.
+fn interval_secs(beat_ms: u32) -> Option<u64> {
+    (beat_ms > 0).then(|| u64::from(beat_ms).div_ceil(1000).max(1))
+}
 
 /// True if we offer this agent our heartbeat interval (so it uses it): it takes OpAMP
 /// connection settings, sends heartbeats, and we know the endpoint to offer with it.

@@ -104,6 +104,10 @@ pub struct Peer {
     pub seq: u64,
     /// Capabilities as last known (stored or reported).
     pub caps: u64,
+    /// When its last message was handled.
+    pub at: Millis,
+    /// Its heartbeat interval as learnt from the spacing of its messages, in ms (0: not yet).
+    pub beat_ms: u32,
 }
 
 /// A plain-HTTP agent between requests (there is no connection to hang this on).
@@ -167,14 +171,24 @@ impl Shared {
         }
     }
 
-    /// Records a heartbeat for the next batch (a later one for the same agent replaces it).
-    pub fn touch(&self, uid: Uuid, last_seen: Millis, sequence_num: u64) {
-        self.touches.insert(
+    /// Records a heartbeat for the next batch (a later one for the same agent replaces it,
+    /// keeping a learnt interval the later one does not carry).
+    pub fn touch(
+        &self,
+        uid: Uuid,
+        last_seen: Millis,
+        sequence_num: u64,
+        heartbeat_interval_s: Option<u64>,
+    ) {
+        let mut shard = self.touches.shard(&uid);
+        let keep = shard.get(&uid).and_then(|t| t.heartbeat_interval_s);
+        shard.insert(
             uid,
             Touch {
                 uid,
                 last_seen,
                 sequence_num,
+                heartbeat_interval_s: heartbeat_interval_s.or(keep),
             },
         );
     }

@@ -35,6 +35,8 @@ pub struct Touch {
     pub uid: Uuid,
     pub last_seen: Millis,
     pub sequence_num: u64,
+    /// A newly learnt heartbeat interval (agents we offer none), if it changed.
+    pub heartbeat_interval_s: Option<u64>,
 }
 
 /// How a command finishes, applied with a compare-and-set on its status.

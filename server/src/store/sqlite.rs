@@ -593,13 +593,22 @@ impl Store for SqliteStore {
         for chunk in touches.chunks(2000) {
             let rows: Vec<serde_json::Value> = chunk
                 .iter()
-                .map(|t| serde_json::json!([uid(t.uid), t.last_seen, u64_to_db(t.sequence_num)]))
+                .map(|t| {
+                    serde_json::json!([
+                        uid(t.uid),
+                        t.last_seen,
+                        u64_to_db(t.sequence_num),
+                        t.heartbeat_interval_s.map(u64_to_db)
+                    ])
+                })
                 .collect();
             // A touch batched before a full put_agent but flushed after it must not roll the
             // record's last_seen/sequence_num back.
             sqlx::query(
-                "UPDATE agents SET last_seen = t.ls, sequence_num = t.seq
-                 FROM (SELECT value ->> 0 AS uid, value ->> 1 AS ls, value ->> 2 AS seq
+                "UPDATE agents SET last_seen = t.ls, sequence_num = t.seq,
+                    heartbeat_interval_s = COALESCE(t.hb, agents.heartbeat_interval_s)
+                 FROM (SELECT value ->> 0 AS uid, value ->> 1 AS ls, value ->> 2 AS seq,
+                              value ->> 3 AS hb
                        FROM json_each(?)) AS t
                  WHERE agents.uid = t.uid AND agents.last_seen <= t.ls",
             )
@@ -1235,6 +1244,7 @@ mod tests {
                 uid: a.uid,
                 last_seen: 1_000 + i as i64,
                 sequence_num: i as u64 + 7,
+                heartbeat_interval_s: None,
             })
             .collect();
         s.touch_agents(&touches).await.unwrap();
@@ -1259,35 +1269,49 @@ mod tests {
                 uid: a.uid,
                 last_seen: 500,
                 sequence_num: u64::MAX,
+                heartbeat_interval_s: None,
             },
             Touch {
                 uid: b.uid,
                 last_seen: 600,
                 sequence_num: 9,
+                heartbeat_interval_s: Some(7),
             },
             // Unknown agents are ignored, not an error.
             Touch {
                 uid: Uuid::now_v7(),
                 last_seen: 1,
                 sequence_num: 1,
+                heartbeat_interval_s: None,
             },
         ])
         .await
         .unwrap();
         let got = s.get_agent(a.uid).await.unwrap().unwrap();
-        assert_eq!((got.last_seen, got.sequence_num), (500, u64::MAX));
+        assert_eq!(
+            (got.last_seen, got.sequence_num, got.heartbeat_interval_s),
+            (500, u64::MAX, 30),
+            "no learnt interval: the stored one stays"
+        );
         let got = s.get_agent(b.uid).await.unwrap().unwrap();
-        assert_eq!((got.last_seen, got.sequence_num), (600, 9));
+        assert_eq!(
+            (got.last_seen, got.sequence_num, got.heartbeat_interval_s),
+            (600, 9, 7)
+        );
         // A stale touch does not roll the record back.
         s.touch_agents(&[Touch {
             uid: b.uid,
             last_seen: 550,
             sequence_num: 8,
+            heartbeat_interval_s: Some(99),
         }])
         .await
         .unwrap();
         let got = s.get_agent(b.uid).await.unwrap().unwrap();
-        assert_eq!((got.last_seen, got.sequence_num), (600, 9));
+        assert_eq!(
+            (got.last_seen, got.sequence_num, got.heartbeat_interval_s),
+            (600, 9, 7)
+        );
 
         s.set_connected(
             a.uid,

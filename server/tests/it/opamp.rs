@@ -1146,6 +1146,39 @@ async fn heartbeat_interval_is_offered_only_to_agents_that_accept_connection_set
     server.stop().await;
 }
 
+#[tokio::test]
+async fn heartbeat_interval_of_agents_offered_none_is_learnt_from_their_heartbeats() {
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_s = 17).await;
+    let db = db(&server).await;
+    let uid = new_uid();
+    // ReportsHeartbeat but not AcceptsOpAMPConnectionSettings (the Python and Node clients):
+    // it heartbeats at an interval of its own that nobody told us.
+    post(
+        &server,
+        &full(uid, 0, REPORTS_STATUS | AC::ReportsHeartbeat as u64),
+    )
+    .await;
+    let a = wait_agent(&db, uid, |_| true).await;
+    assert_eq!(
+        a.heartbeat_interval_s, 30,
+        "until learnt: the spec's default"
+    );
+    for seq in 1..=2 {
+        // The agent's own pace (the scenario, not a wait for the server).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // As the Node client does: capabilities repeated in every heartbeat.
+        let mut m = beat(uid, seq);
+        m.capabilities = REPORTS_STATUS | AC::ReportsHeartbeat as u64;
+        post(&server, &m).await;
+    }
+    let a = wait_agent(&db, uid, |a| a.heartbeat_interval_s != 30).await;
+    assert_eq!(
+        a.heartbeat_interval_s, 2,
+        "1.1 s between heartbeats, rounded up"
+    );
+    server.stop().await;
+}
+
 // ================================================================ status compression
 
 #[tokio::test]
