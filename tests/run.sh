@@ -24,6 +24,10 @@ command -v cargo >/dev/null 2>&1 || { echo "tests/run.sh: ERROR: cargo not found
 step "install peers" env PEERS_DIR="$FLOTILLA_PEERS_DIR" bash tests/peers/install.sh
 step "cargo fmt" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+# Feature-gated code that the default build does not compile: the supervisor's TLS and the
+# MCP benchmark binary would otherwise rot unnoticed.
+step "cargo clippy (supervisor tls)" cargo clippy -p flotilla-supervisor --features tls --all-targets -- -D warnings
+step "cargo clippy (mcp bench)" cargo clippy -p flotilla-mcp --features bench --all-targets -- -D warnings
 # Last, so the output ends with cargo test's own summary lines.
 echo "==> cargo test" >&2
 exec cargo test --workspace "$@"

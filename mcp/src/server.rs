@@ -556,7 +556,7 @@ async fn queue_confirmed(
         .map_err(|e| ToolFail::new("internal", format!("confirmation without targets: {e}")))?;
     match b.queue(target, kind, params, Some(&expect)).await {
         Ok(v) => queued(v),
-        Err(e) if e.code == "conflict" => Err(ToolFail::new(
+        Err(e) if e.code == "targets_changed" => Err(ToolFail::new(
             "targets_changed",
             format!(
                 "{}. The confirmation is spent; call again without confirmation_token to see \

@@ -104,7 +104,7 @@ async fn rest_backend_answers_exactly_like_rest() {
         .queue(&target, "force_resync", &json!({}), Some(&stale))
         .await
         .unwrap_err();
-    assert_eq!(e.code, "conflict", "{e}");
+    assert_eq!(e.code, "targets_changed", "{e}");
     let expect: flotilla_mcp::ExpectedTargets =
         serde_json::from_value(plan["expect_targets"].clone()).unwrap();
     assert_eq!(

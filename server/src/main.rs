@@ -35,6 +35,10 @@ enum Cmd {
         /// Operator listener, e.g. 127.0.0.1:8080.
         #[arg(long)]
         api_listen: Option<String>,
+        /// Hide and refuse every state-changing MCP tool on /mcp and /sse (overrides
+        /// `mcp.read_only` and FLOTILLA_MCP_READ_ONLY).
+        #[arg(long)]
+        mcp_read_only: bool,
     },
     /// Audit trail tools.
     Audit {
@@ -58,6 +62,10 @@ enum Cmd {
         /// Hide and refuse every tool that changes the fleet.
         #[arg(long)]
         read_only: bool,
+        /// PEM file of CA certificates to trust for an https:// server besides the web roots
+        /// (a private CA or a self-signed server certificate).
+        #[arg(long, env = "FLOTILLA_CA_FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -89,6 +97,7 @@ fn load(cli: &Cli) -> anyhow::Result<Validated> {
     if let Cmd::Serve {
         opamp_listen,
         api_listen,
+        mcp_read_only,
     } = &cli.command
     {
         if let Some(a) = opamp_listen {
@@ -96,6 +105,9 @@ fn load(cli: &Cli) -> anyhow::Result<Validated> {
         }
         if let Some(a) = api_listen {
             cfg.api.listen = a.clone();
+        }
+        if *mcp_read_only {
+            cfg.mcp.read_only = true;
         }
     }
     Ok(cfg.validate()?)
@@ -133,9 +145,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         server,
         token_file,
         read_only,
+        ca_file,
     } = &cli.command
     {
-        return run_mcp(server, token_file.as_deref(), *read_only).await;
+        return run_mcp(
+            server,
+            token_file.as_deref(),
+            *read_only,
+            ca_file.as_deref(),
+        )
+        .await;
     }
     // Configuration is validated in full before anything is opened or bound.
     let v = load(&cli)?;
@@ -184,6 +203,7 @@ async fn run_mcp(
     server: &str,
     token_file: Option<&std::path::Path>,
     read_only: bool,
+    ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let filter = std::env::var("FLOTILLA_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
@@ -206,8 +226,11 @@ async fn run_mcp(
             "no token (--token-file or FLOTILLA_TOKEN): the server will refuse every call"
         );
     }
-    let backend =
-        flotilla_mcp::RestBackend::new(server, token).map_err(|e| anyhow::anyhow!(e.message))?;
+    let options = flotilla_mcp::RestOptions {
+        ca_file: ca_file.map(std::path::Path::to_path_buf),
+    };
+    let backend = flotilla_mcp::RestBackend::with_options(server, token, &options)
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     flotilla_mcp::run_stdio(std::sync::Arc::new(backend), read_only).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -45,6 +45,9 @@ pub enum FleetError {
     TooManyTargets { count: usize, max: usize },
     #[error("{0}")]
     Conflict(String),
+    /// A queue request carried `expect_targets` from a preview that no longer holds.
+    #[error("{0}")]
+    TargetsChanged(String),
     #[error("storage unavailable: {0}")]
     Store(#[from] StoreError),
 }
@@ -62,6 +65,7 @@ impl FleetError {
             FleetError::NoTargets(_) => "no_targets",
             FleetError::TooManyTargets { .. } => "too_many_targets",
             FleetError::Conflict(_) => "conflict",
+            FleetError::TargetsChanged(_) => "targets_changed",
             FleetError::Store(_) => "storage_unavailable",
         }
     }
@@ -697,7 +701,7 @@ impl Fleet {
         if let Some(e) = expect {
             let now = plan.expected();
             if now != *e {
-                return Err(FleetError::Conflict(format!(
+                return Err(FleetError::TargetsChanged(format!(
                     "the target set changed since it was previewed ({} agents then, {} now{}); \
                      nothing was queued: preview the command again",
                     e.count,

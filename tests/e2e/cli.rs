@@ -271,3 +271,97 @@ async fn malformed_tokens_file_is_refused_before_binding() {
     let out = case.serve(&config, &[], &[]).await;
     case.assert_refused(&out, &["superuser"]);
 }
+
+/// `serve --mcp-read-only` overrides the file: the MCP tool list over streamable HTTP no
+/// longer offers anything that changes the fleet.
+#[tokio::test]
+async fn serve_mcp_read_only_flag_hides_state_changing_tools() {
+    let home = flotilla_e2e::Home::new();
+    let server = flotilla_e2e::Server::start_with_flags(&home, &["--mcp-read-only"]).await;
+    let http = reqwest::Client::new();
+    let rpc = |body: serde_json::Value, session: Option<String>| {
+        let mut req = http
+            .post(server.url("/mcp"))
+            .bearer_auth(&home.tokens.operator)
+            .header("Accept", "application/json, text/event-stream")
+            .json(&body);
+        if let Some(s) = session {
+            req = req
+                .header("Mcp-Session-Id", s)
+                .header("MCP-Protocol-Version", "2025-06-18");
+        }
+        req.send()
+    };
+    let init = rpc(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "cli-test", "version": "1"}}}),
+        None,
+    )
+    .await
+    .expect("initialize");
+    assert!(init.status().is_success(), "{}", init.status());
+    let session = init
+        .headers()
+        .get("mcp-session-id")
+        .map(|v| v.to_str().unwrap().to_string());
+    let _ = init.text().await;
+    let ack = rpc(
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        session.clone(),
+    )
+    .await
+    .expect("initialized");
+    assert!(ack.status().is_success(), "{}", ack.status());
+    let list = rpc(
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        session,
+    )
+    .await
+    .expect("tools/list")
+    .text()
+    .await
+    .unwrap();
+    // JSON, or an SSE event carrying it (after an empty priming event).
+    let json = list
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .find(|d| !d.is_empty())
+        .unwrap_or(&list)
+        .trim();
+    let v: serde_json::Value = serde_json::from_str(json).expect(&list);
+    let names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .expect(&list)
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"agents_search"), "{names:?}");
+    for hidden in ["command_queue", "command_cancel", "remote_config_push"] {
+        assert!(
+            !names.contains(&hidden),
+            "{hidden} offered read-only: {names:?}"
+        );
+    }
+}
+
+/// `flotilla mcp --ca-file` names a CA file that cannot be read before it serves anything.
+#[tokio::test]
+async fn mcp_ca_file_that_cannot_be_read_is_refused() {
+    let out = run_flotilla(
+        &[
+            "mcp",
+            "--server",
+            "https://127.0.0.1:1",
+            "--ca-file",
+            "/nonexistent/flotilla-ca.pem",
+        ],
+        &[],
+        EXIT_TIMEOUT,
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("flotilla-ca.pem"), "{stderr}");
+}

@@ -361,10 +361,19 @@ impl Server {
     /// Starts on `ports` (opamp, api) if given, else on free ones. If a port turns out to be
     /// taken (another process grabbed it), retries with fresh ports, up to 5 times.
     pub async fn start_on(home: &Home, ports: Option<(u16, u16)>) -> Server {
+        Server::start_flags(home, ports, &[]).await
+    }
+
+    /// [`Server::start`] with extra `serve` flags.
+    pub async fn start_with_flags(home: &Home, flags: &[&str]) -> Server {
+        Server::start_flags(home, None, flags).await
+    }
+
+    async fn start_flags(home: &Home, ports: Option<(u16, u16)>, flags: &[&str]) -> Server {
         let mut ports = ports.unwrap_or_else(distinct_free_ports);
         let mut last_err = String::new();
         for _ in 0..5 {
-            match Server::try_start(home, ports).await {
+            match Server::try_start(home, ports, flags).await {
                 Ok(s) => return s,
                 Err((bind_failed, err)) => {
                     if !bind_failed {
@@ -379,7 +388,11 @@ impl Server {
     }
 
     /// Err((true, stderr)) when it exited because a port was taken.
-    async fn try_start(home: &Home, (op, ap): (u16, u16)) -> Result<Server, (bool, String)> {
+    async fn try_start(
+        home: &Home,
+        (op, ap): (u16, u16),
+        flags: &[&str],
+    ) -> Result<Server, (bool, String)> {
         let opamp: SocketAddr = ([127, 0, 0, 1], op).into();
         let api: SocketAddr = ([127, 0, 0, 1], ap).into();
         let mut cmd = flotilla_command();
@@ -390,6 +403,7 @@ impl Server {
             .arg(opamp.to_string())
             .arg("--api-listen")
             .arg(api.to_string())
+            .args(flags)
             .stdout(Stdio::null());
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start {}: {e}", flotilla_bin().display());

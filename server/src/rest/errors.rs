@@ -26,6 +26,7 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("no_route", 404, "No such API endpoint."),
     ("method_not_allowed", 405, "The endpoint exists but not with this HTTP method."),
     ("conflict", 409, "The resource is in a state that forbids the operation (e.g. cancelling a command already sent)."),
+    ("targets_changed", 409, "The request carried expect_targets from a dry run, and the agents it would reach are no longer those; nothing was queued."),
     ("body_too_large", 413, "The request body exceeds api.max_body_bytes."),
     ("unsupported_media_type", 415, "A request body was sent without Content-Type: application/json."),
     // 422: the request is well-formed and authorised but the fleet cannot act on it as asked;
@@ -232,6 +233,7 @@ mod tests {
             FleetError::NoTargets("x".into()),
             FleetError::TooManyTargets { count: 2, max: 1 },
             FleetError::Conflict("x".into()),
+            FleetError::TargetsChanged("x".into()),
             FleetError::Store(crate::store::StoreError::Corrupt("x".into())),
         ];
         for e in errors {

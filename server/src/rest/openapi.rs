@@ -540,7 +540,7 @@ pub fn document() -> Value {
             schema_ref("Plan"),
         );
         if let Value::Object(r) = &mut o["responses"] {
-            r.extend(errors(&["conflict"]));
+            r.extend(errors(&["targets_changed"]));
         }
         let d = o["description"].as_str().unwrap_or_default().to_string();
         o["description"] = json!(format!(

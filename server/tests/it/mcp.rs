@@ -924,7 +924,7 @@ async fn a_confirmation_is_bound_to_the_previewed_targets() {
     let (s, e) = rest.post("/api/v1/commands", real.clone()).await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),
-        (409, Some("conflict")),
+        (409, Some("targets_changed")),
         "{e}"
     );
     assert!(
