@@ -53,6 +53,26 @@ pub fn has_custom(agent: &Agent, cap: &str) -> bool {
         .any(|c| c == cap || c.strip_prefix("request:") == Some(cap))
 }
 
+/// The acknowledgement of a Flotilla result message, put in the reply to the message that
+/// carried it once its outcome is stored: `{"command_id": …}` on [`CAP_FLOTILLA`], type
+/// `ack`. The agent stops re-sending that result then. Over WebSocket the server also pushes
+/// commands as messages of their own, so "a reply came" cannot tell the agent which of its
+/// messages were processed; the ack names it. Unknown and already settled ids are acked too:
+/// there is nothing more the server could do with them.
+pub fn result_ack(msg: &AgentToServer) -> Option<CustomMessage> {
+    let cm = msg.custom_message.as_ref()?;
+    if cm.capability != CAP_FLOTILLA || cm.r#type != "result" {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&cm.data).ok()?;
+    let id = v.get("command_id")?.as_str()?;
+    Some(CustomMessage {
+        capability: CAP_FLOTILLA.into(),
+        r#type: "ack".into(),
+        data: json!({ "command_id": id }).to_string().into_bytes(),
+    })
+}
+
 /// True if the agent reports outcomes with Flotilla's rich result messages.
 pub fn reports_results(agent: &Agent) -> bool {
     has_custom(agent, CAP_FLOTILLA)

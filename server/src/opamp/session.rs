@@ -417,6 +417,13 @@ pub async fn handle(
             } else if has_desc {
                 link_reregistration(sh, &after, &remote).await;
             }
+            // The outcome is stored (or there was none to store): the agent may forget it.
+            // Only over WebSocket, where commands are pushed as messages of their own and a
+            // reply alone does not say which message was processed; a plain-HTTP reply does,
+            // and its custom-message slot is better left to a queued command.
+            if link.transport == Transport::Websocket {
+                reply.custom_message = commands::result_ack(msg);
+            }
             // The spec's MUST: a reported remote-config hash that differs from ours gets the
             // config again. Only when the agent reported one (now, or at the start of this
             // link), so an agent that never reports status is not flooded.

@@ -1427,6 +1427,52 @@ async fn fluent_opamp_supervisors_are_driven_in_their_own_wire_form() {
     server.stop().await;
 }
 
+/// Flotilla's own form: commands carry their id, results name it, and over WebSocket the reply
+/// to a result acknowledges it by id (a reply alone proves nothing there: commands are pushed
+/// as messages of their own, so the agent cannot count replies).
+#[tokio::test]
+async fn flotilla_results_are_acknowledged_by_command_id() {
+    const RICH: &str = "io.flotilla.command/v1";
+    const CHATOPS: &str = "org.mp3monster.opamp_provider.chatopcommand";
+    let server = TestServer::start().await;
+    let uid = new_uid();
+    let mut hello = full(uid, 0, REPORTS_STATUS);
+    hello.custom_capabilities = Some(flotilla_proto::CustomCapabilities {
+        capabilities: vec![RICH.into(), CHATOPS.into()],
+    });
+    let mut ws = Ws::connect(&server).await;
+    ws.request(&hello).await;
+    let id = queue(&server, uid, "chatops", json!({"tag": "flush"})).await;
+    let cm = ws.recv().await.custom_message.expect("chatops");
+    let data: serde_json::Value = serde_json::from_slice(&cm.data).unwrap();
+    assert_eq!(data["command_id"], id.as_str(), "{data}");
+    let mut result = beat(uid, 1);
+    result.custom_message = Some(flotilla_proto::CustomMessage {
+        capability: RICH.into(),
+        r#type: "result".into(),
+        data: json!({"command_id": id, "status": "succeeded", "message": "HTTP 200"})
+            .to_string()
+            .into_bytes(),
+    });
+    for seq in [1, 2] {
+        // The second is the agent re-sending after a reconnect: acked again, settled once.
+        result.sequence_num = seq;
+        let r = ws.request(&result).await;
+        let ack = r.custom_message.expect("an ack in the reply");
+        assert_eq!(
+            (ack.capability.as_str(), ack.r#type.as_str()),
+            (RICH, "ack")
+        );
+        let a: serde_json::Value = serde_json::from_slice(&ack.data).unwrap();
+        assert_eq!(a["command_id"], id.as_str());
+    }
+    let c = wait_command(&server, &id, "succeeded").await;
+    assert_eq!(c["result"]["message"], "HTTP 200", "{c}");
+    // A heartbeat is not acknowledged.
+    assert!(ws.request(&beat(uid, 3)).await.custom_message.is_none());
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_restart_that_cannot_be_confirmed_expires_saying_so() {
     let server = TestServer::start_with(|c| c.commands.result_timeout_s = 1).await;
