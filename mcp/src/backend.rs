@@ -44,7 +44,7 @@ pub enum QueueTarget {
 }
 
 /// A target set as a dry run saw it (REST's `expect_targets`): how many agents and a digest of
-/// their uids. Queuing with it fails with `conflict`, queuing nothing, if the set changed.
+/// their uids. Queuing with it fails with `targets_changed`, queuing nothing, if the set changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpectedTargets {
     pub count: usize,
@@ -112,7 +112,7 @@ pub trait FleetBackend: Send + Sync {
 
     /// `POST /api/v1/commands` with `agent` or `query`: `{command_id, command}` for one agent,
     /// `{batch_id, queued, skipped, commands}` for a fan-out. With `expect`, refused with
-    /// `conflict` (nothing queued) unless the targets are still exactly those of the plan.
+    /// `targets_changed` (nothing queued) unless the targets are still exactly those of the plan.
     async fn queue(
         &self,
         target: &QueueTarget,

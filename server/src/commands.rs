@@ -125,16 +125,22 @@ pub fn validate_params(kind: CommandKind, params: &Value) -> Result<Value, Comma
     match kind {
         CommandKind::Restart | CommandKind::ForceResync | CommandKind::Shutdown => {}
         CommandKind::NewInstanceUid => {
+            // Left out, a fresh UUIDv7 is chosen per command when it is queued (so a dry run
+            // does not show a uid the real call would not use, and a batch gets one per agent).
             let uid = match obj.get("new_uid") {
-                None => Uuid::now_v7(),
-                Some(Value::String(s)) => Uuid::parse_str(s)
-                    .map_err(|_| bad(kind, format!("new_uid {s:?} is not a UUID")))?,
+                None => None,
+                Some(Value::String(s)) => Some(
+                    Uuid::parse_str(s)
+                        .map_err(|_| bad(kind, format!("new_uid {s:?} is not a UUID")))?,
+                ),
                 Some(_) => return Err(bad(kind, "new_uid must be a UUID string")),
             };
-            if uid.is_nil() {
-                return Err(bad(kind, "new_uid must not be the nil UUID"));
+            if let Some(uid) = uid {
+                if uid.is_nil() {
+                    return Err(bad(kind, "new_uid must not be the nil UUID"));
+                }
+                out.insert("new_uid".into(), json!(uid.to_string()));
             }
-            out.insert("new_uid".into(), json!(uid.to_string()));
         }
         CommandKind::Chatops => {
             let tag = obj
@@ -799,8 +805,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p["attributes"], json!({"a": 1}));
+        // A uid left out is chosen at queue time, per command (not here, once).
         let p = validate_params(CommandKind::NewInstanceUid, &Value::Null).unwrap();
-        assert!(Uuid::parse_str(p["new_uid"].as_str().unwrap()).is_ok());
+        assert!(p.get("new_uid").is_none(), "{p}");
+        let chosen = Uuid::now_v7().to_string();
+        let p = validate_params(CommandKind::NewInstanceUid, &json!({"new_uid": chosen})).unwrap();
+        assert_eq!(p["new_uid"], chosen.as_str());
+        assert!(validate_params(CommandKind::NewInstanceUid, &json!({"new_uid": "x"})).is_err());
     }
 
     #[test]

@@ -113,13 +113,21 @@ impl Hub {
         }
     }
 
-    /// Wakes the WebSocket session of `uid`, if any. Returns true if one was there.
+    /// Wakes the WebSocket session of `uid` to deliver, if any. Returns true if one was there.
     pub fn notify(&self, uid: Uuid) -> bool {
         let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&uid).and_then(|e| e.wake.as_ref()) {
             Some(w) => {
-                // Full means a wake-up is already pending: coalesced, nothing lost.
-                let _ = w.try_send(Wake::Deliver);
+                if let Err(mpsc::error::TrySendError::Full(_)) = w.try_send(Wake::Deliver) {
+                    // Full of liveness wake-ups (a busy session being probed): those do not
+                    // deliver, so this one must not be dropped. Rare; a task waits for room.
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let w = w.clone();
+                        rt.spawn(async move {
+                            let _ = w.send(Wake::Deliver).await;
+                        });
+                    }
+                }
                 !w.is_closed()
             }
             None => false,
@@ -205,6 +213,22 @@ mod tests {
         assert_eq!(rx.try_recv(), Ok(Wake::Probe));
         assert_eq!(hub.idle_check_all(), 1);
         assert_eq!(rx.try_recv(), Ok(Wake::IdleCheck));
+    }
+
+    #[tokio::test]
+    async fn a_delivery_wake_is_not_lost_behind_liveness_wakes() {
+        let hub = Hub::new();
+        let uid = Uuid::now_v7();
+        let (tx, mut rx) = mpsc::channel(WAKE_CAPACITY);
+        hub.bind(uid, 1, Transport::Websocket, Some(tx)).unwrap();
+        hub.probe(uid);
+        hub.probe(uid);
+        assert!(hub.notify(uid), "the channel is full of probes");
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(got, vec![Wake::Probe, Wake::Probe, Wake::Deliver]);
     }
 
     #[test]

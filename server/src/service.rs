@@ -549,6 +549,26 @@ impl Fleet {
                     "new_uid {uid} already belongs to an agent in the registry"
                 )));
             }
+            for status in [CommandStatus::Queued, CommandStatus::Sent] {
+                let pending = self
+                    .store
+                    .list_commands(&CommandFilter {
+                        status: Some(status),
+                        kind: Some(CommandKind::NewInstanceUid),
+                        limit: 10_000,
+                        ..Default::default()
+                    })
+                    .await?;
+                if let Some(c) = pending
+                    .iter()
+                    .find(|c| c.params.get("new_uid").and_then(Value::as_str) == Some(chosen))
+                {
+                    return Err(bad(format!(
+                        "new_uid {uid} is already being given to agent {} (command {})",
+                        c.agent_uid, c.id
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -567,8 +587,8 @@ impl Fleet {
             .and_then(Value::as_u64)
             .unwrap_or(self.settings.queue_ttl_s);
         let mut params = params.clone();
-        if kind == CommandKind::NewInstanceUid && batch.is_some() {
-            // The batch's params hold one generated uid; every agent needs its own.
+        if kind == CommandKind::NewInstanceUid && params.get("new_uid").is_none() {
+            // Chosen here, per command: every agent of a batch needs its own.
             params["new_uid"] = json!(Uuid::now_v7().to_string());
         }
         Command {
@@ -729,7 +749,8 @@ impl Fleet {
                 let mut cmd = self.new_command(caller, uid, kind, &params, None, now);
                 let mut audit = NewAudit::new(caller, "command.queue");
                 audit.targets = vec![uid.to_string(), cmd.id.to_string()];
-                audit.params = json!({"kind": kind.as_str(), "params": redact(&params)});
+                // The command's own params: they hold what was filled in at queue time.
+                audit.params = json!({"kind": kind.as_str(), "params": redact(&cmd.params)});
                 audit.outcome = "queued".into();
                 let rec = self
                     .store

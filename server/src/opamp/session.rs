@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::merge::{merge_status, reports_status};
-use super::shared::{Peer, Shared};
+use super::shared::{Beat, Peer, Shared};
 use crate::commands::{self, Outgoing};
 use crate::hub::Wake;
 use crate::model::{now_ms, Agent, Command, CommandStatus, Millis, Transport};
@@ -230,8 +230,21 @@ pub async fn handle(
         ..Default::default()
     };
 
-    // 1. The agent now uses a uid we issued: its record moves over from the old uid.
-    if let Some((old, _)) = sh.renames.remove(&uid) {
+    // 1. The agent now uses a uid we issued: its record moves over from the old uid. Not to a
+    //    speaker on another connection while the old uid is still live on a WebSocket: that
+    //    is someone else who knows the uid, and the record stays for the agent it was sent to.
+    let claim = match sh.renames.get(&uid) {
+        Some((old, _))
+            if link.bound != Some(old) && fleet.hub().held_by_other(old, link.conn_id) =>
+        {
+            tracing::warn!(%old, new = %uid, %remote,
+                "a uid offered to a connected agent is used by another connection; not moving its record");
+            None
+        }
+        Some(_) => sh.renames.remove(&uid),
+        None => None,
+    };
+    if let Some((old, _)) = claim {
         let mut audit =
             crate::model::NewAudit::new(&crate::model::Caller::system(), "agent.rename");
         audit.targets = vec![old.to_string(), uid.to_string()];
@@ -244,8 +257,27 @@ pub async fn handle(
                 tracing::info!(%old, new = %uid, %remote, "agent adopted its new instance uid");
             }
             Ok(false) => {
-                tracing::warn!(%old, new = %uid, %remote,
-                    "agent adopted a new uid, but its old record is gone or the new uid is taken; not moved");
+                if timed(fleet.store().get_agent(old)).await?.is_some() {
+                    // The uid it adopted belongs to another agent's record by now: it must not
+                    // speak as that agent. It gets another uid, and its own record follows it
+                    // there when it adopts that one.
+                    let fresh = Uuid::now_v7();
+                    sh.renames.insert(fresh, (old, now));
+                    tracing::warn!(%old, taken = %uid, %fresh, %remote,
+                        "agent adopted a uid another agent's record holds; offering another");
+                    reply.agent_identification = Some(AgentIdentification {
+                        new_instance_uid: fresh.as_bytes().to_vec(),
+                    });
+                    reply.flags |= REPORT_FULL_STATE;
+                    finish_reply(link, &mut reply);
+                    return Ok(Handled {
+                        reply,
+                        deliver_to: None,
+                        disconnected: false,
+                    });
+                }
+                tracing::info!(%old, new = %uid, %remote,
+                    "agent adopted a new uid, but its old record is gone; it starts afresh");
             }
             Err(e) => {
                 sh.renames.insert(uid, (old, now));
@@ -333,17 +365,17 @@ pub async fn handle(
         Some(p) if kind == "heartbeat" && !wants_uid => {
             need_full = !(msg.sequence_num == p.seq || msg.sequence_num == p.seq.wrapping_add(1));
             caps = p.caps;
-            let beat_ms = learn_interval(Some(p), now);
+            let beat = p.beat.heartbeat(now);
             let learnt = (!takes_offered_interval(caps, link))
-                .then(|| interval_secs(beat_ms))
+                .then(|| beat.secs())
                 .flatten()
-                .filter(|s| Some(*s) != interval_secs(p.beat_ms));
+                .filter(|s| Some(*s) != p.beat.secs());
             sh.touch(uid, now, msg.sequence_num, learnt);
             link.peer = Some(Peer {
                 seq: msg.sequence_num,
                 caps,
                 at: now,
-                beat_ms,
+                beat,
             });
             // Commands queued while connected arrive through Hub::notify; an HTTP agent has no
             // other chance than its poll.
@@ -386,10 +418,10 @@ pub async fn handle(
             // says we cannot know: it is learnt from the spacing of their heartbeats, and until
             // then liveness assumes the recommended default (or what was learnt before). A
             // status message can come at any time, so its spacing teaches nothing.
-            let beat_ms = prev.map_or(0, |p| p.beat_ms);
+            let beat = prev.map_or_else(|| Beat::start(now), |p| p.beat);
             after.heartbeat_interval_s = if takes_offered_interval(after.capabilities, link) {
                 cfg.heartbeat_interval_s
-            } else if let Some(s) = interval_secs(beat_ms) {
+            } else if let Some(s) = beat.secs() {
                 s
             } else if existed {
                 before.heartbeat_interval_s
@@ -441,7 +473,7 @@ pub async fn handle(
                 seq: msg.sequence_num,
                 caps,
                 at: now,
-                beat_ms,
+                beat,
             });
         }
     }
@@ -517,24 +549,6 @@ fn finish_reply(link: &mut Link, reply: &mut ServerToAgent) {
 /// The heartbeat interval the spec recommends, and the one agents use unless offered another.
 pub const DEFAULT_AGENT_HEARTBEAT_S: u64 = 30;
 
-/// The heartbeat interval of an agent we offer none, learnt when a pure heartbeat arrives (the
-/// spec counts the interval from the last message sent, so the gap before a heartbeat is the
-/// interval): the longest recent gap, shrinking by a tenth with every heartbeat so the
-/// estimate follows an agent that speeds up, while one long silence (a retry, a blip) errs on
-/// the patient side. In ms; 0 until learnt on this link.
-fn learn_interval(prev: Option<Peer>, now: Millis) -> u32 {
-    let Some(p) = prev.filter(|p| p.at > 0) else {
-        return 0;
-    };
-    let gap = (now - p.at).clamp(0, 86_400_000) as u32;
-    gap.max(p.beat_ms - p.beat_ms / 10)
-}
-
-/// A learnt interval in whole seconds (rounded up, at least 1), or `None` if none was learnt.
-fn interval_secs(beat_ms: u32) -> Option<u64> {
-    (beat_ms > 0).then(|| u64::from(beat_ms).div_ceil(1000).max(1))
-}
-
 /// True if we offer this agent our heartbeat interval (so it uses it): it takes OpAMP
 /// connection settings, sends heartbeats, and we know the endpoint to offer with it.
 fn takes_offered_interval(caps: u64, link: &Link) -> bool {
@@ -596,19 +610,36 @@ async fn link_reregistration(sh: &Shared, agent: &Agent, remote: &str) {
     let Some(key) = agent.identity_key() else {
         return;
     };
-    let store = sh.ctx.fleet.store();
-    let candidates = match timed(store.same_identity(&key, agent.uid, 4)).await {
+    let fleet = &sh.ctx.fleet;
+    let candidates = match timed(fleet.store().same_identity(&key, agent.uid, 4)).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(uid = %agent.uid, error = %e, "could not look for an earlier record of this agent");
             return;
         }
     };
-    // One that is live right now is a second agent with the same identity, not this one.
-    let hub = sh.ctx.fleet.hub();
-    let Some(old) = candidates.into_iter().find(|u| !hub.is_bound(*u)) else {
+    // One that is live right now is a second agent with the same identity, not this one...
+    let hub = fleet.hub();
+    if let Some(old) = candidates.iter().copied().find(|u| !hub.is_bound(*u)) {
+        link(fleet, old, agent, remote).await;
+        return;
+    }
+    // ...unless its "live" WebSocket is what a rebooted host left behind: ask it to prove it,
+    // and link once it turns out dead.
+    let Some(old) = candidates.into_iter().find(|u| hub.probe(*u)) else {
         return;
     };
+    let (fleet, agent, remote) = (fleet.clone(), agent.clone(), remote.to_string());
+    tokio::spawn(async move {
+        tokio::time::sleep(super::ws::PROBE_PONG_TIMEOUT + Duration::from_secs(1)).await;
+        if !fleet.hub().is_bound(old) {
+            link(&fleet, old, &agent, &remote).await;
+        }
+    });
+}
+
+/// Records that `agent` re-registered in place of `old` (audited as `agent.reregistered`).
+async fn link(fleet: &crate::service::Fleet, old: Uuid, agent: &Agent, remote: &str) {
     let mut audit =
         crate::model::NewAudit::new(&crate::model::Caller::system(), "agent.reregistered");
     audit.targets = vec![old.to_string(), agent.uid.to_string()];
@@ -617,7 +648,7 @@ async fn link_reregistration(sh: &Shared, agent: &Agent, remote: &str) {
         "service.instance.id": agent.attr("service.instance.id"),
         "remote_addr": remote,
     });
-    match timed(store.link_reregistration(old, agent.uid, audit)).await {
+    match timed(fleet.store().link_reregistration(old, agent.uid, audit)).await {
         Ok(true) => tracing::info!(%old, new = %agent.uid, %remote,
             "agent re-registered under a new uid; earlier record marked replaced"),
         Ok(false) => {}
@@ -657,6 +688,27 @@ pub async fn outgoing_for(
     cmd: &Command,
     agent: &Agent,
 ) -> Result<Option<Outgoing>, Unavailable> {
+    if let Outgoing::NewUid(new) = commands::encode(cmd, agent) {
+        // Another agent already holds it, or was offered it: two agents adopting one uid
+        // would merge into one record.
+        let offered_to = sh
+            .renames
+            .get(&new)
+            .map(|(a, _)| a)
+            .filter(|a| *a != agent.uid);
+        let held = timed(sh.ctx.fleet.store().get_agent(new)).await?.is_some();
+        if held || offered_to.is_some() {
+            let why = match offered_to {
+                Some(other) => {
+                    format!("not sent: new uid {new} was already offered to agent {other}")
+                }
+                None => format!("not sent: new uid {new} belongs to another agent by now"),
+            };
+            tracing::info!(command = %cmd.id, agent = %agent.uid, %new, "{why}");
+            fail(sh, cmd, why).await?;
+            return Ok(None);
+        }
+    }
     if let Err(e) = commands::check_capable(agent, cmd.kind, &cmd.params) {
         tracing::info!(command = %cmd.id, agent = %agent.uid, error = %e, "command not sent");
         fail(

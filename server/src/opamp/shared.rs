@@ -64,7 +64,10 @@ impl<V> Sharded<V> {
     }
 
     /// Removes and returns the entries for which `gone` is true.
-    pub fn remove_where(&self, mut gone: impl FnMut(&V) -> bool) -> Vec<Uuid> {
+    pub fn remove_where(&self, mut gone: impl FnMut(&V) -> bool) -> Vec<(Uuid, V)>
+    where
+        V: Clone,
+    {
         let mut out = Vec::new();
         for s in &self.shards {
             s.lock()
@@ -72,7 +75,7 @@ impl<V> Sharded<V> {
                 .retain(|uid, v| {
                     let g = gone(v);
                     if g {
-                        out.push(*uid);
+                        out.push((*uid, v.clone()));
                     }
                     !g
                 });
@@ -106,8 +109,57 @@ pub struct Peer {
     pub caps: u64,
     /// When its last message was handled.
     pub at: Millis,
-    /// Its heartbeat interval as learnt from the spacing of its messages, in ms (0: not yet).
-    pub beat_ms: u32,
+    /// The spacing of its heartbeats on this link.
+    pub beat: Beat,
+}
+
+/// What one link has seen of an agent's heartbeat spacing, to learn the interval of agents we
+/// offer none. Gaps are measured between pure heartbeats (from the link's first message for the
+/// first one): a status message can come at any time, and a client that heartbeats on a fixed
+/// clock would otherwise look fast right after one. The estimate is the median of the last
+/// three gaps, so neither one quick heartbeat nor one long silence (a retry, a paused VM) moves
+/// it on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// The last heartbeat, or the link's first message.
+    since: Millis,
+    /// Newest first, in ms; 0 = not seen yet.
+    gaps: [u32; 3],
+}
+
+impl Beat {
+    pub fn start(now: Millis) -> Beat {
+        Beat {
+            since: now,
+            gaps: [0; 3],
+        }
+    }
+
+    /// After a pure heartbeat at `now`.
+    pub fn heartbeat(self, now: Millis) -> Beat {
+        let gap = (now - self.since).clamp(0, 86_400_000) as u32;
+        Beat {
+            since: now,
+            gaps: [gap, self.gaps[0], self.gaps[1]],
+        }
+    }
+
+    /// The learnt interval in ms, or 0 while no gap was seen.
+    pub fn estimate_ms(&self) -> u32 {
+        let mut g = self.gaps;
+        g.sort_unstable();
+        match g.iter().filter(|x| **x > 0).count() {
+            // With one or two gaps seen: the longest, erring on the patient side.
+            0..=2 => g[2],
+            _ => g[1],
+        }
+    }
+
+    /// The learnt interval in whole seconds (rounded up, at least 1), if any.
+    pub fn secs(&self) -> Option<u64> {
+        let ms = self.estimate_ms();
+        (ms > 0).then(|| u64::from(ms).div_ceil(1000).max(1))
+    }
 }
 
 /// A plain-HTTP agent between requests (there is no connection to hang this on).
@@ -250,11 +302,12 @@ impl Shared {
             .http_peers
             .remove_where(|p| now - p.last >= HTTP_PEER_TTL_MS);
         if !gone.is_empty() {
-            let gone: std::collections::HashSet<Uuid> = gone.into_iter().collect();
+            // By connection id too: a poll that arrived since then bound the uid afresh.
+            let gone: HashMap<Uuid, u64> = gone.into_iter().map(|(u, p)| (u, p.conn_id)).collect();
             self.ctx
                 .fleet
                 .hub()
-                .unbind_http(|uid, _| gone.contains(uid));
+                .unbind_http(|uid, conn| gone.get(uid) == Some(&conn));
             tracing::debug!(
                 count = gone.len(),
                 "forgot plain-HTTP agents silent for an hour"
@@ -305,5 +358,29 @@ pub async fn flusher(sh: Arc<Shared>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Beat;
+
+    #[test]
+    fn heartbeat_interval_is_the_median_of_recent_gaps() {
+        let b = Beat::start(0);
+        assert_eq!(b.secs(), None);
+        let b = b.heartbeat(30_000);
+        assert_eq!(b.secs(), Some(30));
+        // One quick heartbeat (a client on a fixed clock right after a status message)…
+        let b = b.heartbeat(31_000);
+        assert_eq!(b.secs(), Some(30), "two gaps: the longer");
+        let b = b.heartbeat(61_000);
+        assert_eq!(b.secs(), Some(30), "median of 30, 1, 30");
+        // …and one long silence move nothing on their own.
+        let b = b.heartbeat(3_661_000);
+        assert_eq!(b.secs(), Some(30), "median of 3600, 30, 1");
+        // A real change of pace is followed within two heartbeats.
+        let b = b.heartbeat(3_666_000).heartbeat(3_671_000);
+        assert_eq!(b.secs(), Some(5));
     }
 }

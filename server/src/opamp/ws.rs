@@ -51,7 +51,8 @@ enum End {
     TooLarge,
     /// Server shutdown.
     Shutdown,
-    /// A ping went unanswered: the peer is gone without closing (half-open TCP).
+    /// A ping went unanswered, or a write did not complete: the peer is gone without closing
+    /// (half-open TCP) or stopped reading.
     Dead,
 }
 
@@ -244,7 +245,7 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
         }
         End::Dead => {
             tracing::info!(remote = ?remote, uid = ?link.bound,
-                "OpAMP WebSocket did not answer a ping in time; closing it as dead");
+                "OpAMP WebSocket did not answer a ping or take a write in time; closing it as dead");
             let frame = Message::Close(Some(CloseFrame {
                 code: CLOSE_GOING_AWAY,
                 reason: "no answer to ping".into(),
@@ -255,22 +256,24 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
         End::Peer => {}
     }
     if let Some(uid) = link.bound.take() {
-        // Written before unbinding: a reconnect of the same agent binds (and writes
-        // "connected") only after this, so the two writes never land in the wrong order.
-        // On shutdown the store is closing; the next start marks everyone disconnected anyway.
+        // Unbound first, so a reconnecting agent waiting in `bind` gets its uid at once. The
+        // disconnect is then written only if nothing newer than this connection's last message
+        // was recorded, so it cannot undo the newcomer's "connected", whichever write lands
+        // first. On shutdown the store is closing; the next start marks everyone disconnected.
+        hub.unbind(uid, link.conn_id);
         if !matches!(end, End::Shutdown) {
+            let last_heard = link.peer.map_or_else(now_ms, |p| p.at);
             let res = timed(
                 sh.ctx
                     .fleet
                     .store()
-                    .set_connected(uid, false, None, None, now_ms()),
+                    .set_connected(uid, false, None, None, last_heard),
             )
             .await;
             if let Err(e) = res {
                 tracing::warn!(%uid, error = %e, "could not record the agent's disconnection");
             }
         }
-        hub.unbind(uid, link.conn_id);
         tracing::debug!(%uid, remote = ?remote, "OpAMP WebSocket closed");
     }
 }
@@ -381,10 +384,10 @@ async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) ->
                 unclaim_all(sh, &cmds[i..]).await;
                 return Ok(());
             }
-            if let Err(e) = socket.send(Message::Binary(bytes.into())).await {
-                tracing::debug!(%uid, error = %e, "writing a command failed; it goes back to the queue");
+            if let Err(end) = write(sh, socket, Message::Binary(bytes.into())).await {
+                tracing::debug!(%uid, "writing a command failed; it goes back to the queue");
                 unclaim_all(sh, &cmds[i..]).await;
-                return Err(End::Peer);
+                return Err(end);
             }
             tracing::debug!(command = %cmd.id, %uid, conn = link.conn_id, kind = cmd.kind.as_str(),
                 "command delivered over WebSocket");
@@ -406,11 +409,24 @@ async fn unclaim_all(sh: &Shared, cmds: &[crate::model::Command]) {
 /// Writes one message (with the 0x00 header), never over the size limit.
 async fn send(sh: &Shared, socket: &mut WebSocket, reply: ServerToAgent) -> Result<(), End> {
     let reply = session::fit_reply(sh, reply);
-    socket
-        .send(Message::Binary(encode_ws(&reply).into()))
-        .await
-        .map_err(|_| End::Peer)
+    write(sh, socket, Message::Binary(encode_ws(&reply).into())).await
 }
+
+/// One write, bounded: a peer that stopped reading (a vanished host, its TCP buffer full)
+/// would otherwise hold the session in this write for the ~15 minutes TCP retries take, with
+/// no pong deadline, probe or shutdown looked at. Generous enough for a large remote config
+/// over a slow link.
+async fn write(sh: &Shared, socket: &mut WebSocket, msg: Message) -> Result<(), End> {
+    let within = Duration::from_secs(sh.ctx.cfg.ws_pong_timeout_s.max(WRITE_TIMEOUT_MIN_S));
+    match tokio::time::timeout(within, socket.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Peer),
+        Err(_) => Err(End::Dead),
+    }
+}
+
+/// The shortest write timeout, whatever `opamp.ws_pong_timeout_s` says.
+const WRITE_TIMEOUT_MIN_S: u64 = 30;
 
 /// Sends a Close frame and waits briefly for the agent's answer, so the close handshake
 /// completes instead of the agent seeing a reset.

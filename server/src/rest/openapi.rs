@@ -183,7 +183,7 @@ fn schemas() -> Value {
     );
     queue_extra.insert(
         "expect_targets".into(),
-        json!({"allOf": [schema_ref("ExpectedTargets")], "description": "A dry run's expect_targets: the request is refused (409 conflict, nothing queued) if the resolved targets are no longer exactly those."}),
+        json!({"allOf": [schema_ref("ExpectedTargets")], "description": "A dry run's expect_targets: the request is refused (409 targets_changed, nothing queued) if the resolved targets are no longer exactly those."}),
     );
     let mut fanout_extra = queue_extra.clone();
     fanout_extra.insert(
@@ -547,7 +547,7 @@ pub fn document() -> Value {
             "{d} With `dry_run: true`: the same checks, nothing queued or audited, 200 with the \
              plan (the first 100 targets and skipped agents, counts, and `expect_targets`). \
              Sending that `expect_targets` with the real request makes it fail with 409 \
-             `conflict`, queuing nothing, if the resolved targets changed in between."
+             `targets_changed`, queuing nothing, if the resolved targets changed in between."
         ));
     }
     let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();

@@ -74,7 +74,10 @@ pub trait Store: Send + Sync + 'static {
         -> StoreResult<Vec<Agent>>;
     /// Writes heartbeat liveness for many agents in one transaction.
     async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()>;
-    /// Records a connection state change.
+    /// Records a connection state change. A connect at `at` is also a sign of life. A
+    /// disconnect is written only if nothing newer than `at` (when the closing connection last
+    /// heard the agent) was recorded: a newer message means the agent is already back on
+    /// another connection, whose "connected" must not be undone by the old one's goodbye.
     async fn set_connected(
         &self,
         uid: Uuid,

@@ -127,6 +127,15 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE agents ADD COLUMN replaces TEXT",
             "ALTER TABLE agents ADD COLUMN replaced_by TEXT",
             "CREATE INDEX agents_identity ON agents(identity_key, last_seen)",
+            // Backfill exactly as `Agent::identity_key` computes it (attributes are JSON arrays
+            // of [key, value], identifying ones first; host.name before hostname; empty values
+            // give no key), so records from before the upgrade are candidates too.
+            "UPDATE agents SET identity_key = (
+                SELECT inst || char(0) || host FROM (SELECT
+                    COALESCE((SELECT j.value ->> 1 FROM json_each(agents.identifying) j WHERE j.value ->> 0 = 'service.instance.id' LIMIT 1), (SELECT j.value ->> 1 FROM json_each(agents.non_identifying) j WHERE j.value ->> 0 = 'service.instance.id' LIMIT 1)) AS inst,
+                    COALESCE((SELECT j.value ->> 1 FROM json_each(agents.identifying) j WHERE j.value ->> 0 = 'host.name' LIMIT 1), (SELECT j.value ->> 1 FROM json_each(agents.non_identifying) j WHERE j.value ->> 0 = 'host.name' LIMIT 1), (SELECT j.value ->> 1 FROM json_each(agents.identifying) j WHERE j.value ->> 0 = 'hostname' LIMIT 1), (SELECT j.value ->> 1 FROM json_each(agents.non_identifying) j WHERE j.value ->> 0 = 'hostname' LIMIT 1)) AS host)
+                WHERE inst <> '' AND host <> ''
+            )",
         ],
     ),
 ];
@@ -636,7 +645,7 @@ impl Store for SqliteStore {
                 transport = COALESCE(?, transport),
                 remote_addr = COALESCE(?, remote_addr),
                 last_seen = CASE WHEN ? THEN MAX(last_seen, ?) ELSE last_seen END
-             WHERE uid = ?",
+             WHERE uid = ? AND (? OR last_seen <= ?)",
         )
         .bind(connected)
         .bind(transport.map(Transport::as_str))
@@ -644,6 +653,8 @@ impl Store for SqliteStore {
         .bind(connected)
         .bind(at)
         .bind(uid(id))
+        .bind(connected)
+        .bind(at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1337,6 +1348,12 @@ mod tests {
 
         s.set_connected(a.uid, true, None, None, 900).await.unwrap();
         s.set_connected(b.uid, true, None, None, 900).await.unwrap();
+        // The goodbye of a connection that last heard the agent before its newest message
+        // (it is back on another one) is not written.
+        s.set_connected(a.uid, false, None, None, 850)
+            .await
+            .unwrap();
+        assert!(s.get_agent(a.uid).await.unwrap().unwrap().connected);
         assert_eq!(s.mark_all_disconnected(1000).await.unwrap(), 2);
         assert_eq!(s.mark_all_disconnected(1000).await.unwrap(), 0);
         for u in [a.uid, b.uid] {
@@ -1486,6 +1503,35 @@ mod tests {
         );
         // No identity without both attributes.
         assert_eq!(Agent::new(Uuid::now_v7(), 1, 30).identity_key(), None);
+        // The migration's backfill computes the same key as Agent::identity_key.
+        let mut hosts = Agent::new(Uuid::now_v7(), 1, 30);
+        hosts.identifying = vec![("service.instance.id".into(), "i-9".into())];
+        hosts.non_identifying = vec![
+            ("hostname".into(), "short".into()),
+            ("host.name".into(), "long.example".into()),
+        ];
+        s.put_agent(&hosts).await.unwrap();
+        sqlx::query("UPDATE agents SET identity_key = NULL")
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let backfill = MIGRATIONS
+            .iter()
+            .find(|(v, _)| *v == 2)
+            .unwrap()
+            .1
+            .last()
+            .unwrap();
+        sqlx::query(backfill).execute(s.pool()).await.unwrap();
+        for a in [&old, &new, &other_host, &hosts] {
+            let key: Option<String> =
+                sqlx::query_scalar("SELECT identity_key FROM agents WHERE uid = ?")
+                    .bind(a.uid.to_string())
+                    .fetch_one(s.pool())
+                    .await
+                    .unwrap();
+            assert_eq!(key, a.identity_key(), "{}", a.uid);
+        }
     }
 
     #[tokio::test]

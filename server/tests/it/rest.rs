@@ -700,6 +700,21 @@ async fn queue_every_command_kind_and_refusals() {
         )
         .await;
     assert_eq!((s, code(&v)), (400, "invalid_params"), "{v}");
+    // …and one already on its way to another agent (queued above for `a`).
+    let (s, v) = rest
+        .post(
+            &on(plain),
+            json!({"kind": "new_instance_uid", "params": {"new_uid": new_uid}}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (400, "invalid_params"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already being given"),
+        "{v}"
+    );
     let (s, v) = rest.post(&on(plain), json!({"kind": "restart"})).await;
     assert_eq!((s, code(&v)), (422, "capability_missing"), "{v}");
     let (s, v) = rest
