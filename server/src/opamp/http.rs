@@ -154,6 +154,9 @@ async fn poll_one(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent) -> Result
     let Some(cmd) = claimed.into_iter().next() else {
         return Ok(());
     };
+    // Until it is in the reply, the claim is undone however this ends, including the handler
+    // being dropped because the agent hung up mid-request.
+    let mut guard = session::Unclaim::new(fleet, &cmd);
     let result = async {
         let Some(record) = timed(fleet.store().get_agent(agent)).await? else {
             return Ok(false);
@@ -179,6 +182,8 @@ async fn poll_one(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent) -> Result
         Ok::<bool, Unavailable>(true)
     }
     .await;
+    // Put back before answering, so the next poll finds it queued again.
+    guard.disarm();
     match result {
         Ok(true) => Ok(()),
         Ok(false) => timed(fleet.unclaim(&cmd)).await,

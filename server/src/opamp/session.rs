@@ -87,6 +87,43 @@ pub async fn claim(sh: &Shared, uid: Uuid, limit: usize) -> Result<Vec<Command>,
     }
 }
 
+/// Puts a claimed command back in the queue when dropped, unless disarmed once the command is
+/// on its way. Covers every early return and a future dropped mid-await.
+pub struct Unclaim {
+    fleet: Option<crate::service::Fleet>,
+    cmd: Command,
+}
+
+impl Unclaim {
+    pub fn new(fleet: &crate::service::Fleet, cmd: &Command) -> Unclaim {
+        Unclaim {
+            fleet: Some(fleet.clone()),
+            cmd: cmd.clone(),
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.fleet = None;
+    }
+}
+
+impl Drop for Unclaim {
+    fn drop(&mut self) {
+        let Some(fleet) = self.fleet.take() else {
+            return;
+        };
+        let cmd = self.cmd.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = timed(fleet.unclaim(&cmd)).await {
+                    tracing::warn!(command = %cmd.id, error = %e,
+                        "could not put an undelivered command back; it will expire");
+                }
+            });
+        }
+    }
+}
+
 /// The transport side of a session: who is talking and how to reach them.
 pub struct Link {
     pub transport: Transport,

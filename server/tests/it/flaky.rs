@@ -14,9 +14,21 @@ use flotilla_server::store::{Finish, Store, StoreError, StoreResult, Touch};
 use uuid::Uuid;
 
 /// The real store, unless `down` is set: then every call fails as a lost database would.
+/// `slow_get_ms` delays every `get_agent` (a store under load).
 pub struct FlakyStore {
     pub inner: Arc<dyn Store>,
     pub down: Arc<AtomicBool>,
+    pub slow_get_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FlakyStore {
+    pub fn wrapping(inner: Arc<dyn Store>, down: Arc<AtomicBool>) -> FlakyStore {
+        FlakyStore {
+            inner,
+            down,
+            slow_get_ms: Arc::default(),
+        }
+    }
 }
 
 impl FlakyStore {
@@ -47,6 +59,10 @@ impl Store for FlakyStore {
     }
     async fn get_agent(&self, uid: Uuid) -> StoreResult<Option<Agent>> {
         self.check()?;
+        let slow = self.slow_get_ms.load(Ordering::SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(slow)).await;
+        }
         self.inner.get_agent(uid).await
     }
     async fn list_agents(&self, after: Option<Uuid>, limit: usize) -> StoreResult<Vec<Agent>> {

@@ -990,12 +990,7 @@ async fn storage_failure_is_answered_unavailable_with_retry_info_and_nothing_is_
     let switch = down.clone();
     let server = TestServer::start_wrapped(
         |c| c.opamp.retry_after_s = 7,
-        move |inner| {
-            Arc::new(crate::flaky::FlakyStore {
-                inner,
-                down: switch,
-            })
-        },
+        move |inner| Arc::new(crate::flaky::FlakyStore::wrapping(inner, switch)),
     )
     .await;
     let (ws_uid, http_uid) = (new_uid(), new_uid());
@@ -1039,6 +1034,48 @@ async fn storage_failure_is_answered_unavailable_with_retry_info_and_nothing_is_
         assert_eq!(a.attr("service.name"), Some("fluent-bit"), "{uid}");
         assert_eq!(a.sequence_num, 1);
     }
+    server.stop().await;
+}
+
+/// An agent that hangs up while its poll is being answered (a client timeout under a slow
+/// store) does not leave the command it was about to get marked `sent` forever: the claim is
+/// undone and the next poll delivers it.
+#[tokio::test]
+async fn a_poll_abandoned_mid_delivery_puts_its_command_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let slow = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let knob = slow.clone();
+    let server = TestServer::start_wrapped(
+        |_| {},
+        move |inner| {
+            let mut s = crate::flaky::FlakyStore::wrapping(inner, Arc::new(AtomicBool::new(false)));
+            s.slow_get_ms = knob;
+            Arc::new(s)
+        },
+    )
+    .await;
+    let uid = new_uid();
+    post(
+        &server,
+        &full(uid, 0, REPORTS_STATUS | AC::AcceptsRestartCommand as u64),
+    )
+    .await;
+    let id = queue(&server, uid, "restart", json!({})).await;
+    slow.store(1500, Ordering::SeqCst);
+    let gave_up = http()
+        .post(server.opamp_http_url())
+        .header("Content-Type", "application/x-protobuf")
+        .timeout(Duration::from_millis(300))
+        .body(beat(uid, 1).encode_to_vec())
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the agent hung up before the answer");
+    slow.store(0, Ordering::SeqCst);
+    wait_command(&server, &id, "queued").await;
+    let r = post(&server, &beat(uid, 2)).await;
+    assert!(r.command.is_some(), "delivered on the next poll: {r:?}");
+    wait_command(&server, &id, "sent").await;
     server.stop().await;
 }
 
