@@ -35,7 +35,14 @@ pub struct Spec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentEvent {
     /// Running (or, after a Fluentd supervisor replacement, running under a new pid).
-    Started { pid: i32, start_time_ns: u64 },
+    Started {
+        pid: i32,
+        start_time_ns: u64,
+        /// [`LogTail`] cursor taken just before the process was spawned: its own output comes
+        /// after it. (Taken when the core reads this event, it would miss whatever the
+        /// process printed meanwhile — often its first and only error.)
+        log_cursor: u64,
+    },
     /// Exited. `expected` is true for stops and restarts the supervisor asked for.
     Exited {
         pid: i32,
@@ -183,6 +190,23 @@ impl AgentHandle {
         RestartHold(self.hold.clone())
     }
 
+    /// True while any [`RestartHold`] is alive.
+    pub fn restarts_held(&self) -> bool {
+        *self.hold.borrow() > 0
+    }
+
+    /// A handle with no runner behind it (requests are answered at once), for unit tests of
+    /// what only needs the handle.
+    #[cfg(test)]
+    pub fn detached() -> AgentHandle {
+        let (ctl, _) = mpsc::channel(1);
+        AgentHandle {
+            ctl,
+            tail: Arc::default(),
+            hold: Arc::new(watch::channel(0u32).0),
+        }
+    }
+
     /// Stops the agent gracefully and starts it again; returns when the new process started.
     pub async fn restart(&self) {
         let (tx, rx) = oneshot::channel();
@@ -259,6 +283,7 @@ impl Runner {
         let mut pending_reply: Option<oneshot::Sender<()>> = None;
         'outer: loop {
             let started = Instant::now();
+            let log_cursor = self.tail.lock().expect("tail").cursor();
             let (mut running, pgid) = match self.start() {
                 Ok((running, pgid, start_time_ns)) => {
                     // Awaited, not try_send: a dropped Started would leave the core
@@ -268,6 +293,7 @@ impl Runner {
                         .send(AgentEvent::Started {
                             pid: running.pid(),
                             start_time_ns,
+                            log_cursor,
                         })
                         .await;
                     (running, pgid)
@@ -322,6 +348,9 @@ impl Runner {
                                     pid: new_pid,
                                     start_time_ns: proc_start_time_ns(new_pid)
                                         .unwrap_or_else(crate::state::now_ns),
+                                    // The same Fluentd carrying on: its errors since the
+                                    // original start still explain its state.
+                                    log_cursor,
                                 })
                                 .await;
                             continue;
@@ -843,6 +872,52 @@ mod tests {
         let me = proc_info(std::process::id() as i32).unwrap();
         assert!(me.start_ticks > 0);
         assert!(proc_start_time_ns(std::process::id() as i32).unwrap() <= crate::state::now_ns());
+    }
+
+    #[tokio::test]
+    async fn started_carries_a_cursor_from_before_the_spawn() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let spec = Spec {
+            kind: AgentKind::Fluentbit,
+            executable: "/bin/sh".into(),
+            // Its error is printed at once, before the core could read the event.
+            args: vec![
+                "-c".into(),
+                "echo '[error] first words' >&2; exec sleep 30".into(),
+            ],
+            env: vec![],
+            stop_timeout: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(100),
+            crash_loop_threshold: 3,
+            crash_loop_window: Duration::from_secs(60),
+        };
+        let h = spawn(spec, tx, Arc::new(|_| {}));
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("Started in time")
+            .expect("event");
+        let AgentEvent::Started { log_cursor, .. } = ev else {
+            panic!("{ev:?}")
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !h
+            .tail
+            .lock()
+            .unwrap()
+            .since(0)
+            .iter()
+            .any(|l| l.contains("first words"))
+        {
+            assert!(Instant::now() < end, "the process's output never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Read now, the cursor would be past the line; the event's is before it.
+        assert_eq!(
+            h.tail.lock().unwrap().errors_since(log_cursor, 3),
+            vec!["[error] first words"]
+        );
+        h.stop().await;
     }
 
     #[test]

@@ -201,6 +201,26 @@ pub fn rich_message(result: &Value) -> CustomMessage {
     }
 }
 
+/// The command id of a Flotilla result (`CustomMessage{capability: CAP_FLOTILLA, type: "result"}`).
+pub fn result_id(cm: &CustomMessage) -> Option<String> {
+    flotilla_id(cm, "result")
+}
+
+/// The command id a Flotilla server acknowledges: it sends
+/// `CustomMessage{capability: CAP_FLOTILLA, type: "ack", data: {"command_id": ...}}` in its reply
+/// to a message carrying that command's result, once it has processed it.
+pub fn ack_id(cm: &CustomMessage) -> Option<String> {
+    flotilla_id(cm, "ack")
+}
+
+fn flotilla_id(cm: &CustomMessage, ty: &str) -> Option<String> {
+    if cm.capability != CAP_FLOTILLA || cm.r#type != ty {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&cm.data).ok()?;
+    v.get("command_id")?.as_str().map(str::to_string)
+}
+
 /// fluent-opamp's failure report on the command's own capability (no command id; the server
 /// correlates it with the oldest open command of that capability).
 pub fn plain_failure(capability: &str, o: &Outcome) -> CustomMessage {
@@ -275,6 +295,21 @@ mod tests {
             parse(&cm(CAP_NULL, "Null Command", "{}"), |_| false).request,
             Request::Unsupported(_)
         ));
+    }
+
+    #[test]
+    fn results_and_acks_are_told_apart() {
+        let r = rich_message(&rich_result("c1", &Outcome::ok("done")));
+        assert_eq!(result_id(&r).as_deref(), Some("c1"));
+        assert_eq!(ack_id(&r), None);
+        let a = cm(CAP_FLOTILLA, "ack", r#"{"command_id":"c1"}"#);
+        assert_eq!(ack_id(&a).as_deref(), Some("c1"));
+        assert_eq!(result_id(&a), None);
+        assert_eq!(
+            ack_id(&cm(CAP_CHATOPS, "ack", r#"{"command_id":"c1"}"#)),
+            None
+        );
+        assert_eq!(ack_id(&cm(CAP_FLOTILLA, "ack", "not json")), None);
     }
 
     #[test]

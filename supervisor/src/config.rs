@@ -89,6 +89,25 @@ pub struct ServerConfig {
     pub connect_timeout_s: u64,
     /// When all status sections are re-sent even if unchanged.
     pub full_state: FullStateController,
+    /// Which server-offered OpAMP endpoints are followed (an offer that drops TLS never is).
+    pub accept_offered_endpoint: OfferedEndpoint,
+}
+
+/// Which `destination_endpoint` offers the supervisor follows. The connection carries the
+/// credentials (bearer or OAuth2 token), so following an offer hands them to whoever the
+/// offered URL names: the default keeps them on the origin the operator configured.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferedEndpoint {
+    /// Same scheme, host and port as the endpoint in use (RFC 6454's origin); only the path
+    /// may change. What a server behind a path-rewriting proxy needs, and nothing more.
+    #[default]
+    SameOrigin,
+    /// Any host and port (a server that moves its agents to another server); TLS is still
+    /// never given up.
+    Any,
+    /// Offered endpoints are ignored.
+    Never,
 }
 
 /// How the OpAMP connection authenticates (HTTP `Authorization: Bearer`).
@@ -253,6 +272,7 @@ impl Default for ServerConfig {
             backoff_max_s: 60,
             connect_timeout_s: 10,
             full_state: FullStateController::TimeSend { secs: 600 },
+            accept_offered_endpoint: OfferedEndpoint::SameOrigin,
         }
     }
 }
@@ -1240,6 +1260,7 @@ mod tests {
             [server]
             url = "ws://127.0.0.1:4320/v1/opamp"
             full_state = { mode = "sent_count", n = 5 }
+            accept_offered_endpoint = "any"
             [server.auth]
             type = "bearer"
             token_env = "TOKEN"
@@ -1254,6 +1275,15 @@ mod tests {
         let c = Config::from_toml(text).unwrap();
         assert_eq!(c.kind(), AgentKind::Fluentd);
         assert_eq!(c.server.full_state, FullStateController::SentCount { n: 5 });
+        assert_eq!(c.server.accept_offered_endpoint, OfferedEndpoint::Any);
+        assert_eq!(
+            Config::default().server.accept_offered_endpoint,
+            OfferedEndpoint::SameOrigin,
+            "credentials stay on the configured origin unless the operator says otherwise"
+        );
+        let err =
+            Config::from_toml("[server]\naccept_offered_endpoint = \"anywhere\"\n").unwrap_err();
+        assert!(err.contains("anywhere") || err.contains("variant"), "{err}");
         assert_eq!(c.stop_timeout().as_secs(), 30);
         assert!(c.websocket());
         let err = Config::from_toml("[agent]\nkindd = \"fluentd\"\n").unwrap_err();

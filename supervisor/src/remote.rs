@@ -2,7 +2,8 @@
 //! them in a staging copy, keep the current files as last-known-good (persisted before anything
 //! is touched), write atomically, reload (hot reload or controlled restart), hold a health gate,
 //! and either report APPLIED or put last-known-good back, reload again and report FAILED with
-//! the agent's own words. Also: effective config, and recovery after a crash mid-apply.
+//! the agent's own words. Also: effective config, recovery after a crash mid-apply, and a
+//! rollback that could not put last-known-good back (restarts stay held until it can).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::{AgentConfigFile, AgentConfigMap, EffectiveConfig};
 
-use crate::agent::AgentHandle;
+use crate::agent::{AgentHandle, RestartHold};
 use crate::config::Config;
 use crate::fluent::{content_type_for, Fluent, ReloadError};
 use crate::state::{write_atomic, PendingApply, State, StateError, StoredFile, StoredRemoteConfig};
@@ -208,6 +209,19 @@ pub struct Applier {
     pub state: State,
     pub agent: AgentHandle,
     pub view: SharedView,
+    /// Set while a failed config could not be rolled back.
+    stuck: std::sync::Mutex<Option<Stuck>>,
+}
+
+/// A failed config whose last-known-good could not be put back: its files are still in place,
+/// so an agent that dies must not be restarted on them.
+#[derive(Debug)]
+struct Stuck {
+    hash: String,
+    previous: BTreeMap<PathBuf, Option<String>>,
+    /// Kept until last-known-good is back; dropping it would let the runner restart a dead
+    /// agent on the bad files (and crash-loop there).
+    hold: RestartHold,
 }
 
 /// Outcome of one apply.
@@ -218,6 +232,62 @@ pub enum Applied {
 }
 
 impl Applier {
+    pub fn new(cfg: Arc<Config>, state: State, agent: AgentHandle, view: SharedView) -> Applier {
+        Applier {
+            cfg,
+            state,
+            agent,
+            view,
+            stuck: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Restoring last-known-good failed: keep the restart hold (and `pending_apply`, so a
+    /// restart of the supervisor retries the restore before starting the agent) and say so in
+    /// health, until [`Applier::unstick`] gets the files back.
+    fn stick(
+        &self,
+        hash: &str,
+        previous: BTreeMap<PathBuf, Option<String>>,
+        hold: RestartHold,
+        why: &str,
+    ) {
+        tracing::error!(
+            hash,
+            "{why}; the agent is not restarted on its own until last-known-good is back"
+        );
+        self.view.lock().expect("view").rollback_stuck = Some(why.to_string());
+        *self.stuck.lock().expect("stuck") = Some(Stuck {
+            hash: hash.to_string(),
+            previous,
+            hold,
+        });
+    }
+
+    /// Before a new apply: tries again to put back the last-known-good of a stuck rollback.
+    /// `Ok(Some(hold))`: restored; the hold goes on until the new apply loaded its config
+    /// (the agent may be down, and the apply starts it). `Err`: still stuck.
+    fn unstick(&self) -> Result<Option<RestartHold>, String> {
+        let mut g = self.stuck.lock().expect("stuck");
+        let Some(st) = g.as_ref() else {
+            return Ok(None);
+        };
+        if let Err(e) = restore(&st.previous) {
+            return Err(format!(
+                "the files of config {} are still in place: restoring its last-known-good \
+                 fails ({e}); nothing new is applied until that works",
+                st.hash
+            ));
+        }
+        let st = g.take().expect("checked");
+        if let Err(e) = self.state.set_pending_apply(None) {
+            tracing::warn!("cannot clear the pending apply record: {e}");
+        }
+        tracing::info!(hash = %st.hash, "last-known-good of the failed config restored at last");
+        self.view.lock().expect("view").rollback_stuck = None;
+        Ok(Some(st.hold))
+    }
+
     /// Runs the whole pipeline for one offer. `on_applying` is called once the offer passed
     /// the cheap checks (the core reports APPLYING then).
     pub async fn apply(&self, hash: &str, files: &BTreeMap<String, StoredFile>) -> Applied {
@@ -246,6 +316,11 @@ impl Applier {
     }
 
     async fn apply_inner(&self, hash: &str, files: &BTreeMap<String, StoredFile>) -> Applied {
+        // Alive until this apply ends (see `unstick`).
+        let _unstuck = match self.unstick() {
+            Ok(h) => h,
+            Err(e) => return Applied::Failed(e),
+        };
         let new = match targets(&self.cfg, files) {
             Ok(t) => t,
             Err(e) => return Applied::Failed(e.to_string()),
@@ -278,7 +353,7 @@ impl Applier {
         let exits_before = self.view.lock().expect("view").unexpected_exits;
         // From the first write until last-known-good is back in force, an agent that dies is
         // not restarted on its own: it would start on files about to be rolled back.
-        let _hold = self.agent.hold_restarts();
+        let hold = self.agent.hold_restarts();
         // 3. Write in place, atomically.
         for (path, body) in &new {
             if let Err(e) = write_atomic(path, body.as_bytes()) {
@@ -320,15 +395,16 @@ impl Applier {
                     "remote config failed, restoring last-known-good: {msg}"
                 );
                 if let Err(e) = restore(&previous) {
-                    return Applied::Failed(format!(
-                        "{msg}; restoring last-known-good also failed: {e}"
-                    ));
+                    let why = format!("{msg}; restoring last-known-good also failed: {e}");
+                    self.stick(hash, previous, hold, &why);
+                    return Applied::Failed(why);
                 }
                 let _ = self.state.set_pending_apply(None);
                 // A halted reload left the old pipeline running: nothing to reload then.
                 if reload_again {
                     self.reload_last_known_good(&fluent, exits_before).await;
                 }
+                drop(hold);
                 Applied::Failed(msg)
             }
         }
@@ -501,6 +577,48 @@ mod tests {
         assert!(state.pending_apply().unwrap().is_none());
         assert_eq!(state.remote_status().unwrap().unwrap().status, "failed");
         assert!(recover(&state).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_rollback_that_cannot_restore_keeps_restarts_held() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path());
+        let state = State::open(&d.path().join("data")).unwrap();
+        let agent = AgentHandle::detached();
+        let view = SharedView::default();
+        let a = Applier::new(
+            Arc::new(c.clone()),
+            state.clone(),
+            agent.clone(),
+            view.clone(),
+        );
+        // Something stands where the file must go back: the restore cannot write it.
+        std::fs::create_dir(&c.agent.config_path).unwrap();
+        let previous: BTreeMap<_, _> =
+            [(c.agent.config_path.clone(), Some("good".to_string()))].into();
+        let e = restore(&previous).unwrap_err();
+        a.stick("h1", previous, agent.hold_restarts(), &e.to_string());
+        assert!(
+            agent.restarts_held(),
+            "bad files on disk: no automatic restart"
+        );
+        assert!(view.lock().unwrap().rollback_stuck.is_some());
+        // A later apply tries again; while it fails, the hold stays.
+        let e = a.unstick().unwrap_err();
+        assert!(e.contains("h1"), "{e}");
+        assert!(agent.restarts_held());
+        // Once it works, last-known-good is back and the hold passes to that apply.
+        std::fs::remove_dir(&c.agent.config_path).unwrap();
+        let hold = a.unstick().unwrap().expect("the stuck hold");
+        assert_eq!(
+            std::fs::read_to_string(&c.agent.config_path).unwrap(),
+            "good"
+        );
+        assert!(view.lock().unwrap().rollback_stuck.is_none());
+        assert!(agent.restarts_held());
+        drop(hold);
+        assert!(!agent.restarts_held());
+        assert!(a.unstick().unwrap().is_none(), "nothing stuck any more");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The next AgentToServer: sequence numbers, status compression (only changed sub-messages),
-//! the full-state controllers, ReportFullState, queued custom messages (command results) and the
-//! final agent_disconnect. Shared between the core (which updates the state) and the transport
+//! the full-state controllers, ReportFullState, queued custom messages (command results) with
+//! their confirmation (the server's ack, or its answer where it does not ack), and the final
+//! agent_disconnect. Shared between the core (which updates the state) and the transport
 //! (which asks for a message whenever it may send).
 
 use std::collections::VecDeque;
@@ -12,11 +13,40 @@ use flotilla_proto::{
 };
 use uuid::Uuid;
 
-use crate::config::FullStateController;
+use crate::commands;
+use crate::config::{FullStateController, CAP_FLOTILLA};
 
 /// Most custom messages kept waiting (results are small; a server that never answers must not
 /// grow memory forever).
 const MAX_QUEUE: usize = 256;
+
+/// A result the server answered this many times without acknowledging it counts as delivered.
+/// A server that declares [`CAP_FLOTILLA`] but predates acks (or any server that stops acking)
+/// would otherwise get every result again after every reconnect, forever. Three answered sends
+/// are far more than a Flotilla server that acks ever needs: it acks in its reply to the very
+/// message, so only a result whose connection died three times in a row before that reply
+/// arrived is given up on.
+pub const MAX_UNACKED_ANSWERS: u32 = 3;
+
+/// A custom message on its way, with what confirming it needs.
+#[derive(Debug, Clone)]
+struct Outbound {
+    msg: CustomMessage,
+    /// The command id when this is a Flotilla result: the server's ack for it confirms it.
+    ack_id: Option<String>,
+    /// Connections on which the server answered the message carrying it but did not ack it.
+    unacked_answers: u32,
+}
+
+/// A custom message sent on this connection and not yet confirmed.
+#[derive(Debug)]
+struct Sent {
+    /// Its position among the messages sent on this connection.
+    pos: u64,
+    out: Outbound,
+    /// The server answered the message that carried it (by reply count), without an ack.
+    answered: bool,
+}
 
 /// Current state and what the server was last told.
 #[derive(Debug)]
@@ -35,11 +65,14 @@ pub struct Reporter {
     sent_effective: Option<EffectiveConfig>,
     sent_remote_status: Option<RemoteConfigStatus>,
     /// Results and reports not yet sent.
-    queue: VecDeque<CustomMessage>,
-    /// Sent, but not yet answered: re-queued if the connection drops (the server ignores a
-    /// result for a command already settled, so a duplicate is harmless). Each is kept with
-    /// its position among the messages sent on this connection, see [`Reporter::confirm_replies`].
-    unconfirmed: Vec<(u64, CustomMessage)>,
+    queue: VecDeque<Outbound>,
+    /// Sent, but not yet confirmed: re-queued if the connection drops (the server ignores a
+    /// result for a command already settled, so a duplicate is harmless).
+    unconfirmed: Vec<Sent>,
+    /// The server acks Flotilla results: it declared [`CAP_FLOTILLA`] in its
+    /// custom_capabilities, or sent an ack. Then, on a WebSocket, only the ack confirms a
+    /// result (see [`Reporter::confirm_replies`]).
+    server_acks: bool,
     /// Messages built since the connection (re)started.
     conn_sent: u64,
     controller: FullStateController,
@@ -75,6 +108,7 @@ impl Reporter {
             sent_remote_status: None,
             queue: VecDeque::new(),
             unconfirmed: Vec::new(),
+            server_acks: false,
             conn_sent: 0,
             controller,
             sends_since_full: 0,
@@ -129,7 +163,12 @@ impl Reporter {
             tracing::warn!("custom message queue full; dropping the oldest report");
             self.queue.pop_front();
         }
-        self.queue.push_back(m);
+        let ack_id = commands::result_id(&m);
+        self.queue.push_back(Outbound {
+            msg: m,
+            ack_id,
+            unacked_answers: 0,
+        });
     }
 
     /// Everything is sent again with the next message (ReportFullState, error responses).
@@ -147,12 +186,56 @@ impl Reporter {
     pub fn connection_lost(&mut self) {
         self.full_pending = true;
         self.conn_sent = 0;
-        for (_, m) in self.unconfirmed.drain(..).rev() {
-            self.queue.push_front(m);
+        let mut resent = 0;
+        for mut s in self.unconfirmed.drain(..).rev() {
+            if s.answered {
+                s.out.unacked_answers += 1;
+            }
+            if s.out.unacked_answers >= MAX_UNACKED_ANSWERS {
+                tracing::warn!(
+                    command_id = s.out.ack_id.as_deref().unwrap_or("-"),
+                    "the server answered the message carrying this result {} times but never \
+                     acknowledged it; counting the answers as delivery and not sending it again",
+                    s.out.unacked_answers
+                );
+                continue;
+            }
+            resent += 1;
+            self.queue.push_front(s.out);
         }
         while self.queue.len() > MAX_QUEUE {
             self.queue.pop_back();
         }
+        if resent > 0 {
+            tracing::info!(
+                results = resent,
+                "re-sending results the server has not confirmed"
+            );
+        }
+    }
+
+    /// The server's custom_capabilities (a Flotilla server sends them in its first WebSocket
+    /// reply and in every HTTP reply): whether it acks results.
+    pub fn server_capabilities(&mut self, caps: &[String]) {
+        self.server_acks = caps.iter().any(|c| c == CAP_FLOTILLA);
+    }
+
+    /// A new endpoint: whether it acks is not known until it says so.
+    pub fn server_changed(&mut self) {
+        self.server_acks = false;
+    }
+
+    /// The server acknowledged the result of `command_id`: it processed it, so neither the
+    /// sent copy nor a queued duplicate (a re-delivered command's stored result) is needed.
+    /// Returns false if no such result was waiting.
+    pub fn ack(&mut self, command_id: &str) -> bool {
+        self.server_acks = true;
+        let before = self.unconfirmed.len() + self.queue.len();
+        self.unconfirmed
+            .retain(|s| s.out.ack_id.as_deref() != Some(command_id));
+        self.queue
+            .retain(|o| o.ack_id.as_deref() != Some(command_id));
+        self.unconfirmed.len() + self.queue.len() < before
     }
 
     /// Plain HTTP: the answer to a POST is the answer to the one message it carried, so
@@ -161,14 +244,26 @@ impl Reporter {
         self.unconfirmed.clear();
     }
 
-    /// WebSocket: `replies` ServerToAgent messages have arrived on this connection. The server
-    /// answers every AgentToServer, in order, so the n-th answer proves the first n messages
-    /// arrived; a frame that merely arrives after a result was sent proves nothing (it may
-    /// answer an earlier message, and the result may die with the connection). A frame the
-    /// server sends unasked (a command) is counted like an answer: it can confirm one message
-    /// early, never a message not yet sent.
+    /// WebSocket: `replies` ServerToAgent messages have arrived on this connection. Against a
+    /// server that acks, a Flotilla result is confirmed only by its ack: a Flotilla server
+    /// also pushes each queued command as a frame of its own, so counting frames as answers
+    /// would confirm a result the server never processed. Everything else (and everything,
+    /// against a server that does not ack) is confirmed by position: the server answers every
+    /// AgentToServer in order, so the n-th answer proves the first n messages arrived, and a
+    /// frame that merely arrives after a message was sent proves nothing. There a frame the
+    /// server sends unasked counts like an answer and can confirm one message early.
     pub fn confirm_replies(&mut self, replies: u64) {
-        self.unconfirmed.retain(|(n, _)| *n >= replies);
+        let acks = self.server_acks;
+        self.unconfirmed.retain_mut(|s| {
+            if s.pos >= replies {
+                return true;
+            }
+            if acks && s.out.ack_id.is_some() {
+                s.answered = true;
+                return true;
+            }
+            false
+        });
     }
 
     /// True if the next [`Reporter::build`] without heartbeat would send something.
@@ -237,8 +332,12 @@ impl Reporter {
                 // A server that never answers: keep memory bounded.
                 self.unconfirmed.remove(0);
             }
-            self.unconfirmed.push((self.conn_sent, c.clone()));
-            m.custom_message = Some(c);
+            m.custom_message = Some(c.msg.clone());
+            self.unconfirmed.push(Sent {
+                pos: self.conn_sent,
+                out: c,
+                answered: false,
+            });
         }
         self.conn_sent += 1;
         self.seq += 1;
@@ -429,6 +528,105 @@ mod tests {
         r.confirm_replies(1);
         r.connection_lost();
         assert!(r.build(false).unwrap().custom_message.is_none());
+    }
+
+    fn flotilla_result(id: &str) -> CustomMessage {
+        commands::rich_message(&commands::rich_result(id, &commands::Outcome::ok("done")))
+    }
+
+    /// The ids of the Flotilla results the next messages carry, until one carries none.
+    fn drain_results(r: &mut Reporter) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(m) = r.build(false) {
+            match m.custom_message.as_ref().and_then(commands::result_id) {
+                Some(id) => out.push(id),
+                None => break,
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pushed_frames_never_confirm_a_result_the_server_acks() {
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.server_capabilities(&[CAP_FLOTILLA.to_string()]);
+        r.build(false).unwrap(); // #0
+        r.push_custom(flotilla_result("a"));
+        r.build(false).unwrap(); // #1 carries the result
+                                 // The answer to #0 plus pushed commands: as many frames as messages and more.
+        r.confirm_replies(5);
+        r.connection_lost();
+        assert_eq!(drain_results(&mut r), vec!["a"], "not acked: re-sent");
+        // Its ack confirms it, whatever the frame count says.
+        assert!(r.ack("a"));
+        assert!(!r.ack("a"), "nothing left to confirm");
+        r.connection_lost();
+        assert!(drain_results(&mut r).is_empty());
+    }
+
+    #[test]
+    fn an_ack_also_drops_a_queued_duplicate() {
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.build(false).unwrap();
+        r.push_custom(flotilla_result("a"));
+        r.build(false).unwrap();
+        // The command was delivered again: its stored result is queued once more.
+        r.push_custom(flotilla_result("a"));
+        r.push_custom(flotilla_result("b"));
+        assert!(r.ack("a"));
+        assert_eq!(drain_results(&mut r), vec!["b"]);
+        assert!(
+            r.server_acks,
+            "a server that acks is one whose acks we wait for"
+        );
+    }
+
+    #[test]
+    fn without_acks_answers_confirm_and_resends_are_bounded() {
+        // A server that does not declare the capability (fluent-opamp's): answers confirm.
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.server_capabilities(&["org.mp3monster.opamp_provider.chatopcommand".to_string()]);
+        r.push_custom(flotilla_result("a"));
+        r.build(false).unwrap(); // #0
+        r.confirm_replies(1);
+        r.connection_lost();
+        assert!(drain_results(&mut r).is_empty());
+
+        // One that declares it but never acks (a Flotilla server from before acks): re-sent
+        // after each reconnect until it was answered MAX_UNACKED_ANSWERS times.
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.server_capabilities(&[CAP_FLOTILLA.to_string()]);
+        r.push_custom(flotilla_result("a"));
+        // A connection that dies before the answer does not count.
+        assert_eq!(drain_results(&mut r), vec!["a"]);
+        r.connection_lost();
+        let mut sends = 0;
+        loop {
+            let ids = drain_results(&mut r);
+            if ids.is_empty() {
+                break;
+            }
+            assert_eq!(ids, vec!["a"]);
+            sends += 1;
+            assert!(sends <= MAX_UNACKED_ANSWERS, "re-sent forever");
+            r.confirm_replies(1);
+            r.connection_lost();
+        }
+        assert_eq!(sends, MAX_UNACKED_ANSWERS);
+    }
+
+    #[test]
+    fn http_answers_confirm_even_against_a_server_that_acks() {
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.server_capabilities(&[CAP_FLOTILLA.to_string()]);
+        r.push_custom(flotilla_result("a"));
+        r.build(false).unwrap();
+        r.confirm();
+        r.connection_lost();
+        assert!(drain_results(&mut r).is_empty());
+        // A new endpoint has to say again whether it acks.
+        r.server_changed();
+        assert!(!r.server_acks);
     }
 
     #[test]

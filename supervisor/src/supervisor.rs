@@ -49,6 +49,83 @@ pub enum StartError {
 const REREPORT_BURST: u32 = 5;
 const REREPORT_WINDOW: Duration = Duration::from_secs(10);
 
+/// The remote configs in hand. Applies are serialized: one applies, the newest offer waits.
+#[derive(Debug, Default)]
+struct Offers {
+    /// Hash of the last remote config taken in hand (applying, applied or failed).
+    last_hash: Option<String>,
+    applying: Option<String>,
+    /// The newest offer that came while an apply or a restart was under way.
+    next: Option<(String, BTreeMap<String, StoredFile>)>,
+    /// Re-reports of an already processed hash: (hash, window start, count in the window).
+    rereports: Option<(String, Instant, u32)>,
+}
+
+/// What to do about an offer of a config already taken in hand.
+#[derive(Debug, PartialEq, Eq)]
+enum Again {
+    /// Say again where it stands.
+    Report,
+    /// The loop guard just tripped: say so once.
+    Guard,
+    /// The guard holds: nothing.
+    Quiet,
+}
+
+impl Offers {
+    /// `Some` if `hash` was taken in hand already (applying, applied or failed). A waiting
+    /// offer is dropped then: the server now wants this config, not the one it offered in
+    /// between, and applying that one afterwards would leave the agent on a config the server
+    /// no longer asks for.
+    fn again(&mut self, hash: &str, now: Instant) -> Option<Again> {
+        if self.last_hash.as_deref() != Some(hash) {
+            return None;
+        }
+        if self.next.take().is_some() {
+            tracing::info!(
+                hash,
+                "the server offers the config in hand again; the one offered in between is dropped"
+            );
+        }
+        // A server that attaches the config to every reply would make re-reports a message
+        // loop (each draws the offer again); a burst limit per hash breaks it without losing
+        // real repeats.
+        let burst = match &mut self.rereports {
+            Some((h, since, n)) if h == hash && now.duration_since(*since) < REREPORT_WINDOW => {
+                *n += 1;
+                *n
+            }
+            other => {
+                *other = Some((hash.to_string(), now, 1));
+                1
+            }
+        };
+        Some(if burst <= REREPORT_BURST {
+            Again::Report
+        } else if burst == REREPORT_BURST + 1 {
+            Again::Guard
+        } else {
+            Again::Quiet
+        })
+    }
+
+    /// Keeps a new offer until the apply or restart under way ends (only the newest matters).
+    fn wait(&mut self, hash: String, files: BTreeMap<String, StoredFile>) {
+        self.next = Some((hash, files));
+    }
+
+    fn started(&mut self, hash: &str) {
+        self.last_hash = Some(hash.to_string());
+        self.applying = Some(hash.to_string());
+    }
+
+    /// The waiting offer, if there is one and it is not the config in hand.
+    fn take_next(&mut self) -> Option<(String, BTreeMap<String, StoredFile>)> {
+        let (h, files) = self.next.take()?;
+        (Some(&h) != self.last_hash.as_ref()).then_some((h, files))
+    }
+}
+
 /// Work that finished off the core task.
 enum Job {
     Command(Incoming, Outcome),
@@ -67,13 +144,10 @@ struct Core {
     jobs: mpsc::Sender<Job>,
     transport_stop: mpsc::Sender<oneshot::Sender<()>>,
     probe_now: Arc<Notify>,
-    /// Hash of the last remote config taken in hand (applying, applied or failed).
-    last_hash: Option<String>,
-    applying: Option<String>,
-    /// Re-reports of an already processed hash: (hash, window start, count in the window).
-    rereports: Option<(String, Instant, u32)>,
-    next_offer: Option<(String, BTreeMap<String, StoredFile>)>,
+    offers: Offers,
     restarting: bool,
+    /// A restart command came while a config apply was under way: run it when the apply ends.
+    restart_after_apply: bool,
     /// Command ids running now (a duplicate delivery is neither run nor answered twice).
     in_flight: HashSet<String>,
     health_status: (String, u64),
@@ -197,6 +271,7 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         backoff_initial: Duration::from_millis(cfg.server.backoff_initial_ms),
         backoff_max: Duration::from_secs(cfg.server.backoff_max_s),
         local_heartbeat_s: cfg.server.heartbeat_interval_s,
+        offer_policy: cfg.server.accept_offered_endpoint,
     };
     let transport_task = tokio::spawn(transport::run(
         settings,
@@ -228,12 +303,12 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         .build()
         .expect("HTTP client");
     let mut core = Core {
-        applier: Arc::new(Applier {
-            cfg: cfg.clone(),
-            state: state.clone(),
-            agent: agent.clone(),
-            view: view.clone(),
-        }),
+        applier: Arc::new(Applier::new(
+            cfg.clone(),
+            state.clone(),
+            agent.clone(),
+            view.clone(),
+        )),
         cfg: cfg.clone(),
         state,
         link,
@@ -243,11 +318,12 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         jobs: jobs_tx,
         transport_stop: stop_tx,
         probe_now,
-        last_hash: last.map(|l| l.hash),
-        applying: None,
-        rereports: None,
-        next_offer: None,
+        offers: Offers {
+            last_hash: last.map(|l| l.hash),
+            ..Default::default()
+        },
         restarting: false,
+        restart_after_apply: false,
         in_flight: HashSet::new(),
         health_status: ("starting".into(), now_ns()),
         version,
@@ -365,6 +441,9 @@ impl Core {
                 "stopping",
                 "the supervisor is stopping the agent".to_string(),
             )
+        } else if let (false, Some(e)) = (v.running, &v.rollback_stuck) {
+            // Down and held down on purpose: saying "restarting" would be a lie.
+            (false, "rollback-stuck", e.clone())
         } else if !v.running {
             match (&v.crash_loop, &v.exit_error) {
                 (Some(c), _) => (false, "crash-loop", c.clone()),
@@ -377,6 +456,8 @@ impl Core {
             }
         } else if let Some(c) = &v.crash_loop {
             (false, "crash-loop", c.clone())
+        } else if let Some(e) = &v.rollback_stuck {
+            (false, "rollback-stuck", e.clone())
         } else {
             match &v.probe {
                 None => (false, "starting", "waiting for the agent's API".to_string()),
@@ -426,13 +507,17 @@ impl Core {
         {
             let mut v = self.view.lock().expect("view");
             match &ev {
-                AgentEvent::Started { pid, start_time_ns } => {
+                AgentEvent::Started {
+                    pid,
+                    start_time_ns,
+                    log_cursor,
+                } => {
                     v.running = true;
                     v.pid = *pid;
                     v.start_time_ns = *start_time_ns;
                     v.probe = None;
                     self.started_at = Some(Instant::now());
-                    self.start_cursor = self.agent.tail.lock().expect("tail").cursor();
+                    self.start_cursor = *log_cursor;
                     self.restarting = false;
                 }
                 AgentEvent::Exited {
@@ -586,8 +671,18 @@ impl Core {
         }
         // The standard command has no id: one arriving while a restart is still under way is
         // the same intent, and restarting twice would turn one command into two.
-        if self.restarting {
+        if self.restarting || self.restart_after_apply {
             tracing::warn!("restart command while a restart is in progress; not restarting twice");
+            return;
+        }
+        if self.offers.applying.is_some() {
+            // A new process in the middle of an apply breaks its verdict: its reload counter
+            // starts again from 0, so a good reload looks halted and last-known-good is put
+            // back on disk but never loaded. The restart waits for the apply to end.
+            tracing::info!(
+                "restart command while a config apply is in progress; restarting when it ends"
+            );
+            self.restart_after_apply = true;
             return;
         }
         self.restarting = true;
@@ -609,36 +704,27 @@ impl Core {
         if hash.is_empty() {
             return;
         }
-        if self.last_hash.as_deref() == Some(hash.as_str()) {
-            // Same config again (a second identical remote_config command, or a server that
-            // re-offers it): no reload; say again where it stands, every time, or a command
-            // waiting on that answer is never settled. A server that attaches the config to
-            // every reply would make this a message loop (each re-report draws the offer
-            // again); a burst limit per hash breaks such a loop without losing real repeats.
-            let now = Instant::now();
-            let burst = match &mut self.rereports {
-                Some((h, since, n)) if *h == hash && since.elapsed() < REREPORT_WINDOW => {
-                    *n += 1;
-                    *n
-                }
-                other => {
-                    *other = Some((hash.clone(), now, 1));
-                    1
-                }
-            };
-            if burst <= REREPORT_BURST {
+        // Same config again (a second identical remote_config command, or a server that
+        // re-offers it): no reload; say again where it stands, every time, or a command
+        // waiting on that answer is never settled.
+        match self.offers.again(&hash, Instant::now()) {
+            None => {}
+            Some(Again::Report) => {
                 tracing::info!(hash, "remote config already processed; status re-reported");
                 self.reporter().resend_remote_status();
                 self.link.poke();
-            } else if burst == REREPORT_BURST + 1 {
+                return;
+            }
+            Some(Again::Guard) => {
                 tracing::warn!(
                     hash,
                     "the server keeps offering the config it already has; not re-reporting \
                      again for {} s (message loop guard)",
                     REREPORT_WINDOW.as_secs()
                 );
+                return;
             }
-            return;
+            Some(Again::Quiet) => return,
         }
         let mut files = BTreeMap::new();
         let mut problem = None;
@@ -660,13 +746,14 @@ impl Core {
             problem = Some("the offer carries a new hash but no files".into());
         }
         if let Some(p) = problem {
-            self.last_hash = Some(hash.clone());
+            self.offers.last_hash = Some(hash.clone());
             self.finish_apply(&hash, Applied::Failed(p));
             return;
         }
-        if self.applying.is_some() {
-            // Applies are serialized; only the newest waiting offer matters.
-            self.next_offer = Some((hash, files));
+        if self.offers.applying.is_some() || self.restarting || self.restart_after_apply {
+            // Applies are serialized, with each other and with restart commands (see
+            // restart_command); only the newest waiting offer matters.
+            self.offers.wait(hash, files);
             return;
         }
         self.start_apply(hash, files);
@@ -674,8 +761,7 @@ impl Core {
 
     fn start_apply(&mut self, hash: String, files: BTreeMap<String, StoredFile>) {
         tracing::info!(hash, files = files.len(), "applying remote config");
-        self.last_hash = Some(hash.clone());
-        self.applying = Some(hash.clone());
+        self.offers.started(&hash);
         if self.cfg.declares(AgentCapabilities::ReportsRemoteConfig) {
             self.reporter()
                 .set_remote_status(remote_status(&hash, "applying", ""));
@@ -694,7 +780,7 @@ impl Core {
             Applied::Ok => ("applied", String::new()),
             Applied::Failed(m) => ("failed", m.clone()),
         };
-        if matches!(r, Applied::Failed(_)) && self.applying.is_none() {
+        if matches!(r, Applied::Failed(_)) && self.offers.applying.is_none() {
             // Failed before the job started: persist here.
             let _ = self
                 .state
@@ -721,21 +807,35 @@ impl Core {
         match job {
             Job::Command(inc, outcome) => self.report(&inc, &outcome),
             Job::Applied(hash, r) => {
-                self.applying = None;
+                self.offers.applying = None;
                 self.finish_apply(&hash, r);
-                if let Some((h, files)) = self.next_offer.take() {
-                    if Some(&h) != self.last_hash.as_ref() {
-                        self.start_apply(h, files);
-                    }
+                // A stuck rollback shows in health at once.
+                self.update_health();
+                if std::mem::take(&mut self.restart_after_apply) {
+                    // The next offer, if any, waits for this restart in turn.
+                    self.restart_command();
+                } else if let Some((h, files)) = self.offers.take_next() {
+                    self.start_apply(h, files);
                 }
             }
             Job::Restarted => {
                 self.restarting = false;
+                if self.offers.applying.is_none() {
+                    if let Some((h, files)) = self.offers.take_next() {
+                        self.start_apply(h, files);
+                    }
+                }
             }
         }
     }
 
     async fn on_custom(&mut self, cm: &flotilla_proto::CustomMessage) -> Option<i32> {
+        if commands::ack_id(cm).is_some() {
+            // The server's ack of one of our results: the transport took it in. Not a
+            // command, and treating it as a re-delivery would re-send the result, draw
+            // another ack, and so on.
+            return None;
+        }
         let cfg = self.cfg.clone();
         let inc = commands::parse(cm, |c| cfg.declares_custom(c));
         if cm.capability == CAP_FLOTILLA && inc.command_id.is_none() {
@@ -864,5 +964,57 @@ impl Core {
         if self.transport_stop.send(tx).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(body: &str) -> BTreeMap<String, StoredFile> {
+        [(
+            "fluent-bit.conf".to_string(),
+            StoredFile {
+                body: body.into(),
+                content_type: String::new(),
+            },
+        )]
+        .into()
+    }
+
+    #[test]
+    fn a_re_offer_of_the_config_applying_drops_the_one_waiting() {
+        let mut o = Offers::default();
+        let now = Instant::now();
+        assert_eq!(o.again("h1", now), None, "new");
+        o.started("h1");
+        assert_eq!(o.again("h2", now), None, "new");
+        o.wait("h2".into(), files("2"));
+        // The server goes back to h1 while it still applies: h1 is what it wants now.
+        assert_eq!(o.again("h1", now), Some(Again::Report));
+        o.applying = None;
+        assert!(o.take_next().is_none(), "h2 must not be applied after h1");
+    }
+
+    #[test]
+    fn the_newest_waiting_offer_is_applied_next_and_re_reports_are_bounded() {
+        let mut o = Offers::default();
+        let now = Instant::now();
+        o.started("h1");
+        o.wait("h2".into(), files("2"));
+        o.wait("h3".into(), files("3"));
+        o.applying = None;
+        assert_eq!(o.take_next().map(|(h, _)| h).as_deref(), Some("h3"));
+        assert!(o.take_next().is_none());
+        for _ in 0..REREPORT_BURST {
+            assert_eq!(o.again("h1", now), Some(Again::Report));
+        }
+        assert_eq!(o.again("h1", now), Some(Again::Guard));
+        assert_eq!(o.again("h1", now), Some(Again::Quiet));
+        assert_eq!(
+            o.again("h1", now + REREPORT_WINDOW),
+            Some(Again::Report),
+            "a new window"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! The OpAMP connection: a persistent WebSocket (ws://) or plain-HTTP polling (http://), with
 //! reconnects under exponential backoff + jitter, HTTP 429/503 + `Retry-After` (seconds or
 //! HTTP-date), `UNAVAILABLE` + `RetryInfo`, bearer/OAuth2 auth with a refresh after 401,
-//! heartbeats at the (server-offered) interval, a switch to a server-offered endpoint (with a
-//! fall back when it does not answer), and agent_disconnect + Close on stop.
+//! heartbeats at the (server-offered) interval, a switch to a server-offered endpoint (only
+//! within `server.accept_offered_endpoint`, never dropping TLS, with a fall back when it does
+//! not answer), the server's acks of results, and agent_disconnect + Close on stop.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::auth::TokenSource;
 use crate::backoff::{parse_retry_after, throttle_delay, Backoff};
+use crate::commands;
+use crate::config::OfferedEndpoint;
 use crate::reporter::Reporter;
 
 /// Shared between the core and the transport.
@@ -87,6 +90,8 @@ pub struct Settings {
     pub backoff_max: Duration,
     /// Polling interval used by HTTP when the server turns heartbeats off.
     pub local_heartbeat_s: u64,
+    /// Which offered endpoints may be followed.
+    pub offer_policy: OfferedEndpoint,
 }
 
 /// True for `ws://` and `wss://` endpoints.
@@ -94,23 +99,89 @@ pub fn is_websocket(url: &str) -> bool {
     url.starts_with("ws://") || url.starts_with("wss://")
 }
 
-/// Whether this build can connect to `url` at all (an offered endpoint is checked before use).
-pub fn usable_endpoint(url: &str) -> Result<(), String> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(format!("{url:?} is not a URL"));
-    };
+/// What an endpoint's credentials are bound to: RFC 6454's origin (scheme, host, port), plus
+/// whether the connection is encrypted.
+#[derive(Debug, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    fn tls(&self) -> bool {
+        matches!(self.scheme.as_str(), "wss" | "https")
+    }
+}
+
+/// Parses an OpAMP endpoint (WHATWG rules: host lower-cased, default ports filled in).
+fn origin(url: &str) -> Result<Origin, String> {
+    // WHATWG parsing skips extra slashes (`ws:///v1/opamp` has host "v1"): an empty
+    // authority is refused first.
+    match url.trim().split_once("://") {
+        Some((_, rest)) if rest.is_empty() || rest.starts_with('/') => {
+            return Err(format!("{url:?} has no host"))
+        }
+        None => return Err(format!("{url:?} is not a URL")),
+        Some(_) => {}
+    }
+    let u = reqwest::Url::parse(url.trim()).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let scheme = u.scheme();
     if !matches!(scheme, "ws" | "wss" | "http" | "https") {
         return Err(format!(
             "scheme {scheme:?} is not one of ws, wss, http, https"
         ));
     }
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("{url:?} has no host"));
-    }
-    if matches!(scheme, "wss" | "https") && !cfg!(feature = "tls") {
-        return Err(format!("{scheme}:// needs the tls build feature"));
+    let host = match u.host_str() {
+        Some(h) if !h.is_empty() => h.to_string(),
+        _ => return Err(format!("{url:?} has no host")),
+    };
+    let port = u
+        .port_or_known_default()
+        .ok_or_else(|| format!("{url:?} has no port"))?;
+    Ok(Origin {
+        scheme: scheme.to_string(),
+        host,
+        port,
+    })
+}
+
+/// Whether this build can connect to `url` at all (an offered endpoint is checked before use).
+pub fn usable_endpoint(url: &str) -> Result<(), String> {
+    let o = origin(url)?;
+    if o.tls() && !cfg!(feature = "tls") {
+        return Err(format!("{}:// needs the tls build feature", o.scheme));
     }
     Ok(())
+}
+
+/// Whether an offered endpoint may replace `current` under `policy`. The connection carries
+/// the credentials, so following an offer sends them wherever it points: an offer that drops
+/// TLS is refused whatever the policy (a man in the middle, or a mistaken server, would get
+/// the token in the clear and the agent's traffic with it), and another origin only with
+/// the operator's `any`.
+pub fn offer_allowed(policy: OfferedEndpoint, current: &str, offered: &str) -> Result<(), String> {
+    if policy == OfferedEndpoint::Never {
+        return Err("server.accept_offered_endpoint is \"never\"".into());
+    }
+    let cur = origin(current)?;
+    let off = origin(offered)?;
+    if cur.tls() && !off.tls() {
+        return Err(format!(
+            "it would drop TLS ({}:// to {}://), which is never done: the credentials and \
+             everything the agent reports would travel in the clear",
+            cur.scheme, off.scheme
+        ));
+    }
+    if policy == OfferedEndpoint::SameOrigin && cur != off {
+        return Err(format!(
+            "it is another origin ({}://{}:{} instead of {}://{}:{}) and the credentials are \
+             sent only to the configured one; set server.accept_offered_endpoint = \"any\" to \
+             follow such offers",
+            off.scheme, off.host, off.port, cur.scheme, cur.host, cur.port
+        ));
+    }
+    usable_endpoint(offered)
 }
 
 fn same_endpoint(a: &str, b: &str) -> bool {
@@ -148,8 +219,14 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// A switch the server asked for, if it is one this build can and should make.
+    /// A switch the server asked for, if it is one this build can and should make. Not before
+    /// this endpoint answered: a trial is judged by its own answer, and an offer still pending
+    /// from the previous endpoint must not end the trial (and get this endpoint blamed for
+    /// not answering) before it had the chance to.
     fn switch(&self) -> Option<String> {
+        if !self.answered {
+            return None;
+        }
         let url = self.link.take_offer()?;
         if same_endpoint(&url, self.url) {
             return None;
@@ -158,7 +235,7 @@ impl Session<'_> {
             tracing::debug!(offered = %url, "offered OpAMP endpoint failed before; staying");
             return None;
         }
-        if let Err(e) = usable_endpoint(&url) {
+        if let Err(e) = offer_allowed(self.s.offer_policy, self.url, &url) {
             tracing::warn!(offered = %url, "not switching to the offered OpAMP endpoint: {e}");
             return None;
         }
@@ -212,12 +289,17 @@ pub async fn run(
                 tracing::warn!(offered = %current, back_to = %prev,
                     "the offered OpAMP endpoint did not answer ({end:?}); going back");
                 refused.push(std::mem::replace(&mut current, prev));
+                link.reporter.lock().expect("reporter").server_changed();
                 continue;
             }
         }
         let delay = match end {
             End::Stopped => return,
             End::Switch(url) => {
+                // Whatever was offered until now came from the endpoint being left: the trial
+                // starts clean and is judged by the new endpoint's own answers.
+                link.take_offer();
+                link.reporter.lock().expect("reporter").server_changed();
                 trial_from = Some(std::mem::replace(&mut current, url));
                 continue;
             }
@@ -266,6 +348,19 @@ fn throttle(status: u16, retry_after: Option<&str>) -> End {
     }
 }
 
+/// Takes in what every answer says about the server itself: the custom capabilities it
+/// declares (whether it acks results) and the ack it carries, if any.
+fn note_server(link: &Link, msg: &ServerToAgent) {
+    let mut r = link.reporter.lock().expect("reporter");
+    if let Some(cc) = &msg.custom_capabilities {
+        r.server_capabilities(&cc.capabilities);
+    }
+    if let Some(id) = msg.custom_message.as_ref().and_then(commands::ack_id) {
+        let known = r.ack(&id);
+        tracing::debug!(command_id = %id, known, "the server acknowledged a result");
+    }
+}
+
 /// Checks an answer for a server error; `Some` ends the session.
 fn server_error(msg: &ServerToAgent, link: &Link) -> Option<End> {
     let e = msg.error_response.as_ref()?;
@@ -307,19 +402,75 @@ type WsStream = futures_util::stream::SplitStream<
 
 /// The last message on a WebSocket: agent_disconnect (spec: MUST be in the last
 /// AgentToServer, also when switching connection settings), then Close, then a short wait
-/// for the server's Close so the disconnect is read, not reset.
-async fn say_goodbye(link: &Link, sink: &mut WsSink, stream: &mut WsStream) {
-    let bye = link.reporter.lock().expect("reporter").build_disconnect();
+/// for the server's Close so the disconnect is read, not reset. Until its Close the server may
+/// still push queued commands: when switching endpoints they are handed on like any other
+/// frame (the results go out on the new connection); when stopping, nobody would run them.
+async fn say_goodbye(
+    sess: &mut Session<'_>,
+    sink: &mut WsSink,
+    stream: &mut WsStream,
+    replies: &mut u64,
+    backoff: &mut Backoff,
+    forward: bool,
+) {
+    let bye = sess
+        .link
+        .reporter
+        .lock()
+        .expect("reporter")
+        .build_disconnect();
     let _ = sink.send(WsMessage::binary(encode_ws(&bye))).await;
     let _ = sink.send(WsMessage::Close(None)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(Ok(f)) = stream.next().await {
-            if matches!(f, WsMessage::Close(_)) {
-                break;
+            match f {
+                WsMessage::Close(_) => break,
+                WsMessage::Binary(data) if forward => {
+                    // An error answer or a stopped core ends nothing more than this wait.
+                    if let Some(End::Stopped) = ws_frame(sess, &data, replies, backoff).await {
+                        break;
+                    }
+                }
+                _ => {}
             }
         }
     })
     .await;
+}
+
+/// One Binary frame from the server: decoded, its acks and answer count taken in, handed to
+/// the core. `Some` ends the session.
+async fn ws_frame(
+    sess: &mut Session<'_>,
+    data: &[u8],
+    replies: &mut u64,
+    backoff: &mut Backoff,
+) -> Option<End> {
+    let link = sess.link;
+    let msg = match decode_ws::<ServerToAgent>(data) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("undecodable ServerToAgent: {e}");
+            return None;
+        }
+    };
+    note_server(link, &msg);
+    *replies += 1;
+    if let Some(end) = server_error(&msg, link) {
+        // UNAVAILABLE: what it answered was not taken in; nothing is confirmed and the
+        // backoff is not reset.
+        return Some(end);
+    }
+    link.reporter
+        .lock()
+        .expect("reporter")
+        .confirm_replies(*replies);
+    backoff.reset();
+    sess.answered = true;
+    if sess.inbound.send(msg).await.is_err() {
+        return Some(End::Stopped);
+    }
+    None
 }
 
 async fn ws_session(
@@ -378,7 +529,7 @@ async fn ws_session(
     loop {
         if !first {
             if let Some(url) = sess.switch() {
-                say_goodbye(link, &mut sink, &mut stream).await;
+                say_goodbye(sess, &mut sink, &mut stream, &mut replies, backoff, true).await;
                 return End::Switch(url);
             }
         }
@@ -406,25 +557,13 @@ async fn ws_session(
             }
             frame = stream.next() => match frame {
                 Some(Ok(WsMessage::Binary(data))) => {
-                    let msg = match decode_ws::<ServerToAgent>(&data) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::warn!("undecodable ServerToAgent: {e}");
-                            continue;
+                    match ws_frame(sess, &data, &mut replies, backoff).await {
+                        None => {}
+                        Some(End::Stopped) => return End::Stopped,
+                        Some(end) => {
+                            let _ = sink.send(WsMessage::Close(None)).await;
+                            return end;
                         }
-                    };
-                    replies += 1;
-                    if let Some(end) = server_error(&msg, link) {
-                        // UNAVAILABLE: what it answered was not taken in; nothing is
-                        // confirmed and the backoff is not reset.
-                        let _ = sink.send(WsMessage::Close(None)).await;
-                        return end;
-                    }
-                    link.reporter.lock().expect("reporter").confirm_replies(replies);
-                    backoff.reset();
-                    sess.answered = true;
-                    if sess.inbound.send(msg).await.is_err() {
-                        return End::Stopped;
                     }
                 }
                 Some(Ok(WsMessage::Close(frame))) => {
@@ -443,7 +582,7 @@ async fn ws_session(
                         break;
                     }
                 }
-                say_goodbye(link, &mut sink, &mut stream).await;
+                say_goodbye(sess, &mut sink, &mut stream, &mut replies, backoff, false).await;
                 tracing::info!("sent agent_disconnect and closed the OpAMP WebSocket");
                 if let Some(r) = r { let _ = r.send(()); }
                 return End::Stopped;
@@ -515,6 +654,7 @@ async fn http_session(
         match post(sess, http, &msg).await {
             Ok(reply) => {
                 link.connected.store(true, Ordering::Relaxed);
+                note_server(link, &reply);
                 if let Some(end) = server_error(&reply, link) {
                     return end;
                 }
@@ -577,12 +717,8 @@ async fn post(
 mod tests {
     use super::*;
 
-    #[test]
-    fn offered_heartbeats_are_clamped_and_never_overflow() {
-        assert_eq!(clamp_heartbeat_s(0), 0, "0 keeps meaning off");
-        assert_eq!(clamp_heartbeat_s(30), 30);
-        assert_eq!(clamp_heartbeat_s(u64::MAX), MAX_HEARTBEAT_S);
-        let link = Link::new(
+    fn test_link() -> Link {
+        Link::new(
             Reporter::new(
                 uuid::Uuid::now_v7(),
                 0,
@@ -590,7 +726,15 @@ mod tests {
                 crate::config::FullStateController::AlwaysSend,
             ),
             30,
-        );
+        )
+    }
+
+    #[test]
+    fn offered_heartbeats_are_clamped_and_never_overflow() {
+        assert_eq!(clamp_heartbeat_s(0), 0, "0 keeps meaning off");
+        assert_eq!(clamp_heartbeat_s(30), 30);
+        assert_eq!(clamp_heartbeat_s(u64::MAX), MAX_HEARTBEAT_S);
+        let link = test_link();
         link.heartbeat_s.store(u64::MAX, Ordering::Relaxed);
         let d = heartbeat(&link).unwrap();
         assert_eq!(d, Duration::from_secs(MAX_HEARTBEAT_S));
@@ -611,5 +755,86 @@ mod tests {
         );
         assert!(same_endpoint("ws://h:1/v1/opamp/", " ws://h:1/v1/opamp"));
         assert!(!same_endpoint("ws://h:1/v1/opamp", "ws://h:2/v1/opamp"));
+    }
+
+    #[test]
+    fn offers_never_drop_tls_and_stay_on_the_origin_by_default() {
+        use OfferedEndpoint::{Any, Never, SameOrigin};
+        let ok = |p, cur, off| offer_allowed(p, cur, off).is_ok();
+        let tls = cfg!(feature = "tls");
+        // Dropping TLS: refused under every policy.
+        for p in [SameOrigin, Any, Never] {
+            assert!(!ok(p, "wss://h:4320/v1/opamp", "ws://h:4320/v1/opamp"));
+            assert!(!ok(p, "https://h/v1/opamp", "http://h/v1/opamp"));
+            assert!(!ok(p, "wss://h/v1/opamp", "http://other/v1/opamp"));
+        }
+        let e = offer_allowed(Any, "wss://h/v1/opamp", "ws://h/v1/opamp").unwrap_err();
+        assert!(e.contains("TLS"), "{e}");
+        // Same origin: only the path may change; host case and default ports do not matter.
+        assert!(ok(
+            SameOrigin,
+            "ws://h:4320/v1/opamp",
+            "ws://h:4320/opamp/v2"
+        ));
+        assert!(ok(SameOrigin, "ws://H:80/v1/opamp", "ws://h/v1/opamp"));
+        assert_eq!(ok(SameOrigin, "wss://h/v1/opamp", "wss://h:443/other"), tls);
+        for other in [
+            "ws://evil:4320/v1/opamp",
+            "ws://h:4321/v1/opamp",
+            "http://h:4320/v1/opamp",
+            "wss://h:4320/v1/opamp",
+            "ws://user@evil:4320/v1/opamp",
+        ] {
+            let e = offer_allowed(SameOrigin, "ws://h:4320/v1/opamp", other).unwrap_err();
+            assert!(e.contains("accept_offered_endpoint"), "{other}: {e}");
+        }
+        // Any: another host, port or transport, and a TLS upgrade.
+        assert!(ok(Any, "ws://h:4320/v1/opamp", "ws://other:9/v1/opamp"));
+        assert!(ok(Any, "ws://h:4320/v1/opamp", "http://other/v1/opamp"));
+        assert_eq!(ok(Any, "ws://h/v1/opamp", "wss://other/v1/opamp"), tls);
+        assert!(!ok(Any, "ws://h/v1/opamp", "ftp://other/x"));
+        // Never: nothing.
+        assert!(!ok(Never, "ws://h:4320/v1/opamp", "ws://h:4320/v2"));
+    }
+
+    #[tokio::test]
+    async fn an_offer_waits_until_the_endpoint_answered() {
+        let link = test_link();
+        let s = Settings {
+            url: "ws://h:1/v1/opamp".into(),
+            connect_timeout: Duration::from_secs(1),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(1),
+            local_heartbeat_s: 30,
+            offer_policy: OfferedEndpoint::SameOrigin,
+        };
+        let tokens = TokenSource::from_config(
+            &crate::config::AuthConfig {
+                kind: "none".into(),
+                ..Default::default()
+            },
+            reqwest::Client::new(),
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let mut sess = Session {
+            s: &s,
+            url: &s.url,
+            link: &link,
+            tokens: &tokens,
+            inbound: &tx,
+            refused: &[],
+            answered: false,
+        };
+        link.offer_endpoint("ws://h:1/v2/opamp");
+        assert_eq!(sess.switch(), None, "not before this endpoint answered");
+        assert!(
+            link.offered_endpoint.lock().unwrap().is_some(),
+            "the offer is kept for later"
+        );
+        sess.answered = true;
+        assert_eq!(sess.switch().as_deref(), Some("ws://h:1/v2/opamp"));
+        // Another origin: refused under the default policy.
+        link.offer_endpoint("ws://elsewhere:1/v1/opamp");
+        assert_eq!(sess.switch(), None);
     }
 }

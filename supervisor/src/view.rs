@@ -24,6 +24,9 @@ pub struct AgentView {
     pub version: Option<String>,
     /// The supervisor asked it to stop (shutdown).
     pub stopping: bool,
+    /// A failed config could not be rolled back: its files are still on disk and automatic
+    /// restarts stay held until last-known-good is back (why, for health).
+    pub rollback_stuck: Option<String>,
 }
 
 pub type SharedView = Arc<Mutex<AgentView>>;

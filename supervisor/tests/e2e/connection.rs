@@ -1,8 +1,10 @@
 //! The connection side: server outage and reconnect without duplicate execution (also with a
 //! command still running when the server dies), Retry-After on both transports and from the
 //! real server when it is full, duplicate command ids across reconnects and supervisor
-//! restarts, agent_disconnect before Close, a server-offered endpoint (switch and fall back),
-//! OAuth2 client credentials with refresh, and HTTP polling against the real server.
+//! restarts, agent_disconnect before Close, a server-offered endpoint (switch and fall back;
+//! another origin refused; commands read while leaving run), results confirmed by the
+//! server's ack (and by its answers where it does not ack), OAuth2 client credentials with
+//! refresh, and HTTP polling against the real server.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,9 +27,16 @@ async fn server_outage_then_reconnect_without_duplicates() {
         .command(&uid, "chatops", json!({"tag": "before", "attributes": {}}))
         .await;
     assert_eq!(server.wait_command(&id, T).await["status"], "succeeded");
+    // Over WebSocket the real server acks each result, and only the ack confirms it.
+    sup.wait_log(
+        &format!("the server acknowledged a result command_id={id} known=true"),
+        T,
+    )
+    .await;
 
     server.kill().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The supervisor saw the outage before the server comes back.
+    sup.wait_log("OpAMP connection:", T).await;
     server.restart().await;
     server
         .wait_agent(&uid, "reconnected", T, |a| a["connected"] == true)
@@ -45,6 +54,8 @@ async fn server_outage_then_reconnect_without_duplicates() {
     );
     assert_eq!(sink.count("/after"), 1);
     assert!(sup.log().contains("OpAMP WebSocket connected"));
+    // Both results were acked: nothing was sent again after the outage.
+    assert!(!sup.log().contains("re-sending results"), "{}", sup.log());
 }
 
 #[tokio::test]
@@ -136,7 +147,10 @@ fn endpoint_offer(endpoint: &str) -> ServerToAgent {
 async fn offered_endpoint_is_used_and_a_dead_one_falls_back() {
     let mut a = FakeOpamp::start().await;
     let mut b = FakeOpamp::start().await;
-    let sup = Sup::start(SupOpts::fluent_bit(&a.url)).await;
+    let mut opts = SupOpts::fluent_bit(&a.url);
+    // Each fake is its own origin (port): only "any" follows such offers.
+    opts.server_extra = "accept_offered_endpoint = \"any\"\n".into();
+    let sup = Sup::start(opts).await;
     a.wait_message("first status", T, |_| true).await;
     // Offered another endpoint: goodbye here, full status there.
     a.push.send(endpoint_offer(&b.url)).unwrap();
@@ -314,6 +328,183 @@ fn is_result_for(m: &flotilla_proto::AgentToServer, id: &str) -> bool {
             cap == "io.flotilla.command/v1" && ty == "result" && v["command_id"] == id
         })
         .unwrap_or(false)
+}
+
+/// A rich null command: answered at once, it marks a point in the message stream.
+fn null_push(command_id: &str) -> ServerToAgent {
+    ServerToAgent {
+        custom_message: Some(CustomMessage {
+            capability: "org.mp3monster.opamp_provider.nullcommand".into(),
+            r#type: "Null Command".into(),
+            data: json!({"command_id": command_id}).to_string().into_bytes(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Pushes a null command and returns every message up to its result: a result the
+/// supervisor re-sends after a reconnect goes out before it (re-sent ones are queued first).
+async fn messages_until_marker(fake: &mut FakeOpamp) -> Vec<flotilla_proto::AgentToServer> {
+    let marker = uuid::Uuid::now_v7().to_string();
+    fake.push.send(null_push(&marker)).unwrap();
+    fake.messages_until("marker result", T, |m| is_result_for(m, &marker))
+        .await
+}
+
+/// After the reconnect that follows a kick: the result of `id` is not sent again.
+async fn assert_not_resent_after_reconnect(fake: &mut FakeOpamp, id: &str, sup: &Sup) {
+    fake.wait_connected(T).await;
+    let seen = messages_until_marker(fake).await;
+    assert!(
+        !seen.iter().any(|m| is_result_for(m, id)),
+        "the result of {id} was sent again\n{}",
+        sup.log()
+    );
+}
+
+const CAP_FLOTILLA: &str = "io.flotilla.command/v1";
+
+#[tokio::test]
+async fn on_websocket_only_the_ack_confirms_a_result() {
+    let mut fake = FakeOpamp::start_with(FakeBehaviour {
+        declare: vec![CAP_FLOTILLA.into()],
+        ack: true,
+    })
+    .await;
+    let sink = ChatSink::start().await;
+    let mut opts = SupOpts::fluent_bit(&fake.url);
+    opts.chat_ops_port = sink.port;
+    let sup = Sup::start(opts).await;
+    fake.wait_message("first status", T, |_| true).await;
+    // The server takes the result but dies before processing it (no answer, no ack), while
+    // frames it pushed unasked (queued commands) still arrive: they answer nothing.
+    fake.withhold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let id = uuid::Uuid::now_v7().to_string();
+    fake.push.send(chatops_push(&id, "acked")).unwrap();
+    fake.wait_message("result", T, |m| is_result_for(m, &id))
+        .await;
+    for _ in 0..5 {
+        fake.push.send(ServerToAgent::default()).unwrap();
+    }
+    fake.withhold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    fake.kick.send(()).unwrap();
+    fake.wait_connected(T).await;
+    // Not acked: re-sent on the next connection, where it is answered with its ack.
+    fake.wait_message("result re-sent", T, |m| is_result_for(m, &id))
+        .await;
+    sup.wait_log(
+        &format!("the server acknowledged a result command_id={id} known=true"),
+        T,
+    )
+    .await;
+    // Acked: never sent again, and the ack itself is not taken for a command.
+    fake.kick.send(()).unwrap();
+    assert_not_resent_after_reconnect(&mut fake, &id, &sup).await;
+    assert_eq!(sink.count("/acked"), 1);
+}
+
+#[tokio::test]
+async fn without_acks_answers_confirm_and_re_sends_are_bounded() {
+    // fluent-opamp's server declares no io.flotilla.command/v1 and never acks: its answer
+    // confirms a result, as before acks existed.
+    let mut plain = FakeOpamp::start().await;
+    // One that declares it but does not ack (a Flotilla server from before acks).
+    let mut old = FakeOpamp::start_with(FakeBehaviour {
+        declare: vec![CAP_FLOTILLA.into()],
+        ack: false,
+    })
+    .await;
+    let plain_sup = Sup::start(SupOpts::fluent_bit(&plain.url)).await;
+    let old_sup = Sup::start(SupOpts::fluent_bit(&old.url)).await;
+    plain.wait_message("first status", T, |_| true).await;
+    old.wait_message("first status", T, |_| true).await;
+
+    let id = uuid::Uuid::now_v7().to_string();
+    plain.push.send(null_push(&id)).unwrap();
+    plain
+        .wait_message("result", T, |m| is_result_for(m, &id))
+        .await;
+    plain.kick.send(()).unwrap();
+    assert_not_resent_after_reconnect(&mut plain, &id, &plain_sup).await;
+
+    // Without acks, each answered send counts; after three the result is given up on instead
+    // of going out after every reconnect forever.
+    let id = uuid::Uuid::now_v7().to_string();
+    old.push.send(null_push(&id)).unwrap();
+    for n in 1..=3 {
+        old.wait_message("result", T, |m| is_result_for(m, &id))
+            .await;
+        // The answer to it went out before the fake reads the kick.
+        old.kick.send(()).unwrap();
+        if n < 3 {
+            old.wait_connected(T).await;
+        } else {
+            assert_not_resent_after_reconnect(&mut old, &id, &old_sup).await;
+        }
+    }
+    old_sup.wait_log("never acknowledged it", T).await;
+}
+
+#[tokio::test]
+async fn offers_stay_on_the_origin_and_commands_read_while_leaving_are_run() {
+    let mut a = FakeOpamp::start().await;
+    let mut b = FakeOpamp::start().await;
+    let sink = ChatSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "agent-secret-1\n").unwrap();
+    let mut opts = SupOpts::fluent_bit(&a.url);
+    opts.chat_ops_port = sink.port;
+    opts.server_extra = format!(
+        "[server.auth]\ntype = \"bearer\"\ntoken_file = {:?}\n",
+        token_file.display().to_string()
+    );
+    let sup = Sup::start(opts).await;
+    let bearer = |h: &[(String, String)]| {
+        h.iter()
+            .any(|(k, v)| k == "authorization" && v == "Bearer agent-secret-1")
+    };
+    assert!(bearer(&a.wait_connected(T).await));
+    a.wait_message("first status", T, |_| true).await;
+
+    // Another origin (port): not followed under the default policy, and the token never
+    // goes there.
+    a.push.send(endpoint_offer(&b.url)).unwrap();
+    sup.wait_log("another origin", T).await;
+    messages_until_marker(&mut a).await;
+    assert!(
+        b.events.try_recv().is_err(),
+        "the supervisor connected to another origin"
+    );
+
+    // The same origin on another path: followed. While leaving, the server still pushes a
+    // queued command, then (last) yet another offer.
+    let id = uuid::Uuid::now_v7().to_string();
+    let next = a.url.replace("/v1/opamp", "/v1/opamp-next");
+    let later = a.url.replace("/v1/opamp", "/v1/opamp-later");
+    *a.on_disconnect.lock().unwrap() =
+        vec![chatops_push(&id, "while.leaving"), endpoint_offer(&later)];
+    a.push.send(endpoint_offer(&next)).unwrap();
+    a.wait_message("agent_disconnect", T, |m| m.agent_disconnect.is_some())
+        .await;
+    let h = a.wait_connected(T).await;
+    assert!(
+        h.iter().any(|(k, v)| k == ":path" && v == "/v1/opamp-next"),
+        "{h:?}"
+    );
+    assert!(bearer(&h));
+    // The command read while leaving ran, once, and its result came on the new connection.
+    a.wait_message("result of the command pushed while leaving", T, |m| {
+        is_result_for(m, &id)
+    })
+    .await;
+    messages_until_marker(&mut a).await;
+    assert_eq!(sink.count("/while.leaving"), 1);
+    // The offer still pending from the endpoint left did not end the trial of the new one
+    // before it answered (it would have been blamed for not answering).
+    assert!(!sup.log().contains("did not answer"), "{}", sup.log());
 }
 
 #[tokio::test]
@@ -529,7 +720,7 @@ async fn token_endpoint(ttl_s: u64) -> (String, Arc<Mutex<Vec<Vec<(String, Strin
 
 #[tokio::test]
 async fn oauth2_client_credentials_token_is_used_and_refreshed() {
-    let (token_url, calls) = token_endpoint(6).await;
+    let (token_url, calls) = token_endpoint(3).await;
     let mut fake = FakeOpamp::start().await;
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = secret_dir.path().join("secret");
@@ -568,9 +759,9 @@ async fn oauth2_client_credentials_token_is_used_and_refreshed() {
         body.contains("grant_type=client_credentials") && body.contains("scope=opamp"),
         "{body}"
     );
-    // The token lives 6 s (refreshed with a fifth of its life left): a reconnect after that
+    // The token lives 3 s (refreshed with a fifth of its life left): a reconnect after that
     // presents a new one.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     fake.push
         .send(ServerToAgent {
             error_response: Some(flotilla_proto::ServerErrorResponse {

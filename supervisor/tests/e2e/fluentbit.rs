@@ -110,15 +110,22 @@ async fn registration_health_and_effective_config() {
     assert_eq!(v["opamp_connected"], true);
 }
 
-#[tokio::test]
-async fn restart_command_restarts_the_agent_once() {
-    let server = Server::start().await;
-    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
+/// A supervisor started with `opts`, once the server sees it healthy: (it, its uid, the
+/// agent's start time).
+async fn healthy(server: &Server, opts: SupOpts) -> (Sup, String, u64) {
+    let sup = Sup::start(opts).await;
     let uid = sup.uid().await;
     let a = server
         .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
         .await;
     let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+    (sup, uid, t0)
+}
+
+#[tokio::test]
+async fn restart_command_restarts_the_agent_once() {
+    let server = Server::start().await;
+    let (sup, uid, t0) = healthy(&server, SupOpts::fluent_bit(&server.ws_url())).await;
     let id = server.command(&uid, "restart", json!({})).await;
     let c = server.wait_command(&id, T).await;
     assert_eq!(c["status"], "succeeded", "{c}");
@@ -180,14 +187,59 @@ fn conf_with_stdout() -> String {
 }
 
 #[tokio::test]
+async fn a_restart_command_during_a_config_apply_waits_for_it() {
+    let server = Server::start().await;
+    // A slow reload: the restart command arrives while the supervisor waits for it.
+    let mut opts = SupOpts::fluent_bit(&server.ws_url()).env("FAKE_RELOAD_MS", "1500");
+    opts.health_gate_s = 1;
+    let (sup, uid, t0) = healthy(&server, opts).await;
+    let body = conf_with_stdout();
+    let apply = server
+        .command(
+            &uid,
+            "remote_config",
+            json!({"files": {"fluent-bit.conf": {"body": body, "content_type": "text/plain"}}}),
+        )
+        .await;
+    wait_for("the reload POST", T, || {
+        let n = sup.count_events(|e| {
+            e["event"] == "request" && e["method"] == "POST" && e["path"] == "/api/v2/reload"
+        });
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
+    let restart = server.command(&uid, "restart", json!({})).await;
+    // A new process in the middle would have reset hot_reload_count and made the good
+    // reload look halted (FAILED, and last-known-good restored but never loaded).
+    let c = server.wait_command(&apply, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
+    let r = server.wait_command(&restart, T).await;
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", sup.log());
+    let a = server
+        .wait_agent(&uid, "restarted, healthy, on the new config", T, |a| {
+            a["health"]["healthy"] == true
+                && a["health"]["start_time_unix_nano"].as_u64().unwrap_or(0) > t0
+        })
+        .await;
+    assert_eq!(a["remote_config_status"]["status"], "applied", "{a}");
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), body);
+    assert!(
+        sup.log().contains("restarting when it ends"),
+        "{}",
+        sup.log()
+    );
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "reload" && e["result"] == "done"),
+        1,
+        "{:?}",
+        sup.events()
+    );
+}
+
+#[tokio::test]
 async fn remote_config_is_applied_with_hot_reload() {
     let server = Server::start().await;
-    let sup = Sup::start(SupOpts::fluent_bit(&server.ws_url())).await;
-    let uid = sup.uid().await;
-    let a = server
-        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
-        .await;
-    let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+    let (sup, uid, t0) = healthy(&server, SupOpts::fluent_bit(&server.ws_url())).await;
     let body = conf_with_stdout();
     let files = json!({"fluent-bit.conf": {"body": body, "content_type": "text/plain"}});
     let c = server.push_files(&uid, files.clone()).await;

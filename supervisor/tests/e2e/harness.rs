@@ -796,56 +796,117 @@ pub enum FakeEvent {
     Closed,
 }
 
+/// How a [`FakeOpamp`] answers.
+#[derive(Clone, Default)]
+pub struct FakeBehaviour {
+    /// Custom capabilities declared in every reply (a Flotilla server declares
+    /// `io.flotilla.command/v1`; fluent-opamp's declares its own).
+    pub declare: Vec<String>,
+    /// The reply to a message carrying a Flotilla result carries its ack, as Flotilla's does.
+    pub ack: bool,
+}
+
 /// A fake OpAMP WebSocket server: reports every connection and message, and sends whatever
-/// the test pushes on `push` to the current connection. It answers each message with an
-/// empty ServerToAgent (instance_uid echoed), as a server must.
+/// the test pushes on `push` to the current connection. It answers each message with a
+/// ServerToAgent (instance_uid echoed, plus what its [`FakeBehaviour`] adds), as a server
+/// must, except while `withhold` is set: then a message carrying a custom message (a result)
+/// gets no answer, as from a server that died before it processed it.
 pub struct FakeOpamp {
     pub url: String,
     pub events: mpsc::UnboundedReceiver<FakeEvent>,
     pub push: mpsc::UnboundedSender<ServerToAgent>,
+    /// Closes the current connection (after everything pushed before it was sent).
+    pub kick: mpsc::UnboundedSender<()>,
+    pub withhold: Arc<std::sync::atomic::AtomicBool>,
+    /// Frames sent after answering an agent_disconnect, before the agent's Close is read (a
+    /// server pushing queued commands while the agent leaves).
+    pub on_disconnect: Arc<Mutex<Vec<ServerToAgent>>>,
 }
 
 impl FakeOpamp {
     pub async fn start() -> FakeOpamp {
+        Self::start_with(FakeBehaviour::default()).await
+    }
+
+    pub async fn start_with(behaviour: FakeBehaviour) -> FakeOpamp {
+        use std::sync::atomic::Ordering;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/opamp", l.local_addr().unwrap());
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (push_tx, push_rx) = mpsc::unbounded_channel::<ServerToAgent>();
-        let push_rx = Arc::new(tokio::sync::Mutex::new(push_rx));
+        let (kick_tx, kick_rx) = mpsc::unbounded_channel::<()>();
+        // One connection at a time uses them: a reconnect waits until the old one is gone.
+        let chans = Arc::new(tokio::sync::Mutex::new((push_rx, kick_rx)));
+        let withhold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let on_disconnect: Arc<Mutex<Vec<ServerToAgent>>> = Arc::default();
+        let (hold2, bye2) = (withhold.clone(), on_disconnect.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else { return };
                 let ev_tx = ev_tx.clone();
-                let push_rx = push_rx.clone();
+                let chans = chans.clone();
+                let behaviour = behaviour.clone();
+                let (withhold, on_disconnect) = (hold2.clone(), bye2.clone());
                 tokio::spawn(async move {
                     let headers = Arc::new(Mutex::new(Vec::new()));
                     let h2 = headers.clone();
                     #[allow(clippy::result_large_err)]
                     let cb = move |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
                                    resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-                        *h2.lock().unwrap() = req
+                        let mut h: Vec<(String, String)> = req
                             .headers()
                             .iter()
                             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                             .collect();
+                        h.push((":path".into(), req.uri().path().to_string()));
+                        *h2.lock().unwrap() = h;
                         Ok(resp)
                     };
                     let Ok(ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
                         return;
                     };
+                    let (mut sink, mut stream) = ws.split();
+                    let mut chans = chans.lock().await;
                     let _ = ev_tx.send(FakeEvent::Connected {
                         headers: headers.lock().unwrap().clone(),
                     });
-                    let (mut sink, mut stream) = ws.split();
-                    let mut push = push_rx.lock().await;
                     loop {
+                        let (push, kick) = &mut *chans;
                         tokio::select! {
+                            // Pushes before a kick: the test orders them.
+                            biased;
                             f = stream.next() => match f {
                                 Some(Ok(WsMessage::Binary(d))) => {
                                     let m: AgentToServer = decode_ws(&d).expect("AgentToServer");
-                                    let reply = ServerToAgent { instance_uid: m.instance_uid.clone(), ..Default::default() };
+                                    let mut reply = ServerToAgent { instance_uid: m.instance_uid.clone(), ..Default::default() };
+                                    if !behaviour.declare.is_empty() {
+                                        reply.custom_capabilities = Some(flotilla_proto::CustomCapabilities {
+                                            capabilities: behaviour.declare.clone(),
+                                        });
+                                    }
+                                    if behaviour.ack {
+                                        if let Some((cap, ty, v)) = custom_json(&m) {
+                                            if cap == "io.flotilla.command/v1" && ty == "result" {
+                                                reply.custom_message = Some(flotilla_proto::CustomMessage {
+                                                    capability: cap,
+                                                    r#type: "ack".into(),
+                                                    data: json!({"command_id": v["command_id"]}).to_string().into_bytes(),
+                                                });
+                                            }
+                                        }
+                                    }
+                                    let silent = m.custom_message.is_some() && withhold.load(Ordering::SeqCst);
+                                    let bye = m.agent_disconnect.is_some();
                                     let _ = ev_tx.send(FakeEvent::Message(Box::new(m)));
-                                    let _ = sink.send(WsMessage::binary(encode_ws(&reply))).await;
+                                    if !silent {
+                                        let _ = sink.send(WsMessage::binary(encode_ws(&reply))).await;
+                                    }
+                                    if bye {
+                                        let frames = std::mem::take(&mut *on_disconnect.lock().unwrap());
+                                        for f in frames {
+                                            let _ = sink.send(WsMessage::binary(encode_ws(&f))).await;
+                                        }
+                                    }
                                 }
                                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => {
                                     let _ = ev_tx.send(FakeEvent::Closed);
@@ -857,6 +918,13 @@ impl FakeOpamp {
                                 Some(m) => { let _ = sink.send(WsMessage::binary(encode_ws(&m))).await; }
                                 None => return,
                             },
+                            k = kick.recv() => {
+                                if k.is_some() {
+                                    let _ = sink.send(WsMessage::Close(None)).await;
+                                }
+                                let _ = ev_tx.send(FakeEvent::Closed);
+                                return;
+                            }
                         }
                     }
                 });
@@ -866,6 +934,47 @@ impl FakeOpamp {
             url,
             events: ev_rx,
             push: push_tx,
+            kick: kick_tx,
+            withhold,
+            on_disconnect,
+        }
+    }
+
+    /// Waits for the next connection.
+    pub async fn wait_connected(&mut self, timeout: Duration) -> Vec<(String, String)> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(FakeEvent::Connected { headers })) => return headers,
+                Ok(Some(_)) => {}
+                _ => panic!("fake OpAMP server: no connection within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Every message until one satisfying `pred` arrives (that one last).
+    pub async fn messages_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&AgentToServer) -> bool,
+    ) -> Vec<AgentToServer> {
+        let end = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(FakeEvent::Message(m))) => {
+                    let done = pred(&m);
+                    seen.push(*m);
+                    if done {
+                        return seen;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => panic!("fake OpAMP server: no message {what} within {timeout:?}"),
+            }
         }
     }
 
