@@ -27,9 +27,12 @@ pub const CAP_NULL: &str = "org.mp3monster.opamp_provider.nullcommand";
 /// Flotilla's own capability: an agent declaring it reads `command_id` in command payloads and
 /// reports every command's outcome as a `result` custom message on this capability.
 pub const CAP_FLOTILLA: &str = "io.flotilla.command/v1";
+/// Results are confirmed by an `ack` ([`result_ack`]): declared by the server, and acks go only
+/// to agents that declare it, so an agent that would not understand one never gets it.
+pub const CAP_ACK: &str = "io.flotilla.command/v1/ack";
 /// Custom capabilities the server itself supports (sent in `ServerToAgent.custom_capabilities`).
 pub const SERVER_CUSTOM_CAPABILITIES: &[&str] =
-    &[CAP_CHATOPS, CAP_SHUTDOWN, CAP_NULL, CAP_FLOTILLA];
+    &[CAP_CHATOPS, CAP_SHUTDOWN, CAP_NULL, CAP_FLOTILLA, CAP_ACK];
 
 /// A queue-time refusal, phrased for the operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

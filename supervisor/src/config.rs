@@ -18,8 +18,12 @@ pub const CAP_SHUTDOWN: &str = "org.mp3monster.opamp_provider.command_shutdown_a
 pub const CAP_NULL: &str = "org.mp3monster.opamp_provider.nullcommand";
 /// Flotilla's rich command form: payloads carry `command_id`, outcomes come back as `result`.
 pub const CAP_FLOTILLA: &str = "io.flotilla.command/v1";
+/// Marker: results are confirmed by the server's `ack` (a server acks only agents that declare
+/// it, and a supervisor waits for acks only from servers that declare it), so neither side of
+/// an older pair loops on a message the other does not understand.
+pub const CAP_ACK: &str = "io.flotilla.command/v1/ack";
 /// Custom capabilities this supervisor implements (and declares by default).
-pub const SUPPORTED_CUSTOM: &[&str] = &[CAP_CHATOPS, CAP_SHUTDOWN, CAP_NULL, CAP_FLOTILLA];
+pub const SUPPORTED_CUSTOM: &[&str] = &[CAP_CHATOPS, CAP_SHUTDOWN, CAP_NULL, CAP_FLOTILLA, CAP_ACK];
 
 /// Standard capabilities this supervisor implements, declared by default. ReportsStatus is
 /// always declared (the spec requires it).

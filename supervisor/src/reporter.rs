@@ -14,14 +14,14 @@ use flotilla_proto::{
 use uuid::Uuid;
 
 use crate::commands;
-use crate::config::{FullStateController, CAP_FLOTILLA};
+use crate::config::{FullStateController, CAP_ACK};
 
 /// Most custom messages kept waiting (results are small; a server that never answers must not
 /// grow memory forever).
 const MAX_QUEUE: usize = 256;
 
 /// A result the server answered this many times without acknowledging it counts as delivered.
-/// A server that declares [`CAP_FLOTILLA`] but predates acks (or any server that stops acking)
+/// A server that declares [`CAP_ACK`] but (or any server that stops acking)
 /// would otherwise get every result again after every reconnect, forever. Three answered sends
 /// are far more than a Flotilla server that acks ever needs: it acks in its reply to the very
 /// message, so only a result whose connection died three times in a row before that reply
@@ -69,7 +69,7 @@ pub struct Reporter {
     /// Sent, but not yet confirmed: re-queued if the connection drops (the server ignores a
     /// result for a command already settled, so a duplicate is harmless).
     unconfirmed: Vec<Sent>,
-    /// The server acks Flotilla results: it declared [`CAP_FLOTILLA`] in its
+    /// The server acks Flotilla results: it declared [`CAP_ACK`] in its
     /// custom_capabilities, or sent an ack. Then, on a WebSocket, only the ack confirms a
     /// result (see [`Reporter::confirm_replies`]).
     server_acks: bool,
@@ -217,7 +217,7 @@ impl Reporter {
     /// The server's custom_capabilities (a Flotilla server sends them in its first WebSocket
     /// reply and in every HTTP reply): whether it acks results.
     pub fn server_capabilities(&mut self, caps: &[String]) {
-        self.server_acks = caps.iter().any(|c| c == CAP_FLOTILLA);
+        self.server_acks = caps.iter().any(|c| c == CAP_ACK);
     }
 
     /// A new endpoint: whether it acks is not known until it says so.
@@ -549,7 +549,7 @@ mod tests {
     #[test]
     fn pushed_frames_never_confirm_a_result_the_server_acks() {
         let mut r = rep(FullStateController::TimeSend { secs: 3600 });
-        r.server_capabilities(&[CAP_FLOTILLA.to_string()]);
+        r.server_capabilities(&[CAP_ACK.to_string()]);
         r.build(false).unwrap(); // #0
         r.push_custom(flotilla_result("a"));
         r.build(false).unwrap(); // #1 carries the result
@@ -595,7 +595,7 @@ mod tests {
         // One that declares it but never acks (a Flotilla server from before acks): re-sent
         // after each reconnect until it was answered MAX_UNACKED_ANSWERS times.
         let mut r = rep(FullStateController::TimeSend { secs: 3600 });
-        r.server_capabilities(&[CAP_FLOTILLA.to_string()]);
+        r.server_capabilities(&[CAP_ACK.to_string()]);
         r.push_custom(flotilla_result("a"));
         // A connection that dies before the answer does not count.
         assert_eq!(drain_results(&mut r), vec!["a"]);
@@ -618,7 +618,7 @@ mod tests {
     #[test]
     fn http_answers_confirm_even_against_a_server_that_acks() {
         let mut r = rep(FullStateController::TimeSend { secs: 3600 });
-        r.server_capabilities(&[CAP_FLOTILLA.to_string()]);
+        r.server_capabilities(&[CAP_ACK.to_string()]);
         r.push_custom(flotilla_result("a"));
         r.build(false).unwrap();
         r.confirm();

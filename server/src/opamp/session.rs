@@ -490,7 +490,9 @@ pub async fn handle(
             // Only over WebSocket, where commands are pushed as messages of their own and a
             // reply alone does not say which message was processed; a plain-HTTP reply does,
             // and its custom-message slot is better left to a queued command.
-            if link.transport == Transport::Websocket {
+            if link.transport == Transport::Websocket
+                && commands::has_custom(&after, commands::CAP_ACK)
+            {
                 reply.custom_message = commands::result_ack(msg);
             }
             // The spec's MUST: a reported remote-config hash that differs from ours gets the
@@ -572,7 +574,13 @@ async fn bind(sh: &Shared, link: &Link, uid: Uuid) -> Result<(), crate::hub::Dup
 /// Custom capabilities go in the first reply of a WebSocket and in every plain-HTTP reply
 /// (as opamp-go does: an HTTP agent has no "connection" to remember them by).
 fn finish_reply(link: &mut Link, reply: &mut ServerToAgent) {
-    if !link.replied || link.transport == Transport::Http {
+    // Also with every ack: an agent that missed the first reply (a command in it leaves no
+    // room) learns from the next ack that acks are what confirm its results.
+    let ack = reply
+        .custom_message
+        .as_ref()
+        .is_some_and(|m| m.r#type == "ack");
+    if !link.replied || link.transport == Transport::Http || ack {
         reply.custom_capabilities = Some(CustomCapabilities {
             capabilities: commands::SERVER_CUSTOM_CAPABILITIES
                 .iter()

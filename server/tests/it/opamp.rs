@@ -1471,15 +1471,22 @@ async fn fluent_opamp_supervisors_are_driven_in_their_own_wire_form() {
 #[tokio::test]
 async fn flotilla_results_are_acknowledged_by_command_id() {
     const RICH: &str = "io.flotilla.command/v1";
+    const ACK: &str = "io.flotilla.command/v1/ack";
     const CHATOPS: &str = "org.mp3monster.opamp_provider.chatopcommand";
     let server = TestServer::start().await;
     let uid = new_uid();
     let mut hello = full(uid, 0, REPORTS_STATUS);
     hello.custom_capabilities = Some(flotilla_proto::CustomCapabilities {
-        capabilities: vec![RICH.into(), CHATOPS.into()],
+        capabilities: vec![RICH.into(), ACK.into(), CHATOPS.into()],
     });
     let mut ws = Ws::connect(&server).await;
-    ws.request(&hello).await;
+    let r = ws.request(&hello).await;
+    assert!(r
+        .custom_capabilities
+        .unwrap()
+        .capabilities
+        .iter()
+        .any(|c| c == ACK));
     let id = queue(&server, uid, "chatops", json!({"tag": "flush"})).await;
     let cm = ws.recv().await.custom_message.expect("chatops");
     let data: serde_json::Value = serde_json::from_slice(&cm.data).unwrap();
@@ -1496,6 +1503,10 @@ async fn flotilla_results_are_acknowledged_by_command_id() {
         // The second is the agent re-sending after a reconnect: acked again, settled once.
         result.sequence_num = seq;
         let r = ws.request(&result).await;
+        assert!(
+            r.custom_capabilities.is_some(),
+            "an ack comes with the server's custom capabilities"
+        );
         let ack = r.custom_message.expect("an ack in the reply");
         assert_eq!(
             (ack.capability.as_str(), ack.r#type.as_str()),
@@ -1508,6 +1519,25 @@ async fn flotilla_results_are_acknowledged_by_command_id() {
     assert_eq!(c["result"]["message"], "HTTP 200", "{c}");
     // A heartbeat is not acknowledged.
     assert!(ws.request(&beat(uid, 3)).await.custom_message.is_none());
+    // An agent that does not declare the ack marker (an older supervisor, which would take an
+    // ack for a command) gets none.
+    let older = new_uid();
+    let mut hello = full(older, 0, REPORTS_STATUS);
+    hello.custom_capabilities = Some(flotilla_proto::CustomCapabilities {
+        capabilities: vec![RICH.into(), CHATOPS.into()],
+    });
+    let mut ws2 = Ws::connect(&server).await;
+    ws2.request(&hello).await;
+    let id2 = queue(&server, older, "chatops", json!({"tag": "flush"})).await;
+    assert!(ws2.recv().await.custom_message.is_some());
+    let mut result2 = result.clone();
+    result2.instance_uid = older.as_bytes().to_vec();
+    result2.custom_message.as_mut().unwrap().data =
+        json!({"command_id": id2, "status": "succeeded"})
+            .to_string()
+            .into_bytes();
+    assert!(ws2.request(&result2).await.custom_message.is_none());
+    wait_command(&server, &id2, "succeeded").await;
     server.stop().await;
 }
 

@@ -362,12 +362,13 @@ async fn assert_not_resent_after_reconnect(fake: &mut FakeOpamp, id: &str, sup: 
     );
 }
 
-const CAP_FLOTILLA: &str = "io.flotilla.command/v1";
+/// The marker a server declares when it acks results.
+const CAP_ACK: &str = "io.flotilla.command/v1/ack";
 
 #[tokio::test]
 async fn on_websocket_only_the_ack_confirms_a_result() {
     let mut fake = FakeOpamp::start_with(FakeBehaviour {
-        declare: vec![CAP_FLOTILLA.into()],
+        declare: vec![CAP_ACK.into()],
         ack: true,
     })
     .await;
@@ -407,12 +408,12 @@ async fn on_websocket_only_the_ack_confirms_a_result() {
 
 #[tokio::test]
 async fn without_acks_answers_confirm_and_re_sends_are_bounded() {
-    // fluent-opamp's server declares no io.flotilla.command/v1 and never acks: its answer
+    // fluent-opamp's server declares no io.flotilla.command/v1/ack and never acks: its answer
     // confirms a result, as before acks existed.
     let mut plain = FakeOpamp::start().await;
-    // One that declares it but does not ack (a Flotilla server from before acks).
+    // One that declares it but does not ack (a broken or hostile server).
     let mut old = FakeOpamp::start_with(FakeBehaviour {
-        declare: vec![CAP_FLOTILLA.into()],
+        declare: vec![CAP_ACK.into()],
         ack: false,
     })
     .await;
