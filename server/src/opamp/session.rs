@@ -302,16 +302,7 @@ pub async fn handle(
                     sh.renames.insert(fresh, (old, now));
                     tracing::warn!(%old, taken = %uid, %fresh, %remote,
                         "agent adopted a uid another agent's record holds; offering another");
-                    reply.agent_identification = Some(AgentIdentification {
-                        new_instance_uid: fresh.as_bytes().to_vec(),
-                    });
-                    reply.flags |= REPORT_FULL_STATE;
-                    finish_reply(link, &mut reply);
-                    return Ok(Handled {
-                        reply,
-                        deliver_to: None,
-                        disconnected: false,
-                    });
+                    return Ok(offer_other_uid(link, reply, fresh));
                 }
                 tracing::info!(%old, new = %uid, %remote,
                     "agent adopted a new uid, but its old record is gone; it starts afresh");
@@ -368,18 +359,7 @@ pub async fn handle(
                 let new = Uuid::now_v7();
                 tracing::warn!(%uid, %new, %remote, transport = link.transport.as_str(),
                     "instance_uid already in use by another live connection; offering a new uid");
-                reply.agent_identification = Some(AgentIdentification {
-                    new_instance_uid: new.as_bytes().to_vec(),
-                });
-                // Its status was not merged (it may belong to another agent): ask again under
-                // the new uid.
-                reply.flags |= REPORT_FULL_STATE;
-                finish_reply(link, &mut reply);
-                return Ok(Handled {
-                    reply,
-                    deliver_to: None,
-                    disconnected: false,
-                });
+                return Ok(offer_other_uid(link, reply, new));
             }
         }
     }
@@ -568,6 +548,21 @@ async fn bind(sh: &Shared, link: &Link, uid: Uuid) -> Result<(), crate::hub::Dup
                 step = (step * 2).min(Duration::from_millis(200));
             }
         }
+    }
+}
+
+/// The answer to a message that must not be merged under the uid it carries: a uid of its own,
+/// and a request to report everything again under it.
+fn offer_other_uid(link: &mut Link, mut reply: ServerToAgent, new: Uuid) -> Handled {
+    reply.agent_identification = Some(AgentIdentification {
+        new_instance_uid: new.as_bytes().to_vec(),
+    });
+    reply.flags |= REPORT_FULL_STATE;
+    finish_reply(link, &mut reply);
+    Handled {
+        reply,
+        deliver_to: None,
+        disconnected: false,
     }
 }
 

@@ -178,6 +178,26 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// One page of agents in uid order, strictly after `after`, from `select` (`... FROM agents`).
+    async fn agents_page(
+        &self,
+        select: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> StoreResult<Vec<Agent>> {
+        let mut q = QueryBuilder::<Sqlite>::new(select);
+        if let Some(after) = after {
+            q.push(" WHERE uid > ").push_bind(uid(after));
+        }
+        q.push(" ORDER BY uid LIMIT ").push_bind(limit_to_db(limit));
+        q.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
     async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
@@ -554,17 +574,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_agents(&self, after: Option<Uuid>, limit: usize) -> StoreResult<Vec<Agent>> {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM agents");
-        if let Some(after) = after {
-            q.push(" WHERE uid > ").push_bind(uid(after));
-        }
-        q.push(" ORDER BY uid LIMIT ").push_bind(limit_to_db(limit));
-        q.build()
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(agent_from_row)
-            .collect()
+        self.agents_page("SELECT * FROM agents", after, limit).await
     }
 
     async fn list_agents_brief(
@@ -572,23 +582,12 @@ impl Store for SqliteStore {
         after: Option<Uuid>,
         limit: usize,
     ) -> StoreResult<Vec<Agent>> {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT uid, identifying, non_identifying, capabilities, custom_capabilities, health,
-                NULL AS effective_config, remote_config_status, NULL AS desired_config, labels,
-                transport, remote_addr, first_seen, last_seen, connected, sequence_num,
+        let select = "SELECT uid, identifying, non_identifying, capabilities, custom_capabilities,
+                health, NULL AS effective_config, remote_config_status, NULL AS desired_config,
+                labels, transport, remote_addr, first_seen, last_seen, connected, sequence_num,
                 heartbeat_interval_s, previous_uid, replaces, replaced_by
-             FROM agents",
-        );
-        if let Some(after) = after {
-            q.push(" WHERE uid > ").push_bind(uid(after));
-        }
-        q.push(" ORDER BY uid LIMIT ").push_bind(limit_to_db(limit));
-        q.build()
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(agent_from_row)
-            .collect()
+             FROM agents";
+        self.agents_page(select, after, limit).await
     }
 
     async fn touch_agents(&self, touches: &[Touch]) -> StoreResult<()> {
