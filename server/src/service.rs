@@ -347,14 +347,23 @@ impl Fleet {
         let now = now_ms();
         let mut items = Vec::new();
         let mut more = false;
-        self.scan(after, |a| {
-            if query.matches(&a, now) {
-                if items.len() == limit {
-                    more = true;
-                    return false;
-                }
-                items.push(AgentRow::of(&a, now));
+        let mut total = 0usize;
+        // With a total wanted, one pass from the start both counts and cuts the page: a second
+        // scan for the count doubled the cost of every MCP search on a large fleet.
+        let start = if with_total { None } else { after };
+        self.scan(start, |a| {
+            if !query.matches(&a, now) {
+                return true;
             }
+            total += 1;
+            if after.is_some_and(|c| a.uid <= c) {
+                return true;
+            }
+            if items.len() == limit {
+                more = true;
+                return with_total;
+            }
+            items.push(AgentRow::of(&a, now));
             true
         })
         .await?;
@@ -363,19 +372,7 @@ impl Fleet {
         } else {
             None
         };
-        let total = if with_total {
-            let mut n = 0;
-            self.scan(None, |a| {
-                if query.matches(&a, now) {
-                    n += 1;
-                }
-                true
-            })
-            .await?;
-            Some(n)
-        } else {
-            None
-        };
+        let total = with_total.then_some(total);
         Ok(Page {
             items,
             next_cursor,
