@@ -1,22 +1,18 @@
 //! The stdio transport and [`RestBackend`] against the real `flotilla` binary: `flotilla serve`
 //! with simulated OpAMP agents, and `flotilla mcp --server URL --token-file F` launched as a
-//! child process and driven by rmcp's client, as Claude Desktop or Codex would launch it.
+//! child process and driven by rmcp's client, as Claude ElicitingClient or Codex would launch it.
 //! Effects are checked on the server through its REST API.
 
 use flotilla_e2e::agent::HttpAgent;
 use flotilla_e2e::{flotilla_bin, Home, Server};
 use flotilla_mcp::{AuditFilter, CommandsFilter, FleetBackend, QueueTarget, RestBackend};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ElicitRequestParams,
-    ElicitResult, ElicitationAction, ElicitationCapability, FormElicitationCapability,
-    Implementation,
-};
-use rmcp::service::{RequestContext, RunningService};
+use flotilla_e2e::mcp_client::ElicitingClient;
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
 use rmcp::transport::TokioChildProcess;
-use rmcp::{ClientHandler, ErrorData as McpError, RoleClient, ServiceExt};
+use rmcp::{RoleClient, ServiceExt};
 use serde_json::{json, Value};
 
 async fn agent(server: &Server, name: &str) -> HttpAgent {
@@ -177,44 +173,7 @@ async fn rest_backend_answers_exactly_like_rest() {
     assert_ne!(backend.identity(), viewer.identity());
 }
 
-/// A desktop client: with `elicit`, it declares form elicitation and answers every request
-/// with that choice (counting them).
-#[derive(Clone, Default)]
-struct Desktop {
-    elicit: Option<bool>,
-    asked: Arc<AtomicUsize>,
-}
-
-impl ClientHandler for Desktop {
-    fn get_info(&self) -> ClientConfig {
-        let mut caps = ClientCapabilities::default();
-        if self.elicit.is_some() {
-            caps.elicitation =
-                Some(ElicitationCapability::default().with_form(FormElicitationCapability::new()));
-        }
-        ClientConfig::new(caps, Implementation::new("flotilla-stdio-test", "0"))
-    }
-
-    async fn create_elicitation(
-        &self,
-        request: ElicitRequestParams,
-        _context: RequestContext<RoleClient>,
-    ) -> Result<ElicitResult, McpError> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        let ElicitRequestParams::FormElicitationParams { message, .. } = request else {
-            return Ok(ElicitResult::new(ElicitationAction::Decline));
-        };
-        assert!(message.contains("restart"), "{message}");
-        Ok(match self.elicit {
-            Some(true) => {
-                ElicitResult::new(ElicitationAction::Accept).with_content(json!({"confirm": true}))
-            }
-            _ => ElicitResult::new(ElicitationAction::Decline),
-        })
-    }
-}
-
-type Client = RunningService<RoleClient, Desktop>;
+type Client = RunningService<RoleClient, ElicitingClient>;
 
 fn mcp_command(
     server_url: &str,
@@ -237,7 +196,7 @@ async fn stdio_client_with(
     server_url: &str,
     token_file: &std::path::Path,
     read_only: bool,
-    handler: Desktop,
+    handler: ElicitingClient,
 ) -> Client {
     handler
         .serve(
@@ -249,7 +208,13 @@ async fn stdio_client_with(
 }
 
 async fn stdio_client(server: &Server, token_file: &std::path::Path, read_only: bool) -> Client {
-    stdio_client_with(&server.url(""), token_file, read_only, Desktop::default()).await
+    stdio_client_with(
+        &server.url(""),
+        token_file,
+        read_only,
+        ElicitingClient::default(),
+    )
+    .await
 }
 
 async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
@@ -479,7 +444,7 @@ async fn stdio_elicitation_confirms_or_declines() {
     let args = json!({"agent": "alpha-host", "kind": "restart"});
     let mut queued = 0;
     for accept in [false, true] {
-        let handler = Desktop {
+        let handler = ElicitingClient {
             elicit: Some(accept),
             ..Default::default()
         };
@@ -521,7 +486,7 @@ async fn stdio_answers_at_once_when_the_server_is_unreachable() {
         &format!("http://127.0.0.1:{port}"),
         &token_file,
         false,
-        Desktop::default(),
+        ElicitingClient::default(),
     )
     .await;
     assert_eq!(c.list_all_tools().await.unwrap().len(), 11);

@@ -5,20 +5,16 @@
 //! through REST, not on the MCP reply alone.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use flotilla_e2e::mcp_client::ElicitingClient;
 use flotilla_proto::AgentCapabilities as Cap;
 use flotilla_server::commands::CAP_CHATOPS;
-use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, ElicitRequestParams,
-    ElicitResult, ElicitationAction, ElicitationCapability, FormElicitationCapability,
-    Implementation, ProtocolVersion,
-};
-use rmcp::service::{ClientLifecycleMode, ClientServiceExt, RequestContext, RunningService};
+use rmcp::model::{CallToolRequestParams, CallToolResult, ProtocolVersion};
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
-use rmcp::{ClientHandler, ErrorData as McpError, RoleClient, ServiceExt};
+use rmcp::{RoleClient, ServiceExt};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -30,43 +26,6 @@ use crate::support::{
 const STATUS: u64 = Cap::ReportsStatus as u64;
 const ALL_CAPS: u64 = STATUS | Cap::AcceptsRestartCommand as u64 | Cap::AcceptsRemoteConfig as u64;
 
-/// An MCP client; with `elicit`, it declares form elicitation and answers every request
-/// with that choice (counting them).
-#[derive(Clone, Default)]
-struct TestClient {
-    elicit: Option<bool>,
-    asked: Arc<AtomicUsize>,
-}
-
-impl ClientHandler for TestClient {
-    fn get_info(&self) -> ClientConfig {
-        let mut caps = ClientCapabilities::default();
-        if self.elicit.is_some() {
-            caps.elicitation =
-                Some(ElicitationCapability::default().with_form(FormElicitationCapability::new()));
-        }
-        ClientConfig::new(caps, Implementation::new("flotilla-it", "0"))
-    }
-
-    async fn create_elicitation(
-        &self,
-        request: ElicitRequestParams,
-        _context: RequestContext<RoleClient>,
-    ) -> Result<ElicitResult, McpError> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        let ElicitRequestParams::FormElicitationParams { message, .. } = request else {
-            return Ok(ElicitResult::new(ElicitationAction::Decline));
-        };
-        assert!(message.contains("restart"), "{message}");
-        Ok(match self.elicit {
-            Some(true) => {
-                ElicitResult::new(ElicitationAction::Accept).with_content(json!({"confirm": true}))
-            }
-            _ => ElicitResult::new(ElicitationAction::Decline),
-        })
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Revision {
     /// 2026-07-28: `server/discover`, stateless requests, MRTR for elicitation.
@@ -75,9 +34,14 @@ enum Revision {
     Session,
 }
 
-type Client = RunningService<RoleClient, TestClient>;
+type Client = RunningService<RoleClient, ElicitingClient>;
 
-async fn connect(server: &TestServer, token: &str, rev: Revision, handler: TestClient) -> Client {
+async fn connect(
+    server: &TestServer,
+    token: &str,
+    rev: Revision,
+    handler: ElicitingClient,
+) -> Client {
     let cfg = StreamableHttpClientTransportConfig::with_uri(server.api_url("/mcp"))
         .auth_header(token.to_string());
     let transport = StreamableHttpClientTransport::from_config(cfg);
@@ -97,7 +61,7 @@ async fn connect(server: &TestServer, token: &str, rev: Revision, handler: TestC
 
 /// An operator's session without elicitation (the two-step token flow).
 async fn operator(server: &TestServer, rev: Revision) -> Client {
-    connect(server, OPERATOR_TOKEN, rev, TestClient::default()).await
+    connect(server, OPERATOR_TOKEN, rev, ElicitingClient::default()).await
 }
 
 async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
@@ -515,7 +479,7 @@ async fn bad_input_gives_clear_errors() {
         &server,
         VIEWER_TOKEN,
         Revision::Modern,
-        TestClient::default(),
+        ElicitingClient::default(),
     )
     .await;
     ok(&call(&v, "fleet_summary", json!({})).await);
@@ -581,7 +545,7 @@ async fn elicitation_confirms_or_declines() {
     // revision: a server-to-client elicitation request.
     for rev in [Revision::Modern, Revision::Session] {
         for accept in [false, true] {
-            let handler = TestClient {
+            let handler = ElicitingClient {
                 elicit: Some(accept),
                 ..Default::default()
             };

@@ -253,6 +253,18 @@ async fn queue(server: &TestServer, uid: Uuid, kind: &str, params: serde_json::V
     body["command_id"].as_str().expect("command_id").to_string()
 }
 
+/// Sets the server-side label `env=prod` on `uid` over REST; returns the HTTP status.
+async fn label_env_prod(server: &TestServer, uid: Uuid) -> u16 {
+    let (status, _) = server
+        .rest()
+        .put(
+            &format!("/api/v1/agents/{uid}/labels/env"),
+            json!({"value": "prod"}),
+        )
+        .await;
+    status
+}
+
 async fn command_status(server: &TestServer, id: &str) -> serde_json::Value {
     let (status, body) = server.rest().get(&format!("/api/v1/commands/{id}")).await;
     assert_eq!(status, 200, "{body}");
@@ -609,13 +621,7 @@ async fn request_instance_uid_from_a_known_agent_moves_its_record() {
     let server = TestServer::start().await;
     let old = new_uid();
     post(&server, &full(old, 0, REPORTS_STATUS)).await;
-    let (status, _) = server
-        .rest()
-        .put(
-            &format!("/api/v1/agents/{old}/labels/env"),
-            json!({"value": "prod"}),
-        )
-        .await;
+    let status = label_env_prod(&server, old).await;
     assert!(status == 200 || status == 204, "label set: {status}");
     let mut msg = beat(old, 1);
     msg.flags = 1;
@@ -637,13 +643,7 @@ async fn duplicate_ws_uid_gives_the_newcomer_a_new_uid() {
     let uid = new_uid();
     let mut first = Ws::connect(&server).await;
     first.request(&full(uid, 0, REPORTS_STATUS)).await;
-    let (status, _) = server
-        .rest()
-        .put(
-            &format!("/api/v1/agents/{uid}/labels/env"),
-            json!({"value": "prod"}),
-        )
-        .await;
+    let status = label_env_prod(&server, uid).await;
     assert_eq!(status, 200);
     // A clone (copied VM image, copied data directory) with the same uid, while the first
     // agent is alive and answers the server's ping.
@@ -1699,13 +1699,7 @@ async fn an_adopted_uid_that_someone_took_meanwhile_is_replaced_not_merged() {
     let old = new_uid();
     let mut ws = Ws::connect(&server).await;
     ws.request(&full(old, 0, REPORTS_STATUS)).await;
-    let (s, _) = server
-        .rest()
-        .put(
-            &format!("/api/v1/agents/{old}/labels/env"),
-            json!({"value": "prod"}),
-        )
-        .await;
+    let s = label_env_prod(&server, old).await;
     assert_eq!(s, 200);
     queue(&server, old, "new_instance_uid", json!({})).await;
     let m = ws.recv().await;
