@@ -62,28 +62,27 @@ pub async fn timed<T, E: Into<Unavailable>>(
 }
 
 /// Claims the agent's due commands (`queued → sent`) within [`STORE_TIMEOUT`]. The claim runs
-/// in a task of its own because cutting it short would leave commands marked `sent` that were
-/// never written; when it finishes after we gave up, what it claimed is put back.
+/// in a task of its own, because cutting it short would leave commands marked `sent` that were
+/// never written. The task hands them over armed with [`Unclaim`]: whatever nobody takes —
+/// we timed out, or the caller (an HTTP request whose agent hung up) was dropped mid-await,
+/// before or after the hand-over — is put back when it is dropped.
 pub async fn claim(sh: &Shared, uid: Uuid, limit: usize) -> Result<Vec<Command>, Unavailable> {
     let fleet = sh.ctx.fleet.clone();
-    let mut task = tokio::spawn(async move { fleet.claim_due(uid, limit).await });
-    match tokio::time::timeout(STORE_TIMEOUT, &mut task).await {
-        Ok(Ok(r)) => r.map_err(Into::into),
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = fleet.claim_due(uid, limit).await.map(|cmds| {
+            cmds.iter()
+                .map(|c| Unclaim::new(&fleet, c))
+                .collect::<Vec<_>>()
+        });
+        // A failed send drops the guards, which put the commands back.
+        let _ = tx.send(r);
+    });
+    match tokio::time::timeout(STORE_TIMEOUT, rx).await {
+        // No await between disarming and the caller arming its own guards.
+        Ok(Ok(r)) => Ok(r?.into_iter().map(Unclaim::into_command).collect()),
         Ok(Err(e)) => Err(Unavailable::Task(e.to_string())),
-        Err(_) => {
-            let fleet = sh.ctx.fleet.clone();
-            tokio::spawn(async move {
-                if let Ok(Ok(cmds)) = task.await {
-                    for c in &cmds {
-                        if let Err(e) = fleet.unclaim(c).await {
-                            tracing::warn!(command = %c.id, error = %e,
-                                "could not put back a command claimed too late; it will expire");
-                        }
-                    }
-                }
-            });
-            Err(Unavailable::Timeout)
-        }
+        Err(_) => Err(Unavailable::Timeout),
     }
 }
 
@@ -104,6 +103,12 @@ impl Unclaim {
 
     pub fn disarm(&mut self) {
         self.fleet = None;
+    }
+
+    /// Disarms the guard and hands its command on.
+    fn into_command(mut self) -> Command {
+        self.disarm();
+        self.cmd.clone()
     }
 }
 

@@ -262,8 +262,8 @@ impl Shared {
         }
     }
 
-    /// Writes pending heartbeats; on failure they go back into the batch (unless a newer one
-    /// arrived meanwhile) so liveness is delayed, not lost.
+    /// Writes pending heartbeats; on failure they go back into the batch (a newer one that
+    /// arrived meanwhile wins) so liveness is delayed, not lost.
     pub async fn flush_touches(&self) {
         let mut batch: Vec<Touch> = self.touches.drain().into_iter().map(|(_, t)| t).collect();
         if batch.is_empty() {
@@ -287,8 +287,16 @@ impl Shared {
                 tracing::warn!(%error, count = chunk.len(),
                     "writing heartbeat liveness failed; will retry");
                 for t in chunk {
+                    // A newer heartbeat wins, but keeps the learnt interval the failed one
+                    // carried (as `touch` does): the interval is sent only when it changes.
                     let mut shard = self.touches.shard(&t.uid);
-                    shard.entry(t.uid).or_insert_with(|| t.clone());
+                    shard
+                        .entry(t.uid)
+                        .and_modify(|n| {
+                            n.heartbeat_interval_s =
+                                n.heartbeat_interval_s.or(t.heartbeat_interval_s)
+                        })
+                        .or_insert_with(|| t.clone());
                 }
             }
         }

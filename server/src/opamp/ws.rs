@@ -122,7 +122,8 @@ async fn run(
         tokio::select! {
             biased;
             _ = &mut shutdown => break End::Shutdown,
-            _ = expired(&mut pong_deadline) => break End::Dead,
+            // Reading before the deadline check: a pong that arrived while this task was busy
+            // (a slow store call, a long write) is already buffered and must count.
             frame = socket.recv() => {
                 if frame.is_some() {
                     last_heard = Instant::now();
@@ -162,6 +163,7 @@ async fn run(
                 // pings are answered automatically; a pong already cleared the deadline.
                 Some(Ok(_)) => {}
             }},
+            _ = expired(&mut pong_deadline) => break End::Dead,
             Some(wake) = wake_rx.recv() => {
                 let cfg = &sh.ctx.cfg;
                 let ping_within = match wake {
