@@ -190,7 +190,11 @@ async fn log_audit_head(store: &dyn Store, when: &str) {
     match newest {
         Ok(recs) => match recs.first() {
             Some(r) => {
-                tracing::info!(anchor = %format!("{}:{}", r.id, r.hash), "audit head {when}")
+                let anchor = audit::ChainHead {
+                    id: r.id,
+                    hash: r.hash.clone(),
+                };
+                tracing::info!(%anchor, "audit head {when}")
             }
             None => tracing::info!("audit trail empty {when}"),
         },

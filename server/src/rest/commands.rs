@@ -148,21 +148,19 @@ pub async fn queue(
     Json(body): Json<QueueMany>,
 ) -> Result<Response, ApiError> {
     let kind = parse_kind(&body.kind)?;
+    let target = match (body.query, body.agent) {
+        (Some(q), None) => Target::Query(q),
+        (None, Some(a)) => Target::Agent(parse_uuid("agent", &a)?),
+        _ => return Err(ApiError::bad_request(
+            "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",
+        )),
+    };
     if body.dry_run {
-        let target = match (body.query, body.agent) {
-            (Some(q), None) => Target::Query(q),
-            (None, Some(a)) => Target::Agent(parse_uuid("agent", &a)?),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",
-                ))
-            }
-        };
         return dry_run(&st, &caller, target, kind, &body.params).await;
     }
     let expect = body.expect_targets.as_ref();
-    match (body.query, body.agent) {
-        (Some(q), None) => {
+    match target {
+        Target::Query(q) => {
             match st
                 .fleet
                 .queue_expecting(&caller, Target::Query(q), kind, &body.params, expect)
@@ -175,13 +173,7 @@ pub async fn queue(
                 )),
             }
         }
-        (None, Some(a)) => {
-            let uid = parse_uuid("agent", &a)?;
-            queue_one(&st, &caller, uid, kind, &body.params, expect).await
-        }
-        _ => Err(ApiError::bad_request(
-            "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",
-        )),
+        Target::Agent(uid) => queue_one(&st, &caller, uid, kind, &body.params, expect).await,
     }
 }
 
