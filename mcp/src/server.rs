@@ -293,7 +293,7 @@ impl FlotillaMcp {
                             "uid": v["uid"],
                             "host": attr(&v, &["host.name", "hostname"]),
                             "effective_config": v["effective_config"],
-                            "effective_config_hash": effective_config_hash(&v["effective_config"]),
+                            "effective_config_hash": v["effective_config_hash"],
                             "desired_config": v["desired_config"],
                             "remote_config_status": v["remote_config_status"],
                         }))
@@ -411,9 +411,12 @@ impl FlotillaMcp {
         if dry_run {
             return Ok(Outcome::Done(dry_run_view(&plan)));
         }
-        // Destructive kinds come from the service's catalog (the plan says), not a list here.
-        let needs_confirmation =
-            plan["destructive"] == json!(true) || matches!(target, QueueTarget::Query(_));
+        // Destructive kinds come from the service's catalog (the plan says). A plan that does
+        // not say `false` (a server of another version over REST) is treated as destructive,
+        // and so is every kind this adapter knows to be: confirmation fails closed.
+        let needs_confirmation = plan["destructive"] != json!(false)
+            || tools::DESTRUCTIVE_KINDS.contains(&kind)
+            || matches!(target, QueueTarget::Query(_));
         if !needs_confirmation {
             return queued(b.queue(&target, kind, &params, None).await?);
         }
@@ -651,30 +654,6 @@ fn row_label(row: &Value) -> String {
     }
 }
 
-/// SHA-256 of an agent's reported files computed as the server hashes a remote config
-/// (`flotilla_server::commands::config_hash`: name, body and content type of each file in name
-/// order, length-prefixed), so it equals `desired_config.hash` when the agent runs exactly the
-/// pushed files. `None` when the agent reported no config.
-pub fn effective_config_hash(files: &Value) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    let files = files.as_object()?;
-    let mut names: Vec<&String> = files.keys().collect();
-    names.sort();
-    let mut h = Sha256::new();
-    for name in names {
-        let f = &files[name.as_str()];
-        for part in [
-            name.as_str(),
-            f["body"].as_str().unwrap_or_default(),
-            f["content_type"].as_str().unwrap_or_default(),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-    }
-    Some(hex::encode(h.finalize()))
-}
-
 /// One compact row of `remote_config_get` with a query, from the REST agent view.
 fn config_row(v: &Value) -> Value {
     let rcs = &v["remote_config_status"];
@@ -685,7 +664,7 @@ fn config_row(v: &Value) -> Value {
         "remote_config_status": rcs["status"],
         "remote_config_hash": rcs["hash"],
         "remote_config_error": rcs.get("error").cloned().unwrap_or(Value::Null),
-        "effective_config_hash": effective_config_hash(&v["effective_config"]),
+        "effective_config_hash": v["effective_config_hash"],
     })
 }
 

@@ -150,6 +150,8 @@ pub fn agent_view(a: &Agent, now: Millis) -> Value {
         "custom_capabilities": a.custom_capabilities,
         "health": a.health,
         "effective_config": a.effective_config,
+        // Equal to `desired_config.hash` when the agent runs exactly the pushed files.
+        "effective_config_hash": a.effective_config.as_ref().map(crate::commands::config_hash),
         "remote_config_status": a.remote_config_status,
         "desired_config": a.desired_config.as_ref().map(|d| json!({"hash": d.hash, "command_id": d.command_id})),
         "labels": a.labels,

@@ -234,6 +234,7 @@ fn schemas() -> Value {
                 "custom_capabilities": {"type": "array", "items": {"type": "string"}},
                 "health": {"type": ["object", "null"], "description": "OpAMP ComponentHealth tree."},
                 "effective_config": {"type": ["object", "null"], "description": "File name → {body, content_type, encoding?}."},
+                "effective_config_hash": {"type": ["string", "null"], "description": "The remote-config hash of the reported files: equals desired_config.hash when the agent runs exactly the pushed files."},
                 "remote_config_status": {"type": ["object", "null"], "properties": {
                     "hash": {"type": "string"}, "status": {"type": "string"}, "error": {"type": "string"}}},
                 "desired_config": {"type": ["object", "null"], "properties": {
