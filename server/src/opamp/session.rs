@@ -671,14 +671,39 @@ async fn link_reregistration(sh: &Shared, agent: &Agent, remote: &str) {
     }
     // ...unless its "live" WebSocket is what a rebooted host left behind: ask it to prove it,
     // and link once it turns out dead.
-    let Some(old) = candidates.into_iter().find(|u| hub.probe(*u)) else {
+    if let Some(old) = candidates.iter().copied().find(|u| hub.probe(*u)) {
+        let (fleet, agent, remote) = (fleet.clone(), agent.clone(), remote.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(super::ws::PROBE_PONG_TIMEOUT + Duration::from_secs(1)).await;
+            if !fleet.hub().is_bound(old) {
+                link(&fleet, old, &agent, &remote).await;
+            }
+        });
+        return;
+    }
+    // A plain-HTTP agent stays bound until it has been silent for an hour, and one that
+    // restarts rarely says goodbye (the Node client never does): it is this agent's earlier
+    // self if it has not polled for two of its heartbeat intervals since this registration.
+    let Some(old) = candidates
+        .into_iter()
+        .find(|u| sh.http_peers.get(u).is_some())
+    else {
         return;
     };
     let (fleet, agent, remote) = (fleet.clone(), agent.clone(), remote.to_string());
     tokio::spawn(async move {
-        tokio::time::sleep(super::ws::PROBE_PONG_TIMEOUT + Duration::from_secs(1)).await;
-        if !fleet.hub().is_bound(old) {
-            link(&fleet, old, &agent, &remote).await;
+        let since = crate::model::now_ms();
+        let interval_s = match timed(fleet.store().get_agent(old)).await {
+            Ok(Some(a)) => a.heartbeat_interval_s,
+            _ => return,
+        };
+        let wait = Duration::from_secs(interval_s.saturating_mul(2).clamp(2, 600));
+        // Two more seconds for the batched heartbeat write (every second) that shows a poll.
+        tokio::time::sleep(wait + Duration::from_secs(2)).await;
+        if let Ok(Some(a)) = timed(fleet.store().get_agent(old)).await {
+            if a.last_seen < since {
+                link(&fleet, old, &agent, &remote).await;
+            }
         }
     });
 }

@@ -1573,6 +1573,59 @@ async fn a_reregistration_behind_a_half_open_connection_is_linked_once_it_is_dea
 }
 
 #[tokio::test]
+async fn a_plain_http_agent_back_under_a_new_uid_is_linked_once_its_old_uid_falls_silent() {
+    // Agents that take the offered 1 s heartbeat make "silent for two intervals" a few seconds.
+    let server = TestServer::start_with(|c| c.opamp.heartbeat_interval_s = 1).await;
+    let caps =
+        REPORTS_STATUS | AC::AcceptsOpAmpConnectionSettings as u64 | AC::ReportsHeartbeat as u64;
+    let identity = |uid: Uuid, node: &str| {
+        let mut m = full(uid, 0, caps);
+        m.agent_description = Some(AgentDescription {
+            identifying_attributes: vec![kv_str("service.instance.id", node)],
+            non_identifying_attributes: vec![kv_str("host.name", node)],
+        });
+        m
+    };
+    // node-1 restarts under a new uid without agent_disconnect (as the Node client does);
+    // node-2 gets a twin with its identity while it goes on polling.
+    let (before, after, alive, twin) = (new_uid(), new_uid(), new_uid(), new_uid());
+    post(&server, &identity(before, "node-1")).await;
+    post(&server, &identity(alive, "node-2")).await;
+    post(&server, &identity(after, "node-1")).await;
+    post(&server, &identity(twin, "node-2")).await;
+    let registered = tokio::time::Instant::now();
+    let db = db(&server).await;
+    let mut seq = 0;
+    loop {
+        seq += 1;
+        post(&server, &beat(alive, seq)).await;
+        let linked = db.get_agent(after).await.unwrap().unwrap().replaces;
+        // The twin's decision falls 4 s after its registration; poll well past it.
+        if linked.is_some() && registered.elapsed() > Duration::from_secs(6) {
+            assert_eq!(linked, Some(before));
+            break;
+        }
+        assert!(
+            registered.elapsed() < WAIT,
+            "the silent record was never linked"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let old = db.get_agent(before).await.unwrap().unwrap();
+    assert_eq!(old.replaced_by, Some(after));
+    let (t, a) = (
+        db.get_agent(twin).await.unwrap().unwrap(),
+        db.get_agent(alive).await.unwrap().unwrap(),
+    );
+    assert_eq!(
+        (t.replaces, a.replaced_by),
+        (None, None),
+        "a live agent is not replaced"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_restart_that_cannot_be_confirmed_expires_saying_so() {
     let server = TestServer::start_with(|c| c.commands.result_timeout_s = 1).await;
     let uid = new_uid();
