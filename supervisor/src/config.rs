@@ -437,30 +437,10 @@ impl Config {
             p.push("data_dir: must be set".into());
         }
         // server
-        let url = self.server.url.trim();
-        if url.is_empty() {
+        if self.server.url.trim().is_empty() {
             p.push("server.url: must be set (ws://, wss://, http:// or https://)".into());
-        } else {
-            match url.split_once("://") {
-                Some((scheme, rest)) => {
-                    if !matches!(scheme, "ws" | "wss" | "http" | "https") {
-                        p.push(format!(
-                            "server.url: scheme {scheme:?} is not one of ws, wss, http, https"
-                        ));
-                    } else if rest.is_empty() || rest.starts_with('/') {
-                        p.push(format!("server.url: {url:?} has no host"));
-                    }
-                    if matches!(scheme, "wss" | "https") && !cfg!(feature = "tls") {
-                        p.push(format!(
-                            "server.url: {scheme}:// needs TLS, which this build does not include; \
-                             build with `--features tls`, or terminate TLS in a local proxy"
-                        ));
-                    }
-                }
-                None => p.push(format!(
-                    "server.url: {url:?} is not a URL (expected e.g. ws://host:4320/v1/opamp)"
-                )),
-            }
+        } else if let Err(e) = check_opamp_url(&self.server.url) {
+            p.push(format!("server.url: {e}"));
         }
         self.validate_auth(&mut p);
         // Durations are bounded above too: `Instant + Duration` panics on overflow, and no
@@ -553,9 +533,10 @@ impl Config {
         }
         if a.kind == Some(AgentKind::Fluentd) {
             match parse_http_base(&a.monitor_url) {
-                Ok(host) if is_loopback_host(&host) => {}
-                Ok(host) => p.push(format!(
-                    "agent.monitor_url: host {host:?} is not a loopback address (monitor_agent must bind 127.0.0.1)"
+                Ok(o) if is_loopback_host(&o.host) => {}
+                Ok(o) => p.push(format!(
+                    "agent.monitor_url: host {:?} is not a loopback address (monitor_agent must bind 127.0.0.1)",
+                    o.host
                 )),
                 Err(e) => p.push(format!("agent.monitor_url: {e}")),
             }
@@ -578,9 +559,9 @@ impl Config {
             // would fail to bind (Fluent Bit exits 255 on an HTTP port conflict).
             let api = match a.kind {
                 Some(AgentKind::Fluentbit) => Some(("agent.http_port", a.http_port)),
-                Some(AgentKind::Fluentd) => {
-                    url_port(&a.monitor_url).map(|p| ("agent.monitor_url", p))
-                }
+                Some(AgentKind::Fluentd) => parse_http_base(&a.monitor_url)
+                    .ok()
+                    .map(|o| ("agent.monitor_url", o.port)),
                 None => None,
             };
             let rpc = a
@@ -731,7 +712,7 @@ impl Config {
                 match a.token_url.as_deref() {
                     None => p.push("server.auth.token_url: oauth2 auth needs a token endpoint URL".into()),
                     Some(u) => match parse_http_base(u) {
-                        Ok(_) if u.starts_with("https://") && !cfg!(feature = "tls") => p.push(
+                        Ok(o) if o.tls() && !cfg!(feature = "tls") => p.push(
                             "server.auth.token_url: https:// needs TLS, which this build does not include".into(),
                         ),
                         Ok(_) => {}
@@ -783,11 +764,6 @@ impl Config {
         }))
     }
 
-    /// True when the OpAMP URL asks for a WebSocket.
-    pub fn websocket(&self) -> bool {
-        self.server.url.starts_with("ws://") || self.server.url.starts_with("wss://")
-    }
-
     /// The capability bits to declare.
     pub fn capability_bits(&self) -> u64 {
         let mut bits = AgentCapabilities::ReportsStatus as u64;
@@ -828,16 +804,6 @@ fn check_range(p: &mut Vec<String>, field: &str, v: u64, min: u64, max: u64) {
     }
 }
 
-/// The port of an `http://host:port[/...]` URL (80 when it names none).
-fn url_port(url: &str) -> Option<u16> {
-    let rest = url.strip_prefix("http://")?;
-    let authority = rest.split('/').next()?;
-    match authority.rsplit_once(':') {
-        Some((_, port)) if !authority.ends_with(']') => port.parse().ok(),
-        _ => Some(80),
-    }
-}
-
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p)
@@ -845,27 +811,89 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Checks an `http://host[:port][/path]` URL; returns its host.
-pub fn parse_http_base(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("{url:?} must start with http://"))?;
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = if let Some(h) = authority.strip_prefix('[') {
-        h.split(']').next().unwrap_or("").to_string()
-    } else {
-        authority.split(':').next().unwrap_or("").to_string()
+/// What a URL's credentials and connections are bound to: RFC 6454's origin, parsed by WHATWG
+/// rules (host lower-cased, IPv6 in brackets, default ports filled in).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    pub fn tls(&self) -> bool {
+        matches!(self.scheme.as_str(), "wss" | "https")
+    }
+}
+
+/// The schemes an OpAMP endpoint may have.
+pub const OPAMP_SCHEMES: &[&str] = &["ws", "wss", "http", "https"];
+
+/// Parses `scheme://host[:port][/path]` with a scheme among `schemes`.
+pub fn parse_origin(url: &str, schemes: &[&str]) -> Result<Origin, String> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "{url:?} is not a URL (expected e.g. {}://host:port/path)",
+            schemes[0]
+        ));
     };
-    if host.is_empty() {
+    // Checked as written: the WHATWG parser would lower-case `WS://`, which then no longer
+    // reads as a WebSocket endpoint (`transport::is_websocket`).
+    if !schemes.contains(&scheme) {
+        return Err(format!(
+            "scheme {scheme:?} is not one of {}",
+            schemes.join(", ")
+        ));
+    }
+    // WHATWG parsing skips extra slashes (`ws:///v1/opamp` has host "v1"): an empty
+    // authority is refused first.
+    if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("{url:?} has no host"));
     }
-    Ok(host)
+    let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let host = match u.host_str() {
+        Some(h) if !h.is_empty() => h.to_string(),
+        _ => return Err(format!("{url:?} has no host")),
+    };
+    let port = u
+        .port_or_known_default()
+        .ok_or_else(|| format!("{url:?} has no port"))?;
+    Ok(Origin {
+        scheme: scheme.to_string(),
+        host,
+        port,
+    })
+}
+
+/// Checks an OpAMP endpoint, the configured `server.url` as well as one the server offers:
+/// a URL this build can connect to.
+pub fn check_opamp_url(url: &str) -> Result<Origin, String> {
+    let o = parse_origin(url, OPAMP_SCHEMES)?;
+    if o.tls() && !cfg!(feature = "tls") {
+        return Err(format!(
+            "{}:// needs TLS, which this build does not include; build with `--features tls`, \
+             or terminate TLS in a local proxy",
+            o.scheme
+        ));
+    }
+    Ok(o)
+}
+
+/// Checks an `http[s]://host[:port][/path]` URL.
+pub fn parse_http_base(url: &str) -> Result<Origin, String> {
+    parse_origin(url, &["http", "https"])
 }
 
 fn is_loopback_host(h: &str) -> bool {
+    // An IPv6 host keeps its URL brackets (`[::1]`).
+    let ip = h
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h);
     h == "localhost"
-        || h.parse::<std::net::IpAddr>()
+        || ip
+            .parse::<std::net::IpAddr>()
             .map(|ip| ip.is_loopback())
             .unwrap_or(false)
 }
@@ -1240,12 +1268,39 @@ mod tests {
 
     #[test]
     fn url_ports() {
-        assert_eq!(url_port("http://127.0.0.1:24220"), Some(24220));
-        assert_eq!(url_port("http://127.0.0.1:24220/x"), Some(24220));
-        assert_eq!(url_port("http://localhost/"), Some(80));
-        assert_eq!(url_port("http://[::1]"), Some(80));
-        assert_eq!(url_port("http://[::1]:5"), Some(5));
-        assert_eq!(url_port("ftp://x"), None);
+        let port = |u| parse_http_base(u).ok().map(|o| o.port);
+        assert_eq!(port("http://127.0.0.1:24220"), Some(24220));
+        assert_eq!(port("http://127.0.0.1:24220/x"), Some(24220));
+        assert_eq!(port("http://localhost/"), Some(80));
+        assert_eq!(port("http://[::1]"), Some(80));
+        assert_eq!(port("http://[::1]:5"), Some(5));
+        assert_eq!(port("ftp://x"), None);
+        assert_eq!(port("https://127.0.0.1"), Some(443));
+        assert_eq!(port("http://user@127.0.0.1:7"), Some(7));
+        assert!(is_loopback_host(
+            &parse_http_base("http://[::1]:5").unwrap().host
+        ));
+    }
+
+    #[test]
+    fn chat_ops_port_conflicts_with_an_https_monitor_url() {
+        for url in [
+            "https://127.0.0.1:8443",
+            "https://127.0.0.1",
+            "http://u@127.0.0.1:8443",
+        ] {
+            let mut c = good();
+            c.agent.kind = Some(AgentKind::Fluentd);
+            c.agent.monitor_url = url.into();
+            c.agent.chat_ops_port = if url.ends_with("8443") { 8443 } else { 443 };
+            let p = problems(&c);
+            assert!(
+                p.iter().any(
+                    |m| m.starts_with("agent.chat_ops_port") && m.contains("agent.monitor_url")
+                ),
+                "{url}: {p:?}"
+            );
+        }
     }
 
     #[test]
@@ -1289,7 +1344,7 @@ mod tests {
             Config::from_toml("[server]\naccept_offered_endpoint = \"anywhere\"\n").unwrap_err();
         assert!(err.contains("anywhere") || err.contains("variant"), "{err}");
         assert_eq!(c.stop_timeout().as_secs(), 30);
-        assert!(c.websocket());
+        assert!(crate::transport::is_websocket(&c.server.url));
         let err = Config::from_toml("[agent]\nkindd = \"fluentd\"\n").unwrap_err();
         assert!(err.contains("kindd"), "{err}");
         let err = Config::from_toml("[agent]\nkind = \"vector\"\n").unwrap_err();
@@ -1317,7 +1372,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server.url, "http://h:1/v1/opamp");
-        assert!(!c.websocket());
+        assert!(!crate::transport::is_websocket(&c.server.url));
         let e = Config::load(
             None,
             vec![
@@ -1344,7 +1399,7 @@ mod tests {
             include_str!("../examples/fluentd.toml"),
         ] {
             let c = Config::from_toml(text).unwrap();
-            assert!(c.websocket());
+            assert!(crate::transport::is_websocket(&c.server.url));
         }
     }
 

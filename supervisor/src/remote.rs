@@ -264,6 +264,28 @@ impl Applier {
         });
     }
 
+    /// Puts last-known-good back after `msg` failed an apply that wrote (some of) its files.
+    /// `Ok`: the files are back, `pending_apply` is cleared and the hold is handed back (the
+    /// agent may still need reloading on them). `Err`: they are not, the apply is stuck (see
+    /// [`Applier::stick`]) and the message says both failures.
+    fn roll_back(
+        &self,
+        hash: &str,
+        previous: BTreeMap<PathBuf, Option<String>>,
+        hold: RestartHold,
+        msg: &str,
+    ) -> Result<RestartHold, String> {
+        if let Err(e) = restore(&previous) {
+            let why = format!("{msg}; restoring last-known-good also failed: {e}");
+            self.stick(hash, previous, hold, &why);
+            return Err(why);
+        }
+        if let Err(e) = self.state.set_pending_apply(None) {
+            tracing::warn!("cannot clear the pending apply record: {e}");
+        }
+        Ok(hold)
+    }
+
     /// Before a new apply: tries again to put back the last-known-good of a stuck rollback.
     /// `Ok(Some(hold))`: restored; the hold goes on until the new apply loaded its config
     /// (the agent may be down, and the apply starts it). `Err`: still stuck.
@@ -357,9 +379,12 @@ impl Applier {
         // 3. Write in place, atomically.
         for (path, body) in &new {
             if let Err(e) = write_atomic(path, body.as_bytes()) {
-                let _ = restore(&previous);
-                let _ = self.state.set_pending_apply(None);
-                return Applied::Failed(format!("cannot write {}: {e}", path.display()));
+                let msg = format!("cannot write {}: {e}", path.display());
+                // Nothing was reloaded yet: once the files are back, the hold can go.
+                return match self.roll_back(hash, previous, hold, &msg) {
+                    Ok(_hold) => Applied::Failed(msg),
+                    Err(why) => Applied::Failed(why),
+                };
             }
         }
         // 4. Load it. A reload that kills the agent (Fluent Bit exits 255 when the new
@@ -394,12 +419,10 @@ impl Applier {
                     hash,
                     "remote config failed, restoring last-known-good: {msg}"
                 );
-                if let Err(e) = restore(&previous) {
-                    let why = format!("{msg}; restoring last-known-good also failed: {e}");
-                    self.stick(hash, previous, hold, &why);
-                    return Applied::Failed(why);
-                }
-                let _ = self.state.set_pending_apply(None);
+                let hold = match self.roll_back(hash, previous, hold, &msg) {
+                    Ok(hold) => hold,
+                    Err(why) => return Applied::Failed(why),
+                };
                 // A halted reload left the old pipeline running: nothing to reload then.
                 if reload_again {
                     self.reload_last_known_good(&fluent, exits_before).await;
@@ -579,11 +602,22 @@ mod tests {
         assert!(recover(&state).unwrap().is_none());
     }
 
-    #[test]
-    fn a_rollback_that_cannot_restore_keeps_restarts_held() {
-        let d = tempfile::tempdir().unwrap();
-        let c = cfg(d.path());
-        let state = State::open(&d.path().join("data")).unwrap();
+    /// An applier for a config file whose last-known-good is "good", with what it works on.
+    struct Rig {
+        /// Bound by name in the tests: the directory goes when this is dropped.
+        _dir: tempfile::TempDir,
+        c: Config,
+        state: State,
+        agent: AgentHandle,
+        view: SharedView,
+        a: Applier,
+        previous: BTreeMap<PathBuf, Option<String>>,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let state = State::open(&dir.path().join("data")).unwrap();
         let agent = AgentHandle::detached();
         let view = SharedView::default();
         let a = Applier::new(
@@ -592,10 +626,31 @@ mod tests {
             agent.clone(),
             view.clone(),
         );
+        let previous = [(c.agent.config_path.clone(), Some("good".to_string()))].into();
+        Rig {
+            _dir: dir,
+            c,
+            state,
+            agent,
+            view,
+            a,
+            previous,
+        }
+    }
+
+    #[test]
+    fn a_rollback_that_cannot_restore_keeps_restarts_held() {
+        let Rig {
+            c,
+            agent,
+            view,
+            a,
+            previous,
+            _dir,
+            ..
+        } = rig();
         // Something stands where the file must go back: the restore cannot write it.
         std::fs::create_dir(&c.agent.config_path).unwrap();
-        let previous: BTreeMap<_, _> =
-            [(c.agent.config_path.clone(), Some("good".to_string()))].into();
         let e = restore(&previous).unwrap_err();
         a.stick("h1", previous, agent.hold_restarts(), &e.to_string());
         assert!(
@@ -619,6 +674,56 @@ mod tests {
         drop(hold);
         assert!(!agent.restarts_held());
         assert!(a.unstick().unwrap().is_none(), "nothing stuck any more");
+    }
+
+    #[test]
+    fn a_roll_back_that_cannot_restore_sticks() {
+        let Rig {
+            c,
+            state,
+            agent,
+            view,
+            a,
+            previous,
+            _dir,
+            ..
+        } = rig();
+        let pending = PendingApply {
+            hash: "h1".into(),
+            previous: previous.clone(),
+        };
+        state.set_pending_apply(Some(&pending)).unwrap();
+        std::fs::create_dir(&c.agent.config_path).unwrap();
+        let why = a
+            .roll_back(
+                "h1",
+                previous.clone(),
+                agent.hold_restarts(),
+                "cannot write x",
+            )
+            .unwrap_err();
+        assert!(why.starts_with("cannot write x; "), "{why}");
+        assert!(agent.restarts_held());
+        assert!(view.lock().unwrap().rollback_stuck.is_some());
+        assert!(
+            state.pending_apply().unwrap().is_some(),
+            "a supervisor restart must still retry the restore"
+        );
+        // Once the restore works, the record goes and the hold is handed back.
+        std::fs::remove_dir(&c.agent.config_path).unwrap();
+        drop(a.unstick().unwrap());
+        state.set_pending_apply(Some(&pending)).unwrap();
+        let hold = a
+            .roll_back("h2", previous, agent.hold_restarts(), "cannot write y")
+            .unwrap();
+        assert!(state.pending_apply().unwrap().is_none());
+        assert_eq!(
+            std::fs::read_to_string(&c.agent.config_path).unwrap(),
+            "good"
+        );
+        assert!(agent.restarts_held());
+        drop(hold);
+        assert!(!agent.restarts_held());
     }
 
     #[test]

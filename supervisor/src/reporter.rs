@@ -186,7 +186,7 @@ impl Reporter {
     pub fn connection_lost(&mut self) {
         self.full_pending = true;
         self.conn_sent = 0;
-        let mut resent = 0;
+        let mut resent: usize = 0;
         for mut s in self.unconfirmed.drain(..).rev() {
             if s.answered {
                 s.out.unacked_answers += 1;
@@ -203,8 +203,16 @@ impl Reporter {
             resent += 1;
             self.queue.push_front(s.out);
         }
-        while self.queue.len() > MAX_QUEUE {
-            self.queue.pop_back();
+        // The oldest go, as in `push_custom`: they are the re-queued results, sent at least once
+        // already and perhaps processed, while the newest were never sent.
+        let excess = self.queue.len().saturating_sub(MAX_QUEUE);
+        if excess > 0 {
+            self.queue.drain(..excess);
+            resent = resent.saturating_sub(excess);
+            tracing::warn!(
+                dropped = excess,
+                "custom message queue full; dropping the oldest unconfirmed results"
+            );
         }
         if resent > 0 {
             tracing::info!(
@@ -330,7 +338,11 @@ impl Reporter {
         if let Some(c) = self.queue.pop_front() {
             if self.unconfirmed.len() >= MAX_QUEUE {
                 // A server that never answers: keep memory bounded.
-                self.unconfirmed.remove(0);
+                let gone = self.unconfirmed.remove(0);
+                tracing::warn!(
+                    command_id = gone.out.ack_id.as_deref().unwrap_or("-"),
+                    "{MAX_QUEUE} results sent and not confirmed; no longer re-sending the oldest"
+                );
             }
             m.custom_message = Some(c.msg.clone());
             self.unconfirmed.push(Sent {
@@ -645,5 +657,19 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, MAX_QUEUE);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_on_reconnect() {
+        let mut r = rep(FullStateController::TimeSend { secs: 3600 });
+        r.build(false).unwrap();
+        r.push_custom(flotilla_result("old"));
+        r.build(false).unwrap(); // sent, not confirmed
+        let ids: Vec<String> = (0..MAX_QUEUE).map(|i| format!("r{i}")).collect();
+        for id in &ids {
+            r.push_custom(flotilla_result(id));
+        }
+        r.connection_lost();
+        assert_eq!(drain_results(&mut r), ids, "the newest results all stay");
     }
 }

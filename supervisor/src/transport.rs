@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use crate::auth::TokenSource;
 use crate::backoff::{parse_retry_after, throttle_delay, Backoff};
 use crate::commands;
-use crate::config::OfferedEndpoint;
+use crate::config::{check_opamp_url, parse_origin, OfferedEndpoint, OPAMP_SCHEMES};
 use crate::reporter::Reporter;
 
 /// Shared between the core and the transport.
@@ -99,62 +99,6 @@ pub fn is_websocket(url: &str) -> bool {
     url.starts_with("ws://") || url.starts_with("wss://")
 }
 
-/// What an endpoint's credentials are bound to: RFC 6454's origin (scheme, host, port), plus
-/// whether the connection is encrypted.
-#[derive(Debug, PartialEq, Eq)]
-struct Origin {
-    scheme: String,
-    host: String,
-    port: u16,
-}
-
-impl Origin {
-    fn tls(&self) -> bool {
-        matches!(self.scheme.as_str(), "wss" | "https")
-    }
-}
-
-/// Parses an OpAMP endpoint (WHATWG rules: host lower-cased, default ports filled in).
-fn origin(url: &str) -> Result<Origin, String> {
-    // WHATWG parsing skips extra slashes (`ws:///v1/opamp` has host "v1"): an empty
-    // authority is refused first.
-    match url.trim().split_once("://") {
-        Some((_, rest)) if rest.is_empty() || rest.starts_with('/') => {
-            return Err(format!("{url:?} has no host"))
-        }
-        None => return Err(format!("{url:?} is not a URL")),
-        Some(_) => {}
-    }
-    let u = reqwest::Url::parse(url.trim()).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let scheme = u.scheme();
-    if !matches!(scheme, "ws" | "wss" | "http" | "https") {
-        return Err(format!(
-            "scheme {scheme:?} is not one of ws, wss, http, https"
-        ));
-    }
-    let host = match u.host_str() {
-        Some(h) if !h.is_empty() => h.to_string(),
-        _ => return Err(format!("{url:?} has no host")),
-    };
-    let port = u
-        .port_or_known_default()
-        .ok_or_else(|| format!("{url:?} has no port"))?;
-    Ok(Origin {
-        scheme: scheme.to_string(),
-        host,
-        port,
-    })
-}
-
-/// Whether this build can connect to `url` at all (an offered endpoint is checked before use).
-pub fn usable_endpoint(url: &str) -> Result<(), String> {
-    let o = origin(url)?;
-    if o.tls() && !cfg!(feature = "tls") {
-        return Err(format!("{}:// needs the tls build feature", o.scheme));
-    }
-    Ok(())
-}
-
 /// Whether an offered endpoint may replace `current` under `policy`. The connection carries
 /// the credentials, so following an offer sends them wherever it points: an offer that drops
 /// TLS is refused whatever the policy (a man in the middle, or a mistaken server, would get
@@ -164,8 +108,8 @@ pub fn offer_allowed(policy: OfferedEndpoint, current: &str, offered: &str) -> R
     if policy == OfferedEndpoint::Never {
         return Err("server.accept_offered_endpoint is \"never\"".into());
     }
-    let cur = origin(current)?;
-    let off = origin(offered)?;
+    let cur = parse_origin(current, OPAMP_SCHEMES)?;
+    let off = parse_origin(offered, OPAMP_SCHEMES)?;
     if cur.tls() && !off.tls() {
         return Err(format!(
             "it would drop TLS ({}:// to {}://), which is never done: the credentials and \
@@ -181,7 +125,7 @@ pub fn offer_allowed(policy: OfferedEndpoint, current: &str, offered: &str) -> R
             off.scheme, off.host, off.port, cur.scheme, cur.host, cur.port
         ));
     }
-    usable_endpoint(offered)
+    check_opamp_url(offered).map(drop)
 }
 
 fn same_endpoint(a: &str, b: &str) -> bool {
@@ -744,13 +688,13 @@ mod tests {
 
     #[test]
     fn offered_endpoints_are_checked() {
-        assert!(usable_endpoint("ws://10.0.0.1:4320/v1/opamp").is_ok());
-        assert!(usable_endpoint("http://h/v1/opamp").is_ok());
-        assert!(usable_endpoint("ftp://h/x").is_err());
-        assert!(usable_endpoint("ws:///v1/opamp").is_err());
-        assert!(usable_endpoint("nonsense").is_err());
+        assert!(check_opamp_url("ws://10.0.0.1:4320/v1/opamp").is_ok());
+        assert!(check_opamp_url("http://h/v1/opamp").is_ok());
+        assert!(check_opamp_url("ftp://h/x").is_err());
+        assert!(check_opamp_url("ws:///v1/opamp").is_err());
+        assert!(check_opamp_url("nonsense").is_err());
         assert_eq!(
-            usable_endpoint("wss://h/v1/opamp").is_ok(),
+            check_opamp_url("wss://h/v1/opamp").is_ok(),
             cfg!(feature = "tls")
         );
         assert!(same_endpoint("ws://h:1/v1/opamp/", " ws://h:1/v1/opamp"));
