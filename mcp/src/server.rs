@@ -6,6 +6,7 @@
 //! confirmation gate of destructive tools (elicitation, MRTR, or a two-step token). Every fleet
 //! operation is one backend call, so authorisation and audit stay in the service layer.
 
+use futures_util::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -307,11 +308,19 @@ impl FlotillaMcp {
                             )));
                         }
                         let page = b.search(&q, Some(limit), a.cursor.as_deref(), true).await?;
-                        let mut rows = Vec::new();
-                        for row in page["items"].as_array().into_iter().flatten() {
-                            let uid = row["uid"].as_str().unwrap_or_default();
-                            rows.push(config_row(&b.agent(uid).await?));
-                        }
+                        // A few lookups at a time: over REST each is a round trip, and a page
+                        // of 50 one after another could outlast the client's call timeout.
+                        let uids: Vec<String> = page["items"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|row| row["uid"].as_str().unwrap_or_default().to_string())
+                            .collect();
+                        let rows: Vec<Value> = futures_util::stream::iter(uids)
+                            .map(|uid| async move { b.agent(&uid).await.map(|v| config_row(&v)) })
+                            .buffered(8)
+                            .try_collect()
+                            .await?;
                         done(json!({"items": rows, "next_cursor": page["next_cursor"],
                                     "total": page["total"]}))
                     }
