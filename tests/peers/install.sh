@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the third-party OpAMP client peers (Python venv + Node modules) into <repo>/.peers; idempotent.
-# The venv also holds the official MCP Python SDK used by the MCP transport tests.
+# The venv also holds the official MCP Python SDK used by the MCP transport tests and the
+# OpenAPI client generator; the Node modules also hold the official MCP TypeScript SDK.
 #
 #   bash tests/peers/install.sh        # or PEERS_DIR=/elsewhere bash tests/peers/install.sh
 #
@@ -53,6 +54,8 @@ else
     || die "opentelemetry-opamp-client does not import after install"
   "$venv/bin/python" -c 'import mcp.client.session, mcp.client.sse, mcp.client.streamable_http' \
     || die "the MCP Python SDK (mcp) does not import after install"
+  "$venv/bin/openapi-python-client" --version >/dev/null \
+    || die "openapi-python-client does not run after install"
   echo "$py_stamp" > "$venv/.flotilla-stamp"
   log "python peer installed in $((SECONDS - start)) s"
 fi
@@ -73,6 +76,8 @@ else
     || die "npm ci for the node peer failed"
   NODE_PATH="$nodedir/node_modules" "$node" -e 'require("@elastic/opamp-client-node")' \
     || die "@elastic/opamp-client-node does not load after install"
+  NODE_PATH="$nodedir/node_modules" "$node" -e 'require("@modelcontextprotocol/sdk/client/streamableHttp.js")' \
+    || die "the MCP TypeScript SDK (@modelcontextprotocol/sdk) does not load after install"
   echo "$node_stamp" > "$nodedir/.flotilla-stamp"
   log "node peer installed in $((SECONDS - start)) s"
 fi

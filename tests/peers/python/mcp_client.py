@@ -10,7 +10,10 @@ repeated with its confirmation_token (the two-step flow a client without elicita
 An argument value "$N.key" is replaced by `key` of call N's structured result (e.g.
 "$6.command_id": the command queued by call 6), so a plan can follow up on what it queued.
 Prints one JSON object on stdout: the tools, prompts and resources seen, and every call's
-answers (wire JSON, camelCase). Exit status 0 unless the session itself failed.
+answers (wire JSON, camelCase). If the session itself fails (e.g. a refused token), prints
+{"session_error": message, "session_error_type": name} instead and exits with status 3: the
+message is what the SDK tells its user. The SDK's own log (stderr) is left for the caller to
+inspect, e.g. for "Session termination failed".
 """
 
 import argparse
@@ -100,5 +103,17 @@ async def main():
     print(json.dumps(out))
 
 
+def leaf(exc):
+    """The first real error inside the task-group wrappers anyio raises."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as e:  # noqa: BLE001 - reported to the test, which asserts on it
+        err = leaf(e)
+        print(json.dumps({"session_error": str(err), "session_error_type": type(err).__name__}))
+        sys.exit(3)
