@@ -193,6 +193,12 @@ async fn bind_session(State(st): State<Arc<SessionOwners>>, req: Request, next: 
         }
         Some(sid) if delete && resp.status().is_success() => {
             st.lock().remove(&sid);
+            // rmcp answers a session DELETE with 202, which the transport spec does not list
+            // and the official Python SDK logs as "Session termination failed: 202" on every
+            // close; the session is gone, so say so with 204 No Content.
+            if resp.status() == StatusCode::ACCEPTED {
+                return StatusCode::NO_CONTENT.into_response();
+            }
         }
         Some(_) => {}
     }

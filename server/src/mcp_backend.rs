@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::any;
 use axum::Router;
 use flotilla_mcp::{
     AuditFilter as McpAuditFilter, BackendError, BackendHandle, BackendResult, CommandsFilter,
@@ -29,7 +31,6 @@ use crate::model::{
     now_ms, AuditFilter, Caller, Channel, CommandFilter, CommandKind, CommandStatus, Millis,
 };
 use crate::rest::auth::Tokens;
-use crate::rest::errors::ApiError;
 use crate::service::{agent_view, ExpectedTargets, Fleet, FleetError, Queued, Target};
 use crate::views;
 
@@ -310,11 +311,7 @@ async fn authenticate(State(st): State<Arc<AuthState>>, mut req: Request, next: 
         .unwrap_or_else(|| "unknown".into());
     let deny = |reason: &str, invalid: bool| {
         tracing::warn!(%remote, reason, "MCP authentication failed");
-        ApiError::unauthorized(
-            format!("{reason}; send Authorization: Bearer <token>"),
-            invalid,
-        )
-        .into_response()
+        unauthorized(reason, invalid)
     };
     let Some(tokens) = st.tokens.as_ref() else {
         return deny("API tokens could not be loaded (see the server log)", false);
@@ -327,6 +324,67 @@ async fn authenticate(State(st): State<Arc<AuthState>>, mut req: Request, next: 
     req.extensions_mut()
         .insert(BackendHandle(Arc::new(backend)));
     next.run(req).await
+}
+
+/// The 401 of the MCP routes. MCP clients read the body as a JSON-RPC error (the official
+/// SDKs show its message; a REST-shaped body left them with "Server returned an error
+/// response"), and the challenge names no `resource_metadata`: Flotilla takes its own API
+/// tokens and is not an OAuth resource server, so there is no authorization server to
+/// discover (see [`oauth_discovery_routes`]).
+fn unauthorized(reason: &str, invalid_token: bool) -> Response {
+    let challenge = if invalid_token {
+        // RFC 6750: error_description is a quoted string; reasons are fixed ASCII phrases.
+        format!(r#"Bearer realm="flotilla", error="invalid_token", error_description="{reason}""#)
+    } else {
+        r#"Bearer realm="flotilla""#.to_string()
+    };
+    let body = json!({"jsonrpc": "2.0", "id": null, "error": {
+        "code": UNAUTHORIZED_JSONRPC_CODE,
+        "message": format!("Unauthorized: {reason}. {TOKEN_HINT}"),
+    }});
+    let mut resp = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// JSON-RPC has no standard code for "not authenticated"; -32001 is the one MCP servers use.
+const UNAUTHORIZED_JSONRPC_CODE: i64 = -32001;
+
+const TOKEN_HINT: &str = "Send Authorization: Bearer <token> with an API token of this \
+    Flotilla server (a line of its api.tokens_file, or <data_dir>/admin.token); it does not \
+    offer OAuth";
+
+/// OAuth discovery and registration, answered for what they are: OAuth-capable MCP clients
+/// (the MCP Inspector, SDK clients given an OAuth provider) react to any 401 by looking for
+/// protected-resource and authorization-server metadata at these well-known paths and then
+/// registering at `/register`. Each answers 404 with an OAuth-shaped error whose description
+/// says to use an API token, so such a client ends with that sentence rather than a
+/// half-started OAuth flow or an unparseable error.
+fn oauth_discovery_routes() -> Router {
+    async fn not_offered(method: Method, uri: Uri) -> Response {
+        tracing::info!(%method, path = %uri.path(),
+            "OAuth discovery refused: this server takes API tokens, not OAuth");
+        let body = json!({
+            "error": "oauth_not_supported",
+            "error_description": format!(
+                "This Flotilla server is not an OAuth resource server. {TOKEN_HINT}."
+            ),
+        });
+        (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    }
+    let mut r = Router::new().route("/register", any(not_offered));
+    for doc in [
+        "oauth-protected-resource",
+        "oauth-authorization-server",
+        "openid-configuration",
+    ] {
+        r = r
+            .route(&format!("/.well-known/{doc}"), any(not_offered))
+            .route(&format!("/.well-known/{doc}/{{*rest}}"), any(not_offered));
+    }
+    r
 }
 
 /// The MCP routes for the operator listener (empty when `mcp.enabled` is false).
@@ -352,8 +410,10 @@ pub fn routes(fleet: Fleet, cfg: &Config, shutdown: CancellationToken) -> Router
         read_only = cfg.mcp.read_only,
         "MCP served on the operator listener at /mcp (streamable HTTP) and /sse (legacy)"
     );
-    flotilla_mcp::router(mcp, opts).layer(axum::middleware::from_fn_with_state(
-        Arc::new(AuthState { fleet, tokens }),
-        authenticate,
-    ))
+    flotilla_mcp::router(mcp, opts)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(AuthState { fleet, tokens }),
+            authenticate,
+        ))
+        .merge(oauth_discovery_routes())
 }

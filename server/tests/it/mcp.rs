@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::{
-    register_agent, register_agent_with_health, TestServer, ADMIN_TOKEN, OPERATOR_TOKEN,
-    VIEWER_TOKEN,
+    peers_dir, peers_python_in, register_agent, register_agent_with_health, repo_root, TestServer,
+    ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
 };
 
 const STATUS: u64 = Cap::ReportsStatus as u64;
@@ -623,36 +623,196 @@ async fn authentication_and_dns_rebinding_protection() {
     server.stop().await;
 }
 
+/// Runs `tests/peers/node/mcp_oauth_probe.js`: the official TypeScript SDK connecting with
+/// `token`, with an OAuth client provider (`oauth`) as the MCP Inspector connects.
+async fn ts_sdk_probe(url: &str, token: &str, oauth: bool) -> Value {
+    let modules = peers_dir().join("node/node_modules");
+    assert!(
+        modules.join("@modelcontextprotocol/sdk").is_dir(),
+        "the MCP TypeScript SDK is not installed in {}. Run `bash tests/peers/install.sh` first.",
+        modules.display()
+    );
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(repo_root().join("tests/peers/node/mcp_oauth_probe.js"))
+        .args(["--url", url, "--token", token])
+        .env("NODE_PATH", &modules)
+        .kill_on_drop(true);
+    if oauth {
+        cmd.arg("--oauth");
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the TypeScript MCP probe timed out")
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "TypeScript MCP probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bad probe output {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[tokio::test]
+async fn mcp_sessions_close_cleanly_and_a_wrong_token_is_plainly_unauthorized() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let url = server.api_url("/mcp");
+
+    // Closing a session answers 204 (it was 202, which the Python SDK logs as
+    // "Session termination failed: 202"), and the session is gone.
+    let sid = open_session(&server, OPERATOR_TOKEN, "2025-06-18").await;
+    let session_req = |method: reqwest::Method| {
+        http.request(method, &url)
+            .bearer_auth(OPERATOR_TOKEN)
+            .header("Accept", "application/json, text/event-stream")
+            .header("Mcp-Session-Id", &sid)
+            .header("MCP-Protocol-Version", "2025-06-18")
+    };
+    let resp = session_req(reqwest::Method::DELETE).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    let resp = session_req(reqwest::Method::POST)
+        .json(&rpc(2, "tools/list", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        404,
+        "the closed session still answers"
+    );
+    // The official Python SDK closes its session without complaint (python_client checks its
+    // log for "Session termination failed").
+    let out = python_client(
+        "http",
+        &url,
+        &json!([{"tool": "fleet_summary", "args": {}}]),
+    )
+    .await;
+    assert_eq!(out["calls"][0]["result"]["structuredContent"]["total"], 0);
+
+    // A wrong token: a 401 whose challenge points at no OAuth metadata and whose body is a
+    // JSON-RPC error an MCP client can show.
+    let resp = http
+        .post(&url)
+        .bearer_auth("wrong-token-0123456789")
+        .header("Accept", "application/json, text/event-stream")
+        .json(&initialize("2025-06-18"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let challenge = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        challenge.starts_with("Bearer ") && challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
+    assert!(!challenge.contains("resource_metadata"), "{challenge}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["jsonrpc"], "2.0", "{body}");
+    assert_eq!(body["error"]["code"], -32001, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Unauthorized: unknown token") && message.contains("Bearer"),
+        "{message}"
+    );
+    // OAuth discovery finds nothing, and each answer says why.
+    for (method, path) in [
+        (
+            reqwest::Method::GET,
+            "/.well-known/oauth-protected-resource/mcp",
+        ),
+        (
+            reqwest::Method::GET,
+            "/.well-known/oauth-protected-resource",
+        ),
+        (
+            reqwest::Method::GET,
+            "/.well-known/oauth-authorization-server",
+        ),
+        (reqwest::Method::GET, "/.well-known/openid-configuration"),
+        (reqwest::Method::POST, "/register"),
+    ] {
+        let resp = http
+            .request(method.clone(), server.api_url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 404, "{method} {path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"], "oauth_not_supported", "{path}: {v}");
+        assert!(
+            v["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("API token"),
+            "{path}: {v}"
+        );
+    }
+
+    // What SDK users see. Python: the server's sentence, not "Server returned an error
+    // response".
+    let (code, out, _) =
+        python_client_run("http", &url, "wrong-token-0123456789", &json!([])).await;
+    assert_eq!(code, Some(3), "{out}");
+    let err = out["session_error"].as_str().unwrap();
+    assert!(
+        err.starts_with("Unauthorized: unknown token") && err.contains("Bearer <token>"),
+        "{out}"
+    );
+    // TypeScript without OAuth: the same sentence.
+    let ts = ts_sdk_probe(&url, "wrong-token-0123456789", false).await;
+    assert_eq!(ts["connected"], false, "{ts}");
+    assert!(
+        ts["error"]
+            .as_str()
+            .unwrap()
+            .contains("Unauthorized: unknown token"),
+        "{ts}"
+    );
+    // TypeScript with an OAuth provider, as the MCP Inspector connects: it tries discovery and
+    // registration, finds nothing, never redirects the user to an authorization page, and
+    // ends with the server's explanation instead of an unparseable error.
+    let ts = ts_sdk_probe(&url, "wrong-token-0123456789", true).await;
+    assert_eq!(ts["connected"], false, "{ts}");
+    assert_eq!(ts["oauth_events"], json!([]), "{ts}");
+    let err = ts["error"].as_str().unwrap();
+    assert!(
+        err.contains("not an OAuth resource server") && err.contains("API token"),
+        "{ts}"
+    );
+    // And the right token connects the same way.
+    let ts = ts_sdk_probe(&url, OPERATOR_TOKEN, true).await;
+    assert_eq!(ts["connected"], true, "{ts}");
+    server.stop().await;
+}
+
 // ---- the official Python SDK ------------------------------------------------------------
 
 fn peers_python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("FLOTILLA_PEERS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".peers"));
-    let py = dir.join("venv/bin/python");
-    assert!(
-        py.is_file(),
-        "the MCP Python SDK is not installed: {} is missing. Run `bash tests/peers/install.sh` first.",
-        py.display()
-    );
-    py
+    peers_python_in("the MCP Python SDK")
 }
 
-async fn python_client(transport: &str, url: &str, plan: &Value) -> Value {
+/// Runs `tests/peers/python/mcp_client.py` (the official Python SDK) with `token`: its exit
+/// code, its JSON answer and its log (stderr).
+async fn python_client_run(
+    transport: &str,
+    url: &str,
+    token: &str,
+    plan: &Value,
+) -> (Option<i32>, Value, String) {
     use tokio::io::AsyncWriteExt;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/python/mcp_client.py");
+    let script = repo_root().join("tests/peers/python/mcp_client.py");
     let mut child = tokio::process::Command::new(peers_python())
         .arg(script)
-        .args([
-            "--transport",
-            transport,
-            "--url",
-            url,
-            "--token",
-            OPERATOR_TOKEN,
-        ])
+        .args(["--transport", transport, "--url", url, "--token", token])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -669,14 +829,31 @@ async fn python_client(transport: &str, url: &str, plan: &Value) -> Value {
     .await
     .expect("the Python MCP client timed out")
     .unwrap();
-    assert!(
-        out.status.success(),
-        "Python MCP client ({transport}) failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bad output {e}: {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code(), json, stderr)
+}
+
+/// A Python SDK session as the operator that must succeed and close cleanly: the SDK logs
+/// "Session termination failed" when the session's DELETE is answered with anything but
+/// 200/204 (it was 202), so every run checks the close too.
+async fn python_client(transport: &str, url: &str, plan: &Value) -> Value {
+    let (code, out, stderr) = python_client_run(transport, url, OPERATOR_TOKEN, plan).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "Python MCP client ({transport}) failed: {out}\n{stderr}"
     );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bad output {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        !stderr.contains("Session termination failed"),
+        "the SDK could not close its {transport} session cleanly:\n{stderr}"
+    );
+    out
 }
 
 fn structured(call: &Value) -> &Value {

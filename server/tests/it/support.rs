@@ -185,6 +185,31 @@ impl Rest {
     }
 }
 
+// ---- third-party peers installed by tests/peers/install.sh ----
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where `tests/peers/install.sh` put the peers: `$FLOTILLA_PEERS_DIR` or `<repo>/.peers`.
+pub fn peers_dir() -> PathBuf {
+    std::env::var_os("FLOTILLA_PEERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".peers"))
+}
+
+/// The peers' Python; fails loudly, naming `what` needed it, when it is not installed.
+pub fn peers_python_in(what: &str) -> PathBuf {
+    let py = peers_dir().join("venv/bin/python");
+    assert!(
+        py.is_file(),
+        "{what} is not installed: {} is missing. Run `bash tests/peers/install.sh` first.",
+        py.display()
+    );
+    py
+}
+
 // ---- OpAMP agents over plain HTTP (added for the REST tests) ----
 
 /// Builds a full status report: `service.*` attributes are identifying, the rest
