@@ -92,16 +92,17 @@ fn api_table() -> Vec<RouteEntry> {
         r("GET", "/api/v1/catalog", commands::catalog),
         r("GET", "/api/v1/fleet/summary", agents::summary),
         r("GET", "/api/v1/audit", audit::query),
-        r("GET", "/api/v1/openapi.json", openapi::serve),
     ]
 }
 
-/// The unauthenticated operational routes.
+/// The unauthenticated routes: operations, and the API's own description.
 fn ops_table() -> Vec<RouteEntry> {
     vec![
         r("GET", "/healthz", ops::healthz),
         r("GET", "/readyz", ops::readyz),
         r("GET", "/metrics", ops::metrics),
+        // Without a token: client generators and API browsers fetch it first.
+        r("GET", "/api/v1/openapi.json", openapi::serve),
     ]
 }
 

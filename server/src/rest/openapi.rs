@@ -7,18 +7,54 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use super::errors::ERROR_CODES;
 use crate::model::{CommandKind, CommandStatus};
 
-/// `GET /api/v1/openapi.json`
-pub async fn serve() -> Response {
-    static DOC: OnceLock<String> = OnceLock::new();
-    let body = DOC.get_or_init(|| document().to_string());
-    ([(header::CONTENT_TYPE, "application/json")], body.as_str()).into_response()
+/// Every audit/command channel, as the API spells it.
+const CHANNELS: [&str; 8] = [
+    "rest", "mcp", "slack", "discord", "teams", "console", "cli", "system",
+];
+
+/// `GET /api/v1/openapi.json`, without a token (a client generator or API browser fetches it
+/// before it has one; the document holds nothing secret). `servers` names the server the
+/// request reached, so a tool that resolves paths against it needs no extra setting.
+pub async fn serve(headers: HeaderMap) -> Response {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    let mut doc = DOC.get_or_init(document).clone();
+    doc["servers"] = json!([{"url": server_url(&headers),
+        "description": "The Flotilla server that served this document."}]);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.to_string(),
+    )
+        .into_response()
+}
+
+/// `http[s]://host[:port]` as the client addressed this server (`Host`, and
+/// `X-Forwarded-Proto: https` from a TLS-terminating proxy); `/` (the same origin as the
+/// document) when the request named no usable host.
+fn server_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::trim)
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        });
+    let Some(host) = host else {
+        return "/".into();
+    };
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    format!("{}://{host}", if https { "https" } else { "http" })
 }
 
 fn schema_ref(name: &str) -> Value {
@@ -145,32 +181,74 @@ fn uuid_schema() -> Value {
     json!({"type": "string", "format": "uuid"})
 }
 
-/// One request variant per command kind, with the kind's own parameter schema.
-fn queue_variants(extra: &Map<String, Value>, required_extra: &[&str]) -> Value {
-    let variants: Vec<Value> = CommandKind::ALL
-        .iter()
-        .map(|k| {
-            let entry = crate::commands::catalog_entry(*k);
-            let mut props = extra.clone();
-            props.insert("kind".into(), json!({"const": k.as_str()}));
-            props.insert("params".into(), entry["params_schema"].clone());
-            let mut required = vec!["kind"];
-            required.extend_from_slice(required_extra);
-            json!({"title": k.as_str(), "type": "object", "required": required,
-                   "properties": props, "additionalProperties": false})
+/// `remote_config` → `RemoteConfig`: the component name stem of a kind.
+fn camel(kind: CommandKind) -> String {
+    kind.as_str()
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
         })
-        .collect();
-    json!({"oneOf": variants})
+        .collect()
+}
+
+/// Each kind's parameter schema (from the catalog) as a component of its own, `<Kind>Params`,
+/// plus `ConfigFile` (one file of a remote config). Defined once and referenced by both queue
+/// requests: inlined twice, generators such as openapi-python-client built the same model
+/// twice and refused the second.
+fn params_components(out: &mut Map<String, Value>) {
+    for k in CommandKind::ALL {
+        let mut schema = crate::commands::catalog_entry(k)["params_schema"].clone();
+        let file = &mut schema["properties"]["files"]["additionalProperties"];
+        if let Some(variants) = file.get_mut("oneOf").and_then(Value::as_array_mut) {
+            // The object form of a file gets a name, so a generator does not have to invent
+            // one inside a union (openapi-python-client cannot).
+            for v in variants.iter_mut().filter(|v| v["type"] == "object") {
+                out.insert("ConfigFile".into(), v.take());
+                *v = schema_ref("ConfigFile");
+            }
+        }
+        out.insert(format!("{}Params", camel(k)), schema);
+    }
+}
+
+/// One request variant per command kind (`<Kind><suffix>`, a component each), and the request
+/// itself as their union, discriminated by `kind`.
+fn queue_variants(
+    out: &mut Map<String, Value>,
+    suffix: &str,
+    extra: &Map<String, Value>,
+    description: &str,
+) -> Value {
+    let mut refs = Vec::new();
+    let mut mapping = Map::new();
+    for k in CommandKind::ALL {
+        let name = format!("{}{suffix}", camel(k));
+        let mut props = extra.clone();
+        props.insert("kind".into(), json!({"const": k.as_str()}));
+        props.insert("params".into(), schema_ref(&format!("{}Params", camel(k))));
+        out.insert(
+            name.clone(),
+            json!({"type": "object", "required": ["kind"], "properties": props,
+                   "additionalProperties": false}),
+        );
+        refs.push(schema_ref(&name));
+        mapping.insert(
+            k.as_str().into(),
+            json!(format!("#/components/schemas/{name}")),
+        );
+    }
+    json!({"description": description, "oneOf": refs,
+           "discriminator": {"propertyName": "kind", "mapping": mapping}})
 }
 
 fn schemas() -> Value {
     let codes: Vec<&str> = ERROR_CODES.iter().map(|(c, _, _)| *c).collect();
     let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
     let statuses: Vec<&str> = CommandStatus::ALL.iter().map(|s| s.as_str()).collect();
-    let channels = [
-        "rest", "mcp", "slack", "discord", "teams", "console", "cli", "system",
-    ];
-    let state = json!({"type": "string", "enum": ["healthy", "late", "offline"]});
+    let state = schema_ref("AgentState");
     let labels = json!({"type": "object", "additionalProperties": {"type": "string"}});
     let attrs = json!({"type": "object", "additionalProperties": {"type": "string"}});
     let skipped = json!({"type": "object", "required": ["agent_uid", "reason"], "properties": {
@@ -183,7 +261,7 @@ fn schemas() -> Value {
     );
     queue_extra.insert(
         "expect_targets".into(),
-        json!({"allOf": [schema_ref("ExpectedTargets")], "description": "A dry run's expect_targets: the request is refused (409 targets_changed, nothing queued) if the resolved targets are no longer exactly those."}),
+        json!({"$ref": "#/components/schemas/ExpectedTargets", "description": "A dry run's expect_targets: the request is refused (409 targets_changed, nothing queued) if the resolved targets are no longer exactly those."}),
     );
     let mut fanout_extra = queue_extra.clone();
     fanout_extra.insert(
@@ -194,7 +272,11 @@ fn schemas() -> Value {
         "agent".into(),
         json!({"type": "string", "format": "uuid", "description": "Instead of `query`: one agent uid."}),
     );
-    json!({
+    let mut out = match json!({
+        "CommandKind": {"type": "string", "enum": kinds},
+        "CommandStatus": {"type": "string", "enum": statuses},
+        "Channel": {"type": "string", "enum": CHANNELS, "description": "Where a request came from."},
+        "AgentState": {"type": "string", "enum": ["healthy", "late", "offline"]},
         "Error": {
             "type": "object", "required": ["error"],
             "properties": {"error": {
@@ -268,14 +350,14 @@ fn schemas() -> Value {
             "properties": {
                 "id": uuid_schema(), "agent_uid": uuid_schema(),
                 "batch_id": {"type": ["string", "null"], "format": "uuid"},
-                "kind": {"type": "string", "enum": kinds},
+                "kind": schema_ref("CommandKind"),
                 "params": {"type": "object", "description": "Validated, normalised parameters."},
-                "status": {"type": "string", "enum": statuses},
+                "status": schema_ref("CommandStatus"),
                 "created_at": time_schema(), "sent_at": nullable_time(),
                 "finished_at": nullable_time(), "expires_at": time_schema(),
                 "result": {"description": "What the agent reported, once finished."},
                 "error": nullable("string"),
-                "actor": {"type": "string"}, "channel": {"type": "string", "enum": channels},
+                "actor": {"type": "string"}, "channel": schema_ref("Channel"),
                 "audit_id": {"type": ["string", "null"], "description": "The audit record that queued it."}
             }
         },
@@ -284,7 +366,6 @@ fn schemas() -> Value {
             "properties": {"items": {"type": "array", "items": schema_ref("Command")},
                            "next_cursor": nullable("string")}
         },
-        "QueueRequest": queue_variants(&queue_extra, &[]),
         "ExpectedTargets": {
             "type": "object", "required": ["count", "digest"], "additionalProperties": false,
             "properties": {
@@ -297,7 +378,7 @@ fn schemas() -> Value {
             "required": ["dry_run", "kind", "params", "destructive", "target", "matched", "target_count", "targets", "skipped_count", "skipped", "expect_targets"],
             "properties": {
                 "dry_run": {"const": true},
-                "kind": {"type": "string", "enum": kinds},
+                "kind": schema_ref("CommandKind"),
                 "params": {"type": "object", "description": "Validated, normalised parameters."},
                 "destructive": {"type": "boolean", "description": "The kind is destructive (catalog)."},
                 "target": {"type": "object", "properties": {"agent": uuid_schema(), "query": {"type": "string"}}},
@@ -308,10 +389,6 @@ fn schemas() -> Value {
                 "skipped": {"type": "array", "items": skipped, "description": "The first 100 matching agents that cannot run it."},
                 "expect_targets": schema_ref("ExpectedTargets")
             }
-        },
-        "QueueFanoutRequest": {
-            "description": "Exactly one of `query` and `agent`.",
-            "allOf": [queue_variants(&fanout_extra, &[])]
         },
         "QueuedCommand": {
             "type": "object", "required": ["command_id", "command"],
@@ -332,9 +409,9 @@ fn schemas() -> Value {
             "type": "object",
             "properties": {
                 "id": uuid_schema(), "query": {"type": "string"},
-                "kind": {"type": "string", "enum": kinds}, "params": {"type": "object"},
+                "kind": schema_ref("CommandKind"), "params": {"type": "object"},
                 "created_at": time_schema(), "actor": {"type": "string"},
-                "channel": {"type": "string", "enum": channels},
+                "channel": schema_ref("Channel"),
                 "skipped": {"type": "array", "items": skipped}
             }
         },
@@ -346,14 +423,14 @@ fn schemas() -> Value {
                            "description": "Commands by status, plus `skipped`."},
                 "commands": {"type": "array", "items": {"type": "object", "properties": {
                     "agent_uid": uuid_schema(), "command_id": uuid_schema(),
-                    "status": {"type": "string", "enum": statuses},
+                    "status": schema_ref("CommandStatus"),
                     "error": {"type": "string"}}}}
             }
         },
         "Catalog": {
             "type": "object", "required": ["kinds"],
             "properties": {"kinds": {"type": "array", "items": {"type": "object", "properties": {
-                "kind": {"type": "string", "enum": kinds},
+                "kind": schema_ref("CommandKind"),
                 "description": {"type": "string"},
                 "requires": {"type": "string"},
                 "destructive": {"type": "boolean"},
@@ -376,7 +453,7 @@ fn schemas() -> Value {
             "type": "object",
             "properties": {
                 "id": {"type": "string"}, "ts": time_schema(), "actor": {"type": "string"},
-                "channel": {"type": "string", "enum": channels},
+                "channel": schema_ref("Channel"),
                 "operation": {"type": "string", "description": "e.g. agent.label.set, agent.label.remove, command.queue, batch.queue, command.cancel, command.result"},
                 "targets": {"type": "array", "items": {"type": "string"}},
                 "params": {}, "outcome": {"type": "string"},
@@ -389,7 +466,21 @@ fn schemas() -> Value {
             "properties": {"items": {"type": "array", "items": schema_ref("AuditRecord")},
                            "next_cursor": nullable("string")}
         }
-    })
+    }) {
+        Value::Object(m) => m,
+        _ => unreachable!("the schemas are an object"),
+    };
+    params_components(&mut out);
+    for (name, suffix, extra, description) in [
+        ("QueueRequest", "Request", &queue_extra,
+         "A command for the agent in the path: `kind` picks the variant and its `params`."),
+        ("QueueFanoutRequest", "FanoutRequest", &fanout_extra,
+         "A command for every agent matching `query`, or for one `agent`; exactly one of the two."),
+    ] {
+        let union = queue_variants(&mut out, suffix, extra, description);
+        out.insert(name.into(), union);
+    }
+    Value::Object(out)
 }
 
 fn description() -> String {
@@ -406,8 +497,8 @@ fn description() -> String {
         d.push_str(&format!("| `{code}` | {status} | {meaning} |\n"));
     }
     d.push_str(
-        "\n`/healthz`, `/readyz` and `/metrics` need no token: they are served on the operator \
-         listener, which binds to loopback by default.",
+        "\n`/healthz`, `/readyz`, `/metrics` and this document (`/api/v1/openapi.json`) need no \
+         token: they are served on the operator listener, which binds to loopback by default.",
     );
     d
 }
@@ -551,8 +642,6 @@ pub fn document() -> Value {
              `targets_changed`, queuing nothing, if the resolved targets changed in between."
         ));
     }
-    let kinds: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
-    let statuses: Vec<&str> = CommandStatus::ALL.iter().map(|s| s.as_str()).collect();
     let list = op(
         "listCommands",
         "commands",
@@ -562,14 +651,10 @@ pub fn document() -> Value {
             query_param("agent", uuid_schema(), "Only this agent's."),
             query_param(
                 "status",
-                json!({"type": "string", "enum": statuses}),
+                schema_ref("CommandStatus"),
                 "Only in this status.",
             ),
-            query_param(
-                "kind",
-                json!({"type": "string", "enum": kinds}),
-                "Only of this kind.",
-            ),
+            query_param("kind", schema_ref("CommandKind"), "Only of this kind."),
             query_param("batch", uuid_schema(), "Only of this batch."),
             limit_param(),
             cursor_param("a command id"),
@@ -636,11 +721,7 @@ pub fn document() -> Value {
                 json!({"type": "string"}),
                 "Token name (or `flotilla`, `agent:<uid>` for system records).",
             ),
-            query_param(
-                "channel",
-                json!({"type": "string", "enum": ["rest", "mcp", "slack", "discord", "teams", "console", "cli", "system"]}),
-                "Where it came from.",
-            ),
+            query_param("channel", schema_ref("Channel"), "Where it came from."),
             query_param(
                 "agent",
                 uuid_schema(),
@@ -660,16 +741,21 @@ pub fn document() -> Value {
         ("200", ok("A page of records.", schema_ref("AuditPage"))),
         &["bad_request", "forbidden"],
     );
-    let openapi = op(
+    let mut openapi = op(
         "getOpenApi",
         "meta",
         "This document",
-        "The OpenAPI 3.1 description of this API.",
+        "The OpenAPI 3.1 description of this API. Needs no token.",
         vec![],
         None,
         ("200", ok("The document.", json!({"type": "object"}))),
         &[],
     );
+    openapi["security"] = json!([]);
+    if let Value::Object(r) = &mut openapi["responses"] {
+        // No token, so no 401 and no in-flight limit; the document is built in memory.
+        r.retain(|status, _| status == "200");
+    }
     json!({
         "openapi": "3.1.0",
         "info": {

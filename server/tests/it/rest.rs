@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::{
-    agent_status, opamp_post, register_agent, register_agent_with_health, Rest, TestServer,
-    ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
+    agent_status, opamp_post, peers_python_in, register_agent, register_agent_with_health,
+    repo_root, Rest, TestServer, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
 };
 
 const STATUS: u64 = Cap::ReportsStatus as u64;
@@ -101,9 +101,11 @@ async fn auth_is_required_and_roles_are_enforced() {
         let v: Value = resp.json().await.unwrap();
         assert_eq!(code(&v), "unauthorized");
     }
-    // Every /api/v1 route is guarded, including the document and writes.
+    // Every /api/v1 route is guarded, writes included; only the API's description is public
+    // (a client generator fetches it before it has a token).
     let anon = server.rest_as(None);
-    assert_eq!(anon.get("/api/v1/openapi.json").await.0, 401);
+    assert_eq!(anon.get("/api/v1/openapi.json").await.0, 200);
+    assert_eq!(anon.get("/api/v1/catalog").await.0, 401);
     let (s, v) = anon
         .post(
             &format!("/api/v1/agents/{agent}/commands"),
@@ -1302,6 +1304,118 @@ async fn audit_queries_by_actor_channel_agent_operation_and_time() {
     server.stop().await;
 }
 
+/// Generates a Python client from the served document with openapi-python-client (as a user
+/// of the API would) and queues commands with it against this server.
+#[tokio::test]
+async fn a_client_generated_from_the_openapi_document_queues_commands() {
+    let server = TestServer::start().await;
+    let agent = register_agent(
+        &server,
+        &[("service.name", "fluent-bit"), ("host.name", "gen-1")],
+        RESTART,
+        &[],
+    )
+    .await;
+    // Fetched without a token, as a generator does.
+    let (s, doc) = server.rest_as(None).get("/api/v1/openapi.json").await;
+    assert_eq!(s, 200);
+    let base_url = doc["servers"][0]["url"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("openapi.json"), doc.to_string()).unwrap();
+
+    let python = peers_python_in("openapi-python-client");
+    let bin = python.parent().unwrap().to_path_buf();
+    let generator = bin.join("openapi-python-client");
+    assert!(
+        generator.is_file(),
+        "openapi-python-client is not installed: {} is missing. Run `bash tests/peers/install.sh` first.",
+        generator.display()
+    );
+    // Its post-generation hooks run ruff, installed beside it.
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let gen = tokio::process::Command::new(&generator)
+        .args(["generate", "--path", "openapi.json", "--output-path"])
+        .arg("flotilla_client")
+        .args(["--meta", "none"])
+        .current_dir(dir.path())
+        .env("PATH", &path)
+        .output()
+        .await
+        .expect("run openapi-python-client");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&gen.stdout),
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    assert!(gen.status.success(), "openapi-python-client failed:\n{log}");
+    for bad in ["Unable to process schema", "duplicate", "Unable to parse"] {
+        assert!(
+            !log.contains(bad),
+            "the generator dropped part of the API ({bad}):\n{log}"
+        );
+    }
+    assert!(
+        dir.path()
+            .join("flotilla_client/api/commands/queue_command.py")
+            .is_file(),
+        "{log}"
+    );
+
+    let out = tokio::process::Command::new(&python)
+        .arg(repo_root().join("tests/peers/python/generated_client.py"))
+        .arg("--package-dir")
+        .arg(dir.path())
+        .args(["--package", "flotilla_client", "--base-url", &base_url])
+        .args(["--token", OPERATOR_TOKEN, "--agent", &agent.to_string()])
+        .args(["--query", "host:gen-*"])
+        .env("PATH", &path)
+        .output()
+        .await
+        .expect("run the generated client");
+    assert!(
+        out.status.success(),
+        "the generated client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["queue"]["status"], 202, "{v}");
+    assert_eq!(v["queue"]["type"], "QueuedCommand", "{v}");
+    assert_eq!(v["get"]["type"], "Command", "{v}");
+    assert_eq!(
+        (
+            v["get"]["command_status"].as_str(),
+            v["get"]["kind"].as_str()
+        ),
+        (Some("queued"), Some("restart")),
+        "{v}"
+    );
+    assert_eq!(v["dry_run"]["status"], 200, "{v}");
+    assert_eq!(v["dry_run"]["type"], "Plan", "{v}");
+    assert_eq!(v["dry_run"]["target_count"], 1, "{v}");
+    // The server agrees: queued by the operator over REST, for that agent, with its params.
+    let id = v["queue"]["command_id"].as_str().unwrap();
+    let (s, c) = server.rest().get(&format!("/api/v1/commands/{id}")).await;
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["agent_uid"], agent.to_string());
+    assert_eq!(c["status"], "queued");
+    assert_eq!(c["params"]["ttl_seconds"], 120);
+    assert_eq!(
+        (c["actor"].as_str(), c["channel"].as_str()),
+        (Some("ops"), Some("rest"))
+    );
+    let (_, all) = server.rest().get("/api/v1/commands").await;
+    assert_eq!(
+        all["items"].as_array().unwrap().len(),
+        1,
+        "the dry run queued nothing"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn openapi_document_is_complete() {
     let server = TestServer::start().await;
@@ -1348,7 +1462,7 @@ async fn openapi_document_is_complete() {
                     "{method} {path}"
                 );
             }
-            if path.starts_with("/api/v1/") {
+            if path.starts_with("/api/v1/") && path != "/api/v1/openapi.json" {
                 assert!(
                     op["responses"]["401"].is_object(),
                     "{method} {path} documents 401"
@@ -1390,6 +1504,40 @@ async fn openapi_document_is_complete() {
             "{method} {path}: {status} {v}"
         );
     }
+    // Each kind's parameter schema is defined once, as a component both queue requests
+    // reference; inlined twice, generators built the same model twice.
+    let kinds = doc["components"]["schemas"]["CommandKind"]["enum"]
+        .as_array()
+        .unwrap();
+    // Every kind takes ttl_seconds: defined once per kind means no schema is inlined again.
+    assert_eq!(
+        text.matches(r#""ttl_seconds":{"#).count(),
+        kinds.len(),
+        "a params schema is inlined somewhere"
+    );
+    for kind in kinds {
+        let camel: String = kind
+            .as_str()
+            .unwrap()
+            .split('_')
+            .map(|w| w[..1].to_uppercase() + &w[1..])
+            .collect();
+        let params = &doc["components"]["schemas"][format!("{camel}Params")];
+        assert_eq!(params["type"], "object", "{kind}");
+        for variant in [format!("{camel}Request"), format!("{camel}FanoutRequest")] {
+            let v = &doc["components"]["schemas"][&variant];
+            assert_eq!(
+                v["properties"]["params"]["$ref"],
+                format!("#/components/schemas/{camel}Params"),
+                "{variant}"
+            );
+        }
+    }
+    assert_eq!(
+        doc["servers"][0]["url"],
+        format!("http://{}", server.api),
+        "servers names the server that answered"
+    );
     let (s, v) = rest.get("/api/v1/nothing-here").await;
     assert_eq!((s, code(&v)), (404, "no_route"));
     let (s, v) = rest.call(Method::PATCH, "/api/v1/agents", None).await;
