@@ -9,6 +9,9 @@ cd "$repo"
 
 export FLOTILLA_PEERS_DIR="${FLOTILLA_PEERS_DIR:-$repo/.peers}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# The real Fluent Bit and Fluentd for the supervisor's real-agent tests; those tests report
+# themselves skipped, by name, when this folder does not exist (a clone without ../shared).
+export FLOTILLA_REAL_AGENTS_DIR="${FLOTILLA_REAL_AGENTS_DIR:-$repo/../shared/tools}"
 
 step() {
   local name="$1"; shift
@@ -22,6 +25,8 @@ command -v cargo >/dev/null 2>&1 || { echo "tests/run.sh: ERROR: cargo not found
 
 # Third-party OpAMP clients used by the flotilla-e2e interop tests (no database server is needed: SQLite).
 step "install peers" env PEERS_DIR="$FLOTILLA_PEERS_DIR" bash tests/peers/install.sh
+# The real agents' Debian packages (Ruby and its gems for Fluentd, libyaml/libssl for Fluent Bit).
+step "install real agents' packages" bash tests/peers/install-agents.sh
 step "cargo fmt" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 # Feature-gated code that the default build does not compile: the supervisor's TLS and the
