@@ -218,7 +218,7 @@ pub struct CapabilitiesConfig {
     pub custom: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DescriptionConfig {
     /// `service.name`; default `fluent-bit` / `fluentd`.
@@ -253,10 +253,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             agent: AgentConfig::default(),
             capabilities: CapabilitiesConfig::default(),
-            description: DescriptionConfig {
-                service_namespace: "flotilla".into(),
-                ..Default::default()
-            },
+            description: DescriptionConfig::default(),
             log: LogConfig::default(),
             healthz: HealthzConfig::default(),
         }
@@ -314,6 +311,19 @@ impl Default for CapabilitiesConfig {
                 .map(|c| cap_name(*c).to_string())
                 .collect(),
             custom: SUPPORTED_CUSTOM.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+// By hand, not derived: serde fills a `[description]` table's missing keys from this, so a
+// derived "" would replace the documented namespace whenever the table is present.
+impl Default for DescriptionConfig {
+    fn default() -> Self {
+        DescriptionConfig {
+            service_name: None,
+            service_namespace: "flotilla".into(),
+            identifying: BTreeMap::new(),
+            non_identifying: BTreeMap::new(),
         }
     }
 }
@@ -1390,6 +1400,17 @@ mod tests {
         assert!(p[0].starts_with("agent.kind"));
         assert!(p[1].starts_with("agent.chat_ops_port"));
         assert!(p[2].starts_with("server.heartbeat_interval_s"));
+    }
+
+    #[test]
+    fn a_description_table_keeps_the_default_namespace() {
+        let c = Config::from_toml("[description]\nservice_name = \"edge\"\n").unwrap();
+        assert_eq!(c.description.service_name.as_deref(), Some("edge"));
+        assert_eq!(c.description.service_namespace, "flotilla");
+        let c = Config::from_toml("[description.non_identifying]\n\"a\" = \"b\"\n").unwrap();
+        assert_eq!(c.description.service_namespace, "flotilla");
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.description.service_namespace, "flotilla");
     }
 
     #[test]
