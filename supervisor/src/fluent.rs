@@ -376,9 +376,13 @@ impl Fluent {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            // Fluent Bit's HTTP server drops a POST without a Content-Length unanswered, and
+            // a bodiless request goes out without one unless it is set
+            // (H_v2_reload_POST_no_content_length.txt).
             let r = self
                 .http
                 .post(&url)
+                .header(reqwest::header::CONTENT_LENGTH, "0")
                 .send()
                 .await
                 .map_err(|e| ReloadError::Unavailable(format!("POST /api/v2/reload: {e}")))?;

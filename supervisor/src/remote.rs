@@ -443,7 +443,11 @@ impl Applier {
         }
         match fluent.reload(&self.agent.tail).await {
             Err(ReloadError::Unavailable(why)) => {
-                tracing::info!("{why}; restarting the agent to load the new config");
+                // A restart drops the data in flight that a reload would have kept: worth
+                // an operator's attention every time.
+                tracing::warn!(
+                    "{why}; falling back to restarting the agent to load the new config"
+                );
                 self.agent.restart().await;
                 Ok(())
             }

@@ -251,8 +251,10 @@ async fn remote_config_is_applied_with_hot_reload() {
         .await;
     assert_eq!(a["remote_config_status"]["status"], "applied");
     assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), body);
-    // Hot reload, not a restart: same process.
+    // Hot reload, not a restart: same process. The reload POST carries `Content-Length: 0`
+    // (the fake, like Fluent Bit, hangs up on one without: H_v2_reload_POST_no_content_length.txt).
     assert_eq!(a["health"]["start_time_unix_nano"].as_u64().unwrap(), t0);
+    assert!(!sup.log().contains("falling back"), "{}", sup.log());
     assert_eq!(
         sup.count_events(|e| e["event"] == "reload" && e["result"] == "done"),
         1,

@@ -228,6 +228,14 @@ async fn fluentd_rollback_on_refused_reload_and_on_restart_without_rpc() {
             })
             .await;
         let t1 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+        // A restart instead of a reload drops what is in flight: said as a warning.
+        assert!(
+            sup.log()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("falling back to restarting")),
+            "{}",
+            sup.log()
+        );
 
         // One that passes the dry run but cannot start (its http source's port is taken):
         // the health gate fails, last-known-good is restored and loaded by another restart.

@@ -1468,3 +1468,143 @@ fn fd_http_input_unhealthy_and_worker_crash_hooks() {
         .contains(&"[info]: Worker 0 finished unexpectedly with status 3".to_string()));
     assert!(agent.child.try_wait().unwrap().is_none());
 }
+
+/// Sends `raw` as is and returns every byte the server sent until it closed the connection
+/// (or 3 s passed).
+fn raw_exchange(port: u16, raw: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// The recorded http-input.conf (H_*, I_* recordings) on our ports.
+fn http_input_conf(http_port: u16, input_port: u16, dir: &TempDir) -> String {
+    fixture("fluent-bit-5.1.1/configs/http-input.conf")
+        .replace("2020", &http_port.to_string())
+        .replace("9880", &input_port.to_string())
+        .replace("/var/log/fluent-bit", &dir.0.display().to_string())
+}
+
+#[test]
+fn fb_reload_without_content_length_is_dropped_like_h_recordings() {
+    let (port, input) = (free_port(), free_port());
+    let dir = TempDir::new();
+    let conf = http_input_conf(port, input, &dir);
+    dir.write("live.conf", &conf);
+    let agent = Agent::spawn(FB, &["-c", "live.conf"], &[("FAKE_RELOAD_MS", "300".into())], dir);
+    wait_http(port);
+    let count = || get(port, "/api/v2/reload").unwrap().json()["hot_reload_count"].clone();
+    // H_v2_reload_POST_no_content_length.txt, H_v2_reload_PUT_no_content_length.txt: the
+    // connection is closed with zero bytes, nothing is reloaded or logged.
+    for method in ["POST", "PUT"] {
+        let got = raw_exchange(
+            port,
+            &format!("{method} /api/v2/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        );
+        assert!(got.is_empty(), "{method}: {}", String::from_utf8_lossy(&got));
+        let rec = fb_rec(&format!("H_v2_reload_{method}_no_content_length.txt"));
+        assert!(
+            rec.contains("--- response bytes received (Python repr) ---\nb''\n"),
+            "the recording has no answer either: {rec}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(), 0);
+    assert!(!agent.stderr().contains("reloading instance"), "{}", agent.stderr());
+    // H_v2_reload_POST_content_length_0.json: with `Content-Length: 0` it reloads.
+    let got = raw_exchange(
+        port,
+        "POST /api/v2/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    let got = String::from_utf8_lossy(&got);
+    let body = got.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    assert_eq!(
+        body,
+        recorded_body(&fb_rec("H_v2_reload_POST_content_length_0.json")),
+        "{got}"
+    );
+    wait_until(Duration::from_secs(5), || (count() == 1).then_some(()))
+        .expect("hot_reload_count 0 -> 1");
+}
+
+#[test]
+fn fb_http_input_routes_by_url_path_like_i_recordings() {
+    let (port, input) = (free_port(), free_port());
+    let dir = TempDir::new();
+    let conf = http_input_conf(port, input, &dir);
+    dir.write("live.conf", &conf);
+    let agent = Agent::spawn(FB, &["-c", "live.conf"], &[], dir);
+    wait_http(port);
+    let metrics = |records: u64| {
+        wait_until(Duration::from_secs(5), || {
+            get(port, "/api/v1/metrics")
+                .filter(|r| r.status == 200)
+                .map(|r| r.json())
+                .filter(|m| m["input"]["chatops_in"]["records"] == records)
+        })
+        .unwrap_or_else(|| panic!("{records} records counted"))
+    };
+    let rec_metrics = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&recorded_body(&fb_rec(name))).unwrap()
+    };
+    let outputs = |m: &serde_json::Value| {
+        (
+            m["output"]["chatops_file"]["proc_records"].clone(),
+            m["output"]["all_echo"]["proc_records"].clone(),
+        )
+    };
+    // Waits for the counters of the outputs to reach the recorded ones (the flush runs once
+    // a second, after the input counted the record).
+    let settle = |rec: &str, records: u64| {
+        let want = outputs(&rec_metrics(rec));
+        metrics(records);
+        wait_until(Duration::from_secs(5), || {
+            let m = wait_metrics(port);
+            (outputs(&m) == want).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{rec}: outputs {:?}", outputs(&wait_metrics(port))));
+    };
+    for (path, msg, rec, after) in [
+        ("/", "posted-to-root", "I_http_in_POST_root.txt", "I_v1_metrics_after_root.json"),
+        ("/flush", "posted-to-flush", "I_http_in_POST_flush.txt", "I_v1_metrics_after_flush.json"),
+        ("/chatops", "posted-to-chatops", "I_http_in_POST_chatops.txt", "I_v1_metrics_after_chatops.json"),
+    ] {
+        let body = format!("{{\"msg\": \"{msg}\"}}");
+        let got = raw_exchange(
+            input,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{input}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        let got = String::from_utf8_lossy(&got).replace(&input.to_string(), "9880");
+        let want = fb_rec(rec);
+        let head = got.split("\r\n\r\n").next().unwrap();
+        assert!(head.starts_with("HTTP/1.1 201 Created\r\n"), "{path}: {got}");
+        for h in ["server: Fluent Bit", "x-http-engine: Monkey heritage", "content-length: 0"] {
+            assert!(head.contains(h), "{path}: {h} missing from {got}");
+            assert!(want.contains(h), "{rec} says {h}");
+        }
+        let records = match path {
+            "/" => 1,
+            "/flush" => 2,
+            _ => 3,
+        };
+        settle(after, records);
+    }
+    // I-http-input-stdout.txt: the stdout output (Match *) printed the tags in order.
+    let tags: Vec<String> = agent
+        .stdout()
+        .lines()
+        .filter_map(|l| l.strip_prefix("[0] ")?.split(':').next().map(str::to_string))
+        .collect();
+    let recorded: Vec<String> = fb_rec("I-http-input-stdout.txt")
+        .lines()
+        .filter_map(|l| l.strip_prefix("[0] ")?.split(':').next().map(str::to_string))
+        .collect();
+    assert_eq!(tags, recorded, "{}", agent.stdout());
+    assert!(agent.stdout().contains(r#"{"msg"=>"posted-to-flush"}"#), "{}", agent.stdout());
+}

@@ -17,11 +17,21 @@ pub struct InStat {
     pub records: u64,
     pub bytes: u64,
     /// Records received but not yet flushed (the http input; flushed on the next tick).
-    pub pending_records: u64,
-    pub pending_bytes: u64,
+    pub pending: Vec<Posted>,
     pub scrapes: u64,
     pub rate_records: u64,
     pub rate_bytes: u64,
+}
+
+/// One POST to the http input: its records carry their own tag (the URL path), so they are
+/// routed by it, not by the input's `Tag` (I_http_in_POST_flush.txt).
+#[derive(Clone, Default)]
+pub struct Posted {
+    pub tag: String,
+    pub records: u64,
+    pub bytes: u64,
+    /// The record, as JSON text, for the stdout output.
+    pub body: String,
 }
 
 #[derive(Clone, Default)]
