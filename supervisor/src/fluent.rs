@@ -23,7 +23,16 @@ pub enum ReloadError {
     /// The agent refused the new config; the message is the agent's own.
     #[error("{0}")]
     Rejected(String),
+    /// The agent took the new config and could not start it (a Fluentd worker whose new
+    /// pipeline cannot bind a port): it runs no pipeline now, so last-known-good must be
+    /// loaded again. The message is the agent's own.
+    #[error("{0}")]
+    Broken(String),
 }
+
+/// How long a Fluentd worker's own verdict may follow its `restart fluentd worker` line
+/// (graceful-reload-portclash.log: the same second).
+const FLUENTD_VERDICT_SETTLE: Duration = Duration::from_secs(1);
 
 /// The agent's own view of its health, from its HTTP API.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -460,25 +469,82 @@ impl Fluent {
                 r.status()
             )));
         }
-        // The RPC answers {"ok":true} whatever happens; the log tells.
+        // The RPC answers {"ok":true} whatever happens; the log tells, and monitor_agent.
         let deadline = Instant::now() + self.reload_timeout;
+        let mut restarted: Option<Instant> = None;
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let lines = tail.lock().expect("tail").since(cursor);
-            if let Some(l) = lines.iter().find(|l| l.contains("Failed to reload config")) {
-                return Err(ReloadError::Rejected(l.trim().to_string()));
+            match fluentd_reload_verdict(&lines) {
+                FluentdReload::Refused(l) => return Err(ReloadError::Rejected(l)),
+                FluentdReload::Broken(l) => return Err(ReloadError::Broken(l)),
+                FluentdReload::Restarted => {
+                    // The worker says "restart" before it starts the new pipeline; its
+                    // failure to start follows (graceful-reload-portclash.log). Success
+                    // needs the settle time without that line and monitor_agent answering.
+                    let since = *restarted.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= FLUENTD_VERDICT_SETTLE
+                        && matches!(
+                            self.get_json(&format!("{}/api/plugins.json", self.base))
+                                .await,
+                            Ok((200, _))
+                        )
+                    {
+                        return Ok(());
+                    }
+                }
+                FluentdReload::Pending => {}
             }
-            if lines
-                .iter()
-                .any(|l| l.contains("restart fluentd worker") || l.contains("reloaded config"))
-            {
-                return Ok(());
-            }
+        }
+        if restarted.is_some() {
+            // Restarted, yet its API never came back: it runs no pipeline.
+            let errors = crate::agent::error_summary(tail, 3);
+            return Err(ReloadError::Broken(format!(
+                "Fluentd restarted its worker for the new config, but monitor_agent did not \
+                 answer within {} s{}",
+                self.reload_timeout.as_secs(),
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; agent log: {errors}")
+                }
+            )));
         }
         // No verdict in the log: the health gate decides.
         tracing::warn!("Fluentd logged no reload outcome; relying on the health gate");
         Ok(())
     }
+}
+
+/// What Fluentd's log says about a graceful reload so far.
+#[derive(Debug, PartialEq)]
+enum FluentdReload {
+    Pending,
+    /// Its supervisor refused the config (`[error]: Failed to reload config file: ...`); the
+    /// old pipeline runs on.
+    Refused(String),
+    /// The worker restarted for it (`#0 restart fluentd worker`), no failure logged yet.
+    Restarted,
+    /// The worker could not start the new pipeline (`[error]: #0 failed to reload config: ...`,
+    /// after the restart line); it runs nothing.
+    Broken(String),
+}
+
+fn fluentd_reload_verdict(lines: &[String]) -> FluentdReload {
+    // Case matters: the supervisor's refusal is capitalised, the worker's failure is not.
+    if let Some(l) = lines.iter().find(|l| l.contains("Failed to reload config")) {
+        return FluentdReload::Refused(l.trim().to_string());
+    }
+    if let Some(l) = lines.iter().find(|l| l.contains("failed to reload config")) {
+        return FluentdReload::Broken(l.trim().to_string());
+    }
+    if lines
+        .iter()
+        .any(|l| l.contains("restart fluentd worker") || l.contains("reloaded config"))
+    {
+        return FluentdReload::Restarted;
+    }
+    FluentdReload::Pending
 }
 
 /// True for the log lines of a Fluent Bit hot reload that will not happen (B-conf.log):
@@ -636,6 +702,29 @@ mod tests {
             "[2026/11/22 02:51:05.123] [error] [config] error in live.conf:47: bad header definition"
         ));
         assert!(!reload_halted("[ info] [reload] successful reload done."));
+    }
+
+    #[test]
+    fn fluentd_reload_verdicts_follow_the_recordings() {
+        let v = |lines: &[&str]| {
+            fluentd_reload_verdict(&lines.iter().map(|l| l.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            v(&["2026-12-04 13:58:26 +0000 [info]: Reloading new config"]),
+            FluentdReload::Pending
+        );
+        // fluentd.log: refused by the supervisor.
+        assert!(matches!(
+            v(&["2026-11-22 02:51:05 +0000 [error]: Failed to reload config file: expected '>' at live.conf line 31,11"]),
+            FluentdReload::Refused(_)
+        ));
+        // graceful-reload-portclash.log: restart line first, then the worker's failure.
+        let restart = "2026-12-04 13:58:27 +0000 [info]: #0 restart fluentd worker worker=0";
+        assert_eq!(v(&[restart]), FluentdReload::Restarted);
+        assert_eq!(
+            v(&[restart, "2026-12-04 13:58:27 +0000 [error]: #0 failed to reload config: Address already in use - bind(2) for 127.0.0.1:9880"]),
+            FluentdReload::Broken("2026-12-04 13:58:27 +0000 [error]: #0 failed to reload config: Address already in use - bind(2) for 127.0.0.1:9880".into())
+        );
     }
 
     #[test]

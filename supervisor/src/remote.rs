@@ -401,7 +401,8 @@ impl Applier {
                     || !self.view.lock().expect("view").running;
                 Some((msg, died))
             }
-            Err(ReloadError::Unavailable(msg)) => Some((msg, true)),
+            // Took the config and broke on it: nothing runs until last-known-good is loaded.
+            Err(ReloadError::Unavailable(msg)) | Err(ReloadError::Broken(msg)) => Some((msg, true)),
             Ok(()) => self
                 .gate(&mut fluent, before.healthy, exits_before)
                 .await

@@ -260,6 +260,66 @@ async fn fluentd_rollback_on_refused_reload_and_on_restart_without_rpc() {
     tokio::join!(refused, restarted);
 }
 
+/// A config that passes the dry run but that the worker cannot start (an http source on a
+/// taken port): Fluentd logs `#0 restart fluentd worker`, then `[error]: #0 failed to reload
+/// config: ...`, and runs no pipeline (graceful-reload-portclash.log). That is a failure at
+/// once, not after the health gate, and last-known-good is loaded again by a graceful reload.
+#[tokio::test]
+async fn fluentd_reload_failing_in_the_worker_is_rolled_back_at_once() {
+    let server = Server::start().await;
+    let (mut o, _) = opts(&server.ws_url());
+    // A verdict left to the gate would come long after the wait below gives up.
+    o.health_gate_s = 60;
+    let conf = o.agent_conf.clone();
+    let sup = Sup::start(o).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "healthy", T, |a| a["health"]["healthy"] == true)
+        .await;
+    let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = with_http_source_on(&conf, taken.local_addr().unwrap().port());
+    let id = server
+        .command(
+            &uid,
+            "remote_config",
+            json!({"files": {"fluent.conf": bad}}),
+        )
+        .await;
+    let c = server.wait_command(&id, Duration::from_secs(25)).await;
+    assert_eq!(c["status"], "failed", "{c}\n{}", sup.log());
+    let err = c["error"].as_str().unwrap();
+    assert!(
+        err.contains("failed to reload config: Address already in use"),
+        "the worker's own words: {err}"
+    );
+    assert_eq!(std::fs::read_to_string(sup.conf_path()).unwrap(), conf);
+    // Back on last-known-good in the same processes: two graceful reloads, no restart.
+    let a = server
+        .wait_agent(&uid, "healthy on last-known-good", T, |a| {
+            a["health"]["healthy"] == true
+        })
+        .await;
+    assert_eq!(a["health"]["start_time_unix_nano"].as_u64(), Some(t0));
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "worker_reload" && e["result"] == "failed"),
+        1,
+        "{:?}",
+        sup.events()
+    );
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "worker_reload" && e["result"] == "ok"),
+        1,
+        "{:?}",
+        sup.events()
+    );
+    assert_eq!(
+        sup.count_events(|e| e["event"] == "start" && e["role"] == "supervisor"),
+        1
+    );
+    drop(taken);
+}
+
 fn group_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -1494,7 +1494,12 @@ fn fb_reload_without_content_length_is_dropped_like_h_recordings() {
     let dir = TempDir::new();
     let conf = http_input_conf(port, input, &dir);
     dir.write("live.conf", &conf);
-    let agent = Agent::spawn(FB, &["-c", "live.conf"], &[("FAKE_RELOAD_MS", "300".into())], dir);
+    let agent = Agent::spawn(
+        FB,
+        &["-c", "live.conf"],
+        &[("FAKE_RELOAD_MS", "300".into())],
+        dir,
+    );
     wait_http(port);
     let count = || get(port, "/api/v2/reload").unwrap().json()["hot_reload_count"].clone();
     // H_v2_reload_POST_no_content_length.txt, H_v2_reload_PUT_no_content_length.txt: the
@@ -1504,7 +1509,11 @@ fn fb_reload_without_content_length_is_dropped_like_h_recordings() {
             port,
             &format!("{method} /api/v2/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
         );
-        assert!(got.is_empty(), "{method}: {}", String::from_utf8_lossy(&got));
+        assert!(
+            got.is_empty(),
+            "{method}: {}",
+            String::from_utf8_lossy(&got)
+        );
         let rec = fb_rec(&format!("H_v2_reload_{method}_no_content_length.txt"));
         assert!(
             rec.contains("--- response bytes received (Python repr) ---\nb''\n"),
@@ -1513,7 +1522,11 @@ fn fb_reload_without_content_length_is_dropped_like_h_recordings() {
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(count(), 0);
-    assert!(!agent.stderr().contains("reloading instance"), "{}", agent.stderr());
+    assert!(
+        !agent.stderr().contains("reloading instance"),
+        "{}",
+        agent.stderr()
+    );
     // H_v2_reload_POST_content_length_0.json: with `Content-Length: 0` it reloads.
     let got = raw_exchange(
         port,
@@ -1568,9 +1581,24 @@ fn fb_http_input_routes_by_url_path_like_i_recordings() {
         .unwrap_or_else(|| panic!("{rec}: outputs {:?}", outputs(&wait_metrics(port))));
     };
     for (path, msg, rec, after) in [
-        ("/", "posted-to-root", "I_http_in_POST_root.txt", "I_v1_metrics_after_root.json"),
-        ("/flush", "posted-to-flush", "I_http_in_POST_flush.txt", "I_v1_metrics_after_flush.json"),
-        ("/chatops", "posted-to-chatops", "I_http_in_POST_chatops.txt", "I_v1_metrics_after_chatops.json"),
+        (
+            "/",
+            "posted-to-root",
+            "I_http_in_POST_root.txt",
+            "I_v1_metrics_after_root.json",
+        ),
+        (
+            "/flush",
+            "posted-to-flush",
+            "I_http_in_POST_flush.txt",
+            "I_v1_metrics_after_flush.json",
+        ),
+        (
+            "/chatops",
+            "posted-to-chatops",
+            "I_http_in_POST_chatops.txt",
+            "I_v1_metrics_after_chatops.json",
+        ),
     ] {
         let body = format!("{{\"msg\": \"{msg}\"}}");
         let got = raw_exchange(
@@ -1583,8 +1611,15 @@ fn fb_http_input_routes_by_url_path_like_i_recordings() {
         let got = String::from_utf8_lossy(&got).replace(&input.to_string(), "9880");
         let want = fb_rec(rec);
         let head = got.split("\r\n\r\n").next().unwrap();
-        assert!(head.starts_with("HTTP/1.1 201 Created\r\n"), "{path}: {got}");
-        for h in ["server: Fluent Bit", "x-http-engine: Monkey heritage", "content-length: 0"] {
+        assert!(
+            head.starts_with("HTTP/1.1 201 Created\r\n"),
+            "{path}: {got}"
+        );
+        for h in [
+            "server: Fluent Bit",
+            "x-http-engine: Monkey heritage",
+            "content-length: 0",
+        ] {
             assert!(head.contains(h), "{path}: {h} missing from {got}");
             assert!(want.contains(h), "{rec} says {h}");
         }
@@ -1599,12 +1634,79 @@ fn fb_http_input_routes_by_url_path_like_i_recordings() {
     let tags: Vec<String> = agent
         .stdout()
         .lines()
-        .filter_map(|l| l.strip_prefix("[0] ")?.split(':').next().map(str::to_string))
+        .filter_map(|l| {
+            l.strip_prefix("[0] ")?
+                .split(':')
+                .next()
+                .map(str::to_string)
+        })
         .collect();
     let recorded: Vec<String> = fb_rec("I-http-input-stdout.txt")
         .lines()
-        .filter_map(|l| l.strip_prefix("[0] ")?.split(':').next().map(str::to_string))
+        .filter_map(|l| {
+            l.strip_prefix("[0] ")?
+                .split(':')
+                .next()
+                .map(str::to_string)
+        })
         .collect();
     assert_eq!(tags, recorded, "{}", agent.stdout());
-    assert!(agent.stdout().contains(r#"{"msg"=>"posted-to-flush"}"#), "{}", agent.stdout());
+    assert!(
+        agent.stdout().contains(r#"{"msg"=>"posted-to-flush"}"#),
+        "{}",
+        agent.stdout()
+    );
+}
+
+#[test]
+fn fd_graceful_reload_failing_in_the_worker_like_portclash_recording() {
+    let (monitor, rpc) = (free_port(), free_port());
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().port();
+    let base = fd_conf("graceful-base.conf", monitor, rpc);
+    let agent = fd_start(&base, &[]);
+    let (worker, _) = wait_until(Duration::from_secs(10), || worker_info(monitor)).expect("up");
+    // graceful-portclash.conf adds an http source on a port another process holds; it
+    // passes the dry run (dryrun-portclash.log) and the RPC still says ok.
+    agent.dir.write(
+        "live.conf",
+        &fd_conf("graceful-portclash.conf", monitor, rpc).replace("9880", &taken.to_string()),
+    );
+    let r = get(rpc, "/api/config.gracefulReload").unwrap();
+    assert_eq!(
+        r.body,
+        recorded_body(&fd_rec("rpc_config.gracefulReload_portclash.json"))
+    );
+    let failed = format!(
+        "[error]: #0 failed to reload config: Address already in use - bind(2) for 127.0.0.1:{taken}"
+    );
+    wait_text("failed graceful reload", &failed, || agent.stdout());
+    // graceful-reload-portclash.log: the restart line first, then the lowercase error.
+    let rec = fd_norm(&fd_rec("graceful-reload-portclash.log"));
+    let rec_restart = rec
+        .iter()
+        .position(|l| l == "[info]: #0 restart fluentd worker worker=0")
+        .unwrap();
+    assert!(rec[rec_restart + 1].starts_with("[error]: #0 failed to reload config: "));
+    let log = fd_norm(&agent.stdout());
+    let at = log.iter().position(|l| *l == failed).unwrap();
+    assert_eq!(
+        log[at - 1],
+        "[info]: #0 restart fluentd worker worker=0",
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("Failed to reload config")),
+        "the supervisor-side wording is for configs it refuses itself: {log:#?}"
+    );
+    // plugins_after_graceful_portclash.txt: same worker, nothing listening on monitor_agent.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(get(monitor, "/api/plugins.json").is_none());
+    // rpc_config.gracefulReload_recover.json: a good config brings it back, same worker.
+    agent
+        .dir
+        .write("live.conf", &fd_conf("graceful-good2.conf", monitor, rpc));
+    get(rpc, "/api/config.gracefulReload").unwrap();
+    let (after, _) = wait_until(Duration::from_secs(10), || worker_info(monitor)).expect("back");
+    assert_eq!(after, worker);
 }

@@ -311,11 +311,19 @@ async fn graceful_reload(w: &Shared) {
     }
     shutdown_lines(&w.log, &old, None).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let tasks = match bind_listeners(w, &plugins) {
+    let bound = bind_listeners(w, &plugins);
+    // graceful-reload-portclash.log: the restart line comes first whatever happens, and a
+    // new pipeline that cannot start is only reported after it, in lowercase:
+    // `[error]: #0 failed to reload config: Address already in use - bind(2) for ...`.
+    // The worker keeps its pid but runs nothing: the old pipeline is gone and monitor_agent's
+    // port stays closed (plugins_after_graceful_portclash.txt) until a reload that works.
+    w.log.info("#0 restart fluentd worker worker=0");
+    let failed = bound.is_err();
+    let tasks = match bound {
         Ok(t) => t,
         Err(addr) => {
             w.log.error(&format!(
-                "#0 unexpected error error_class=Errno::EADDRINUSE error=\"Address already in use - bind(2) for {addr}\""
+                "#0 failed to reload config: Address already in use - bind(2) for {addr}"
             ));
             Vec::new()
         }
@@ -327,10 +335,9 @@ async fn graceful_reload(w: &Shared) {
         st.root = root;
         st.tasks = tasks;
     }
-    w.log.info("#0 restart fluentd worker worker=0");
     event(
         AGENT,
-        serde_json::json!({"event": "worker_reload", "role": "worker"}),
+        serde_json::json!({"event": "worker_reload", "role": "worker", "result": if failed { "failed" } else { "ok" }}),
     );
 }
 
