@@ -38,6 +38,9 @@ pub enum AgentEvent {
     Started {
         pid: i32,
         start_time_ns: u64,
+        /// Started by an explicit restart (command, config load): the exit history and the
+        /// restart backoff were cleared, so an earlier crash loop is over.
+        after_restart: bool,
         /// [`LogTail`] cursor taken just before the process was spawned: its own output comes
         /// after it. (Taken when the core reads this event, it would miss whatever the
         /// process printed meanwhile — often its first and only error.)
@@ -68,11 +71,15 @@ pub enum Ctl {
     Stop(oneshot::Sender<()>),
 }
 
-/// The agent's recent output, for error messages and reload confirmation.
+/// The agent's recent output, for error messages and reload confirmation. Each line carries
+/// the generation (one per spawn) of the process that wrote it, so a report about one
+/// process never quotes another's words.
 #[derive(Debug, Default)]
 pub struct LogTail {
     lines: VecDeque<(u64, String)>,
-    errors: VecDeque<String>,
+    /// (generation, line) of the recent error lines; kept apart so a noisy process cannot
+    /// push its own last error out of the general tail before its exit is reported.
+    errors: VecDeque<(u64, String)>,
     next: u64,
 }
 
@@ -82,14 +89,15 @@ const TAIL_ERRORS: usize = 20;
 const MAX_LINE: usize = 2 * 1024;
 
 impl LogTail {
-    pub fn push(&mut self, line: &str) {
+    /// Adds a line written by the process of generation `generation`.
+    pub fn push(&mut self, generation: u64, line: &str) {
         self.lines.push_back((self.next, line.to_string()));
         self.next += 1;
         while self.lines.len() > TAIL_LINES {
             self.lines.pop_front();
         }
         if is_error_line(line) {
-            self.errors.push_back(line.to_string());
+            self.errors.push_back((generation, line.to_string()));
             while self.errors.len() > TAIL_ERRORS {
                 self.errors.pop_front();
             }
@@ -121,10 +129,18 @@ impl LogTail {
         errs[errs.len().saturating_sub(n)..].to_vec()
     }
 
-    /// The last `n` error-looking lines.
-    pub fn last_errors(&self, n: usize) -> Vec<String> {
-        let skip = self.errors.len().saturating_sub(n);
-        self.errors.iter().skip(skip).cloned().collect()
+    /// The last `n` error-looking lines the process of `generation` wrote.
+    pub fn errors_of(&self, generation: u64, n: usize) -> Vec<String> {
+        let errs: Vec<&String> = self
+            .errors
+            .iter()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, l)| l)
+            .collect();
+        errs[errs.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
     }
 }
 
@@ -152,10 +168,17 @@ pub fn is_error_line(line: &str) -> bool {
         || l.contains("error:")
 }
 
-/// The last error lines joined for a report.
-pub fn error_summary(tail: &SharedTail, n: usize) -> String {
-    tail.lock().expect("tail").last_errors(n).join(" | ")
+/// The last `n` error lines written at or after `cursor`, joined for a report.
+pub fn error_summary_since(tail: &SharedTail, cursor: u64, n: usize) -> String {
+    tail.lock()
+        .expect("tail")
+        .errors_since(cursor, n)
+        .join(" | ")
 }
+
+/// Longest wait for a dead process's output to be read to the end before its exit is
+/// reported (its last words are often the only explanation).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Called with the running agent's (pid, start ticks), or `None` once it is gone, so the pid
 /// file in the data directory is always current.
@@ -237,6 +260,8 @@ pub fn spawn(spec: Spec, events: mpsc::Sender<AgentEvent>, on_pid: PidSink) -> A
         tail: tail.clone(),
         on_pid,
         exits: VecDeque::new(),
+        generation: 0,
+        pumps: Vec::new(),
     };
     tokio::spawn(runner.run());
     AgentHandle {
@@ -256,6 +281,10 @@ struct Runner {
     on_pid: PidSink,
     /// Times of recent unexpected exits, for crash-loop detection.
     exits: VecDeque<Instant>,
+    /// Counts spawns; the lines of the current process are tagged with it.
+    generation: u64,
+    /// The tasks copying the current process's output into the tail.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What the running agent is, from the runner's point of view.
@@ -284,6 +313,7 @@ impl Runner {
         'outer: loop {
             let started = Instant::now();
             let log_cursor = self.tail.lock().expect("tail").cursor();
+            self.generation += 1;
             let (mut running, pgid) = match self.start() {
                 Ok((running, pgid, start_time_ns)) => {
                     // Awaited, not try_send: a dropped Started would leave the core
@@ -293,6 +323,7 @@ impl Runner {
                         .send(AgentEvent::Started {
                             pid: running.pid(),
                             start_time_ns,
+                            after_restart: pending_reply.is_some(),
                             log_cursor,
                         })
                         .await;
@@ -305,7 +336,7 @@ impl Runner {
                     self.tail
                         .lock()
                         .expect("tail")
-                        .push(&format!("[error] {e}"));
+                        .push(self.generation, &format!("[error] {e}"));
                     if let Some(r) = pending_reply.take() {
                         let _ = r.send(());
                     }
@@ -318,6 +349,7 @@ impl Runner {
                             return;
                         }
                         Some(Ctl::Restart(reply)) => {
+                            self.forget_exits(&mut backoff);
                             pending_reply = Some(reply);
                             continue 'outer;
                         }
@@ -348,6 +380,7 @@ impl Runner {
                                     pid: new_pid,
                                     start_time_ns: proc_start_time_ns(new_pid)
                                         .unwrap_or_else(crate::state::now_ns),
+                                    after_restart: false,
                                     // The same Fluentd carrying on: its errors since the
                                     // original start still explain its state.
                                     log_cursor,
@@ -358,6 +391,8 @@ impl Runner {
                         // Nothing may outlive the agent unmanaged.
                         kill_group(pgid, libc::SIGKILL);
                         (self.on_pid)(None);
+                        // Its last words explain the exit: read them to the end first.
+                        self.drain_pumps().await;
                         let uptime = started.elapsed();
                         if uptime >= self.spec.crash_loop_window {
                             backoff.reset();
@@ -372,6 +407,9 @@ impl Runner {
                                 return;
                             }
                             Some(Ctl::Restart(reply)) => {
+                                // Asked for during the backoff (the file was fixed, say): a
+                                // fresh start, not one more attempt of the loop.
+                                self.forget_exits(&mut backoff);
                                 pending_reply = Some(reply);
                                 continue 'outer;
                             }
@@ -394,8 +432,7 @@ impl Runner {
                                 restart_in: Some(Duration::ZERO),
                             })
                             .await;
-                        backoff.reset();
-                        self.exits.clear();
+                        self.forget_exits(&mut backoff);
                         pending_reply = Some(reply);
                         continue 'outer;
                     }
@@ -428,6 +465,19 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// An explicit restart starts afresh: earlier exits no longer count towards a crash loop
+    /// and the restart delay starts again from its initial value.
+    fn forget_exits(&mut self, backoff: &mut Backoff) {
+        backoff.reset();
+        self.exits.clear();
+    }
+
+    /// Waits (bounded) until the output of the process that just ended is read to its end.
+    async fn drain_pumps(&mut self) {
+        let pumps = std::mem::take(&mut self.pumps);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, futures_util::future::join_all(pumps)).await;
     }
 
     /// Answers a stop request and then only answers further requests (the agent stays down).
@@ -468,7 +518,13 @@ impl Runner {
             (None, None) if pid == 0 => "could not be started".to_string(),
             (None, None) => "disappeared".to_string(),
         };
-        let errors = error_summary(&self.tail, 5);
+        // Only what this process wrote: an earlier one's errors explain nothing here.
+        let errors = self
+            .tail
+            .lock()
+            .expect("tail")
+            .errors_of(self.generation, 5)
+            .join(" | ");
         let mut error = format!(
             "agent (pid {pid}) {how} after {:.1} s",
             uptime.as_secs_f64()
@@ -567,11 +623,25 @@ impl Runner {
         })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let name = self.spec.kind.name();
+        let generation = self.generation;
+        self.pumps.clear();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(out, "stdout", name, self.tail.clone()));
+            self.pumps.push(tokio::spawn(pump(
+                out,
+                "stdout",
+                name,
+                self.tail.clone(),
+                generation,
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, "stderr", name, self.tail.clone()));
+            self.pumps.push(tokio::spawn(pump(
+                err,
+                "stderr",
+                name,
+                self.tail.clone(),
+                generation,
+            )));
         }
         // Wall clock at spawn: /proc's boot time + ticks drifts by up to a second from it.
         let start_time_ns = crate::state::now_ns();
@@ -704,6 +774,7 @@ async fn pump(
     which: &'static str,
     agent: &'static str,
     tail: SharedTail,
+    generation: u64,
 ) {
     let mut r = BufReader::new(stream);
     let mut buf = Vec::with_capacity(256);
@@ -733,7 +804,7 @@ async fn pump(
                 } else {
                     tracing::info!(target: "agent", agent, stream = which, "{line}");
                 }
-                tail.lock().expect("tail").push(line);
+                tail.lock().expect("tail").push(generation, line);
             }
         }
     }
@@ -920,16 +991,132 @@ mod tests {
         h.stop().await;
     }
 
+    /// A runner of `script` (sh), run in `dir`, with a restart backoff from `backoff_ms`.
+    fn script_runner(
+        script: &str,
+        dir: &std::path::Path,
+        backoff_ms: u64,
+        threshold: u32,
+    ) -> (AgentHandle, mpsc::Receiver<AgentEvent>) {
+        let (tx, rx) = mpsc::channel(32);
+        let spec = Spec {
+            kind: AgentKind::Fluentbit,
+            executable: "/bin/sh".into(),
+            args: vec!["-c".into(), format!("cd '{}' && {script}", dir.display())],
+            env: vec![],
+            stop_timeout: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(backoff_ms),
+            backoff_max: Duration::from_secs(60),
+            crash_loop_threshold: threshold,
+            crash_loop_window: Duration::from_secs(120),
+        };
+        (spawn(spec, tx, Arc::new(|_| {})), rx)
+    }
+
+    async fn next_event(rx: &mut mpsc::Receiver<AgentEvent>) -> AgentEvent {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event in time")
+            .expect("runner alive")
+    }
+
+    /// The next event, which must be an exit: (error, crash_loop, restart_in).
+    async fn next_exit(
+        rx: &mut mpsc::Receiver<AgentEvent>,
+    ) -> (Option<String>, Option<String>, Option<Duration>) {
+        match next_event(rx).await {
+            AgentEvent::Exited {
+                error,
+                crash_loop,
+                restart_in,
+                ..
+            } => (error, crash_loop, restart_in),
+            ev => panic!("exit expected, got {ev:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_exit_report_quotes_only_what_that_process_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first process dies on a bind error; the second runs until it is killed.
+        let script = "n=$(cat n 2>/dev/null || echo 0); echo $((n+1)) > n; \
+             if [ \"$n\" = 0 ]; then echo '[error] bind(2) for 127.0.0.1:9880 by the first' >&2; exit 1; fi; \
+             exec sleep 30";
+        let (h, mut rx) = script_runner(script, dir.path(), 50, 2);
+        assert!(matches!(
+            next_event(&mut rx).await,
+            AgentEvent::Started { .. }
+        ));
+        let (error, _, _) = next_exit(&mut rx).await;
+        assert!(error.unwrap().contains("by the first"), "its own words");
+        let AgentEvent::Started { pid, .. } = next_event(&mut rx).await else {
+            panic!("start expected")
+        };
+        send_signal(pid, libc::SIGKILL);
+        let (error, crash_loop, _) = next_exit(&mut rx).await;
+        let error = error.unwrap();
+        assert!(error.contains("killed by signal 9"), "{error}");
+        assert!(!error.contains("by the first"), "{error}");
+        // Two exits in the window: a crash loop, explained by the last process alone.
+        let crash_loop = crash_loop.expect("crash loop");
+        assert!(!crash_loop.contains("by the first"), "{crash_loop}");
+        assert!(crash_loop.contains("(none logged)"), "{crash_loop}");
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_restart_during_the_crash_loop_backoff_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            "if [ ! -e fixed ]; then echo '[error] bad config' >&2; exit 1; fi; exec sleep 30";
+        let (h, mut rx) = script_runner(script, dir.path(), 300, 3);
+        // Three quick exits: a crash loop, with a growing delay.
+        let mut last_delay = Duration::ZERO;
+        for i in 1..=3 {
+            assert!(matches!(
+                next_event(&mut rx).await,
+                AgentEvent::Started {
+                    after_restart: false,
+                    ..
+                }
+            ));
+            let (_, crash_loop, restart_in) = next_exit(&mut rx).await;
+            assert_eq!(crash_loop.is_some(), i == 3);
+            last_delay = restart_in.unwrap();
+        }
+        assert!(last_delay >= Duration::from_millis(900), "{last_delay:?}");
+        // The operator fixes the file and restarts during the backoff.
+        std::fs::write(dir.path().join("fixed"), "").unwrap();
+        h.restart().await;
+        let AgentEvent::Started {
+            pid, after_restart, ..
+        } = next_event(&mut rx).await
+        else {
+            panic!("start expected")
+        };
+        assert!(after_restart);
+        // One exit after that is one exit, with the first delay, not the fourth of a loop.
+        send_signal(pid, libc::SIGKILL);
+        let (_, crash_loop, restart_in) = next_exit(&mut rx).await;
+        assert_eq!(crash_loop, None);
+        assert!(
+            restart_in.unwrap() <= Duration::from_millis(360),
+            "{restart_in:?}"
+        );
+        h.stop().await;
+    }
+
     #[test]
     fn tail_keeps_errors_and_cursor() {
         let mut t = LogTail::default();
-        t.push("[ info] starting");
+        t.push(1, "[ info] starting");
         let c = t.cursor();
-        t.push("[error] [config] bad");
-        t.push("ok");
+        t.push(1, "[error] [config] bad");
+        t.push(1, "ok");
         assert_eq!(t.since(c), vec!["[error] [config] bad", "ok"]);
-        assert_eq!(t.last_errors(5), vec!["[error] [config] bad"]);
-        t.push("[error] second");
+        assert_eq!(t.errors_of(1, 5), vec!["[error] [config] bad"]);
+        assert!(t.errors_of(2, 5).is_empty(), "another process wrote it");
+        t.push(1, "[error] second");
         assert_eq!(t.errors_since(c, 1), vec!["[error] second"]);
         assert!(t.errors_since(t.cursor(), 5).is_empty());
         assert!(is_error_line(

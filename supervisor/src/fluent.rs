@@ -45,6 +45,9 @@ pub struct Probe {
     pub last_error: String,
     /// Version the agent reports about itself.
     pub version: Option<String>,
+    /// This probe read the per-plugin metrics (Fluent Bit's answer 404 for about a second
+    /// after a start or reload; `components` then holds the last ones read).
+    pub metrics: bool,
     /// Per plugin category (`input`, `filter`, `output`), per plugin.
     pub components: BTreeMap<String, ComponentHealth>,
 }
@@ -267,6 +270,7 @@ impl Fluent {
         }
         if let Ok((200, m)) = self.get_json(&format!("{base}/api/v1/metrics")).await {
             self.last_components = self.fluentbit_components(&m);
+            p.metrics = true;
         }
         p.components = self.last_components.clone();
         finish(&mut p, verdict);
@@ -339,6 +343,7 @@ impl Fluent {
         match self.get_json(&format!("{base}/api/plugins.json")).await {
             Ok((200, v)) => {
                 p.reachable = true;
+                p.metrics = true;
                 self.last_components = fluentd_components(&v);
             }
             Ok((code, _)) => {
@@ -498,7 +503,7 @@ impl Fluent {
         }
         if restarted.is_some() {
             // Restarted, yet its API never came back: it runs no pipeline.
-            let errors = crate::agent::error_summary(tail, 3);
+            let errors = crate::agent::error_summary_since(tail, cursor, 3);
             return Err(ReloadError::Broken(format!(
                 "Fluentd restarted its worker for the new config, but monitor_agent did not \
                  answer within {} s{}",

@@ -389,6 +389,7 @@ impl Applier {
         }
         // 4. Load it. A reload that kills the agent (Fluent Bit exits 255 when the new
         //    pipeline fails to start) ends the wait at once instead of at the timeout.
+        let log_cursor = self.agent.tail.lock().expect("tail").cursor();
         let loaded = tokio::select! {
             r = self.load(&fluent) => r,
             e = self.wait_exit(exits_before) => Err(ReloadError::Rejected(e)),
@@ -404,7 +405,7 @@ impl Applier {
             // Took the config and broke on it: nothing runs until last-known-good is loaded.
             Err(ReloadError::Unavailable(msg)) | Err(ReloadError::Broken(msg)) => Some((msg, true)),
             Ok(()) => self
-                .gate(&mut fluent, before.healthy, exits_before)
+                .gate(&mut fluent, before.healthy, exits_before, log_cursor)
                 .await
                 .err()
                 .map(|m| (m, true)),
@@ -463,6 +464,7 @@ impl Applier {
         fluent: &mut Fluent,
         was_healthy: bool,
         exits_before: u64,
+        log_cursor: u64,
     ) -> Result<(), String> {
         let window = Duration::from_secs(self.cfg.agent.health_gate_s);
         let end = Instant::now() + window;
@@ -486,7 +488,8 @@ impl Applier {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let p = last.unwrap_or_default();
-        let errors = crate::agent::error_summary(&self.agent.tail, 3);
+        // What the agent said since the new config was loaded, not before.
+        let errors = crate::agent::error_summary_since(&self.agent.tail, log_cursor, 3);
         Err(format!(
             "the agent is not healthy {} s after the new config: {}{}",
             window.as_secs(),

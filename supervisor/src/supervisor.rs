@@ -44,6 +44,17 @@ pub enum StartError {
     },
 }
 
+/// A started agent counts as up (its start time is reported, so a restart is confirmed, and
+/// it may be called healthy) only once its API has answered and it has stayed up this long:
+/// an agent that dies on its config usually does so within the first second.
+const CONFIRM_UPTIME: Duration = Duration::from_millis(1500);
+/// After a (re)start the API is probed this soon, then at doubling intervals up to
+/// [`FAST_PROBE_MAX`] (or the configured interval, if shorter), until it has answered with
+/// metrics and the process is confirmed up; then at the configured interval. Fluent Bit
+/// answers its metrics 404 for about the first second of a pipeline.
+const FAST_PROBE_FIRST: Duration = Duration::from_millis(250);
+const FAST_PROBE_MAX: Duration = Duration::from_secs(2);
+
 /// At most this many re-reports of one already processed config hash per window: far more
 /// than operators re-send the same config, far fewer than a server stuck re-offering it.
 const REREPORT_BURST: u32 = 5;
@@ -154,6 +165,8 @@ struct Core {
     version: Option<String>,
     crash_window: Duration,
     started_at: Option<Instant>,
+    /// The current process has answered and stayed up [`CONFIRM_UPTIME`].
+    confirmed: bool,
     /// Log-tail cursor at the current process's start: its own error lines come after it.
     start_cursor: u64,
 }
@@ -233,26 +246,12 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
     // Health poller.
     let (probe_tx, mut probe_rx) = mpsc::channel::<Probe>(4);
     let probe_now = Arc::new(Notify::new());
-    {
-        let mut fluent = Fluent::new(&cfg);
-        let interval = Duration::from_secs(cfg.agent.health_interval_s);
-        let now = probe_now.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = now.notified() => {
-                        // Give a fresh process a moment to open its API.
-                        tokio::time::sleep(Duration::from_millis(700)).await;
-                    }
-                }
-                let p = fluent.probe().await;
-                if probe_tx.send(p).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    tokio::spawn(poll_health(
+        Fluent::new(&cfg),
+        Duration::from_secs(cfg.agent.health_interval_s),
+        probe_now.clone(),
+        probe_tx,
+    ));
 
     // Transport.
     let server_http = reqwest::Client::builder()
@@ -329,6 +328,7 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         version,
         crash_window: Duration::from_secs(cfg.agent.crash_loop_window_s),
         started_at: None,
+        confirmed: false,
         start_cursor: 0,
     };
     core.update_health();
@@ -349,6 +349,41 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), transport_task).await;
     Ok(code)
+}
+
+/// Probes the agent's API at `interval`; after each (re)start (`started` is notified) quickly
+/// and backing off instead, until the API has answered with metrics and the process is
+/// confirmed up: a fresh agent's per-plugin health and readiness then show within a couple
+/// of seconds, not a whole interval later.
+async fn poll_health(
+    mut fluent: Fluent,
+    interval: Duration,
+    started: Arc<Notify>,
+    probes: mpsc::Sender<Probe>,
+) {
+    // While fast: (when the process started, the next delay).
+    let mut fast: Option<(Instant, Duration)> = None;
+    loop {
+        let delay = fast.map(|(_, d)| d).unwrap_or(interval);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = started.notified() => {
+                fast = Some((Instant::now(), FAST_PROBE_FIRST));
+                tokio::time::sleep(FAST_PROBE_FIRST).await;
+            }
+        }
+        let p = fluent.probe().await;
+        if let Some((since, d)) = &mut fast {
+            if p.reachable && p.metrics && since.elapsed() >= CONFIRM_UPTIME {
+                fast = None;
+            } else {
+                *d = (*d * 2).min(FAST_PROBE_MAX).min(interval);
+            }
+        }
+        if probes.send(p).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The AgentDescription: identity first (stable across restarts), then where it runs.
@@ -478,6 +513,14 @@ impl Core {
                     (false, "unreachable", e)
                 }
                 Some(p) if !p.healthy => (false, "unhealthy", p.last_error.clone()),
+                Some(_) if !self.confirmed => (
+                    false,
+                    "starting",
+                    format!(
+                        "the agent answered; confirming it stays up ({} ms)",
+                        CONFIRM_UPTIME.as_millis()
+                    ),
+                ),
                 Some(_) => (true, "running", String::new()),
             }
         };
@@ -486,7 +529,14 @@ impl Core {
         }
         let h = ComponentHealth {
             healthy,
-            start_time_unix_nano: if v.running { v.start_time_ns } else { 0 },
+            // Only a process that answered and stayed up has started, as far as anyone
+            // watching is concerned: a restart is confirmed by this time moving forward, and
+            // one that died half a second in must not be.
+            start_time_unix_nano: if v.running && self.confirmed {
+                v.start_time_ns
+            } else {
+                0
+            },
             last_error,
             status: status.to_string(),
             status_time_unix_nano: self.health_status.1,
@@ -510,6 +560,7 @@ impl Core {
                 AgentEvent::Started {
                     pid,
                     start_time_ns,
+                    after_restart,
                     log_cursor,
                 } => {
                     v.running = true;
@@ -517,8 +568,14 @@ impl Core {
                     v.start_time_ns = *start_time_ns;
                     v.probe = None;
                     self.started_at = Some(Instant::now());
+                    self.confirmed = false;
                     self.start_cursor = *log_cursor;
                     self.restarting = false;
+                    if *after_restart {
+                        // The runner forgot the exits: so does health.
+                        v.crash_loop = None;
+                        v.exit_error = None;
+                    }
                 }
                 AgentEvent::Exited {
                     expected,
@@ -551,6 +608,13 @@ impl Core {
             let mut v = self.view.lock().expect("view");
             if !v.running {
                 return;
+            }
+            if p.reachable
+                && self
+                    .started_at
+                    .is_some_and(|t| t.elapsed() >= CONFIRM_UPTIME)
+            {
+                self.confirmed = true;
             }
             if p.reachable && p.healthy {
                 v.exit_error = None;

@@ -811,7 +811,9 @@ async fn static_bearer_token_against_the_real_server() {
 
 #[tokio::test]
 async fn http_polling_against_the_real_server() {
-    let server = Server::start().await;
+    // A polling agent gets a command with the answer to its next poll: the server offers a
+    // 1 s heartbeat (its offer wins over the supervisor's own `heartbeat_interval_s`).
+    let server = Server::start_with(vec![("FLOTILLA_HEARTBEAT_INTERVAL_S", "1")]).await;
     let mut opts = SupOpts::fluent_bit(&server.http_url());
     opts.heartbeat_s = 1;
     let sup = Sup::start(opts).await;

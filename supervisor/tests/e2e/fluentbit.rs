@@ -503,6 +503,140 @@ async fn crash_loop_on_a_bad_property_reports_the_agents_own_error() {
     assert!(err.contains("input initialization failed"), "{err}");
     // It keeps being restarted (with backoff), not given up on.
     assert!(sup.count_events(|e| e["event"] == "start") >= 3);
+
+    // The file is fixed and a restart queued during the backoff: a fresh start, confirmed
+    // once the new process answered and stayed up.
+    std::fs::write(sup.conf_path(), FB_CONF).unwrap();
+    let id = server.command(&uid, "restart", json!({})).await;
+    let c = server.wait_command(&id, T).await;
+    assert_eq!(c["status"], "succeeded", "{c}\n{}", sup.log());
+    let a = server
+        .wait_agent(&uid, "healthy on the fixed file", T, |a| {
+            a["health"]["healthy"] == true
+        })
+        .await;
+    assert_eq!(a["health"]["status"], "running");
+    // One kill -9 after that is one unexpected exit, with the first restart delay, not a
+    // crash loop, and its report quotes nothing the earlier processes wrote.
+    let pid = sup
+        .events()
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "start")
+        .and_then(|e| e["pid"].as_i64())
+        .unwrap() as i32;
+    // SAFETY: plain syscall on the agent the supervisor runs.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    sup.wait_log("killed by signal 9", T).await;
+    let log = sup.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("killed by signal 9"))
+        .unwrap();
+    assert!(line.contains("crash_loop=false"), "{line}");
+    assert!(
+        !line.contains("bogus_key"),
+        "another process's error: {line}"
+    );
+    let ms: u64 = line
+        .split("restart_in_ms=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no restart_in_ms in {line}"));
+    assert!(
+        ms <= 240,
+        "the first delay (200 ms ± 20 %), not a grown one: {line}"
+    );
+    server
+        .wait_agent(&uid, "healthy again", T, |a| a["health"]["healthy"] == true)
+        .await;
+}
+
+/// A restart is confirmed by a newer start time; a new process that dies 0.7 s in, having
+/// answered its API, must not confirm it (issue 14: "restart reports succeeded although
+/// the new process died 0.5 s later").
+#[tokio::test]
+async fn a_restart_is_not_confirmed_by_a_process_that_dies_at_once() {
+    let server = Server::start().await;
+    let opts = SupOpts::fluent_bit(&server.ws_url()).env("FAKE_CRASH_AFTER_MS", "700");
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    server
+        .wait_agent(&uid, "crash loop reported", T, |a| {
+            a["health"]["status"] == "crash-loop"
+        })
+        .await;
+    let id = server.command(&uid, "restart", json!({})).await;
+    // Each new process answers its API within ~0.1 s and dies at 0.7 s: watch a few.
+    let starts = sup.count_events(|e| e["event"] == "start");
+    let end = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < end {
+        let c = server.get_command(&id).await;
+        assert_ne!(c["status"], "succeeded", "{c}\n{}", sup.log());
+        let a = server.agent(&uid).await.unwrap();
+        assert_eq!(
+            a["health"]["start_time_unix_nano"].as_u64().unwrap_or(0),
+            0,
+            "{a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        sup.count_events(|e| e["event"] == "start") > starts,
+        "the restart ran: {:?}",
+        sup.events()
+    );
+    assert!(
+        sup.count_events(|e| e["event"] == "request" && e["path"] == "/" && e["status"] == 200) > 0,
+        "the processes answered before dying"
+    );
+}
+
+/// After a start the API is probed quickly until it answers with metrics, so per-plugin
+/// health shows within a couple of seconds, not a whole `health_interval_s` later (the first
+/// probe used to come at 0.7 s, meet the metrics' 404 window, and the next 10 s later).
+#[tokio::test]
+async fn per_plugin_health_shows_soon_after_each_start() {
+    let server = Server::start().await;
+    let mut opts = SupOpts::fluent_bit(&server.ws_url());
+    opts.health_interval_s = 10;
+    let sup = Sup::start(opts).await;
+    let uid = sup.uid().await;
+    let has_components = |a: &Value| {
+        a["health"]["healthy"] == true
+            && a["health"]["components"]["output"]["components"]["null_out"].is_object()
+    };
+    let t = std::time::Instant::now();
+    let a = server
+        .wait_agent(
+            &uid,
+            "per-plugin health",
+            Duration::from_secs(6),
+            has_components,
+        )
+        .await;
+    let t0 = a["health"]["start_time_unix_nano"].as_u64().unwrap();
+    eprintln!(
+        "per-plugin health {:?} after the uid was written",
+        t.elapsed()
+    );
+    // The same after a restart.
+    let id = server.command(&uid, "restart", json!({})).await;
+    server.wait_command(&id, Duration::from_secs(6)).await;
+    server
+        .wait_agent(
+            &uid,
+            "healthy with components after the restart",
+            Duration::from_secs(6),
+            |a| has_components(a) && a["health"]["start_time_unix_nano"].as_u64() > Some(t0),
+        )
+        .await;
+    // Then it settles to the interval: not a probe every few hundred milliseconds.
+    let roots = || sup.count_events(|e| e["event"] == "request" && e["path"] == "/");
+    let before = roots();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(roots() - before <= 1, "{} probes in 4 s", roots() - before);
 }
 
 #[tokio::test]

@@ -417,6 +417,8 @@ pub struct SupOpts {
     /// Extra tables at the end (e.g. `[healthz]`).
     pub tail_toml: String,
     pub health_gate_s: u64,
+    /// `agent.health_interval_s` (1 unless a test needs the real default's pace).
+    pub health_interval_s: u64,
     pub heartbeat_s: u64,
     pub restart_backoff_initial_ms: u64,
 }
@@ -434,6 +436,7 @@ impl SupOpts {
             server_extra: String::new(),
             tail_toml: String::new(),
             health_gate_s: 3,
+            health_interval_s: 1,
             heartbeat_s: 30,
             restart_backoff_initial_ms: 200,
         }
@@ -513,7 +516,7 @@ config_path = {conf:?}
 http_port = {http_port}
 monitor_url = "http://127.0.0.1:{http_port}"
 chat_ops_port = {chat}
-health_interval_s = 1
+health_interval_s = {interval}
 health_gate_s = {gate}
 reload_timeout_s = 6
 restart_backoff_initial_ms = {restart_ms}
@@ -537,6 +540,7 @@ level = "info,flotilla_supervisor=debug"
             http_port = o.http_port,
             chat = o.chat_ops_port,
             gate = o.health_gate_s,
+            interval = o.health_interval_s,
             restart_ms = o.restart_backoff_initial_ms,
             extra = o.extra_toml,
             server_extra = o.server_extra,
