@@ -1561,7 +1561,7 @@ fn fb_http_input_routes_by_url_path_like_i_recordings() {
         .unwrap_or_else(|| panic!("{records} records counted"))
     };
     let rec_metrics = |name: &str| -> serde_json::Value {
-        serde_json::from_str(&recorded_body(&fb_rec(name))).unwrap()
+        serde_json::from_str(recorded_body(&fb_rec(name))).unwrap()
     };
     let outputs = |m: &serde_json::Value| {
         (
