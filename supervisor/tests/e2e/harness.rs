@@ -77,6 +77,50 @@ pub fn fake_fluentd() -> PathBuf {
     bin_dir().join("fake-fluentd")
 }
 
+/// Where the real agents are: `FLOTILLA_REAL_AGENTS_DIR` (set by tests/run.sh), or
+/// `<repo>/../shared/tools`, where CI lays them beside the checkout.
+pub fn real_agents_dir() -> PathBuf {
+    std::env::var_os("FLOTILLA_REAL_AGENTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/tools"))
+}
+
+/// The real agent at `rel` in [`real_agents_dir`] for the test `test`, once it answered
+/// `version_arg` with `expect`. `None` only when the agents' folder does not exist (a clone
+/// without ../shared): the test then says on the terminal, by name, that it is skipped. An
+/// agent missing from an existing folder, or one that cannot run (a library, Ruby or a gem
+/// missing), fails the test: tests/run.sh installs what they need.
+pub fn real_agent(test: &str, rel: &str, version_arg: &str, expect: &str) -> Option<PathBuf> {
+    use std::io::Write;
+    let dir = real_agents_dir();
+    if !dir.is_dir() {
+        // Straight to the terminal: the test harness captures what a passing test prints.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: ../shared/tools not found ({} does not exist; set FLOTILLA_REAL_AGENTS_DIR)",
+            dir.display()
+        );
+        return None;
+    }
+    let exe = dir.join(rel);
+    let out = std::process::Command::new(&exe)
+        .arg(version_arg)
+        .output()
+        .unwrap_or_else(|e| panic!("{test}: cannot run {}: {e}", exe.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains(expect),
+        "{test}: `{} {version_arg}` does not run ({}): {text}\n(tests/peers/install-agents.sh installs its packages)",
+        exe.display(),
+        out.status
+    );
+    Some(exe)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -417,6 +461,8 @@ pub struct SupOpts {
     /// Extra tables at the end (e.g. `[healthz]`).
     pub tail_toml: String,
     pub health_gate_s: u64,
+    /// The agent's executable, if not the fake of `kind` (a real agent).
+    pub executable: Option<PathBuf>,
     /// `agent.health_interval_s` (1 unless a test needs the real default's pace).
     pub health_interval_s: u64,
     pub heartbeat_s: u64,
@@ -436,6 +482,7 @@ impl SupOpts {
             server_extra: String::new(),
             tail_toml: String::new(),
             health_gate_s: 3,
+            executable: None,
             health_interval_s: 1,
             heartbeat_s: 30,
             restart_backoff_initial_ms: 200,
@@ -490,10 +537,10 @@ impl Sup {
     /// Starts the supervisor process (again) with the same data directory.
     pub fn spawn(&mut self) {
         let o = &self.opts;
-        let exe = match o.kind {
+        let exe = o.executable.clone().unwrap_or_else(|| match o.kind {
             "fluentd" => fake_fluentd(),
             _ => fake_fluent_bit(),
-        };
+        });
         let mut env = o.agent_env.clone();
         env.push((
             "FAKE_EVENT_LOG".into(),
