@@ -70,6 +70,9 @@ pub struct Response {
     pub body: Vec<u8>,
     /// Close the connection without writing anything (see rpc_processes.killWorkers.json).
     pub hang_up: bool,
+    /// A status line without a reason phrase (`HTTP/1.1 200`), as Fluent Bit's monitoring
+    /// server writes it (H_v2_reload_GET_raw.json).
+    pub bare_status: bool,
 }
 
 impl Response {
@@ -79,6 +82,7 @@ impl Response {
             headers: Vec::new(),
             body: Vec::new(),
             hang_up: false,
+            bare_status: false,
         }
     }
 
@@ -89,6 +93,11 @@ impl Response {
 
     pub fn body(mut self, b: impl Into<Vec<u8>>) -> Self {
         self.body = b.into();
+        self
+    }
+
+    pub fn bare_status(mut self) -> Self {
+        self.bare_status = true;
         self
     }
 
@@ -226,7 +235,11 @@ async fn connection(stream: TcpStream, handler: Handler) -> std::io::Result<()> 
         if resp.hang_up {
             return Ok(());
         }
-        let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
+        let mut out = if resp.bare_status {
+            format!("HTTP/1.1 {}\r\n", resp.status)
+        } else {
+            format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status))
+        };
         for (k, v) in &resp.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
         }

@@ -1502,6 +1502,19 @@ fn fb_reload_without_content_length_is_dropped_like_h_recordings() {
     );
     wait_http(port);
     let count = || get(port, "/api/v2/reload").unwrap().json()["hot_reload_count"].clone();
+    // H_v2_reload_GET_raw.json: the exact bytes, a status line without a reason phrase.
+    let got = raw_exchange(
+        port,
+        "GET /api/v2/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    let rec = fb_rec("H_v2_reload_GET_raw.json");
+    let rec_bytes = rec
+        .split("--- response bytes received (Python repr) ---\nb'")
+        .nth(1)
+        .and_then(|r| r.split("'\n").next())
+        .unwrap()
+        .replace("\\r\\n", "\r\n");
+    assert_eq!(String::from_utf8_lossy(&got), rec_bytes);
     // H_v2_reload_POST_no_content_length.txt, H_v2_reload_PUT_no_content_length.txt: the
     // connection is closed with zero bytes, nothing is reloaded or logged.
     for method in ["POST", "PUT"] {
