@@ -94,6 +94,12 @@ pub trait FleetBackend: Send + Sync {
         total: bool,
     ) -> BackendResult<Value>;
 
+    /// The uid of the agent `reference` names: a uid, a unique host or service name, or a
+    /// query matching exactly one agent — the service's resolution, as
+    /// `GET /api/v1/agents/{reference}` applies it. `ambiguous_agent` (the candidates listed)
+    /// or `not_found` otherwise.
+    async fn resolve_agent(&self, reference: &str) -> BackendResult<String>;
+
     /// `GET /api/v1/agents/{uid}`: the full agent view with `recent_commands`.
     async fn agent(&self, uid: &str) -> BackendResult<Value>;
 

@@ -210,6 +210,19 @@ fn queue_body(target: &QueueTarget, kind: &str, params: &Value) -> Value {
     body
 }
 
+/// A path segment: every byte but RFC 3986's unreserved characters percent-encoded.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn seg(s: &str) -> String {
     // Path segments are uids in practice; refuse anything that could change the path.
     s.chars()
@@ -238,6 +251,33 @@ impl FleetBackend for RestBackend {
             query.push(("cursor", c.to_string()));
         }
         self.call(Method::GET, "/api/v1/agents", &query, None).await
+    }
+
+    async fn resolve_agent(&self, reference: &str) -> BackendResult<String> {
+        let r = reference.trim();
+        if let Ok(u) = uuid::Uuid::parse_str(r) {
+            return Ok(u.to_string());
+        }
+        // The server resolves names (one implementation); its agent view carries the uid.
+        // "." and ".." cannot travel as a path segment, and no agent is called that.
+        if r.is_empty() || r.chars().all(|c| c == '.') {
+            return Err(BackendError::new(
+                "not_found",
+                format!("no agent has uid, host name or service name {r:?}"),
+            ));
+        }
+        let v = self
+            .call(
+                Method::GET,
+                &format!("/api/v1/agents/{}", percent_encode(r)),
+                &[],
+                None,
+            )
+            .await?;
+        v["uid"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| BackendError::new("internal", "the agent view has no uid"))
     }
 
     async fn agent(&self, uid: &str) -> BackendResult<Value> {

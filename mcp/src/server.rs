@@ -2,9 +2,10 @@
 //! [`FleetBackend`]; the same handler serves stdio, streamable HTTP and legacy SSE.
 //!
 //! The handler adds only what the MCP channel needs on top of the backend: argument parsing,
-//! resolving an agent named by host, compact views for model context, read-only mode, and the
-//! confirmation gate of destructive tools (elicitation, MRTR, or a two-step token). Every fleet
-//! operation is one backend call, so authorisation and audit stay in the service layer.
+//! compact views for model context, read-only mode, and the confirmation gate of destructive
+//! tools (elicitation, MRTR, or a two-step token). Every fleet operation, resolving an agent
+//! named by host or service name included, is one backend call, so the rules (and
+//! authorisation and audit) stay in the service layer and REST and MCP agree.
 
 use futures_util::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
@@ -202,7 +203,7 @@ impl FlotillaMcp {
             }
             "agent_get" => {
                 let a: tools::AgentGetArgs = parse(name, &args)?;
-                let uid = resolve_agent(b, &a.agent).await?;
+                let uid = b.resolve_agent(&a.agent).await?;
                 let view = b.agent(&uid).await?;
                 done(agent_overview(&view, &a.include))
             }
@@ -240,7 +241,7 @@ impl FlotillaMcp {
             "commands_list" => {
                 let a: tools::CommandsListArgs = parse(name, &args)?;
                 let agent = match a.agent {
-                    Some(r) => Some(resolve_agent(b, &r).await?),
+                    Some(r) => Some(b.resolve_agent(&r).await?),
                     None => None,
                 };
                 done(
@@ -262,7 +263,7 @@ impl FlotillaMcp {
             "audit_query" => {
                 let a: tools::AuditQueryArgs = parse(name, &args)?;
                 let agent = match a.agent {
-                    Some(r) => Some(resolve_agent(b, &r).await?),
+                    Some(r) => Some(b.resolve_agent(&r).await?),
                     None => None,
                 };
                 done(
@@ -288,7 +289,7 @@ impl FlotillaMcp {
                                 "limit and cursor page a query; one agent has no pages",
                             ));
                         }
-                        let uid = resolve_agent(b, &r).await?;
+                        let uid = b.resolve_agent(&r).await?;
                         let v = b.agent(&uid).await?;
                         done(json!({
                             "uid": v["uid"],
@@ -378,7 +379,7 @@ impl FlotillaMcp {
         dry_run: bool,
     ) -> ToolResult<Outcome> {
         let target = match (agent, query) {
-            (Some(a), None) => QueueTarget::Agent(resolve_agent(b, &a).await?),
+            (Some(a), None) => QueueTarget::Agent(b.resolve_agent(&a).await?),
             (None, Some(q)) => QueueTarget::Query(q),
             _ => return Err(ToolFail::args(
                 "give exactly one of agent (one agent) and query (fan-out over matching agents)",
@@ -675,57 +676,6 @@ fn config_row(v: &Value) -> Value {
         "remote_config_error": rcs.get("error").cloned().unwrap_or(Value::Null),
         "effective_config_hash": v["effective_config_hash"],
     })
-}
-
-/// Resolves an agent reference (uid, unique host name, unique service name, or a query that
-/// matches exactly one agent) to a uid.
-pub async fn resolve_agent(b: &dyn FleetBackend, reference: &str) -> ToolResult<String> {
-    let r = reference.trim();
-    if r.is_empty() {
-        return Err(ToolFail::args("agent must not be empty"));
-    }
-    if let Ok(u) = uuid::Uuid::parse_str(r) {
-        return Ok(u.to_string());
-    }
-    // Quotes would end the quoted term early and let the reference inject query terms.
-    let clean: String = r.chars().filter(|c| *c != '"').collect();
-    let queries = if clean.contains(':') {
-        vec![clean.clone()]
-    } else {
-        vec![format!("host:\"{clean}\""), format!("name:\"{clean}\"")]
-    };
-    for q in &queries {
-        // One scan, no total: a unique match is one row and no next page.
-        let page = b.search(q, Some(10), None, false).await?;
-        let items = page["items"].as_array().cloned().unwrap_or_default();
-        let more = !page["next_cursor"].is_null();
-        match items.as_slice() {
-            [] => continue,
-            [row] if !more => {
-                return row["uid"]
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ToolFail::new("internal", "search row without uid"))
-            }
-            _ => {
-                let listed: Vec<String> = items.iter().map(row_label).collect();
-                return Err(ToolFail::new(
-                    "ambiguous_agent",
-                    format!(
-                        "agent {r:?} is ambiguous: {}{} agents match `{q}`: {}{}; name one by uid",
-                        if more { "more than " } else { "" },
-                        listed.len(),
-                        listed.join(", "),
-                        if more { ", ..." } else { "" }
-                    ),
-                ));
-            }
-        }
-    }
-    Err(ToolFail::new(
-        "not_found",
-        format!("no agent has uid, host name or service name {r:?} (try agents_search)"),
-    ))
 }
 
 /// Paths of unhealthy components in a health tree, e.g. `pipeline/output.es`.
@@ -1028,9 +978,10 @@ impl ServerHandler for FlotillaMcp {
                 .await
                 .map_err(|e| McpError::internal_error(e.message, None))?
         } else if let Some(r) = uri.strip_prefix(AGENT_URI_PREFIX) {
-            let uid = resolve_agent(b.as_ref(), r)
+            let uid = b
+                .resolve_agent(r)
                 .await
-                .map_err(|f| McpError::resource_not_found(format!("{uri}: {}", f.message), None))?;
+                .map_err(|e| McpError::resource_not_found(format!("{uri}: {}", e.message), None))?;
             b.agent(&uid)
                 .await
                 .map_err(|e| McpError::resource_not_found(format!("{uri}: {}", e.message), None))?

@@ -102,7 +102,7 @@ fn service_target(target: &QueueTarget) -> BackendResult<Target> {
 #[async_trait]
 impl FleetBackend for McpBackend {
     fn identity(&self) -> String {
-        format!("mcp:{}:{:?}", self.caller.actor, self.caller.role)
+        format!("mcp:{}:{}", self.caller.actor, self.caller.role)
     }
 
     async fn search(
@@ -118,6 +118,14 @@ impl FleetBackend for McpBackend {
             .await
             .map_err(err)?;
         Ok(json!(page))
+    }
+
+    async fn resolve_agent(&self, reference: &str) -> BackendResult<String> {
+        self.fleet
+            .resolve_agent(&self.caller, reference)
+            .await
+            .map(|u| u.to_string())
+            .map_err(err)
     }
 
     async fn agent(&self, uid: &str) -> BackendResult<Value> {

@@ -75,6 +75,21 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).ok()
     }
+
+    /// As the tokens file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Who is asking, through which channel. Adapters build it after authenticating.

@@ -24,7 +24,7 @@ use crate::store::{Finish, Store, StoreError};
 /// Why an operation was refused or failed. Each variant has a stable [`FleetError::code`].
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("{actor} ({role:?}) may not {operation}: it needs the {needed:?} role")]
+    #[error("{actor} ({role}) may not {operation}: it needs the {needed} role")]
     Forbidden {
         actor: String,
         role: Role,
@@ -45,6 +45,12 @@ pub enum FleetError {
     TooManyTargets { count: usize, max: usize },
     #[error("{0}")]
     Conflict(String),
+    /// An agent named by host or service name (or a query) that matches several agents.
+    #[error("{0}")]
+    AmbiguousAgent(String),
+    /// An agent named by something no agent has.
+    #[error("{0}")]
+    UnknownAgent(String),
     /// A queue request carried `expect_targets` from a preview that no longer holds.
     #[error("{0}")]
     TargetsChanged(String),
@@ -65,6 +71,8 @@ impl FleetError {
             FleetError::NoTargets(_) => "no_targets",
             FleetError::TooManyTargets { .. } => "too_many_targets",
             FleetError::Conflict(_) => "conflict",
+            FleetError::AmbiguousAgent(_) => "ambiguous_agent",
+            FleetError::UnknownAgent(_) => "not_found",
             FleetError::TargetsChanged(_) => "targets_changed",
             FleetError::Store(_) => "storage_unavailable",
         }
@@ -109,6 +117,16 @@ pub struct AgentRow {
 }
 
 impl AgentRow {
+    /// How a person recognises the agent: `host (service, uid)`.
+    pub fn label(&self) -> String {
+        match (&self.host, &self.name) {
+            (Some(h), Some(n)) => format!("{h} ({n}, {})", self.uid),
+            (Some(h), None) => format!("{h} ({})", self.uid),
+            (None, Some(n)) => format!("{n} ({})", self.uid),
+            (None, None) => self.uid.to_string(),
+        }
+    }
+
     pub fn of(a: &Agent, now: Millis) -> AgentRow {
         AgentRow {
             uid: a.uid,
@@ -257,6 +275,8 @@ pub struct Fleet {
 }
 
 const SCAN_PAGE: usize = 1000;
+/// Candidates listed when an agent name is ambiguous.
+const RESOLVE_CANDIDATES: usize = 10;
 
 impl Fleet {
     pub fn new(
@@ -392,6 +412,57 @@ impl Fleet {
                 what: "agent",
                 id: uid.to_string(),
             })
+    }
+
+    /// The uid of an agent as a person names it: its uid, a unique host name (any host
+    /// attribute the `host:` search term covers), a unique service name, or a query (anything
+    /// with a `:`) that matches exactly one agent. Every adapter that takes an agent resolves
+    /// it here, so "web-1" means the same agent over REST, MCP and chat. A uid is returned as
+    /// is (the operation that follows says whether it exists); several matches are refused
+    /// with the candidates listed, never guessed between.
+    pub async fn resolve_agent(&self, caller: &Caller, reference: &str) -> FleetResult<Uuid> {
+        Self::require(caller, Role::Viewer, "look agents up")?;
+        let r = reference.trim();
+        if r.is_empty() {
+            return Err(FleetError::BadRequest(
+                "an agent must be named: its uid, host name or service name".into(),
+            ));
+        }
+        if let Ok(u) = Uuid::parse_str(r) {
+            return Ok(u);
+        }
+        // Quotes would end the quoted term early and let the reference add query terms.
+        let clean: String = r.chars().filter(|c| *c != '"').collect();
+        let queries = if clean.contains(':') {
+            vec![clean]
+        } else {
+            vec![format!("host:\"{clean}\""), format!("name:\"{clean}\"")]
+        };
+        for q in &queries {
+            // No total: a unique match is one row and no next page.
+            let page = self
+                .search(caller, q, Some(RESOLVE_CANDIDATES), None, false)
+                .await?;
+            match page.items.as_slice() {
+                [] => continue,
+                [row] if page.next_cursor.is_none() => return Ok(row.uid),
+                rows => {
+                    let more = page.next_cursor.is_some();
+                    let listed: Vec<String> = rows.iter().map(AgentRow::label).collect();
+                    return Err(FleetError::AmbiguousAgent(format!(
+                        "agent {r:?} is ambiguous: {}{} agents match `{q}`: {}{}; name one by uid",
+                        if more { "more than " } else { "" },
+                        rows.len(),
+                        listed.join(", "),
+                        if more { ", ..." } else { "" }
+                    )));
+                }
+            }
+        }
+        Err(FleetError::UnknownAgent(format!(
+            "no agent has uid, host name or service name {r:?}; search the fleet to find it \
+             (GET /api/v1/agents?q=..., or the agents_search tool)"
+        )))
     }
 
     /// Counts by type, version, health and state.

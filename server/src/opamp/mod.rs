@@ -89,22 +89,34 @@ async fn entry(State(sh): State<Arc<shared::Shared>>, req: Request) -> Response 
             let endpoint = endpoint(&parts, &sh.ctx.cfg.path, true);
             ws::upgrade(sh, upgrade, remote, endpoint)
         }
-        Err(rejection) => {
-            let status = if parts.method == Method::POST {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            } else {
-                rejection.status()
-            };
+        // A POST is plain HTTP with the wrong content type: say that, not why it is no
+        // WebSocket upgrade either ("method must be `GET`" read as if POST were wrong).
+        Err(_) if parts.method == Method::POST => {
+            let got = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| format!("Content-Type {:?}", String::from_utf8_lossy(v.as_bytes())))
+                .unwrap_or_else(|| "no Content-Type".into());
+            tracing::warn!(remote = ?remote, content_type = %got,
+                           "OpAMP POST refused: not Content-Type application/x-protobuf");
             http::text(
-                status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!(
-                    "not an OpAMP request ({}). OpAMP over plain HTTP is a POST with \
-                     Content-Type: {} exactly; anything else must be a WebSocket upgrade.",
-                    rejection.body_text(),
+                    "OpAMP over plain HTTP is a POST with Content-Type: {} exactly; this \
+                     request had {got}.",
                     http::CONTENT_TYPE
                 ),
             )
         }
+        Err(rejection) => http::text(
+            rejection.status(),
+            format!(
+                "not an OpAMP request ({}). OpAMP over plain HTTP is a POST with \
+                 Content-Type: {} exactly; anything else must be a WebSocket upgrade.",
+                rejection.body_text(),
+                http::CONTENT_TYPE
+            ),
+        ),
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Auth;
-use super::errors::{parse_uuid, ApiError, Json, Path, Query};
+use super::errors::{ApiError, Json, Path, Query};
 use super::ApiState;
 use crate::model::{now_ms, CommandFilter};
 use crate::service::agent_view;
@@ -56,7 +56,7 @@ pub async fn get(
     Auth(caller): Auth,
     Path(uid): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let uid = parse_uuid("agent uid", &uid)?;
+    let uid = st.fleet.resolve_agent(&caller, &uid).await?;
     let agent = st.fleet.get_agent(&caller, uid).await?;
     let recent = st
         .fleet
@@ -87,7 +87,7 @@ pub async fn put_label(
     Path((uid, key)): Path<(String, String)>,
     Json(body): Json<LabelBody>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let uid = parse_uuid("agent uid", &uid)?;
+    let uid = st.fleet.resolve_agent(&caller, &uid).await?;
     st.fleet
         .set_label(&caller, uid, &key, Some(&body.value))
         .await?;
@@ -103,7 +103,7 @@ pub async fn delete_label(
     Auth(caller): Auth,
     Path((uid, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let uid = parse_uuid("agent uid", &uid)?;
+    let uid = st.fleet.resolve_agent(&caller, &uid).await?;
     st.fleet.set_label(&caller, uid, &key, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::auth::Auth;
 use super::commands::{fetch_size, page_limit};
-use super::errors::{parse_uuid, ApiError, Query};
+use super::errors::{ApiError, Query};
 use super::ApiState;
 use crate::model::{AuditFilter, Channel, Millis};
 use crate::views;
@@ -77,10 +77,12 @@ pub async fn query(
     let filter = AuditFilter {
         actor: nonempty(p.actor),
         channel,
-        // Targets are stored as canonical hyphenated lowercase uids.
-        agent: nonempty(p.agent)
-            .map(|a| parse_uuid("agent", &a).map(|u| u.to_string()))
-            .transpose()?,
+        // Targets are stored as canonical hyphenated lowercase uids; a uid (of an agent, a
+        // command or a batch) passes through, a host or service name is resolved.
+        agent: match nonempty(p.agent) {
+            Some(a) => Some(st.fleet.resolve_agent(&caller, &a).await?.to_string()),
+            None => None,
+        },
         operation: nonempty(p.operation),
         since,
         until,

@@ -68,7 +68,7 @@ impl std::fmt::Debug for Tokens {
     // Names and roles only: digests are not secret-free enough to print casually.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.entries.iter().map(|e| (&e.name, e.role)))
+            .entries(self.entries.iter().map(|e| (&e.name, e.role.as_str())))
             .finish()
     }
 }

@@ -95,7 +95,7 @@ pub async fn queue_for_agent(
     Path(uid): Path<String>,
     Json(body): Json<QueueOne>,
 ) -> Result<Response, ApiError> {
-    let uid = parse_uuid("agent uid", &uid)?;
+    let uid = st.fleet.resolve_agent(&caller, &uid).await?;
     let kind = parse_kind(&body.kind)?;
     if body.dry_run {
         return dry_run(&st, &caller, Target::Agent(uid), kind, &body.params).await;
@@ -150,7 +150,7 @@ pub async fn queue(
     let kind = parse_kind(&body.kind)?;
     let target = match (body.query, body.agent) {
         (Some(q), None) => Target::Query(q),
-        (None, Some(a)) => Target::Agent(parse_uuid("agent", &a)?),
+        (None, Some(a)) => Target::Agent(st.fleet.resolve_agent(&caller, &a).await?),
         _ => return Err(ApiError::bad_request(
             "give exactly one of \"query\" (fan-out over matching agents) or \"agent\" (one uid)",
         )),
@@ -217,9 +217,10 @@ pub async fn list(
         })?),
     };
     let filter = CommandFilter {
-        agent: nonempty(p.agent)
-            .map(|a| parse_uuid("agent", &a))
-            .transpose()?,
+        agent: match nonempty(p.agent) {
+            Some(a) => Some(st.fleet.resolve_agent(&caller, &a).await?),
+            None => None,
+        },
         status,
         batch: nonempty(p.batch)
             .map(|b| parse_uuid("batch", &b))

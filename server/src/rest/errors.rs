@@ -2,7 +2,7 @@
 //! stable error code to its HTTP status, and JSON/Path/Query extractors whose rejections use
 //! that shape instead of axum's plain-text defaults.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -17,15 +17,16 @@ use crate::service::FleetError;
 /// this table, so the two cannot disagree.
 pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("bad_request", 400, "A path or query parameter is malformed or out of range."),
-    ("malformed_json", 400, "The request body is not valid JSON or has the wrong shape; the message is serde's."),
+    ("malformed_json", 400, "The request body is not valid JSON or has the wrong shape; the message names the field and the line and column."),
     ("invalid_query", 400, "The agent search query does not parse."),
     ("invalid_params", 400, "Unknown command kind, or parameters the kind does not accept."),
     ("unauthorized", 401, "Missing, malformed or unknown bearer token."),
     ("forbidden", 403, "The token's role may not perform this operation."),
-    ("not_found", 404, "The agent, command or batch does not exist."),
+    ("not_found", 404, "The agent, command or batch does not exist (an agent may be named by uid, host name or service name)."),
     ("no_route", 404, "No such API endpoint."),
     ("method_not_allowed", 405, "The endpoint exists but not with this HTTP method."),
     ("conflict", 409, "The resource is in a state that forbids the operation (e.g. cancelling a command already sent)."),
+    ("ambiguous_agent", 409, "The agent was named by a host or service name (or a query) that several agents match; the message lists them. Name one by uid."),
     ("targets_changed", 409, "The request carried expect_targets from a dry run, and the agents it would reach are no longer those; nothing was queued."),
     ("body_too_large", 413, "The request body exceeds api.max_body_bytes."),
     ("unsupported_media_type", 415, "A request body was sent without Content-Type: application/json."),
@@ -121,37 +122,130 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `axum::Json` with JSON error bodies: 415 without a JSON content type, 413 over the body
-/// limit, 400 `malformed_json` (with serde's message) for bad syntax or shape.
+/// A JSON request body with JSON error bodies: 415 without a JSON content type, 413 over the
+/// body limit, 400 `malformed_json` naming the field and position that is wrong in the
+/// client's terms (never the server's Rust types).
 pub struct Json<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        if !content_type.as_deref().is_some_and(is_json) {
+            let got = match &content_type {
+                Some(ct) => format!("Content-Type {ct:?}"),
+                None => "no Content-Type".into(),
+            };
+            return Err(ApiError::new(
                 "unsupported_media_type",
-                "request bodies must be JSON, sent with Content-Type: application/json",
-            )),
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(ApiError::new("malformed_json", e.body_text()))
-            }
-            Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(ApiError::new("malformed_json", e.body_text()))
-            }
-            Err(JsonRejection::BytesRejection(e))
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Err(ApiError::new(
+                format!("request bodies must be JSON, sent with Content-Type: application/json (this request had {got})"),
+            ));
+        }
+        let body = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
                     "body_too_large",
                     "request body is larger than the server accepts (api.max_body_bytes)",
+                )
+            } else {
+                ApiError::bad_request(format!(
+                    "the request body could not be read: {}",
+                    e.body_text()
                 ))
             }
-            Err(other) => Err(ApiError::bad_request(other.body_text())),
-        }
+        })?;
+        parse_body(&body).map(Json)
     }
+}
+
+/// `application/json`, or any `application/*+json`, with or without parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+/// Parses a request body, describing a failure as the client sees the body: which field
+/// (as a path like `expect_targets.count`), what was wrong, and where.
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every request body is an object; serde would describe an array as a struct of the
+    // wrong length.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            "malformed_json",
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Err(e) => format!("request body is not valid JSON: {e}"),
+                Ok(v) => format!("request body must be a JSON object, not {}", json_kind(&v)),
+            },
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    let err = match parsed {
+        Ok(v) => match de.end() {
+            Ok(()) => return Ok(v),
+            Err(e) => e,
+        },
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_data() && path != "." {
+                return Err(ApiError::new(
+                    "malformed_json",
+                    format!("request body, field `{path}`: {}", plain_serde(&inner)),
+                ));
+            }
+            inner
+        }
+    };
+    let what = if err.is_data() {
+        "request body"
+    } else {
+        "request body is not valid JSON"
+    };
+    Err(ApiError::new(
+        "malformed_json",
+        format!("{what}: {}", plain_serde(&err)),
+    ))
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// serde's message with its names for Rust things replaced by JSON's: "expected struct
+/// LabelBody" means "expected a JSON object" to a client, "sequence" is an array, "map" an
+/// object.
+fn plain_serde(e: &serde_json::Error) -> String {
+    let mut msg = e.to_string();
+    while let Some(at) = msg.find("struct ") {
+        let rest = &msg[at + "struct ".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        msg.replace_range(at..at + "struct ".len() + end, "a JSON object");
+    }
+    msg.replace("invalid type: sequence", "invalid type: array")
+        .replace("invalid type: map", "invalid type: object")
+        .replace("unit value", "null")
 }
 
 /// `axum::extract::Query` with a 400 `bad_request` JSON error naming the bad parameter.
@@ -233,6 +327,8 @@ mod tests {
             FleetError::NoTargets("x".into()),
             FleetError::TooManyTargets { count: 2, max: 1 },
             FleetError::Conflict("x".into()),
+            FleetError::AmbiguousAgent("x".into()),
+            FleetError::UnknownAgent("x".into()),
             FleetError::TargetsChanged("x".into()),
             FleetError::Store(crate::store::StoreError::Corrupt("x".into())),
         ];

@@ -270,7 +270,7 @@ fn schemas() -> Value {
     );
     fanout_extra.insert(
         "agent".into(),
-        json!({"type": "string", "format": "uuid", "description": "Instead of `query`: one agent uid."}),
+        json!({"type": "string", "description": "Instead of `query`: one agent, by uid or unique host or service name."}),
     );
     let mut out = match json!({
         "CommandKind": {"type": "string", "enum": kinds},
@@ -505,7 +505,14 @@ fn description() -> String {
 
 /// The whole document.
 pub fn document() -> Value {
-    let uid = || path_param("uid", "Agent instance uid (UUID).");
+    let uid = || {
+        path_param(
+            "uid",
+            "The agent: its instance uid (UUID), or a unique host name or service name \
+             (percent-encoded). A name several agents share is refused with 409 \
+             `ambiguous_agent`, listing them.",
+        )
+    };
     let key = path_param(
         "key",
         "Label key: 1-63 characters of A-Z a-z 0-9 . _ - / (percent-encode /).",
@@ -551,7 +558,7 @@ pub fn document() -> Value {
         vec![uid()],
         None,
         ("200", ok("The agent.", schema_ref("Agent"))),
-        &["bad_request", "forbidden", "not_found"],
+        &["bad_request", "forbidden", "not_found", "ambiguous_agent"],
     );
     let put_label = op(
         "setLabel",
@@ -564,7 +571,7 @@ pub fn document() -> Value {
             "200",
             ok("The agent's labels after the change.", schema_ref("Labels")),
         ),
-        &["bad_request", "forbidden", "not_found"],
+        &["bad_request", "forbidden", "not_found", "ambiguous_agent"],
     );
     let mut delete_label = op(
         "removeLabel",
@@ -575,7 +582,7 @@ pub fn document() -> Value {
         vec![uid(), key],
         None,
         ("204", json!({"description": "Removed."})),
-        &["bad_request", "forbidden", "not_found"],
+        &["bad_request", "forbidden", "not_found", "ambiguous_agent"],
     );
     delete_label["responses"]["204"] = json!({"description": "Removed."});
     let queue_one = op(
@@ -593,6 +600,7 @@ pub fn document() -> Value {
             "invalid_params",
             "forbidden",
             "not_found",
+            "ambiguous_agent",
             "capability_missing",
         ],
     );
@@ -619,6 +627,7 @@ pub fn document() -> Value {
             "invalid_query",
             "forbidden",
             "not_found",
+            "ambiguous_agent",
             "capability_missing",
             "no_targets",
             "too_many_targets",
@@ -648,7 +657,11 @@ pub fn document() -> Value {
         "List commands",
         "Commands, newest first, filtered.",
         vec![
-            query_param("agent", uuid_schema(), "Only this agent's."),
+            query_param(
+                "agent",
+                json!({"type": "string"}),
+                "Only this agent's (uid, or unique host or service name).",
+            ),
             query_param(
                 "status",
                 schema_ref("CommandStatus"),
@@ -661,7 +674,7 @@ pub fn document() -> Value {
         ],
         None,
         ("200", ok("A page of commands.", schema_ref("CommandPage"))),
-        &["bad_request", "forbidden"],
+        &["bad_request", "forbidden", "not_found", "ambiguous_agent"],
     );
     let get_cmd = op(
         "getCommand",
@@ -724,8 +737,9 @@ pub fn document() -> Value {
             query_param("channel", schema_ref("Channel"), "Where it came from."),
             query_param(
                 "agent",
-                uuid_schema(),
-                "Records naming this agent (or command/batch id) as a target.",
+                json!({"type": "string"}),
+                "Records naming this agent (uid, or unique host or service name) or this \
+                 command or batch id as a target.",
             ),
             query_param(
                 "operation",
@@ -739,7 +753,7 @@ pub fn document() -> Value {
         ],
         None,
         ("200", ok("A page of records.", schema_ref("AuditPage"))),
-        &["bad_request", "forbidden"],
+        &["bad_request", "forbidden", "not_found", "ambiguous_agent"],
     );
     let mut openapi = op(
         "getOpenApi",

@@ -125,6 +125,21 @@ async fn auth_is_required_and_roles_are_enforced() {
         )
         .await;
     assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
+    // Roles are named as the tokens file spells them.
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("watcher (viewer) may not queue"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("it needs the operator role"),
+        "{v}"
+    );
     let (s, v) = viewer
         .post("/api/v1/commands", json!({"query": "", "kind": "restart"}))
         .await;
@@ -440,7 +455,7 @@ async fn get_agent_and_labels() {
     assert!(is_rfc3339(&v["first_seen"]));
 
     let (s, v) = rest.get("/api/v1/agents/not-a-uid").await;
-    assert_eq!((s, code(&v)), (400, "bad_request"));
+    assert_eq!((s, code(&v)), (404, "not_found"));
     let (s, v) = rest
         .get(&format!("/api/v1/agents/{}", Uuid::now_v7()))
         .await;
@@ -733,7 +748,7 @@ async fn queue_every_command_kind_and_refusals() {
     let (s, v) = rest
         .post("/api/v1/agents/xyz/commands", json!({"kind": "restart"}))
         .await;
-    assert_eq!((s, code(&v)), (400, "bad_request"));
+    assert_eq!((s, code(&v)), (404, "not_found"));
 
     // Body problems: syntax, content type, size.
     let body_case = |ct: Option<&'static str>, body: Vec<u8>| {
@@ -941,7 +956,6 @@ async fn command_listing_filters_and_pages() {
     for (path, want) in [
         ("/api/v1/commands?status=done", "bad_request"),
         ("/api/v1/commands?kind=reboot", "bad_request"),
-        ("/api/v1/commands?agent=x", "bad_request"),
         ("/api/v1/commands?limit=0", "bad_request"),
         ("/api/v1/commands?cursor=x", "bad_request"),
         ("/api/v1/commands?colour=red", "bad_request"),
@@ -949,6 +963,9 @@ async fn command_listing_filters_and_pages() {
         let (s, v) = rest.get(path).await;
         assert_eq!((s, code(&v)), (400, want), "{path}");
     }
+    // An agent is named by uid or name; a name no agent has is not found.
+    let (s, v) = rest.get("/api/v1/commands?agent=x").await;
+    assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
     let (s, v) = rest
         .get(&format!("/api/v1/commands/{}", Uuid::now_v7()))
         .await;
@@ -1052,8 +1069,8 @@ async fn fan_out_batch_with_skipped_agents() {
         ),
         (
             json!({"agent": "nope", "kind": "restart"}),
-            400,
-            "bad_request",
+            404,
+            "not_found",
         ),
     ] {
         let (s, v) = rest.post("/api/v1/commands", body.clone()).await;
@@ -1283,7 +1300,6 @@ async fn audit_queries_by_actor_channel_agent_operation_and_time() {
         "since=yesterday",
         "until=2025-13-01T00:00:00Z",
         "channel=pigeon",
-        "agent=x",
         "cursor=abc",
         "limit=5000",
         "since=2000&until=1000",
@@ -1292,6 +1308,8 @@ async fn audit_queries_by_actor_channel_agent_operation_and_time() {
         let (s, v) = admin.get(&format!("/api/v1/audit?{q}")).await;
         assert_eq!((s, code(&v)), (400, "bad_request"), "{q}: {v}");
     }
+    let (s, v) = admin.get("/api/v1/audit?agent=x").await;
+    assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
     // Viewers may read the trail.
     assert_eq!(
         server
@@ -1301,6 +1319,235 @@ async fn audit_queries_by_actor_channel_agent_operation_and_time() {
             .0,
         200
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_is_named_by_uid_host_name_or_service_name() {
+    let server = TestServer::start().await;
+    let rest = server.rest();
+    let web1 = register_agent(
+        &server,
+        &[("service.name", "fluent-bit"), ("host.name", "web-1")],
+        RESTART,
+        &[],
+    )
+    .await;
+    let mut twins = Vec::new();
+    for _ in 0..2 {
+        twins.push(
+            register_agent(
+                &server,
+                &[("service.name", "fluentd"), ("host.name", "twin")],
+                RESTART,
+                &[],
+            )
+            .await,
+        );
+    }
+    // Every route that takes an agent takes its host name, service name or uid alike.
+    for name in ["web-1", "fluent-bit", web1.to_string().as_str()] {
+        let (s, v) = rest.get(&format!("/api/v1/agents/{name}")).await;
+        assert_eq!(
+            (s, v["uid"].as_str()),
+            (200, Some(web1.to_string().as_str())),
+            "{name}: {v}"
+        );
+    }
+    let (s, v) = rest
+        .put("/api/v1/agents/web-1/labels/env", json!({"value": "prod"}))
+        .await;
+    assert_eq!((s, &v["labels"]["env"]), (200, &json!("prod")), "{v}");
+    let (s, v) = rest
+        .post("/api/v1/agents/web-1/commands", json!({"kind": "restart"}))
+        .await;
+    assert_eq!(
+        (s, v["command"]["agent_uid"].as_str()),
+        (202, Some(web1.to_string().as_str())),
+        "{v}"
+    );
+    let (s, v) = rest
+        .post(
+            "/api/v1/commands",
+            json!({"agent": "web-1", "kind": "force_resync"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["command"]["agent_uid"].as_str()),
+        (202, Some(web1.to_string().as_str())),
+        "{v}"
+    );
+    let (s, v) = rest.get("/api/v1/commands?agent=web-1").await;
+    assert_eq!(
+        (s, v["items"].as_array().map(Vec::len)),
+        (200, Some(2)),
+        "{v}"
+    );
+    let records = audit(&rest, "agent=web-1&operation=command.queue").await;
+    assert_eq!(records.len(), 2);
+    let (s, _) = rest.delete("/api/v1/agents/web-1/labels/env").await;
+    assert_eq!(s, 204);
+
+    // A name several agents share is refused, listing them; nothing is queued.
+    for (method, path, body) in [
+        (Method::GET, "/api/v1/agents/twin".to_string(), None),
+        (
+            Method::POST,
+            "/api/v1/agents/twin/commands".to_string(),
+            Some(json!({"kind": "restart"})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/commands".to_string(),
+            Some(json!({"agent": "twin", "kind": "restart"})),
+        ),
+        (Method::GET, "/api/v1/commands?agent=twin".to_string(), None),
+    ] {
+        let (s, v) = rest.call(method.clone(), &path, body).await;
+        assert_eq!(
+            (s, code(&v)),
+            (409, "ambiguous_agent"),
+            "{method} {path}: {v}"
+        );
+        let msg = v["error"]["message"].as_str().unwrap();
+        for t in &twins {
+            assert!(msg.contains(&t.to_string()), "{msg}");
+        }
+    }
+    // An unknown name says how to find the agent.
+    let (s, v) = rest.get("/api/v1/agents/web-404").await;
+    assert_eq!((s, code(&v)), (404, "not_found"), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"web-404\"") && msg.contains("GET /api/v1/agents?q="),
+        "{msg}"
+    );
+    let (_, all) = rest.get("/api/v1/commands").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_body_is_explained_in_the_clients_terms() {
+    let server = TestServer::start().await;
+    let agent = register_agent(&server, &[("host.name", "web-1")], RESTART, &[]).await;
+    let send = |path: String, ct: Option<&'static str>, body: &'static str| {
+        let server = &server;
+        async move {
+            let resp = raw(
+                server,
+                Method::PUT,
+                &path,
+                Some(ADMIN_TOKEN),
+                ct,
+                Some(body.as_bytes().to_vec()),
+            )
+            .await;
+            let s = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            (
+                s,
+                v["error"]["code"].as_str().unwrap_or("").to_string(),
+                v["error"]["message"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    let label = format!("/api/v1/agents/{agent}/labels/env");
+    for (body, wants) in [
+        // The shape is wrong: the field is named, the server's types are not.
+        (
+            r#"[]"#,
+            &["request body must be a JSON object, not an array"][..],
+        ),
+        (
+            r#""x""#,
+            &["request body must be a JSON object, not a string"][..],
+        ),
+        (
+            r#"{"value": {"a": 1}}"#,
+            &["field `value`", "invalid type: object, expected a string"][..],
+        ),
+        (
+            r#"{"value": 1}"#,
+            &["field `value`", "expected a string", "line 1 column 11"][..],
+        ),
+        (
+            r#"{"valu": "x"}"#,
+            &["unknown field `valu`, expected `value`"][..],
+        ),
+        (r#"{}"#, &["missing field `value`"][..]),
+        // Not JSON at all: where it breaks.
+        (
+            r#"{"value": "x",}"#,
+            &["request body is not valid JSON: trailing comma at line 1 column 15"][..],
+        ),
+        (
+            r#"{"value": "x"} trailing"#,
+            &["request body is not valid JSON: trailing characters"][..],
+        ),
+    ] {
+        let (s, code, msg) = send(label.clone(), Some("application/json"), body).await;
+        assert_eq!((s, code.as_str()), (400, "malformed_json"), "{body}: {msg}");
+        for w in wants {
+            assert!(msg.contains(w), "{body}: {msg:?} lacks {w:?}");
+        }
+        assert!(
+            !msg.contains("struct") && !msg.contains("Body"),
+            "{body}: {msg}"
+        );
+    }
+    let resp = raw(
+        &server,
+        Method::POST,
+        "/api/v1/commands",
+        Some(ADMIN_TOKEN),
+        Some("application/json"),
+        Some(br#"{"query": "", "kind": "restart", "expect_targets": {"count": "two"}}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(code(&v), "malformed_json", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("field `expect_targets.count`") && !msg.contains("struct"),
+        "{msg}"
+    );
+    // A JSON API named by its media type, with parameters, is JSON.
+    let (s, _, msg) = send(
+        label.clone(),
+        Some("application/json; charset=utf-8"),
+        r#"{"value": "x"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{msg}");
+    // The wrong media type is named in the refusal.
+    let (s, code, msg) = send(label.clone(), Some("text/plain"), r#"{"value": "x"}"#).await;
+    assert_eq!((s, code.as_str()), (415, "unsupported_media_type"));
+    assert!(
+        msg.contains("Content-Type: application/json") && msg.contains("\"text/plain\""),
+        "{msg}"
+    );
+
+    // An agent POSTing OpAMP with the wrong media type is told what OpAMP expects (it was
+    // told "Request method must be `GET`").
+    for ct in [Some("application/json"), None] {
+        let mut req = reqwest::Client::new()
+            .post(server.opamp_http_url())
+            .body("x");
+        if let Some(ct) = ct {
+            req = req.header("Content-Type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 415);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("application/x-protobuf"), "{text}");
+        assert!(!text.contains("GET"), "{text}");
+        match ct {
+            Some(ct) => assert!(text.contains(ct), "{text}"),
+            None => assert!(text.contains("no Content-Type"), "{text}"),
+        }
+    }
     server.stop().await;
 }
 
