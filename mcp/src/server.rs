@@ -213,7 +213,7 @@ impl FlotillaMcp {
             }
             "commands_catalog" => {
                 let _: tools::NoArgs = parse(name, &args)?;
-                done(b.catalog().await?)
+                done(compact_catalog(b.catalog().await?))
             }
             "command_queue" => {
                 let a: tools::CommandQueueArgs = parse(name, &args)?;
@@ -511,6 +511,7 @@ fn dry_run_view(plan: &Value) -> Value {
     json!({
         "status": "dry_run",
         "kind": plan["kind"],
+        "sends": sends(plan["kind"].as_str().unwrap_or("?"), &plan["params"]),
         "params": redact(&plan["params"]),
         "destructive": plan["destructive"],
         "matched": plan["matched"],
@@ -527,6 +528,7 @@ fn preview(tool: &str, target: &QueueTarget, plan: &Value) -> (Value, String) {
     let kind = plan["kind"].as_str().unwrap_or("?");
     let total = plan["target_count"].as_u64().unwrap_or(0);
     let skipped = plan["skipped_count"].as_u64().unwrap_or(0);
+    let sends = sends(kind, &plan["params"]);
     let (what, summary) = match target {
         QueueTarget::Agent(uid) => {
             let row = plan["targets"][0].clone();
@@ -535,13 +537,18 @@ fn preview(tool: &str, target: &QueueTarget, plan: &Value) -> (Value, String) {
             } else {
                 uid.clone()
             };
-            (json!({"agent": row}), format!("{kind} on agent {who}"))
+            (json!({"agent": row}), format!("{sends} on agent {who}"))
         }
         QueueTarget::Query(q) => (
             json!({"query": q, "total_targets": total, "sample": first_rows(&plan["targets"]),
                    "skipped_count": skipped, "skipped": first_rows(&plan["skipped"])}),
             format!(
-                "{kind} on all {total} agents matching {q:?} (fan-out{})",
+                "{sends} on {} matching {q:?} (fan-out{})",
+                if total == 1 {
+                    "the 1 agent".to_string()
+                } else {
+                    format!("all {total} agents")
+                },
                 if skipped > 0 {
                     format!("; {skipped} more match but cannot run it")
                 } else {
@@ -551,9 +558,133 @@ fn preview(tool: &str, target: &QueueTarget, plan: &Value) -> (Value, String) {
         ),
     };
     (
-        json!({"tool": tool, "kind": kind, "params": redact(&plan["params"]), "target": what}),
+        json!({"tool": tool, "kind": kind, "sends": sends, "params": redact(&plan["params"]),
+               "target": what}),
         summary,
     )
+}
+
+/// Longest rendering of a value (ChatOps attributes, custom data) in a confirmation.
+const SHOWN_CHARS: usize = 300;
+
+fn shown(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= SHOWN_CHARS {
+        s
+    } else {
+        let cut: String = s.chars().take(SHOWN_CHARS).collect();
+        format!("{cut}… ({} bytes)", s.len())
+    }
+}
+
+/// What the agent will be sent, in one line the user can confirm: the kind with its
+/// validated parameters (the plan's), config files by name and size with the config hash.
+fn sends(kind: &str, params: &Value) -> String {
+    let mut parts = Vec::new();
+    match kind {
+        "chatops" => {
+            parts.push(format!("tag {}", shown(&params["tag"])));
+            parts.push(format!("attributes {}", shown(&params["attributes"])));
+        }
+        "custom" => {
+            parts.push(format!("capability {}", shown(&params["capability"])));
+            parts.push(format!("type {}", shown(&params["type"])));
+            parts.push(format!("data {}", shown(&params["data"])));
+        }
+        "new_instance_uid" => parts.push(match params["new_uid"].as_str() {
+            Some(u) => format!("new uid {u}"),
+            None => "a fresh uid".into(),
+        }),
+        "remote_config" => {
+            let files = params["files"].as_object().cloned().unwrap_or_default();
+            let sizes: Vec<(String, usize)> = files
+                .iter()
+                .map(|(name, f)| {
+                    let body = f.as_str().or_else(|| f["body"].as_str()).unwrap_or("");
+                    (name.clone(), body.len())
+                })
+                .collect();
+            let total: usize = sizes.iter().map(|(_, n)| n).sum();
+            let listed: Vec<String> = sizes
+                .iter()
+                .map(|(name, n)| format!("{name} ({n} bytes)"))
+                .collect();
+            parts.push(format!(
+                "{} file{}, {total} bytes: {}",
+                sizes.len(),
+                if sizes.len() == 1 { "" } else { "s" },
+                listed.join(", ")
+            ));
+            if let Some(h) = params["hash"].as_str() {
+                parts.push(format!("config hash {h}"));
+            }
+        }
+        _ => {}
+    }
+    if let Some(t) = params["ttl_seconds"].as_u64() {
+        parts.push(format!("expires after {t} s in the queue"));
+    }
+    if parts.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind} ({})", parts.join("; "))
+    }
+}
+
+/// `commands_catalog`'s answer: the backend's catalog with what every kind shares said once
+/// (the parameters each takes alike, e.g. `ttl_seconds`; an outcome rule several kinds
+/// follow; JSON Schema boilerplate), so the model reads each fact once. Nothing is dropped:
+/// `every_kind_takes` holds the shared parameters, `params_refuse_unknown_keys` what each
+/// schema's `additionalProperties: false` said.
+pub fn compact_catalog(catalog: Value) -> Value {
+    let kinds = catalog["kinds"].as_array().cloned().unwrap_or_default();
+    let props_of = |k: &Value| {
+        k["params_schema"]["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut common = kinds.first().map(props_of).unwrap_or_default();
+    for k in &kinds {
+        let p = props_of(k);
+        common.retain(|name, schema| p.get(name) == Some(schema));
+    }
+    let mut first_with_outcome: Vec<(Value, String)> = Vec::new();
+    let out: Vec<Value> = kinds
+        .iter()
+        .map(|k| {
+            let name = k["kind"].as_str().unwrap_or("?").to_string();
+            let mut params = k["params_schema"].as_object().cloned().unwrap_or_default();
+            if params.get("type") == Some(&json!("object")) {
+                params.remove("type");
+            }
+            if params.get("additionalProperties") == Some(&json!(false)) {
+                params.remove("additionalProperties");
+            }
+            if let Some(Value::Object(p)) = params.get_mut("properties") {
+                p.retain(|n, _| !common.contains_key(n));
+                if p.is_empty() {
+                    params.remove("properties");
+                }
+            }
+            let outcome = match first_with_outcome.iter().find(|(o, _)| *o == k["outcome"]) {
+                Some((_, first)) => json!(format!("as for {first}")),
+                None => {
+                    first_with_outcome.push((k["outcome"].clone(), name.clone()));
+                    k["outcome"].clone()
+                }
+            };
+            let mut e = Map::new();
+            for key in ["kind", "description", "requires", "destructive"] {
+                e.insert(key.into(), k[key].clone());
+            }
+            e.insert("outcome".into(), outcome);
+            e.insert("params".into(), Value::Object(params));
+            e.insert("capable_agents".into(), k["capable_agents"].clone());
+            Value::Object(e)
+        })
+        .collect();
+    json!({"every_kind_takes": common, "params_refuse_unknown_keys": true, "kinds": out})
 }
 
 /// Queues a confirmed call, refused by the service if the targets are no longer the ones in

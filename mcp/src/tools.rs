@@ -23,27 +23,35 @@ pub const CONFIG_ROWS_MAX_LIMIT: usize = 50;
 pub const DESTRUCTIVE_KINDS: &[&str] =
     &["restart", "chatops", "shutdown", "custom", "remote_config"];
 
-/// The search language, as the model needs it (mirrors `flotilla_server::query`).
-pub const QUERY_HELP: &str = "Query language: whitespace-separated terms, all must match. \
-Free text matches uid, attribute values and labels (case-insensitive substring). key:value terms: \
-type (fluentbit|fluentd|otelcol), health (healthy|unhealthy|unknown), state (healthy|late|offline|online), \
-version, name (service.name), host (host.name), label (k=v or k), capability (restart|remote_config|chatops|shutdown \
-or a capability name), uid (prefix), transport (http|websocket), or any attribute key with a dot (host.name:web-*). \
-Values are case-insensitive globs (* ?). A leading - negates a term; \"double quotes\" keep spaces. \
-The empty query matches every agent. Example: `type:fluentd health:unhealthy`.";
+/// Every command kind, for `command_queue`'s `kind` enum; the same test keeps it equal to
+/// the catalog's kinds.
+pub const KINDS: &[&str] = &[
+    "restart",
+    "force_resync",
+    "new_instance_uid",
+    "chatops",
+    "shutdown",
+    "custom",
+    "remote_config",
+];
 
-const AGENT_REF: &str = "An agent: its uid, or a unique host name (host.name) or service name \
-(service.name), or a query expression with ':' that matches exactly one agent. An ambiguous \
-reference is refused with the candidates listed.";
+/// The search language, as the model needs it (mirrors `flotilla_server::query`).
+pub const QUERY_HELP: &str = "Query: terms, all must match. Free text matches uid, \
+attribute values, labels. key:value: type (fluentbit|fluentd|otelcol), health \
+(healthy|unhealthy|unknown), state (healthy|late|offline|online), version, name (service), host, \
+label (k=v or k), capability (restart|remote_config|chatops|shutdown|<name>), uid (prefix), \
+transport (http|websocket), or any dotted attribute key (host.name:web-*). Values are \
+case-insensitive globs; -term negates; \"quotes\" keep spaces; empty matches all.";
+
+const AGENT_REF: &str =
+    "agent: uid, unique host or service name, or a one-agent query (ambiguity is refused).";
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentsSearchArgs {
-    /// Search query (see the tool description); empty or absent matches every agent.
     #[serde(default)]
     pub query: Option<String>,
-    /// Rows per page, 1-200 (default 20). The total is always returned, so a small page is
-    /// enough to answer "how many".
+    /// 1-200, default 20 (the total comes anyway).
     #[serde(default)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
@@ -68,9 +76,8 @@ pub enum Detail {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentGetArgs {
-    /// Uid, unique host name, unique service name, or a query matching exactly one agent.
     pub agent: String,
-    /// Extra sections to include; the default answer is a compact overview.
+    /// Whole health tree, effective_config files (large), 10 recent_commands, other attributes.
     #[serde(default)]
     pub include: Vec<Detail>,
 }
@@ -82,22 +89,18 @@ pub struct NoArgs {}
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandQueueArgs {
-    /// One agent (uid, unique host or service name). Give exactly one of agent and query.
+    /// One agent (uid, host or service name); or query.
     #[serde(default)]
     pub agent: Option<String>,
-    /// Fan-out: every agent matching this search query at queue time (always confirmed).
+    /// Fan-out to every agent matching it.
     #[serde(default)]
     pub query: Option<String>,
-    /// Command kind, from commands_catalog: restart, force_resync, new_instance_uid, chatops,
-    /// shutdown, custom, remote_config.
+    // Typed in the schema by `kind_schema` and `params_schema`; the service checks them.
     pub kind: String,
-    /// Parameters of the kind (see its params_schema in commands_catalog).
     #[serde(default)]
     pub params: Option<Value>,
-    /// Show the targets without queuing anything.
     #[serde(default)]
     pub dry_run: bool,
-    /// Token from a previous call's confirmation_required answer (same arguments).
     #[serde(default)]
     pub confirmation_token: Option<String>,
 }
@@ -105,10 +108,8 @@ pub struct CommandQueueArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandStatusArgs {
-    /// A command id (from command_queue or commands_list).
     #[serde(default)]
     pub command_id: Option<String>,
-    /// A fan-out batch id: per-agent progress of the whole batch.
     #[serde(default)]
     pub batch_id: Option<String>,
 }
@@ -116,22 +117,19 @@ pub struct CommandStatusArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsListArgs {
-    /// Only this agent's commands (uid or unique host/service name).
+    /// Uid, host or service name.
     #[serde(default)]
     pub agent: Option<String>,
     /// queued, sent, succeeded, failed, expired or cancelled.
     #[serde(default)]
     pub status: Option<String>,
-    /// A command kind.
     #[serde(default)]
     pub kind: Option<String>,
-    /// Only commands of this fan-out batch.
     #[serde(default)]
     pub batch: Option<String>,
     /// 1-1000, default 20.
     #[serde(default)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
     #[serde(default)]
     pub cursor: Option<String>,
 }
@@ -139,35 +137,31 @@ pub struct CommandsListArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandCancelArgs {
-    /// The queued command to cancel.
     pub command_id: String,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQueryArgs {
-    /// Who acted (token name, or `flotilla` for the server itself).
     #[serde(default)]
     pub actor: Option<String>,
     /// rest, mcp, slack, discord, teams, console, cli or system.
     #[serde(default)]
     pub channel: Option<String>,
-    /// Records about this agent (uid or unique host/service name).
+    /// Uid, host or service name.
     #[serde(default)]
     pub agent: Option<String>,
-    /// Operation, e.g. command.queue, batch.queue, command.result, command.cancel.
+    /// E.g. command.queue, command.result.
     #[serde(default)]
     pub operation: Option<String>,
-    /// From this time (RFC 3339 or unix milliseconds).
+    /// RFC 3339 or unix ms; also until.
     #[serde(default)]
     pub since: Option<String>,
-    /// Until this time (RFC 3339 or unix milliseconds).
     #[serde(default)]
     pub until: Option<String>,
     /// 1-1000, default 20.
     #[serde(default)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
     #[serde(default)]
     pub cursor: Option<String>,
 }
@@ -175,18 +169,13 @@ pub struct AuditQueryArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfigGetArgs {
-    /// One agent (uid, unique host or service name): its full configuration. Give exactly one
-    /// of agent and query.
     #[serde(default)]
     pub agent: Option<String>,
-    /// Every agent matching this search query: one compact row each (hashes and status, no
-    /// config bodies), paged.
     #[serde(default)]
     pub query: Option<String>,
-    /// Rows per page with query, 1-50 (default 20).
+    /// With query: 1-50, default 20.
     #[serde(default)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
     #[serde(default)]
     pub cursor: Option<String>,
 }
@@ -194,21 +183,19 @@ pub struct RemoteConfigGetArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfigPushArgs {
-    /// One agent (uid, unique host or service name). Give exactly one of agent and query.
+    /// One agent (uid, host or service name); or query.
     #[serde(default)]
     pub agent: Option<String>,
-    /// Every agent matching this search query (fan-out).
+    /// Fan-out to every agent matching it.
     #[serde(default)]
     pub query: Option<String>,
-    /// File name → body (string) or {body, content_type}. Replaces the agent's remote config.
+    /// File name → body, or {body, content_type}; replaces its remote config.
     pub files: Map<String, Value>,
-    /// Seconds the command may wait for the agent before it expires.
+    /// Seconds it may wait queued before it expires.
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
-    /// Show the targets without queuing anything.
     #[serde(default)]
     pub dry_run: bool,
-    /// Token from a previous call's confirmation_required answer (same arguments).
     #[serde(default)]
     pub confirmation_token: Option<String>,
 }
@@ -224,349 +211,439 @@ pub struct ToolDef {
 fn obj(v: Value) -> Arc<JsonObject> {
     match v {
         Value::Object(m) => Arc::new(m),
-        _ => unreachable!("output schemas are objects"),
+        _ => unreachable!("schemas are objects"),
     }
 }
 
-fn annotations(
-    title: &str,
-    read_only: bool,
-    destructive: bool,
-    idempotent: bool,
-) -> ToolAnnotations {
-    ToolAnnotations::with_title(title)
+/// Hints as the spec reads them, without restating its defaults (every tool list is paid in
+/// model context): a read-only tool says only that (`destructiveHint` and `idempotentHint`
+/// mean nothing for it), and every tool says it is closed-world — it touches only this
+/// Flotilla's registry.
+fn annotations(read_only: bool, destructive: bool, idempotent: bool) -> ToolAnnotations {
+    let a = ToolAnnotations::new()
         .read_only(read_only)
-        .destructive(destructive)
-        .idempotent(idempotent)
-        // The fleet is a closed world: tools touch only this Flotilla's registry.
-        .open_world(false)
+        .open_world(false);
+    if read_only {
+        a
+    } else {
+        a.destructive(destructive).idempotent(idempotent)
+    }
 }
 
-fn page_schema(item: Value) -> Value {
-    json!({
-        "type": "object",
-        "required": ["items"],
-        "properties": {
-            "items": {"type": "array", "items": item},
-            "next_cursor": {"type": ["string", "null"], "description": "Pass as cursor for the next page; null on the last page"},
-            "total": {"type": "integer", "description": "Matches in the whole fleet"}
+/// A schemars input schema with what costs tokens and says nothing removed: the `$schema`
+/// URI, `"default": null` and `null` in the type of optional fields (leaving a field out is
+/// how a client says "none"; `null` is still accepted), and Rust's integer formats. A `oneOf`
+/// of bare constants becomes an `enum`.
+pub fn compact_schema(v: Value) -> Value {
+    match v {
+        Value::Object(mut m) => {
+            m.remove("$schema");
+            if m.get("additionalProperties") == Some(&Value::Bool(true)) {
+                m.remove("additionalProperties");
+            }
+            if m.get("default") == Some(&Value::Null) {
+                m.remove("default");
+            }
+            if let Some(Value::Array(types)) = m.get("type") {
+                let kept: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+                if kept.len() == 1 {
+                    m.insert("type".into(), kept[0].clone());
+                }
+            }
+            if m.get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|f| matches!(f, "uint" | "uint32" | "uint64" | "int64" | "int32"))
+            {
+                m.remove("format");
+                if m.get("minimum") == Some(&json!(0)) {
+                    m.remove("minimum");
+                }
+            }
+            let consts: Option<Vec<Value>> = m
+                .get("oneOf")
+                .and_then(Value::as_array)
+                .and_then(|vs| vs.iter().map(|v| v.get("const").cloned()).collect());
+            if let Some(consts) = consts {
+                m.remove("oneOf");
+                m.insert("type".into(), json!("string"));
+                m.insert("enum".into(), Value::Array(consts));
+            }
+            Value::Object(m.into_iter().map(|(k, v)| (k, compact_schema(v))).collect())
         }
-    })
+        Value::Array(a) => Value::Array(a.into_iter().map(compact_schema).collect()),
+        other => other,
+    }
 }
 
-fn agent_row_schema() -> Value {
-    json!({"type": "object", "properties": {
-        "uid": {"type": "string"}, "type": {"type": "string"},
-        "name": {"type": ["string", "null"]}, "host": {"type": ["string", "null"]},
-        "version": {"type": ["string", "null"]},
-        "state": {"type": "string", "enum": ["healthy", "late", "offline"]},
-        "healthy": {"type": ["boolean", "null"]},
-        "labels": {"type": "object"}, "last_seen": {"type": "string"}
-    }})
+/// The input schema of `A`, compacted, with `overrides` replacing properties whose type the
+/// parser keeps loose on purpose (the service validates them and names what is wrong).
+fn input<A: JsonSchema + 'static>(tool: Tool, overrides: &[(&str, Value)]) -> Tool {
+    let mut tool = tool.with_input_schema::<A>();
+    let mut schema = Value::Object((*tool.input_schema).clone());
+    if let Some(Value::Object(defs)) = schema.as_object_mut().and_then(|m| m.remove("$defs")) {
+        inline_refs(&mut schema, &defs);
+    }
+    let mut schema = compact_schema(schema);
+    for (name, s) in overrides {
+        schema["properties"][*name] = s.clone();
+    }
+    tool.input_schema = obj(schema);
+    tool
 }
 
-fn nullable(t: &str) -> Value {
-    json!({"type": [t, "null"]})
+/// Replaces each `{"$ref": "#/$defs/X"}` by X itself, without X's description (the field
+/// that uses it has its own): one self-contained schema, and no name the model never needs.
+fn inline_refs(v: &mut Value, defs: &Map<String, Value>) {
+    match v {
+        Value::Object(m) => {
+            let target = m
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix("#/$defs/"))
+                .and_then(|name| defs.get(name));
+            if let Some(def) = target {
+                let mut def = def.clone();
+                if let Some(d) = def.as_object_mut() {
+                    d.remove("description");
+                }
+                inline_refs(&mut def, defs);
+                *v = def;
+                return;
+            }
+            m.values_mut().for_each(|x| inline_refs(x, defs));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| inline_refs(x, defs)),
+        _ => {}
+    }
+}
+
+/// A JSON Schema object of `(name, type)` properties; a type `"string?"` is nullable and `""`
+/// is any value. Kept short: output schemas are read by clients, and paid for by models.
+fn shape(required: &[&str], props: &[(&str, &str)]) -> Value {
+    let mut p = Map::new();
+    for (name, ty) in props {
+        let s = match ty.strip_suffix('?') {
+            _ if ty.is_empty() => json!({}),
+            Some(t) => json!({"type": [t, "null"]}),
+            None => json!({"type": ty}),
+        };
+        p.insert((*name).to_string(), s);
+    }
+    let mut v = json!({"type": "object"});
+    if !p.is_empty() {
+        v["properties"] = Value::Object(p);
+    }
+    if !required.is_empty() {
+        v["required"] = json!(required);
+    }
+    v
+}
+
+/// A page of rows, each an object with its `id_key`; `total` only where the tool returns it.
+/// Row fields are the REST API's (its OpenAPI document describes them); listing them here
+/// again would cost every session's context.
+fn page_schema(id_key: &str, with_total: bool) -> Value {
+    let mut p = shape(&["items"], &[("next_cursor", "string?")]);
+    p["properties"]["items"] =
+        json!({"type": "array", "items": {"type": "object", "required": [id_key]}});
+    if with_total {
+        p["properties"]["total"] = json!({"type": "integer"});
+    }
+    p
 }
 
 /// One command, as `views::command` renders it (REST's `Command`).
 fn command_schema() -> Value {
-    json!({
-        "type": "object",
-        "required": ["id", "agent_uid", "kind", "params", "status", "created_at", "expires_at", "actor", "channel"],
-        "properties": {
-            "id": {"type": "string"}, "agent_uid": {"type": "string"},
-            "batch_id": nullable("string"), "kind": {"type": "string"},
-            "params": {"type": "object"},
-            "status": {"type": "string", "enum": ["queued", "sent", "succeeded", "failed", "expired", "cancelled"]},
-            "created_at": {"type": "string"}, "sent_at": nullable("string"),
-            "finished_at": nullable("string"), "expires_at": {"type": "string"},
-            "result": {"description": "What the agent reported, once finished"},
-            "error": nullable("string"), "actor": {"type": "string"}, "channel": {"type": "string"},
-            "audit_id": nullable("string")
-        }
-    })
+    shape(
+        &["id", "status"],
+        &[
+            ("id", "string"),
+            ("agent_uid", "string"),
+            ("kind", "string"),
+            ("status", "string"),
+            ("error", "string?"),
+        ],
+    )
 }
 
-fn skipped_schema() -> Value {
-    json!({"type": "object", "required": ["agent_uid", "reason"], "properties": {
-        "agent_uid": {"type": "string"}, "reason": {"type": "string"}}})
-}
-
-/// A fan-out's progress, as `views::batch_progress` renders it (REST's `BatchProgress`).
-fn batch_progress_schema() -> Value {
-    json!({
-        "type": "object",
-        "required": ["batch", "counts", "commands"],
-        "properties": {
-            "batch": {"type": "object", "required": ["id", "query", "kind"], "properties": {
-                "id": {"type": "string"}, "query": {"type": "string"}, "kind": {"type": "string"},
-                "params": {"type": "object"}, "created_at": {"type": "string"},
-                "actor": {"type": "string"}, "channel": {"type": "string"},
-                "skipped": {"type": "array", "items": skipped_schema()}}},
-            "counts": {"type": "object", "additionalProperties": {"type": "integer"},
-                       "description": "Commands by status, plus skipped"},
-            "commands": {"type": "array", "items": {"type": "object", "required": ["agent_uid", "command_id", "status"], "properties": {
-                "agent_uid": {"type": "string"}, "command_id": {"type": "string"},
-                "status": {"type": "string"}, "error": {"type": "string"}}}}
-        }
-    })
-}
-
-/// One audit record, as `views::audit` renders it (REST's `AuditRecord`).
-fn audit_record_schema() -> Value {
-    json!({
-        "type": "object",
-        "required": ["id", "ts", "actor", "channel", "operation", "targets", "outcome", "hash"],
-        "properties": {
-            "id": {"type": "string"}, "ts": {"type": "string"}, "actor": {"type": "string"},
-            "channel": {"type": "string"}, "operation": {"type": "string"},
-            "targets": {"type": "array", "items": {"type": "string"}},
-            "params": {"description": "What was asked (config bodies reduced to their size)"},
-            "outcome": {"type": "string"}, "ref_id": nullable("string"),
-            "prev_hash": {"type": "string"}, "hash": {"type": "string"}
-        }
-    })
-}
-
-/// `remote_config_get` for one agent, or a page of compact rows for a query.
+/// `remote_config_get`: one agent's config, or a page of compact rows for a query.
 fn remote_config_schema() -> Value {
-    let one = json!({"type": "object", "required": ["uid"], "properties": {
-        "uid": {"type": "string"}, "host": nullable("string"),
-        "effective_config": {"type": ["object", "null"]},
-        "effective_config_hash": nullable("string"),
-        "desired_config": {"type": ["object", "null"]},
-        "remote_config_status": {"type": ["object", "null"]}
-    }});
-    let row = json!({"type": "object", "required": ["uid"], "properties": {
-        "uid": {"type": "string"}, "host": nullable("string"),
-        "desired_hash": nullable("string"),
-        "remote_config_status": nullable("string"),
-        "remote_config_hash": nullable("string"),
-        "remote_config_error": nullable("string"),
-        "effective_config_hash": nullable("string")
-    }});
-    json!({"type": "object", "anyOf": [one, page_schema(row)]})
+    shape(
+        &[],
+        &[
+            ("uid", "string"),
+            ("effective_config", "object?"),
+            ("desired_config", "object?"),
+            ("remote_config_status", "object?"),
+            ("items", "array"),
+            ("next_cursor", "string?"),
+        ],
+    )
 }
 
 fn queue_outcome_schema() -> Value {
-    json!({
-        "type": "object",
-        "required": ["status"],
-        "properties": {
-            "status": {"type": "string", "enum": ["queued", "dry_run", "confirmation_required", "declined"],
-                       "description": "queued: done; dry_run: nothing queued; confirmation_required: call again with confirmation_token; declined: the user said no, nothing queued"},
-            "command_id": {"type": "string"},
-            "command": {"type": "object"},
-            "batch_id": {"type": "string"},
-            "queued": {"type": "integer"},
-            "skipped": {"type": "array", "items": skipped_schema()},
-            "skipped_count": {"type": "integer"},
-            "matched": {"type": "integer"},
-            "destructive": {"type": "boolean"},
-            "commands": {"type": "array"},
-            "targets": {"type": "array", "items": agent_row_schema()},
-            "total_targets": {"type": "integer"},
-            "preview": {"type": "object"},
-            "confirmation_token": {"type": "string"},
-            "expires_in_seconds": {"type": "integer"}
-        }
-    })
+    let mut s = shape(
+        &["status"],
+        &[
+            ("status", "string"),
+            ("command_id", "string"),
+            ("batch_id", "string"),
+            ("preview", "object"),
+            ("confirmation_token", "string"),
+        ],
+    );
+    s["properties"]["status"]["enum"] =
+        json!(["queued", "dry_run", "confirmation_required", "declined"]);
+    s
+}
+
+/// `kind` of `command_queue`: the catalog's kinds (a test keeps the two equal).
+fn kind_schema() -> Value {
+    json!({"type": "string", "enum": KINDS, "description": "See commands_catalog."})
+}
+
+/// `params` of `command_queue`: every kind's parameters, typed, in one object (each says
+/// which kinds take it; the service refuses a parameter the kind does not take).
+fn params_schema() -> Value {
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 2_592_000,
+                        "description": "any kind: seconds queued before it expires"},
+        "tag": {"type": "string", "description": "chatops (required): route /<tag>"},
+        "attributes": {"type": "object", "description": "chatops: JSON posted"},
+        "new_uid": {"type": "string", "description": "new_instance_uid"},
+        "capability": {"type": "string", "description": "custom (required)"},
+        "type": {"type": "string", "description": "custom (required)"},
+        "data": {"description": "custom"},
+        "files": {"type": "object", "description": "remote_config"}
+    }})
 }
 
 /// Every tool, in the order they are listed.
 pub fn all() -> Vec<ToolDef> {
+    // Said once, here; remote_config_push points to it.
     let confirm_note = format!(
-        "Destructive: {} commands, and every fan-out (query), need the user's confirmation. \
-         If the client supports elicitation the user is asked directly; otherwise the first \
-         call queues nothing and returns status=confirmation_required with a preview and a \
-         confirmation_token (valid 5 minutes, single use, bound to these exact arguments and \
-         to the previewed targets): show the preview to the user and, only if they agree, call \
-         again with the same arguments plus confirmation_token. If the targets changed in \
-         between, nothing is queued (targets_changed).",
+        "Destructive kinds ({}) and fan-outs need the user's confirmation: by elicitation if \
+         the client can; else the first call queues nothing and returns \
+         status=confirmation_required with a preview of what will be sent and a \
+         confirmation_token (5 min, single use, bound to these arguments and targets): show the \
+         preview and only if the user agrees repeat the call with the token.",
         DESTRUCTIVE_KINDS.join(", ")
     );
+    let tool =
+        |name: &'static str, description: String| Tool::new(name, description, JsonObject::new());
+    let def = |name, mutating, tool: Tool, output: Value, ann: ToolAnnotations| ToolDef {
+        name,
+        mutating,
+        tool: tool
+            .with_raw_output_schema(obj(output))
+            .with_annotations(ann),
+    };
     vec![
-        ToolDef {
-            name: "agents_search",
-            mutating: false,
-            tool: Tool::new(
-                "agents_search",
-                format!(
-                    "Find agents (Fluent Bit, Fluentd, OpenTelemetry collectors) with a search \
-                     query. Returns compact rows, a cursor for the next page and the total \
-                     number of matches. {QUERY_HELP}"
+        def(
+            "agents_search",
+            false,
+            input::<AgentsSearchArgs>(
+                tool(
+                    "agents_search",
+                    format!(
+                        "Find agents (Fluent Bit, Fluentd, OpenTelemetry collectors): compact \
+                         rows, the total and a cursor. {QUERY_HELP}"
+                    ),
                 ),
-                JsonObject::new(),
-            )
-            .with_input_schema::<AgentsSearchArgs>()
-            .with_raw_output_schema(obj(page_schema(agent_row_schema())))
-            .with_annotations(annotations("Search agents", true, false, true)),
-        },
-        ToolDef {
-            name: "agent_get",
-            mutating: false,
-            tool: Tool::new(
-                "agent_get",
-                format!(
-                    "One agent's overview: identity, state, health summary (and unhealthy \
-                     components), capabilities, labels, remote-config status. {AGENT_REF} Add \
-                     include=[health, effective_config, recent_commands, attributes] for detail."
+                &[],
+            ),
+            page_schema("uid", true),
+            annotations(true, false, true),
+        ),
+        def(
+            "agent_get",
+            false,
+            input::<AgentGetArgs>(
+                tool(
+                    "agent_get",
+                    format!(
+                        "One agent: identity, state, health summary with unhealthy \
+                         components, capabilities, labels, remote-config status. {AGENT_REF}"
+                    ),
                 ),
-                JsonObject::new(),
-            )
-            .with_input_schema::<AgentGetArgs>()
-            .with_raw_output_schema(obj(json!({"type": "object", "required": ["uid"], "properties": {
-                "uid": {"type": "string"}, "type": {"type": "string"}, "state": {"type": "string"},
-                "health": {"type": ["object", "null"]}, "labels": {"type": "object"}
-            }})))
-            .with_annotations(annotations("Get an agent", true, false, true)),
-        },
-        ToolDef {
-            name: "fleet_summary",
-            mutating: false,
-            tool: Tool::new(
-                "fleet_summary",
-                "Counts of the whole fleet by agent type, version, health and connection \
-                 state. Cheapest way to answer questions about the fleet as a whole.",
-                JsonObject::new(),
-            )
-            .with_input_schema::<NoArgs>()
-            .with_raw_output_schema(obj(json!({"type": "object", "required": ["total"], "properties": {
-                "total": {"type": "integer"}, "by_type": {"type": "object"},
-                "by_version": {"type": "object"}, "by_health": {"type": "object"},
-                "by_state": {"type": "object"}
-            }})))
-            .with_annotations(annotations("Fleet summary", true, false, true)),
-        },
-        ToolDef {
-            name: "commands_catalog",
-            mutating: false,
-            tool: Tool::new(
-                "commands_catalog",
-                "The command kinds agents can be sent, each with its parameter JSON Schema, \
-                 what an agent needs to run it, whether it is destructive, and how many known \
-                 agents can run it.",
-                JsonObject::new(),
-            )
-            .with_input_schema::<NoArgs>()
-            .with_raw_output_schema(obj(json!({"type": "object", "required": ["kinds"], "properties": {
-                "kinds": {"type": "array", "items": {"type": "object", "properties": {
-                    "kind": {"type": "string"}, "description": {"type": "string"},
-                    "requires": {"type": "string"}, "destructive": {"type": "boolean"},
-                    "params_schema": {"type": "object"}, "capable_agents": {"type": "integer"}
-                }}}
-            }})))
-            .with_annotations(annotations("Command catalog", true, false, true)),
-        },
-        ToolDef {
-            name: "command_queue",
-            mutating: true,
-            tool: Tool::new(
-                "command_queue",
-                format!(
-                    "Queue a command for one agent, or fan it out to every agent matching a \
-                     query; the agent runs it when it next connects. Use dry_run=true to see \
-                     the targets first. {confirm_note} Follow up with command_status."
+                &[],
+            ),
+            shape(
+                &["uid"],
+                &[
+                    ("uid", "string"),
+                    ("type", "string"),
+                    ("state", "string"),
+                    ("health", "object?"),
+                    ("labels", "object"),
+                ],
+            ),
+            annotations(true, false, true),
+        ),
+        def(
+            "fleet_summary",
+            false,
+            input::<NoArgs>(
+                tool(
+                    "fleet_summary",
+                    "Fleet counts by type, version, health and state: the cheapest answer \
+                     about the whole fleet."
+                        .into(),
                 ),
-                JsonObject::new(),
-            )
-            .with_input_schema::<CommandQueueArgs>()
-            .with_raw_output_schema(obj(queue_outcome_schema()))
-            .with_annotations(annotations("Queue a command", false, true, false)),
-        },
-        ToolDef {
-            name: "command_status",
-            mutating: false,
-            tool: Tool::new(
-                "command_status",
-                "Status of one command (queued → sent → succeeded | failed | expired | \
-                 cancelled, with the agent's result or error), or with batch_id the \
-                 per-agent progress of a fan-out.",
-                JsonObject::new(),
-            )
-            .with_input_schema::<CommandStatusArgs>()
-            .with_raw_output_schema(obj(
-                json!({"type": "object", "anyOf": [command_schema(), batch_progress_schema()]}),
-            ))
-            .with_annotations(annotations("Command status", true, false, true)),
-        },
-        ToolDef {
-            name: "commands_list",
-            mutating: false,
-            tool: Tool::new(
-                "commands_list",
-                "Commands, newest first, filtered by agent, status, kind or batch; paged.",
-                JsonObject::new(),
-            )
-            .with_input_schema::<CommandsListArgs>()
-            .with_raw_output_schema(obj(page_schema(command_schema())))
-            .with_annotations(annotations("List commands", true, false, true)),
-        },
-        ToolDef {
-            name: "command_cancel",
-            mutating: true,
-            tool: Tool::new(
-                "command_cancel",
-                "Cancel a command that is still queued (not yet sent to the agent). Refused \
-                 with a conflict once it was sent.",
-                JsonObject::new(),
-            )
-            .with_input_schema::<CommandCancelArgs>()
-            .with_raw_output_schema(obj(command_schema()))
-            .with_annotations(annotations("Cancel a command", false, false, true)),
-        },
-        ToolDef {
-            name: "audit_query",
-            mutating: false,
-            tool: Tool::new(
-                "audit_query",
-                "The tamper-evident audit trail, newest first: who did what to which agents \
-                 through which channel, and each command's outcome. Filter by actor, channel, \
-                 agent, operation and time; paged.",
-                JsonObject::new(),
-            )
-            .with_input_schema::<AuditQueryArgs>()
-            .with_raw_output_schema(obj(page_schema(audit_record_schema())))
-            .with_annotations(annotations("Query the audit trail", true, false, true)),
-        },
-        ToolDef {
-            name: "remote_config_get",
-            mutating: false,
-            tool: Tool::new(
-                "remote_config_get",
-                format!(
-                    "With agent: that agent's configuration — the files it reports running \
-                     (effective config), the remote config Flotilla wants it to run (hash and \
-                     the command that set it) and its last remote-config status. {AGENT_REF} \
-                     With query: one compact row per matching agent (uid, host, desired hash, \
-                     remote-config status and hash, effective config hash; equal hashes mean \
-                     equal files), paged, to check a rollout; the query language is \
-                     agents_search's."
+                &[],
+            ),
+            shape(
+                &["total"],
+                &[
+                    ("total", "integer"),
+                    ("by_type", "object"),
+                    ("by_version", "object"),
+                    ("by_health", "object"),
+                    ("by_state", "object"),
+                ],
+            ),
+            annotations(true, false, true),
+        ),
+        def(
+            "commands_catalog",
+            false,
+            input::<NoArgs>(
+                tool(
+                    "commands_catalog",
+                    "Command kinds: what each does and needs, if destructive, how its outcome \
+                     is known, its params, how many agents can run it."
+                        .into(),
                 ),
-                JsonObject::new(),
-            )
-            .with_input_schema::<RemoteConfigGetArgs>()
-            .with_raw_output_schema(obj(remote_config_schema()))
-            .with_annotations(annotations("Get an agent's config", true, false, true)),
-        },
-        ToolDef {
-            name: "remote_config_push",
-            mutating: true,
-            tool: Tool::new(
-                "remote_config_push",
-                format!(
-                    "Offer a new remote configuration (files) to one agent or to every agent \
-                     matching a query (queues remote_config commands; the outcome follows the \
-                     agent's remote-config status). Roll out to one agent first, check \
-                     command_status, then widen. {confirm_note}"
+                &[],
+            ),
+            {
+                let mut s = shape(
+                    &["kinds"],
+                    &[("every_kind_takes", "object"), ("kinds", "array")],
+                );
+                s["properties"]["kinds"]["items"] = json!({"type": "object", "required": ["kind"]});
+                s
+            },
+            annotations(true, false, true),
+        ),
+        def(
+            "command_queue",
+            true,
+            input::<CommandQueueArgs>(
+                tool(
+                    "command_queue",
+                    format!(
+                        "Queue a command for one agent or every agent matching a query; agents \
+                         run it when they next connect (see command_status). dry_run previews \
+                         the targets. {confirm_note}"
+                    ),
                 ),
-                JsonObject::new(),
-            )
-            .with_input_schema::<RemoteConfigPushArgs>()
-            .with_raw_output_schema(obj(queue_outcome_schema()))
-            .with_annotations(annotations("Push a config", false, true, false)),
-        },
+                &[("kind", kind_schema()), ("params", params_schema())],
+            ),
+            queue_outcome_schema(),
+            annotations(false, true, false),
+        ),
+        def(
+            "command_status",
+            false,
+            input::<CommandStatusArgs>(
+                tool(
+                    "command_status",
+                    "One command (queued → sent → succeeded | failed | expired | cancelled, \
+                     with the agent's result or error), or with batch_id a fan-out's \
+                     per-agent progress."
+                        .into(),
+                ),
+                &[],
+            ),
+            // A command (id, status, ...) or a batch's progress (batch, counts, commands).
+            shape(
+                &[],
+                &[
+                    ("id", "string"),
+                    ("status", "string"),
+                    ("error", "string?"),
+                    ("batch", "object"),
+                    ("counts", "object"),
+                    ("commands", "array"),
+                ],
+            ),
+            annotations(true, false, true),
+        ),
+        def(
+            "commands_list",
+            false,
+            input::<CommandsListArgs>(
+                tool(
+                    "commands_list",
+                    "Commands, newest first, filtered; paged.".into(),
+                ),
+                &[],
+            ),
+            page_schema("id", false),
+            annotations(true, false, true),
+        ),
+        def(
+            "command_cancel",
+            true,
+            input::<CommandCancelArgs>(
+                tool(
+                    "command_cancel",
+                    "Cancel a command not yet sent to its agent (a conflict once sent).".into(),
+                ),
+                &[],
+            ),
+            command_schema(),
+            annotations(false, false, true),
+        ),
+        def(
+            "audit_query",
+            false,
+            input::<AuditQueryArgs>(
+                tool(
+                    "audit_query",
+                    "The tamper-evident audit trail, newest first: who did what, to which \
+                     agents, via which channel, with command outcomes."
+                        .into(),
+                ),
+                &[],
+            ),
+            page_schema("id", false),
+            annotations(true, false, true),
+        ),
+        def(
+            "remote_config_get",
+            false,
+            input::<RemoteConfigGetArgs>(
+                tool(
+                    "remote_config_get",
+                    format!(
+                        "With agent: the files it runs, the config Flotilla wants it to run, \
+                         its last remote-config status. {AGENT_REF} With query: hashes and \
+                         status per agent (equal hashes, equal files), paged."
+                    ),
+                ),
+                &[],
+            ),
+            remote_config_schema(),
+            annotations(true, false, true),
+        ),
+        def(
+            "remote_config_push",
+            true,
+            input::<RemoteConfigPushArgs>(
+                tool(
+                    "remote_config_push",
+                    "Push config files to one agent or a query's agents (remote_config \
+                     commands; outcome: the agent's remote-config status). Roll out to one, \
+                     check command_status, then widen. Confirmed as command_queue says."
+                        .into(),
+                ),
+                &[],
+            ),
+            queue_outcome_schema(),
+            annotations(false, true, false),
+        ),
     ]
 }
 
@@ -590,7 +667,19 @@ mod tests {
             assert_eq!(out.get("type"), Some(&json!("object")));
             let a = d.tool.annotations.as_ref().expect("annotations");
             assert_eq!(a.read_only_hint, Some(!d.mutating), "{}", d.name);
-            assert!(a.destructive_hint.is_some() && a.idempotent_hint.is_some());
+            assert_eq!(a.open_world_hint, Some(false), "{}", d.name);
+            // Hints the spec ignores for read-only tools are left out; mutating tools say both.
+            assert_eq!(
+                a.destructive_hint.is_some() && a.idempotent_hint.is_some(),
+                d.mutating,
+                "{}",
+                d.name
+            );
+            // Compacted: no schema URI, no `default: null`, no nullable optional fields.
+            let text = serde_json::to_string(&d.tool.input_schema).unwrap();
+            for waste in ["$schema", "\"default\":null", "\"null\"", "$defs"] {
+                assert!(!text.contains(waste), "{}: {waste} in {text}", d.name);
+            }
         }
         let q = tools.iter().find(|t| t.name == "command_queue").unwrap();
         let props = q.tool.input_schema["properties"].as_object().unwrap();
@@ -604,5 +693,22 @@ mod tests {
         ] {
             assert!(props.contains_key(k), "{k}");
         }
+        // kind is one of the kinds, and params are typed.
+        assert_eq!(props["kind"]["enum"], json!(KINDS));
+        assert_eq!(props["params"]["type"], "object");
+        assert_eq!(props["params"]["properties"]["tag"]["type"], "string");
+        assert_eq!(props["params"]["additionalProperties"], false);
+        // The confirmation protocol is explained once.
+        let described = tools
+            .iter()
+            .filter(|d| {
+                d.tool
+                    .description
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("confirmation_token")
+            })
+            .count();
+        assert_eq!(described, 1);
     }
 }

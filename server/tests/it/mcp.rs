@@ -623,6 +623,188 @@ async fn authentication_and_dns_rebinding_protection() {
     server.stop().await;
 }
 
+/// The token budget (issue 14): what every session pays for the tool list, and what the
+/// catalog costs, measured on the wire. `docs/benchmark-mcp.md` has the figures.
+const TOOLS_LIST_BUDGET: usize = 10 * 1024;
+const CATALOG_BUDGET: usize = 4 * 1024;
+
+#[tokio::test]
+async fn the_tool_list_and_the_catalog_fit_their_token_budgets_losing_nothing() {
+    let server = TestServer::start().await;
+    fleet(&server).await;
+    let sid = open_session(&server, OPERATOR_TOKEN, "2025-06-18").await;
+    let post = |body: Value| session_post(&server, &sid, Some("2025-06-18"), body);
+    let list = rpc_answer(post(rpc(2, "tools/list", json!({}))).await.unwrap(), 2).await;
+    let list_bytes = list.to_string().len();
+    let cat = rpc_answer(
+        post(rpc(
+            3,
+            "tools/call",
+            json!({"name": "commands_catalog", "arguments": {}}),
+        ))
+        .await
+        .unwrap(),
+        3,
+    )
+    .await;
+    let cat_bytes = cat.to_string().len();
+    let structured = &cat["result"]["structuredContent"];
+    let structured_bytes = structured.to_string().len();
+    eprintln!(
+        "tools/list response {list_bytes} bytes; commands_catalog response {cat_bytes} bytes, \
+         structured {structured_bytes} bytes"
+    );
+    assert!(
+        list_bytes <= TOOLS_LIST_BUDGET,
+        "tools/list is {list_bytes} bytes"
+    );
+    assert!(
+        structured_bytes <= CATALOG_BUDGET,
+        "commands_catalog is {structured_bytes} bytes"
+    );
+
+    // Nothing lost: every kind's parameters are the REST catalog's, the shared ones said once.
+    let (_, full) = server.rest().get("/api/v1/catalog").await;
+    let shared = structured["every_kind_takes"].as_object().unwrap();
+    assert!(shared.contains_key("ttl_seconds"), "{structured}");
+    assert_eq!(structured["params_refuse_unknown_keys"], true);
+    let kinds = structured["kinds"].as_array().unwrap();
+    assert_eq!(kinds.len(), full["kinds"].as_array().unwrap().len());
+    let mut outcomes = std::collections::BTreeSet::new();
+    for (compact, whole) in kinds.iter().zip(full["kinds"].as_array().unwrap()) {
+        for k in [
+            "kind",
+            "description",
+            "requires",
+            "destructive",
+            "capable_agents",
+        ] {
+            assert_eq!(compact[k], whole[k], "{k}: {compact}");
+        }
+        let whole_params = whole["params_schema"]["properties"].as_object().unwrap();
+        let mut params: serde_json::Map<String, Value> = shared.clone();
+        if let Some(p) = compact["params"]["properties"].as_object() {
+            params.extend(p.clone());
+        }
+        assert_eq!(&params, whole_params, "{}", compact["kind"]);
+        assert_eq!(
+            compact["params"]["required"], whole["params_schema"]["required"],
+            "{}",
+            compact["kind"]
+        );
+        assert_eq!(whole["params_schema"]["additionalProperties"], false);
+        // An outcome several kinds share is written out once, then referred to.
+        match compact["outcome"].as_str().unwrap().strip_prefix("as for ") {
+            Some(first) => {
+                let first = kinds.iter().find(|k| k["kind"] == first).unwrap();
+                assert_eq!(first["outcome"], whole["outcome"]);
+            }
+            None => {
+                assert_eq!(compact["outcome"], whole["outcome"]);
+                assert!(outcomes.insert(whole["outcome"].to_string()));
+            }
+        }
+    }
+
+    // command_queue's kind is one of the catalog's kinds, and its params are typed with
+    // every parameter any kind takes.
+    let queue = list["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "command_queue")
+        .unwrap();
+    let props = &queue["inputSchema"]["properties"];
+    let catalog_kinds: Vec<&Value> = full["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| &k["kind"])
+        .collect();
+    let enum_kinds: Vec<&Value> = props["kind"]["enum"].as_array().unwrap().iter().collect();
+    assert_eq!(enum_kinds, catalog_kinds);
+    for whole in full["kinds"].as_array().unwrap() {
+        for (name, schema) in whole["params_schema"]["properties"].as_object().unwrap() {
+            let typed = &props["params"]["properties"][name];
+            assert!(
+                typed.is_object(),
+                "params.{name} is not in command_queue's schema"
+            );
+            if let Some(t) = schema.get("type") {
+                assert_eq!(&typed["type"], t, "params.{name}");
+            }
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_confirmation_shows_what_will_actually_be_sent() {
+    let server = TestServer::start().await;
+    let f = fleet(&server).await;
+    let c = operator(&server, Revision::Session).await;
+    // ChatOps: the tag (the route the record takes) and the attributes posted.
+    let v = ok(&call(
+        &c,
+        "command_queue",
+        json!({"agent": "web-1", "kind": "chatops",
+               "params": {"tag": "flush", "attributes": {"reason": "disk full"}}}),
+    )
+    .await);
+    assert_eq!(v["status"], "confirmation_required", "{v}");
+    let sends = v["preview"]["sends"].as_str().unwrap();
+    assert_eq!(
+        sends, r#"chatops (tag "flush"; attributes {"reason":"disk full"})"#,
+        "{v}"
+    );
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains(sends) && message.contains("on agent web-1"),
+        "{message}"
+    );
+
+    // A config: its files with their sizes, and the hash the agent will be sent.
+    let body = "[SERVICE]\n    Flush 1\n";
+    let args = json!({"agent": "web-3", "files": {"fluent-bit.conf": body}, "ttl_seconds": 90});
+    let v = ok(&call(&c, "remote_config_push", args.clone()).await);
+    assert_eq!(v["status"], "confirmation_required", "{v}");
+    let sends = v["preview"]["sends"].as_str().unwrap().to_string();
+    let mut confirmed = args.clone();
+    confirmed["confirmation_token"] = v["confirmation_token"].clone();
+    let q = ok(&call(&c, "remote_config_push", confirmed).await);
+    assert_eq!(q["status"], "queued", "{q}");
+    let hash = q["command"]["params"]["hash"].as_str().unwrap();
+    assert_eq!(
+        sends,
+        format!(
+            "remote_config (1 file, {} bytes: fluent-bit.conf ({} bytes); config hash {hash}; \
+             expires after 90 s in the queue)",
+            body.len(),
+            body.len()
+        )
+    );
+
+    // A fan-out that matches one agent says so.
+    let v = ok(&call(
+        &c,
+        "command_queue",
+        json!({"query": "host:web-3", "kind": "force_resync"}),
+    )
+    .await);
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains(r#"force_resync on the 1 agent matching "host:web-3""#),
+        "{message}"
+    );
+    assert!(!message.contains("all 1 agents"), "{message}");
+    assert_eq!(
+        v["preview"]["target"]["sample"][0]["uid"],
+        f.web3.to_string()
+    );
+    c.cancel().await.unwrap();
+    server.stop().await;
+}
+
 /// Runs `tests/peers/node/mcp_oauth_probe.js`: the official TypeScript SDK connecting with
 /// `token`, with an OAuth client provider (`oauth`) as the MCP Inspector connects.
 async fn ts_sdk_probe(url: &str, token: &str, oauth: bool) -> Value {
@@ -1408,21 +1590,32 @@ async fn open_session(server: &TestServer, token: &str, version: &str) -> String
     sid
 }
 
+/// POSTs one JSON-RPC message on an open `/mcp` session as the operator, with `version` as
+/// its MCP-Protocol-Version header (2025-03-26 clients send none).
+async fn session_post(
+    server: &TestServer,
+    sid: &str,
+    version: Option<&str>,
+    body: Value,
+) -> reqwest::Result<reqwest::Response> {
+    let mut req = reqwest::Client::new()
+        .post(server.api_url("/mcp"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .header("Accept", "application/json, text/event-stream")
+        .header("Mcp-Session-Id", sid);
+    if let Some(v) = version {
+        req = req.header("MCP-Protocol-Version", v);
+    }
+    req.json(&body).send().await
+}
+
 #[tokio::test]
 async fn session_based_revision_2025_03_26_over_raw_http() {
     let server = TestServer::start().await;
     fleet(&server).await;
     let sid = open_session(&server, OPERATOR_TOKEN, "2025-03-26").await;
-    let http = reqwest::Client::new();
     // 2025-03-26 clients send the session id and no MCP-Protocol-Version header.
-    let post = |body: Value| {
-        http.post(server.api_url("/mcp"))
-            .bearer_auth(OPERATOR_TOKEN)
-            .header("Accept", "application/json, text/event-stream")
-            .header("Mcp-Session-Id", &sid)
-            .json(&body)
-            .send()
-    };
+    let post = |body: Value| session_post(&server, &sid, None, body);
     let list = rpc_answer(post(rpc(2, "tools/list", json!({}))).await.unwrap(), 2).await;
     assert_eq!(
         list["result"]["tools"].as_array().unwrap().len(),
