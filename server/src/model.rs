@@ -128,16 +128,63 @@ impl Transport {
     }
 }
 
-/// Liveness derived from the age of the last message against the agent's heartbeat interval.
+/// Liveness derived from the age of the last message against the agent's heartbeat interval,
+/// whatever the transport did in between (see [`Agent::liveness`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Liveness {
-    /// Heard from within 1.5 heartbeat intervals (and, for WebSocket, still connected).
+    /// Heard from within 1.5 heartbeat intervals.
     Healthy,
     /// Older than 1.5 intervals but younger than 3.
     Late,
-    /// Disconnected, or not heard from for 3 intervals.
+    /// Said goodbye (`agent_disconnect`), or not heard from for 3 intervals.
     Offline,
+}
+
+/// Attribute keys agents report their host under, in order of preference: OpenTelemetry's
+/// `host.name`, fluent-opamp's `hostname`, and `host.hostname`. Search (`host:`, `host.name:`)
+/// looks at all of them.
+pub const HOST_ATTRIBUTES: [&str; 3] = ["host.name", "hostname", "host.hostname"];
+
+/// The version number inside a version string: `5.1.1` in `Fluent Bit - 5.1.1 (Community)`
+/// (fluent-opamp's `service.version`), `1.18.0` in `fluentd-1.18.0`, `2.0.3-rc1` in
+/// `v2.0.3-rc1`. The first run of dotted digits that does not continue a word (a leading `v`
+/// is allowed), with a `-`/`+` pre-release or build suffix. `None` without one.
+pub fn version_number(s: &str) -> Option<&str> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let starts = b[i].is_ascii_digit()
+            && (i == 0 || !b[i - 1].is_ascii_alphanumeric() || matches!(b[i - 1], b'v' | b'V'));
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        let mut dots = 0;
+        loop {
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            if j + 1 < b.len() && b[j] == b'.' && b[j + 1].is_ascii_digit() {
+                dots += 1;
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if dots > 0 {
+            if j + 1 < b.len() && matches!(b[j], b'-' | b'+') && b[j + 1].is_ascii_alphanumeric() {
+                j += 1;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || matches!(b[j], b'.' | b'-' | b'+')) {
+                    j += 1;
+                }
+            }
+            return Some(s[i..j].trim_end_matches(['.', '-', '+']));
+        }
+        i = j;
+    }
+    None
 }
 
 /// A node of the agent's health tree (OpAMP `ComponentHealth`).
@@ -226,6 +273,10 @@ pub struct Agent {
     pub replaces: Option<Uuid>,
     /// Set on such an earlier record: the agent that re-registered in its place.
     pub replaced_by: Option<Uuid>,
+    /// The agent said goodbye (`agent_disconnect`), or re-registered under another uid, and
+    /// has not been heard from since: offline whatever its last message's age.
+    #[serde(default)]
+    pub departed: bool,
 }
 
 impl Agent {
@@ -252,6 +303,7 @@ impl Agent {
             previous_uid: None,
             replaces: None,
             replaced_by: None,
+            departed: false,
         }
     }
 
@@ -276,10 +328,31 @@ impl Agent {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Liveness at `now`: offline once disconnected (WebSocket closed, or `agent_disconnect`);
-    /// otherwise late after 1.5 heartbeat intervals of silence and offline after 3.
+    /// Where the agent runs: the first non-empty [`HOST_ATTRIBUTES`] value.
+    pub fn host(&self) -> Option<&str> {
+        self.hosts().next()
+    }
+
+    /// Every non-empty host attribute value, in [`HOST_ATTRIBUTES`] order.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        HOST_ATTRIBUTES
+            .iter()
+            .filter_map(|k| self.attr(k))
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The version number in `service.version` (see [`version_number`]).
+    pub fn version_number(&self) -> Option<&str> {
+        self.attr("service.version").and_then(version_number)
+    }
+
+    /// Liveness at `now`, from when the agent was last heard and its heartbeat interval —
+    /// whatever its transport did in between: a plain-HTTP agent, or one that opens a WebSocket
+    /// per message (fluent-opamp), has no connection between messages at all, and a dropped
+    /// connection is not a silent agent. Late after 1.5 intervals of silence, offline after 3,
+    /// and offline at once after it said goodbye.
     pub fn liveness(&self, now: Millis) -> Liveness {
-        if !self.connected {
+        if self.departed {
             return Liveness::Offline;
         }
         let interval = (self.heartbeat_interval_s.max(1) as i64) * 1000;
@@ -509,4 +582,56 @@ pub struct AuditFilter {
     /// Only records with id below this (cursor).
     pub before_id: Option<i64>,
     pub limit: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_numbers_are_found_inside_version_strings() {
+        for (s, want) in [
+            ("Fluent Bit - 5.1.1 (Community)", Some("5.1.1")),
+            ("5.1.1", Some("5.1.1")),
+            ("1.18.0", Some("1.18.0")),
+            ("fluentd-1.18.0", Some("1.18.0")),
+            ("fluent-bit/5.1.1", Some("5.1.1")),
+            ("v2.0.3-rc1", Some("2.0.3-rc1")),
+            ("2.0.3+build.7 (linux)", Some("2.0.3+build.7")),
+            ("release 3.2.", Some("3.2")),
+            ("x86_64 build", None),
+            ("community", None),
+            ("7", None),
+            ("", None),
+        ] {
+            assert_eq!(version_number(s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn liveness_follows_the_last_message_not_the_connection() {
+        let mut a = Agent::new(Uuid::now_v7(), 1_000, 10);
+        // A per-message WebSocket (or plain HTTP) agent between two messages.
+        a.connected = false;
+        assert_eq!(a.liveness(1_000 + 15_000), Liveness::Healthy);
+        assert_eq!(a.liveness(1_000 + 15_001), Liveness::Late);
+        assert_eq!(a.liveness(1_000 + 30_000), Liveness::Late);
+        assert_eq!(a.liveness(1_000 + 30_001), Liveness::Offline);
+        // It said goodbye: offline, however recent.
+        a.departed = true;
+        assert_eq!(a.liveness(1_000), Liveness::Offline);
+    }
+
+    #[test]
+    fn every_host_attribute_counts() {
+        let mut a = Agent::new(Uuid::now_v7(), 0, 30);
+        assert_eq!(a.host(), None);
+        a.non_identifying = vec![("hostname".into(), "web-7".into())];
+        assert_eq!(a.host(), Some("web-7"));
+        a.identifying = vec![("host.name".into(), "".into())];
+        assert_eq!(a.hosts().collect::<Vec<_>>(), vec!["web-7"]);
+        a.identifying = vec![("host.name".into(), "web-7.example".into())];
+        assert_eq!(a.host(), Some("web-7.example"));
+        assert_eq!(a.hosts().count(), 2);
+    }
 }

@@ -4,19 +4,22 @@
 //! (case-insensitive substring of the uid, any attribute value or label) or `key:value`; a
 //! leading `-` negates it; `"double quotes"` keep spaces. Values of attribute-like keys are
 //! case-insensitive globs (`*`, `?`). Keys:
-//! `type`, `health` (healthy|unhealthy|unknown), `state` (healthy|late|offline|online),
-//! `version` (service.version), `name` (service.name), `host` (host.name), `label` (`k=v` or
-//! `k`), `capability` (a standard capability name, `chatops`/`shutdown`/`restart`/`remote_config`,
-//! or a custom capability), `uid` (prefix), `transport` (http|websocket), `replaced` (yes|no:
-//! earlier records of agents that re-registered under a new uid), and any attribute key
-//! containing a dot, e.g. `host.name:web-*`.
+//! `type`, `health` (healthy|unhealthy|unknown), `state` (healthy|late|offline|online, from
+//! when the agent was last heard against its heartbeat interval), `version` (the version
+//! number inside `service.version`, e.g. `5.1.1` in `Fluent Bit - 5.1.1 (Community)`, or the
+//! whole string), `name` (service.name), `host` = `host.name` = `hostname` (any host
+//! attribute: `host.name`, `hostname`, `host.hostname`), `label` (`k=v` or `k`), `capability`
+//! (a standard capability name, `chatops`/`shutdown`/`restart`/`remote_config`, or a custom
+//! capability), `uid` (prefix), `transport` (http|websocket), `replaced` (yes|no: earlier
+//! records of agents that re-registered under a new uid), and any other attribute key
+//! containing a dot, e.g. `service.namespace:prod-*`.
 
 use flotilla_proto::caps::{agent_capability_by_name, agent_has};
 use flotilla_proto::AgentCapabilities;
 use wildmatch::WildMatch;
 
 use crate::commands::{has_custom, CAP_CHATOPS, CAP_SHUTDOWN};
-use crate::model::{Agent, Liveness, Millis, Transport};
+use crate::model::{Agent, Liveness, Millis, Transport, HOST_ATTRIBUTES};
 
 /// Why a query did not parse; names the offending term.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +37,10 @@ enum Term {
     Health(&'static str),
     State(&'static str),
     Attr(String, WildMatch),
+    /// Any host attribute ([`HOST_ATTRIBUTES`]).
+    Host(WildMatch),
+    /// The version number in `service.version`, or the whole string.
+    Version(WildMatch),
     Label(String, Option<WildMatch>),
     Capability(String),
     UidPrefix(String),
@@ -117,9 +124,11 @@ impl Query {
                             "online" | "connected" => "online",
                             _ => return Err(bad("state is healthy, late, offline or online")),
                         }),
-                        "version" => Term::Attr("service.version".into(), glob(v)),
+                        "version" => Term::Version(glob(v)),
                         "name" => Term::Attr("service.name".into(), glob(v)),
-                        "host" => Term::Attr("host.name".into(), glob(v)),
+                        // Agents name the host differently (fluent-opamp: `hostname`); the
+                        // README's `host.name:web-*` must find them all.
+                        k if k == "host" || HOST_ATTRIBUTES.contains(&k) => Term::Host(glob(v)),
                         "label" => match v.split_once('=') {
                             Some((lk, lv)) => Term::Label(lk.to_string(), Some(glob(lv))),
                             None => Term::Label(v.to_string(), None),
@@ -188,6 +197,11 @@ fn term_matches(t: &Term, a: &Agent, now: Millis) -> bool {
             }
         }
         Term::Attr(k, g) => a.attr(k).is_some_and(|v| g.matches(v)),
+        Term::Host(g) => a.hosts().any(|h| g.matches(h)),
+        Term::Version(g) => {
+            a.version_number().is_some_and(|v| g.matches(v))
+                || a.attr("service.version").is_some_and(|v| g.matches(v))
+        }
         Term::Label(k, g) => match (a.labels.get(k), g) {
             (Some(v), Some(g)) => g.matches(v),
             (Some(_), None) => true,
@@ -275,6 +289,36 @@ mod tests {
         assert!(Query::parse("state:sleepy").is_err());
         assert!(Query::parse("\"open").is_err());
         assert!(Query::parse("host.name:").is_err());
+    }
+
+    /// fluent-opamp agents: `hostname` instead of `host.name`, the version inside a sentence.
+    #[test]
+    fn host_and_version_cover_how_agents_spell_them() {
+        let mut a = agent("ignored", "Fluent Bit", "Fluent Bit - 5.1.1 (Community)");
+        a.non_identifying = vec![("hostname".into(), "web-7".into())];
+        let on = |a: &Agent, q: &str| Query::parse(q).unwrap().matches(a, 2_000);
+        let m = |q: &str| on(&a, q);
+        for q in [
+            "host.name:web-*",
+            "host:web-7",
+            "hostname:WEB-?",
+            "host.hostname:web-*",
+            "version:5.1.*",
+            "version:5.1.1",
+            "version:\"Fluent Bit - 5.1.1 (Community)\"",
+            "version:*community*",
+            "-version:5.2.*",
+            "-host.name:db-*",
+        ] {
+            assert!(m(q), "{q}");
+        }
+        for q in ["host.name:db-*", "version:5.2.*", "version:1.*", "service.version:5.1.*"] {
+            assert!(!m(q), "{q}");
+        }
+        a.non_identifying = vec![("host.hostname".into(), "db-2".into())];
+        assert!(on(&a, "host.name:db-2") && !on(&a, "host:web-*"));
+        a.non_identifying.clear();
+        assert!(!on(&a, "host:*"), "no host attribute, nothing to match");
     }
 
     #[test]

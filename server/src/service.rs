@@ -132,10 +132,7 @@ impl AgentRow {
             uid: a.uid,
             agent_type: a.agent_type(),
             name: a.attr("service.name").map(str::to_string),
-            host: a
-                .attr("host.name")
-                .or_else(|| a.attr("hostname"))
-                .map(str::to_string),
+            host: a.host().map(str::to_string),
             version: a.attr("service.version").map(str::to_string),
             state: a.liveness(now),
             healthy: a.health.as_ref().map(|h| h.healthy),

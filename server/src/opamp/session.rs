@@ -432,6 +432,7 @@ pub async fn handle(
             after.last_seen = now;
             after.sequence_num = msg.sequence_num;
             after.connected = !disconnect;
+            after.departed = disconnect;
             after.transport = Some(link.transport);
             if let Some(a) = link.remote {
                 after.remote_addr = Some(a.to_string());

@@ -97,7 +97,7 @@ pub trait Store: Send + Sync + 'static {
     /// other record replaced yet, most recently seen first, at most `limit`.
     async fn same_identity(&self, key: &str, uid: Uuid, limit: usize) -> StoreResult<Vec<Uuid>>;
     /// Records that `new` re-registered in place of `old` (`old.replaced_by`, `new.replaces`,
-    /// `old` no longer connected) and appends `audit`, in one transaction. Returns false
+    /// `old` no longer connected and departed) and appends `audit`, in one transaction. Returns false
     /// (nothing written) if either record is gone or `old` was already replaced.
     async fn link_reregistration(&self, old: Uuid, new: Uuid, audit: NewAudit)
         -> StoreResult<bool>;

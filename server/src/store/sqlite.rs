@@ -138,6 +138,15 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             )",
         ],
     ),
+    (
+        3,
+        &[
+            // Liveness comes from when an agent was last heard, not from its transport: only
+            // a goodbye (`agent_disconnect`) or a re-registration makes it offline at once.
+            // Existing records start as not departed, so they age out like any other.
+            "ALTER TABLE agents ADD COLUMN departed INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ];
 
 /// The SQLite store. Cheap to share behind an `Arc`.
@@ -333,6 +342,7 @@ struct BriefRow(
     Option<String>,
     Option<String>,
     Option<String>,
+    i64,
 );
 
 impl BriefRow {
@@ -359,6 +369,7 @@ impl BriefRow {
             previous_uid: opt_parse_uuid(self.15, &what)?,
             replaces: opt_parse_uuid(self.16, &what)?,
             replaced_by: opt_parse_uuid(self.17, &what)?,
+            departed: self.18 != 0,
         })
     }
 }
@@ -387,6 +398,7 @@ fn agent_from_row(row: &SqliteRow) -> StoreResult<Agent> {
         previous_uid: opt_parse_uuid(row.try_get("previous_uid")?, &what)?,
         replaces: opt_parse_uuid(row.try_get("replaces")?, &what)?,
         replaced_by: opt_parse_uuid(row.try_get("replaced_by")?, &what)?,
+        departed: row.try_get("departed")?,
     })
 }
 
@@ -553,8 +565,9 @@ impl Store for SqliteStore {
             "INSERT INTO agents (uid, identifying, non_identifying, capabilities,
                 custom_capabilities, health, effective_config, remote_config_status,
                 desired_config, labels, transport, remote_addr, first_seen, last_seen,
-                connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key,
+                departed)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (uid) DO UPDATE SET
                 identifying = excluded.identifying,
                 non_identifying = excluded.non_identifying,
@@ -571,7 +584,8 @@ impl Store for SqliteStore {
                 sequence_num = excluded.sequence_num,
                 heartbeat_interval_s = excluded.heartbeat_interval_s,
                 previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid),
-                identity_key = excluded.identity_key",
+                identity_key = excluded.identity_key,
+                departed = excluded.departed",
         )
         .bind(uid(a.uid))
         .bind(to_json(&a.identifying, "identifying attributes")?)
@@ -595,6 +609,7 @@ impl Store for SqliteStore {
         .bind(u64_to_db(a.heartbeat_interval_s))
         .bind(opt_uid(a.previous_uid))
         .bind(a.identity_key())
+        .bind(a.departed)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -645,7 +660,8 @@ impl Store for SqliteStore {
                 || ',' || labels || ',' || json_quote(transport) || ',' || json_quote(remote_addr)
                 || ',' || first_seen || ',' || last_seen || ',' || connected || ','
                 || sequence_num || ',' || heartbeat_interval_s || ',' || json_quote(previous_uid)
-                || ',' || json_quote(replaces) || ',' || json_quote(replaced_by) || ']',
+                || ',' || json_quote(replaces) || ',' || json_quote(replaced_by) || ','
+                || departed || ']',
                 ',' ORDER BY uid), '') || ']'
              FROM (SELECT * FROM agents",
         );
@@ -715,14 +731,16 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let _w = self.writer.lock().await;
         // `None` transport/address means "not known now", so keep what we had for display.
-        // A connection is also a sign of life; a disconnect is not.
+        // A connection is also a sign of life (and ends a goodbye); a disconnect is not.
         sqlx::query(
             "UPDATE agents SET connected = ?,
+                departed = CASE WHEN ? THEN 0 ELSE departed END,
                 transport = COALESCE(?, transport),
                 remote_addr = COALESCE(?, remote_addr),
                 last_seen = CASE WHEN ? THEN MAX(last_seen, ?) ELSE last_seen END
              WHERE uid = ? AND (? OR last_seen <= ?)",
         )
+        .bind(connected)
         .bind(connected)
         .bind(transport.map(Transport::as_str))
         .bind(remote_addr)
@@ -816,7 +834,9 @@ impl Store for SqliteStore {
         if old_free.is_none() || new_there.is_none() || old == new {
             return Ok(false);
         }
-        sqlx::query("UPDATE agents SET replaced_by = ?, connected = 0 WHERE uid = ?")
+        // Its agent lives on under `new`: this record is offline from now on, not healthy for
+        // another heartbeat interval beside its successor.
+        sqlx::query("UPDATE agents SET replaced_by = ?, connected = 0, departed = 1 WHERE uid = ?")
             .bind(uid(new))
             .bind(uid(old))
             .execute(&mut *tx)
@@ -1208,6 +1228,7 @@ mod tests {
             previous_uid: Some(Uuid::now_v7()),
             replaces: None,
             replaced_by: None,
+            departed: true,
         }
     }
 
@@ -1445,7 +1466,14 @@ mod tests {
         assert_eq!(got.transport, Some(Transport::Http));
         assert_eq!(got.last_seen, 700);
 
+        // A goodbye is undone by the next sign of life, and only by that.
+        let mut gone = s.get_agent(a.uid).await.unwrap().unwrap();
+        gone.departed = true;
+        s.put_agent(&gone).await.unwrap();
+        s.mark_all_disconnected(850).await.unwrap();
+        assert!(s.get_agent(a.uid).await.unwrap().unwrap().departed);
         s.set_connected(a.uid, true, None, None, 900).await.unwrap();
+        assert!(!s.get_agent(a.uid).await.unwrap().unwrap().departed);
         s.set_connected(b.uid, true, None, None, 900).await.unwrap();
         // The goodbye of a connection that last heard the agent before its newest message
         // (it is back on another one) is not written.
@@ -1583,7 +1611,10 @@ mod tests {
             .await
             .unwrap());
         let o = s.get_agent(old.uid).await.unwrap().unwrap();
-        assert_eq!((o.replaced_by, o.connected), (Some(new.uid), false));
+        assert_eq!(
+            (o.replaced_by, o.connected, o.departed),
+            (Some(new.uid), false, true)
+        );
         assert_eq!(
             s.get_agent(new.uid).await.unwrap().unwrap().replaces,
             Some(old.uid)
