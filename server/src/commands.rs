@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::model::{Agent, Command, CommandKind, ConfigFile, ConfigFiles, DesiredConfig};
+use crate::model::{Agent, Command, CommandKind, ConfigFile, ConfigFiles, DesiredConfig, Millis};
 use crate::store::Finish;
 
 /// fluent-opamp's ChatOps capability (see shared/reference/fluent-opamp-compat.md).
@@ -417,8 +417,9 @@ pub fn catalog_entry(kind: CommandKind) -> Value {
 fn outcome(kind: CommandKind) -> &'static str {
     match kind {
         CommandKind::Restart => {
-            "succeeded when the agent's health shows a newer start time; agents that do not \
-             report health cannot confirm it (the command then expires as unconfirmed)"
+            "succeeded when the agent's health reports a wall-clock start time later than the \
+             command's queue time; agents that report no health, or their uptime instead of a \
+             start time (fluent-opamp), cannot confirm it (the command then expires as unconfirmed)"
         }
         CommandKind::ForceResync => "succeeded when the agent sends its full state",
         CommandKind::NewInstanceUid => "succeeded when the agent speaks with the new uid",
@@ -571,8 +572,15 @@ pub fn no_result_reason(cmd: &Command, agent: Option<&Agent>) -> String {
             "delivered; this agent does not report health, so its restart cannot be confirmed"
                 .into()
         }
+        CommandKind::Restart if agent.is_some_and(reports_uptime) => {
+            "delivered; this agent reports its uptime, not a wall-clock start time, in \
+             health.start_time_unix_nano (fluent-opamp does), so its restart cannot be confirmed"
+                .into()
+        }
         CommandKind::Restart => {
-            "delivered, but the agent's health never showed a newer start time in time".into()
+            "delivered, but the agent's health never showed a start time later than the \
+             command's queue time"
+                .into()
         }
         CommandKind::Chatops | CommandKind::Shutdown | CommandKind::Custom if plain => {
             "delivered; this agent uses the plain fluent-opamp form, which reports only failures, \
@@ -585,6 +593,33 @@ pub fn no_result_reason(cmd: &Command, agent: Option<&Agent>) -> String {
         }
         _ => "delivered, but the agent reported no result in time".into(),
     }
+}
+
+/// Start times before this (2020-01-01) are not wall-clock times: fluent-opamp sends its uptime
+/// in `start_time_unix_nano`, a number of nanoseconds that grows with every heartbeat.
+const WALL_CLOCK_FLOOR_NS: u64 = 1_577_836_800 * 1_000_000_000;
+
+/// How far ahead of ours an agent's clock may run before its start time is implausible.
+const CLOCK_AHEAD_NS: u64 = 10 * 60 * 1_000_000_000;
+
+/// True if the agent reports its uptime where OpAMP wants a start time, so no start time it
+/// sends can prove a restart.
+pub fn reports_uptime(agent: &Agent) -> bool {
+    agent
+        .health
+        .as_ref()
+        .is_some_and(|h| h.start_time_unix_nano > 0 && h.start_time_unix_nano < WALL_CLOCK_FLOOR_NS)
+}
+
+/// A reported start time `t1` proves a restart queued at `queued_at` only if it is an absolute
+/// time that moved forward (past the last one reported, `t0`) and past the queue time, and is
+/// not later than now beyond clock skew. "It grew" alone proves nothing: an uptime grows with
+/// every heartbeat, and a start time that moved but predates the command is some other restart.
+fn restarted_since(t0: Option<u64>, t1: u64, queued_at: Millis, now: Millis) -> bool {
+    let ns = |ms: Millis| u64::try_from(ms).unwrap_or(0).saturating_mul(1_000_000);
+    t0.is_none_or(|t0| t1 > t0)
+        && t1 > ns(queued_at).max(WALL_CLOCK_FLOOR_NS)
+        && t1 <= ns(now).saturating_add(CLOCK_AHEAD_NS)
 }
 
 /// Settles commands in status `sent` from what the agent just said.
@@ -660,19 +695,17 @@ pub fn observe(
             }
             CommandKind::Restart => {
                 let t0 = before.health.as_ref().map(|h| h.start_time_unix_nano);
-                let t1 = after.health.as_ref().map(|h| h.start_time_unix_nano);
-                if let (Some(t0), Some(t1)) = (t0, t1) {
-                    if msg.health.is_some() && t1 > t0 {
-                        out.push((
-                            cmd.id,
-                            done(
-                                Succeeded,
-                                json!({"evidence": "health.start_time_unix_nano advanced",
-                                       "start_time_unix_nano": t1}),
-                                None,
-                            ),
-                        ));
-                    }
+                let t1 = msg.health.as_ref().map(|h| h.start_time_unix_nano);
+                if let Some(t1) = t1.filter(|t1| restarted_since(t0, *t1, cmd.created_at, now)) {
+                    out.push((
+                        cmd.id,
+                        done(
+                            Succeeded,
+                            json!({"evidence": "health.start_time_unix_nano is later than the queue time",
+                                   "start_time_unix_nano": t1}),
+                            None,
+                        ),
+                    ));
                 }
             }
             CommandKind::NewInstanceUid => {
@@ -903,6 +936,61 @@ mod tests {
         assert_eq!(find(c.id).1.to, CommandStatus::Succeeded);
         assert_eq!(find(rc.id).1.to, CommandStatus::Failed);
         assert_eq!(find(rc.id).1.error.as_deref(), Some("bad plugin"));
+    }
+
+    /// Only an absolute start time later than the queue time confirms a restart.
+    #[test]
+    fn a_restart_is_confirmed_only_by_a_start_time_after_the_queue_time() {
+        const S: u64 = 1_000_000_000;
+        let queued: Millis = 1_780_000_000_000; // 2026, in ms
+        let q_ns = queued as u64 * 1_000_000;
+        let now = queued + 5_000;
+        let settled = |t0: Option<u64>, t1: u64| {
+            let mut before = agent(0xC01, &[]);
+            before.health = t0.map(|t| crate::model::Health {
+                healthy: true,
+                start_time_unix_nano: t,
+                ..Default::default()
+            });
+            let mut c = cmd(CommandKind::Restart, json!({}), &before);
+            c.created_at = queued;
+            let msg = AgentToServer {
+                health: Some(flotilla_proto::ComponentHealth {
+                    healthy: true,
+                    start_time_unix_nano: t1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            !observe(&before, &before, &msg, &[c], now).is_empty()
+        };
+        // fluent-opamp's uptime grows with every heartbeat: never proof.
+        assert!(!settled(Some(3 * S), 4 * S));
+        assert!(!settled(None, 9 * S));
+        // A start time that moved, but to before the command was queued: some other restart.
+        assert!(!settled(Some(q_ns - 600 * S), q_ns - 5 * S));
+        // Unchanged, or in the far future (not a clock reading): no.
+        assert!(!settled(Some(q_ns + S), q_ns + S));
+        assert!(!settled(Some(q_ns - 600 * S), q_ns + 86_400 * S));
+        // Started after the queue time: the restart happened.
+        assert!(settled(Some(q_ns - 600 * S), q_ns + 2 * S));
+        assert!(settled(None, q_ns + 2 * S));
+        // A clock a few minutes ahead of ours still counts.
+        assert!(settled(Some(q_ns - 600 * S), q_ns + 300 * S));
+
+        // And an expiry says why an uptime cannot confirm it.
+        let mut fo = agent(0xC01, &[]);
+        fo.health = Some(crate::model::Health {
+            healthy: true,
+            start_time_unix_nano: 7 * S,
+            ..Default::default()
+        });
+        let c = cmd(CommandKind::Restart, json!({}), &fo);
+        assert!(reports_uptime(&fo));
+        assert!(no_result_reason(&c, Some(&fo)).contains("uptime"));
+        fo.health.as_mut().unwrap().start_time_unix_nano = q_ns;
+        assert!(!reports_uptime(&fo));
+        assert!(no_result_reason(&c, Some(&fo)).contains("queue time"));
     }
 
     #[test]
