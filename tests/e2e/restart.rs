@@ -1,6 +1,6 @@
 //! Nothing is lost when the server restarts: the registry (attributes, health, labels), queued
 //! commands and the audit trail survive both a graceful stop (SIGTERM: exit 0, store flushed)
-//! and `kill -9`. After the restart the agent is known but offline until it talks again; its
+//! and `kill -9`. After the restart the agent is known but not connected until it talks again; its
 //! queued commands are still `queued` and are delivered on its next poll; the audit chain
 //! verifies offline (`flotilla audit verify`) and keeps growing intact.
 
@@ -237,11 +237,12 @@ async fn survives(stop: Stop) {
     agent.endpoint = server.opamp_url();
 
     let after = server.agent(&uid).await;
+    // Not connected, but not called offline for it either: liveness follows when the agent was
+    // last heard (a restart of the server says nothing about the agent).
     assert_eq!(
         after["connected"], false,
         "nobody is connected after a restart: {after}"
     );
-    assert_eq!(after["state"], "offline", "{after}");
     for key in [
         "identifying_attributes",
         "non_identifying_attributes",

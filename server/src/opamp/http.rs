@@ -13,9 +13,9 @@ use flotilla_proto::{AgentToServer, Message, ServerToAgent};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
-use super::session::{self, apply, before_send, handle, outgoing_for, timed, Link, Unavailable};
+use super::session::{self, handle, Link};
 use super::shared::{HttpPeer, Shared};
-use crate::model::{CommandKind, Transport};
+use crate::model::Transport;
 
 /// The only request and response content type of OpAMP over plain HTTP.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
@@ -131,72 +131,11 @@ pub async fn serve(
     }
     let mut reply = handled.reply;
     if let Some(agent) = handled.deliver_to {
-        if let Err(e) = poll_one(&sh, agent, &mut reply).await {
-            // The reply itself is good; the command waits for the next poll.
-            tracing::warn!(%agent, error = %e, "could not deliver a queued command on this poll");
-        }
+        // One per poll: the reply is the agent's only chance, and a standard command must
+        // travel alone, so a queue of them drains one poll at a time anyway.
+        session::fill_reply(&sh, agent, &mut reply, 1).await;
     }
     respond(&sh, &headers, reply)
-}
-
-/// Puts at most one due command into `reply`. A standard command must travel alone: if one is
-/// next in the queue and the reply already carries something, it waits for the next poll.
-async fn poll_one(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent) -> Result<(), Unavailable> {
-    let fleet = &sh.ctx.fleet;
-    let queued = timed(fleet.store().queued_for(agent, 1)).await?;
-    let Some(next) = queued.first() else {
-        return Ok(());
-    };
-    if next.kind == CommandKind::Restart && !apply(&commands_probe(), &mut reply.clone()) {
-        return Ok(());
-    }
-    let claimed = session::claim(sh, agent, 1).await?;
-    let Some(cmd) = claimed.into_iter().next() else {
-        return Ok(());
-    };
-    // Until it is in the reply, the claim is undone however this ends, including the handler
-    // being dropped because the agent hung up mid-request.
-    let mut guard = session::Unclaim::new(fleet, &cmd);
-    let result = async {
-        let Some(record) = timed(fleet.store().get_agent(agent)).await? else {
-            return Ok(false);
-        };
-        let Some(out) = outgoing_for(sh, &cmd, &record).await? else {
-            return Ok(true); // settled failed: nothing to put back
-        };
-        let mut trial = reply.clone();
-        if !apply(&out, &mut trial) {
-            return Ok(false);
-        }
-        if !session::fits(sh, trial.encoded_len()) {
-            session::fail(sh, &cmd, format!(
-                "not sent: the message would exceed opamp.max_message_bytes ({} bytes)",
-                sh.ctx.cfg.max_message_bytes
-            ))
-            .await?;
-            return Ok(true);
-        }
-        before_send(sh, agent, &out).await?;
-        *reply = trial;
-        tracing::debug!(command = %cmd.id, %agent, kind = cmd.kind.as_str(), "command delivered in HTTP reply");
-        Ok::<bool, Unavailable>(true)
-    }
-    .await;
-    // Put back before answering, so the next poll finds it queued again.
-    guard.disarm();
-    match result {
-        Ok(true) => Ok(()),
-        Ok(false) => timed(fleet.unclaim(&cmd)).await,
-        Err(e) => {
-            let _ = timed(fleet.unclaim(&cmd)).await;
-            Err(e)
-        }
-    }
-}
-
-/// A stand-in standard command, to ask [`apply`] whether the reply has room for one.
-fn commands_probe() -> crate::commands::Outgoing {
-    crate::commands::Outgoing::Command(flotilla_proto::ServerToAgentCommand { r#type: 0 })
 }
 
 /// Encodes the reply: exact Content-Type, gzip when the client accepts it, never over the limit.

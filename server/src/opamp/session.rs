@@ -148,6 +148,12 @@ pub struct Link {
     pub replied: bool,
     /// Connection settings were offered on this link.
     pub settings_offered: bool,
+    /// WebSocket: messages answered on this connection (saturating).
+    pub messages: u32,
+    /// WebSocket: when the answer to the connection's first message was written.
+    pub first_reply: Option<tokio::time::Instant>,
+    /// WebSocket: a delivery is owed but may not be pushed yet (see `ws::push_policy`).
+    pub deferred: bool,
 }
 
 impl Link {
@@ -167,6 +173,9 @@ impl Link {
             peer: None,
             replied: false,
             settings_offered: false,
+            messages: 0,
+            first_reply: None,
+            deferred: false,
         }
     }
 }
@@ -803,6 +812,138 @@ pub async fn fail(sh: &Shared, cmd: &Command, error: String) -> Result<(), Unava
     };
     timed(sh.ctx.fleet.settle(cmd, &[CommandStatus::Sent], finish)).await?;
     Ok(())
+}
+
+/// What [`fill_reply`] put into a reply.
+#[derive(Debug, Default)]
+pub struct Filled {
+    /// Commands now in the reply (claimed `sent`): a transport whose write fails puts them back.
+    pub placed: Vec<Command>,
+    /// It stopped with commands still queued (one could not share the reply, or `max` was
+    /// reached): they need messages of their own.
+    pub more: bool,
+}
+
+/// How one claimed command fared in [`fill_reply`].
+enum Placement {
+    /// In the reply.
+    Placed,
+    /// Settled `failed` at send time: not sent, and nothing to put back.
+    Settled,
+    /// It cannot share this reply: it goes back to the queue, and so does everything after it.
+    Wait,
+}
+
+/// Puts the agent's due commands into `reply` — the answer to its message — in queue order, as
+/// many as can share it, at most `max`: a standard command only into a reply that carries
+/// nothing else, one custom message and one new uid per message (see [`apply`]). The first one
+/// that cannot join stays queued, and everything after it too, so the order holds. Whether a
+/// command would join is asked before it is claimed, so a command that must wait is never marked
+/// `sent`. Store trouble ends the filling early (logged): what is placed stays placed.
+///
+/// Replies come first because some agents read nothing else: fluent-opamp's WebSocket consumer
+/// reads exactly one frame per connection, and a plain-HTTP agent only has its reply.
+pub async fn fill_reply(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent, max: usize) -> Filled {
+    let fleet = &sh.ctx.fleet;
+    let mut filled = Filled::default();
+    let mut record: Option<Agent> = None;
+    // Every round places a command, settles one (it leaves the queue) or stops.
+    let mut rounds = max.saturating_mul(4).max(4);
+    let res: Result<(), Unavailable> = async {
+        while filled.placed.len() < max {
+            let Some(next) = timed(fleet.store().queued_for(agent, 1)).await?.pop() else {
+                return Ok(());
+            };
+            rounds -= 1;
+            if rounds == 0 {
+                filled.more = true;
+                return Ok(());
+            }
+            if record.is_none() {
+                record = timed(fleet.store().get_agent(agent)).await?;
+            }
+            let Some(rec) = record.as_ref() else {
+                return Ok(());
+            };
+            if !apply(&commands::encode(&next, rec), &mut reply.clone()) {
+                filled.more = true;
+                return Ok(());
+            }
+            let Some(cmd) = claim(sh, agent, 1).await?.pop() else {
+                // Expired and not swept yet, or taken by another session.
+                return Ok(());
+            };
+            // Until it is in the reply, the claim is undone however this ends, including the
+            // handler being dropped because the agent hung up mid-request.
+            let mut guard = Unclaim::new(fleet, &cmd);
+            let placement = place(sh, &cmd, rec, reply).await;
+            // Put back before answering, so the next message finds it queued again.
+            guard.disarm();
+            match placement {
+                Ok(Placement::Placed) => filled.placed.push(cmd),
+                Ok(Placement::Settled) => {}
+                Ok(Placement::Wait) => {
+                    timed(fleet.unclaim(&cmd)).await?;
+                    filled.more = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = timed(fleet.unclaim(&cmd)).await;
+                    return Err(e);
+                }
+            }
+        }
+        filled.more = true;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = res {
+        // The reply itself is good; what is still queued waits for the next chance.
+        tracing::warn!(%agent, error = %e, "could not put queued commands into the reply");
+    }
+    filled
+}
+
+/// Puts one claimed command into `reply` if it can share it and the result still fits.
+async fn place(
+    sh: &Shared,
+    cmd: &Command,
+    agent: &Agent,
+    reply: &mut ServerToAgent,
+) -> Result<Placement, Unavailable> {
+    let Some(out) = outgoing_for(sh, cmd, agent).await? else {
+        return Ok(Placement::Settled);
+    };
+    let mut trial = reply.clone();
+    if !apply(&out, &mut trial) {
+        return Ok(Placement::Wait);
+    }
+    if !fits(sh, trial.encoded_len()) {
+        // Too big beside what the reply carries: a message of its own may still take it.
+        let mut alone = ServerToAgent {
+            instance_uid: reply.instance_uid.clone(),
+            capabilities: SERVER_CAPABILITIES,
+            ..Default::default()
+        };
+        if apply(&out, &mut alone) && fits(sh, alone.encoded_len()) {
+            return Ok(Placement::Wait);
+        }
+        fail(
+            sh,
+            cmd,
+            format!(
+                "not sent: the message would exceed opamp.max_message_bytes ({} bytes)",
+                sh.ctx.cfg.max_message_bytes
+            ),
+        )
+        .await?;
+        return Ok(Placement::Settled);
+    }
+    before_send(sh, agent.uid, &out).await?;
+    *reply = trial;
+    tracing::debug!(command = %cmd.id, agent = %agent.uid, kind = cmd.kind.as_str(),
+        "command delivered in the reply");
+    Ok(Placement::Placed)
 }
 
 /// Puts `out` into `msg`. Returns false (and leaves `msg` alone) when it cannot share the

@@ -174,6 +174,16 @@ pub struct HttpPeer {
     pub last: Millis,
 }
 
+/// How an agent uses WebSockets, learnt from its connections (see `ws::push_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsStyle {
+    /// A connection per message that reads only the answer (fluent-opamp's consumer): never
+    /// pushed to; its commands ride in replies.
+    OneShot,
+    /// Connections that carry many messages and are read throughout: pushed to at once.
+    LongLived,
+}
+
 /// A plain-HTTP agent silent this long is forgotten (memory and Hub binding), so agents that
 /// go away without `agent_disconnect` (the Node client never sends one) do not accumulate. If
 /// it comes back, its next poll is treated like the first since a restart.
@@ -202,6 +212,9 @@ pub struct Shared {
     pub moved: Sharded<Millis>,
     /// Heartbeat liveness not yet written.
     pub touches: Sharded<Touch>,
+    /// What WebSocket agents showed of how they use connections, and when (in memory: after a
+    /// restart each agent's next connection shows it again).
+    pub ws_styles: Sharded<(WsStyle, Millis)>,
 }
 
 impl Shared {
@@ -220,6 +233,7 @@ impl Shared {
             renames: Sharded::new(),
             moved: Sharded::new(),
             touches: Sharded::new(),
+            ws_styles: Sharded::new(),
         }
     }
 
@@ -302,10 +316,12 @@ impl Shared {
         }
     }
 
-    /// Drops rename bookkeeping older than a day and plain-HTTP agents silent for an hour.
+    /// Drops rename bookkeeping and WebSocket styles older than a day, and plain-HTTP agents
+    /// silent for an hour.
     pub fn purge(&self, now: Millis) {
         self.renames.retain(|(_, at)| now - *at < RENAME_TTL_MS);
         self.moved.retain(|at| now - *at < RENAME_TTL_MS);
+        self.ws_styles.retain(|(_, at)| now - *at < RENAME_TTL_MS);
         let gone = self
             .http_peers
             .remove_where(|p| now - p.last >= HTTP_PEER_TTL_MS);

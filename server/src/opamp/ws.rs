@@ -26,10 +26,10 @@ use uuid::Uuid;
 
 use super::http::retry_later;
 use super::session::{
-    self, apply, before_send, error_reply, handle, outgoing_for, timed, unavailable_reply, Link,
-    SERVER_CAPABILITIES,
+    self, apply, before_send, error_reply, fill_reply, handle, outgoing_for, timed,
+    unavailable_reply, Filled, Link, SERVER_CAPABILITIES,
 };
-use super::shared::{Shared, WsSlot};
+use super::shared::{Shared, WsSlot, WsStyle};
 use crate::hub::{Wake, WAKE_CAPACITY};
 use crate::model::{now_ms, Transport};
 
@@ -39,6 +39,11 @@ const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Commands claimed per store round trip when delivering.
 const CLAIM_BATCH: usize = 16;
+
+/// How long after its first answer a connection must stay open, having sent nothing else, before
+/// commands are pushed on it (see [`push_policy`]). A client that reads one frame per connection
+/// closes within milliseconds of reading it; this leaves room for a slow network and a busy host.
+pub const ONE_SHOT_GRACE: Duration = Duration::from_secs(2);
 
 /// How long we wait for the agent to answer our Close frame before dropping the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -117,6 +122,8 @@ async fn run(
     // The deadline is boxed so it costs a pointer while no ping is outstanding.
     let mut last_heard = Instant::now();
     let mut pong_deadline: Option<Pin<Box<Sleep>>> = None;
+    // When a delivery held back by `push_policy` may be pushed; boxed like the pong deadline.
+    let mut deliver_at: Option<Pin<Box<Sleep>>> = None;
 
     let end = loop {
         tokio::select! {
@@ -141,7 +148,7 @@ async fn run(
                     break End::Peer;
                 }
                 Some(Ok(Message::Binary(data))) => {
-                    if let Err(end) = Box::pin(on_binary(&sh, &mut link, &mut socket, data)).await {
+                    if let Err(end) = Box::pin(on_binary(&sh, &mut link, &mut socket, data, &mut deliver_at)).await {
                         break end;
                     }
                 }
@@ -164,14 +171,19 @@ async fn run(
                 Some(Ok(_)) => {}
             }},
             _ = expired(&mut pong_deadline) => break End::Dead,
+            _ = expired(&mut deliver_at) => {
+                // Open well past its answer: this connection reads what it is sent.
+                deliver_at = None;
+                if let Err(end) = Box::pin(owed(&sh, &mut link, &mut socket, &mut deliver_at)).await {
+                    break end;
+                }
+            }
             Some(wake) = wake_rx.recv() => {
                 let cfg = &sh.ctx.cfg;
                 let ping_within = match wake {
                     Wake::Deliver => {
-                        if let Some(uid) = link.bound {
-                            if let Err(end) = Box::pin(deliver(&sh, &link, &mut socket, uid)).await {
-                                break end;
-                            }
+                        if let Err(end) = Box::pin(owed(&sh, &mut link, &mut socket, &mut deliver_at)).await {
+                            break end;
                         }
                         None
                     }
@@ -199,6 +211,88 @@ async fn expired(deadline: &mut Option<Pin<Box<Sleep>>>) {
     match deadline {
         Some(d) => d.as_mut().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether commands may be pushed on a connection now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Push {
+    Now,
+    At(Instant),
+    /// Not on this connection unless it carries another message.
+    Never,
+}
+
+/// Whether a command may be pushed on this connection now. Some agents read only the answer to
+/// each message, on a connection of its own (fluent-opamp's WebSocket consumer): a frame pushed
+/// there is never read, yet would count as delivered. So a push needs evidence that the
+/// connection is read: it carried a second message, or the agent's connections did before
+/// ([`WsStyle::LongLived`]), or it is still open [`ONE_SHOT_GRACE`] after its first answer,
+/// which a one-shot client never is. An agent whose connection closed after one message within
+/// that time ([`WsStyle::OneShot`]) is not pushed to until a connection of its carries a second
+/// message; meanwhile its commands ride in the replies to its messages. A command held back is
+/// never claimed, so a connection that closes first leaves it queued, not lost.
+fn push_policy(sh: &Shared, link: &Link, uid: Uuid) -> Push {
+    if link.messages >= 2 {
+        return Push::Now;
+    }
+    match sh.ws_styles.get(&uid).map(|(style, _)| style) {
+        Some(WsStyle::LongLived) => Push::Now,
+        Some(WsStyle::OneShot) => Push::Never,
+        None => {
+            let at = link.first_reply.unwrap_or_else(Instant::now) + ONE_SHOT_GRACE;
+            if Instant::now() >= at {
+                Push::Now
+            } else {
+                Push::At(at)
+            }
+        }
+    }
+}
+
+/// A delivery is owed to this connection's agent: pushed now if [`push_policy`] allows it,
+/// otherwise remembered (and timed) until it does.
+async fn owed(
+    sh: &Shared,
+    link: &mut Link,
+    socket: &mut WebSocket,
+    deliver_at: &mut Option<Pin<Box<Sleep>>>,
+) -> Result<(), End> {
+    let Some(uid) = link.bound else {
+        return Ok(());
+    };
+    match push_policy(sh, link, uid) {
+        Push::Now => {
+            link.deferred = false;
+            *deliver_at = None;
+            deliver(sh, link, socket, uid).await
+        }
+        Push::At(at) => {
+            link.deferred = true;
+            if deliver_at.is_none() {
+                *deliver_at = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
+            Ok(())
+        }
+        Push::Never => {
+            link.deferred = true;
+            Ok(())
+        }
+    }
+}
+
+/// Counts an answered message; the second one on a connection shows the agent keeps its
+/// connections and reads them.
+fn answered(sh: &Shared, link: &mut Link) {
+    link.messages = link.messages.saturating_add(1);
+    match link.messages {
+        1 => link.first_reply = Some(Instant::now()),
+        2 => {
+            if let Some(uid) = link.bound {
+                sh.ws_styles.insert(uid, (WsStyle::LongLived, now_ms()));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -255,7 +349,21 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
             // The peer is most likely gone: do not wait on a full socket buffer.
             let _ = tokio::time::timeout(Duration::from_millis(200), socket.send(frame)).await;
         }
-        End::Peer => {}
+        End::Peer => {
+            // One message, answered, and the agent closed at once: it uses a connection per
+            // message. One message and open for long: an agent that went away, nothing learnt.
+            if let (1, Some(uid), Some(at)) = (link.messages, link.bound, link.first_reply) {
+                if at.elapsed() < ONE_SHOT_GRACE {
+                    sh.ws_styles.insert(uid, (WsStyle::OneShot, now_ms()));
+                } else if sh
+                    .ws_styles
+                    .get(&uid)
+                    .is_some_and(|(s, _)| s == WsStyle::OneShot)
+                {
+                    sh.ws_styles.remove(&uid);
+                }
+            }
+        }
     }
     if let Some(uid) = link.bound.take() {
         // Unbound first, so a reconnecting agent waiting in `bind` gets its uid at once. The
@@ -280,12 +388,14 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
     }
 }
 
-/// Handles one binary message: decode, process, reply, then deliver what is due.
+/// Handles one binary message: decode, process, reply with what is due in it, then push what
+/// did not fit if [`push_policy`] allows.
 async fn on_binary(
     sh: &Shared,
     link: &mut Link,
     socket: &mut WebSocket,
     data: Bytes,
+    deliver_at: &mut Option<Pin<Box<Sleep>>>,
 ) -> Result<(), End> {
     let header_len = match data.first() {
         Some(0) => read_varint(&data).map_or(0, |(_, n)| n),
@@ -305,15 +415,27 @@ async fn on_binary(
                 ServerErrorResponseType::BadRequest,
                 format!("message is not a valid OpAMP AgentToServer: {e}"),
             );
-            return send(sh, socket, reply).await;
+            send(sh, socket, reply).await?;
+            answered(sh, link);
+            return Ok(());
         }
     };
     drop(data);
     match handle(sh, link, &msg).await {
         Ok(h) => {
-            send(sh, socket, h.reply).await?;
-            if let Some(uid) = h.deliver_to {
-                deliver(sh, link, socket, uid).await?;
+            let mut reply = h.reply;
+            // Due commands ride in the answer: for some agents it is the only frame they read.
+            let filled = match h.deliver_to {
+                Some(uid) => fill_reply(sh, uid, &mut reply, CLAIM_BATCH).await,
+                None => Filled::default(),
+            };
+            if let Err(end) = send(sh, socket, reply).await {
+                unclaim_all(sh, &filled.placed).await;
+                return Err(end);
+            }
+            answered(sh, link);
+            if (h.deliver_to.is_some() && filled.more) || link.deferred {
+                owed(sh, link, socket, deliver_at).await?;
             }
             Ok(())
         }
@@ -321,7 +443,9 @@ async fn on_binary(
             sh.ctx.fleet.metrics().reject("overload");
             tracing::warn!(remote = ?link.remote, error = %e, "OpAMP message not processed; answered UNAVAILABLE");
             let reply = unavailable_reply(msg.instance_uid.clone(), &e, sh.ctx.cfg.retry_after_s);
-            send(sh, socket, reply).await
+            send(sh, socket, reply).await?;
+            answered(sh, link);
+            Ok(())
         }
     }
 }
@@ -468,9 +592,14 @@ mod tests {
         // The session task's whole state while idle; message handling is boxed separately.
         // (Socket buffers are heap: ws_read_buffer_bytes + what the write buffer holds.)
         assert!(session < 2048, "session future is {session} bytes");
-        let message = future_size(
-            |(sh, l, s, d): (&Shared, &mut Link, &mut WebSocket, Bytes)| on_binary(sh, l, s, d),
+        type Msg<'a> = (
+            &'a Shared,
+            &'a mut Link,
+            &'a mut WebSocket,
+            Bytes,
+            &'a mut Option<Pin<Box<Sleep>>>,
         );
+        let message = future_size(|(sh, l, s, d, at): Msg| on_binary(sh, l, s, d, at));
         eprintln!("session future {session} bytes; per-message future {message} bytes");
     }
 }

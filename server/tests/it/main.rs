@@ -2,6 +2,7 @@
 //! command queue, the REST API. One test binary for the whole crate.
 
 mod flaky;
+mod fluent_opamp;
 mod mcp;
 mod opamp;
 mod rest;

@@ -219,12 +219,16 @@ impl Ws {
 // ---------------------------------------------------------------- registry access
 
 /// A second handle on the server's database (SQLite WAL allows another reader).
-async fn db(server: &TestServer) -> SqliteStore {
+pub(crate) async fn db(server: &TestServer) -> SqliteStore {
     SqliteStore::open(&server.data_dir).await.expect("open db")
 }
 
 /// Polls the registry until `pred` holds for the agent (background writes are batched).
-async fn wait_agent(db: &SqliteStore, uid: Uuid, pred: impl Fn(&Agent) -> bool) -> Agent {
+pub(crate) async fn wait_agent(
+    db: &SqliteStore,
+    uid: Uuid,
+    pred: impl Fn(&Agent) -> bool,
+) -> Agent {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if let Some(a) = db.get_agent(uid).await.expect("get_agent") {
@@ -241,7 +245,12 @@ async fn wait_agent(db: &SqliteStore, uid: Uuid, pred: impl Fn(&Agent) -> bool) 
 }
 
 /// Queues a command through the REST API; returns its id.
-async fn queue(server: &TestServer, uid: Uuid, kind: &str, params: serde_json::Value) -> String {
+pub(crate) async fn queue(
+    server: &TestServer,
+    uid: Uuid,
+    kind: &str,
+    params: serde_json::Value,
+) -> String {
     let (status, body) = server
         .rest()
         .post(
@@ -265,13 +274,13 @@ async fn label_env_prod(server: &TestServer, uid: Uuid) -> u16 {
     status
 }
 
-async fn command_status(server: &TestServer, id: &str) -> serde_json::Value {
+pub(crate) async fn command_status(server: &TestServer, id: &str) -> serde_json::Value {
     let (status, body) = server.rest().get(&format!("/api/v1/commands/{id}")).await;
     assert_eq!(status, 200, "{body}");
     body
 }
 
-async fn wait_command(server: &TestServer, id: &str, want: &str) -> serde_json::Value {
+pub(crate) async fn wait_command(server: &TestServer, id: &str, want: &str) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let c = command_status(server, id).await;
@@ -1327,17 +1336,30 @@ async fn ws_command_is_delivered_at_once_and_exactly_once() {
         "delivered once"
     );
     wait_command(&server, &id, "sent").await;
-    // The agent restarts: health.start_time advances, which settles the command.
-    let mut m = beat(uid, 1);
-    m.health = Some(ComponentHealth {
-        healthy: true,
-        start_time_unix_nano: 2_000,
-        ..Default::default()
-    });
-    ws.request(&m).await;
-    wait_command(&server, &id, "succeeded").await;
+    // The agent restarts, dropping its connection without a goodbye right after the command
+    // (one message on it, like a client that reads one frame): pushed once its connection had
+    // outlived a one-shot client's, it stays delivered and is not sent again.
+    drop(ws);
+    let mut ws = Ws::connect(&server).await;
+    let mut m = full(uid, 1, caps);
+    // Its health reports a start time later than the queue time, which settles the command.
+    m.health.as_mut().unwrap().start_time_unix_nano = now_ns();
+    let r = ws.request(&m).await;
+    assert!(r.command.is_none(), "delivered once: {r:?}");
+    let c = wait_command(&server, &id, "succeeded").await;
+    assert_eq!(
+        c["result"]["evidence"],
+        "health.start_time_unix_nano is later than the queue time"
+    );
     assert!(ws.silent_for(Duration::from_millis(200)).await);
     server.stop().await;
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 /// A fluent-opamp supervisor (shared/reference/fluent-opamp-compat.md) as it registers and
@@ -1385,14 +1407,9 @@ async fn fluent_opamp_supervisors_are_driven_in_their_own_wire_form() {
     )
     .await;
     let m = ws.recv().await;
-    let cm = m.custom_message.expect("a custom message");
-    assert_eq!(
-        (cm.capability.as_str(), cm.r#type.as_str()),
-        (CHATOPS, "request")
-    );
-    assert_eq!(
-        String::from_utf8(cm.data).unwrap(),
-        r#"{"attributes":{"why":"disk"},"tag":"flush"}"#
+    assert_fluent_opamp_chatops(
+        &m.custom_message.expect("a custom message"),
+        r#"{"attributes":{"why":"disk"},"tag":"flush"}"#,
     );
     wait_command(&server, &failing, "sent").await;
     // Its only report: a failure, correlated with the last ChatOps command sent.
@@ -1463,6 +1480,16 @@ async fn fluent_opamp_supervisors_are_driven_in_their_own_wire_form() {
     assert_eq!(trail["items"].as_array().unwrap().len(), 1, "{trail}");
     assert_eq!(trail["items"][0]["channel"], "system");
     server.stop().await;
+}
+
+/// ChatOps exactly as fluent-opamp's provider sends it: type "request", the command's keys
+/// sorted as JSON, no command id.
+pub(crate) fn assert_fluent_opamp_chatops(cm: &flotilla_proto::CustomMessage, data: &str) {
+    assert_eq!(
+        (cm.capability.as_str(), cm.r#type.as_str()),
+        ("org.mp3monster.opamp_provider.chatopcommand", "request")
+    );
+    assert_eq!(String::from_utf8_lossy(&cm.data), data);
 }
 
 /// Flotilla's own form: commands carry their id, results name it, and over WebSocket the reply
@@ -1651,17 +1678,28 @@ async fn a_restart_that_cannot_be_confirmed_expires_saying_so() {
 async fn ws_commands_queued_while_offline_arrive_after_the_first_message() {
     let server = TestServer::start().await;
     let uid = new_uid();
-    let caps = REPORTS_STATUS;
+    let caps = REPORTS_STATUS | AC::AcceptsRestartCommand as u64;
     post(&server, &full(uid, 0, caps)).await;
     let mut bye = beat(uid, 1);
     bye.agent_disconnect = Some(AgentDisconnect {});
     post(&server, &bye).await;
     let id = queue(&server, uid, "force_resync", json!({})).await;
+    let restart = queue(&server, uid, "restart", json!({})).await;
     let mut ws = Ws::connect(&server).await;
+    // Both were queued while it was away: the first rides in the answer to its first
+    // message, the restart (which travels alone) follows in a message of its own.
     let r = ws.request(&beat(uid, 2)).await;
-    assert!(!full_state_asked(&r));
+    assert!(
+        full_state_asked(&r),
+        "the queued force_resync, in the reply"
+    );
+    assert!(r.command.is_none());
     let m = ws.recv().await;
-    assert!(full_state_asked(&m), "the queued force_resync");
+    assert!(
+        m.command.is_some() && m.flags == 0,
+        "then the restart: {m:?}"
+    );
+    wait_command(&server, &restart, "sent").await;
     ws.request(&full(uid, 3, caps)).await;
     wait_command(&server, &id, "succeeded").await;
     server.stop().await;
