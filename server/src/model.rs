@@ -176,7 +176,9 @@ pub fn version_number(s: &str) -> Option<&str> {
         if dots > 0 {
             if j + 1 < b.len() && matches!(b[j], b'-' | b'+') && b[j + 1].is_ascii_alphanumeric() {
                 j += 1;
-                while j < b.len() && (b[j].is_ascii_alphanumeric() || matches!(b[j], b'.' | b'-' | b'+')) {
+                while j < b.len()
+                    && (b[j].is_ascii_alphanumeric() || matches!(b[j], b'.' | b'-' | b'+'))
+                {
                     j += 1;
                 }
             }

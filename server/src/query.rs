@@ -312,7 +312,12 @@ mod tests {
         ] {
             assert!(m(q), "{q}");
         }
-        for q in ["host.name:db-*", "version:5.2.*", "version:1.*", "service.version:5.1.*"] {
+        for q in [
+            "host.name:db-*",
+            "version:5.2.*",
+            "version:1.*",
+            "service.version:5.1.*",
+        ] {
             assert!(!m(q), "{q}");
         }
         a.non_identifying = vec![("host.hostname".into(), "db-2".into())];
