@@ -4,24 +4,25 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why the configuration was refused. Every variant names the setting and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // Not `source`: the message already quotes it, and a source would print it twice.
+    #[error("cannot read config file {}: {error}", .path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML for Flotilla: {message}")]
+    #[error("config file {} is not valid TOML for Flotilla: {message}", .path.display())]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
 }
 
 /// The whole server configuration. Field names are the TOML keys.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where the database and generated secrets live.
@@ -33,7 +34,7 @@ pub struct Config {
     pub mcp: McpConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpampConfig {
     /// Address agents connect to (spec default port 4320).
@@ -67,7 +68,7 @@ pub struct OpampConfig {
     pub agent_tokens_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Operator listener: REST API (and later MCP, console, chat webhooks).
@@ -79,7 +80,7 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CommandsConfig {
     /// A queued command not delivered within this many seconds expires (overridable per command).
@@ -90,7 +91,7 @@ pub struct CommandsConfig {
     pub max_fanout: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
@@ -100,7 +101,7 @@ pub struct LogConfig {
 }
 
 /// The MCP server on the operator listener (`/mcp`, `/sse`, `/messages`), see mcp/README.md.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct McpConfig {
     /// Serve MCP on the operator listener.
@@ -187,38 +188,153 @@ impl Default for LogConfig {
     }
 }
 
-/// Environment variables read by [`Config::load`], with the setting each overrides.
-pub const ENV_VARS: &[(&str, &str)] = &[
-    ("FLOTILLA_DATA_DIR", "data_dir"),
-    ("FLOTILLA_OPAMP_LISTEN", "opamp.listen"),
-    ("FLOTILLA_OPAMP_PATH", "opamp.path"),
-    ("FLOTILLA_MAX_MESSAGE_BYTES", "opamp.max_message_bytes"),
-    ("FLOTILLA_MAX_CONNECTIONS", "opamp.max_connections"),
-    ("FLOTILLA_MAX_IN_FLIGHT", "opamp.max_in_flight"),
-    (
+/// How an environment variable's text becomes a TOML value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvKind {
+    /// Taken as is (addresses, paths, filters).
+    Text,
+    /// A non-negative whole number.
+    Number,
+    /// `true|false|1|0|yes|no|on|off`.
+    Bool,
+    /// Comma-separated; at least one entry.
+    List,
+}
+
+/// One environment variable: its name, the TOML key it sets, and how its text is read.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvVar {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub kind: EnvKind,
+}
+
+const fn var(name: &'static str, key: &'static str, kind: EnvKind) -> EnvVar {
+    EnvVar { name, key, kind }
+}
+
+/// Every environment variable the server reads, with the TOML key it sets: the one table that
+/// [`Config::load`] applies and the README's list is checked against.
+pub const ENV_VARS: &[EnvVar] = &[
+    var("FLOTILLA_DATA_DIR", "data_dir", EnvKind::Text),
+    var("FLOTILLA_OPAMP_LISTEN", "opamp.listen", EnvKind::Text),
+    var("FLOTILLA_OPAMP_PATH", "opamp.path", EnvKind::Text),
+    var(
+        "FLOTILLA_MAX_MESSAGE_BYTES",
+        "opamp.max_message_bytes",
+        EnvKind::Number,
+    ),
+    var(
+        "FLOTILLA_MAX_CONNECTIONS",
+        "opamp.max_connections",
+        EnvKind::Number,
+    ),
+    var(
+        "FLOTILLA_MAX_IN_FLIGHT",
+        "opamp.max_in_flight",
+        EnvKind::Number,
+    ),
+    var(
         "FLOTILLA_HEARTBEAT_INTERVAL_S",
         "opamp.heartbeat_interval_s",
+        EnvKind::Number,
     ),
-    ("FLOTILLA_AGENT_TOKENS_FILE", "opamp.agent_tokens_file"),
-    ("FLOTILLA_API_LISTEN", "api.listen"),
-    ("FLOTILLA_API_TOKENS_FILE", "api.tokens_file"),
-    ("FLOTILLA_LOG_FORMAT", "log.format"),
-    ("FLOTILLA_LOG", "log.level"),
-    ("FLOTILLA_MCP_READ_ONLY", "mcp.read_only"),
-    ("FLOTILLA_MCP_ALLOWED_HOSTS", "mcp.allowed_hosts"),
+    var(
+        "FLOTILLA_AGENT_TOKENS_FILE",
+        "opamp.agent_tokens_file",
+        EnvKind::Text,
+    ),
+    var("FLOTILLA_API_LISTEN", "api.listen", EnvKind::Text),
+    var("FLOTILLA_API_TOKENS_FILE", "api.tokens_file", EnvKind::Text),
+    var("FLOTILLA_MCP_READ_ONLY", "mcp.read_only", EnvKind::Bool),
+    var(
+        "FLOTILLA_MCP_ALLOWED_HOSTS",
+        "mcp.allowed_hosts",
+        EnvKind::List,
+    ),
+    var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
+    var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
 
+/// Names the flag parser reads itself (the config file), not a setting.
+pub const CONFIG_ENV: &str = "FLOTILLA_CONFIG";
+
+/// `FLOTILLA_*` variables that are not server settings and that `serve` therefore ignores: the
+/// operator CLI's and `flotilla mcp`'s client settings, the supervisor's own variables (a host
+/// may run both), and the test suite's. Any other `FLOTILLA_*` variable is refused, so a typo
+/// never silently leaves a default in force.
+pub const NOT_SERVER_ENV: &[&str] = &[
+    CONFIG_ENV,
+    "FLOTILLA_SERVER",
+    "FLOTILLA_TOKEN",
+    "FLOTILLA_TOKEN_FILE",
+    "FLOTILLA_CA_FILE",
+    "FLOTILLA_OUTPUT",
+    "FLOTILLA_CLIENT_CONFIG",
+    // The agent token the supervisor's example configs read (`token_env`).
+    "FLOTILLA_AGENT_TOKEN",
+    "FLOTILLA_SUPERVISOR_*",
+    // The test suite and the benchmark.
+    "FLOTILLA_BIN",
+    "FLOTILLA_PEERS_DIR",
+    "FLOTILLA_BENCH_REEXEC",
+];
+
+/// True for a `FLOTILLA_*` name listed in [`NOT_SERVER_ENV`] (a trailing `*` is a prefix).
+pub fn is_non_server_env(name: &str) -> bool {
+    NOT_SERVER_ENV.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == *p,
+    })
+}
+
+/// The `FLOTILLA_*` variables of this process, for [`Config::load`].
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            if !k.starts_with("FLOTILLA_") {
+                return None;
+            }
+            // A value that is not UTF-8 is kept visible (lossily) so it is refused by name
+            // rather than skipped.
+            Some((k, v.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// The README's environment table (between its `env-table` markers), generated from
+/// [`ENV_VARS`].
+pub fn env_table_markdown() -> String {
+    let mut out = String::from("| variable | sets |\n|---|---|\n");
+    out.push_str(&format!(
+        "| `{CONFIG_ENV}` | the configuration file (`--config`) |\n"
+    ));
+    for v in ENV_VARS {
+        let how = match v.kind {
+            EnvKind::Text => "",
+            EnvKind::Number => " (a whole number)",
+            EnvKind::Bool => " (`true` or `false`)",
+            EnvKind::List => " (comma-separated, at least one)",
+        };
+        out.push_str(&format!("| `{}` | `{}`{how} |\n", v.name, v.key));
+    }
+    out
+}
+
 impl Config {
-    /// Reads `file` (if given), then applies `env` (name, value) overrides; does not validate.
+    /// Reads `file` (if given), then applies the `FLOTILLA_*` variables in `env` through
+    /// [`ENV_VARS`]; does not validate. Unknown `FLOTILLA_*` names (not in [`ENV_VARS`] nor
+    /// [`NOT_SERVER_ENV`]) and empty values are refused, every problem named at once.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut cfg = match file {
+        let cfg = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 })?;
                 toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_path_buf(),
@@ -228,76 +344,35 @@ impl Config {
             None => Config::default(),
         };
         let mut problems = Vec::new();
+        // Through the TOML document, so an environment value is typed and checked exactly as
+        // the same value in the file would be.
+        let mut doc = toml::Value::try_from(&cfg).map_err(|e| {
+            ConfigError::Invalid(vec![format!("cannot represent the configuration: {e}")])
+        })?;
         for (name, value) in env {
-            cfg.apply_env(&name, &value, &mut problems);
+            if !name.starts_with("FLOTILLA_") || is_non_server_env(&name) {
+                continue;
+            }
+            let Some(var) = ENV_VARS.iter().find(|v| v.name == name) else {
+                problems.push(unknown_env(&name));
+                continue;
+            };
+            match env_value(var, &value) {
+                Ok(v) => set_key(&mut doc, var.key, v),
+                Err(e) => problems.push(e),
+            }
         }
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError::Invalid(problems))
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
         }
+        Config::deserialize(doc)
+            .map_err(|e| ConfigError::Invalid(vec![format!("environment variables: {e}")]))
     }
 
-    fn apply_env(&mut self, name: &str, value: &str, problems: &mut Vec<String>) {
-        fn num<T: std::str::FromStr>(
-            name: &str,
-            value: &str,
-            problems: &mut Vec<String>,
-        ) -> Option<T> {
-            match value.trim().parse() {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    problems.push(format!(
-                        "{name}={value:?} is not a non-negative whole number"
-                    ));
-                    None
-                }
-            }
-        }
-        match name {
-            "FLOTILLA_DATA_DIR" => self.data_dir = value.into(),
-            "FLOTILLA_OPAMP_LISTEN" => self.opamp.listen = value.into(),
-            "FLOTILLA_OPAMP_PATH" => self.opamp.path = value.into(),
-            "FLOTILLA_MAX_MESSAGE_BYTES" => {
-                if let Some(v) = num(name, value, problems) {
-                    self.opamp.max_message_bytes = v
-                }
-            }
-            "FLOTILLA_MAX_CONNECTIONS" => {
-                if let Some(v) = num(name, value, problems) {
-                    self.opamp.max_connections = v
-                }
-            }
-            "FLOTILLA_MAX_IN_FLIGHT" => {
-                if let Some(v) = num(name, value, problems) {
-                    self.opamp.max_in_flight = v
-                }
-            }
-            "FLOTILLA_HEARTBEAT_INTERVAL_S" => {
-                if let Some(v) = num(name, value, problems) {
-                    self.opamp.heartbeat_interval_s = v
-                }
-            }
-            "FLOTILLA_AGENT_TOKENS_FILE" => self.opamp.agent_tokens_file = Some(value.into()),
-            "FLOTILLA_API_LISTEN" => self.api.listen = value.into(),
-            "FLOTILLA_API_TOKENS_FILE" => self.api.tokens_file = Some(value.into()),
-            "FLOTILLA_LOG_FORMAT" => self.log.format = value.into(),
-            "FLOTILLA_LOG" => self.log.level = value.into(),
-            "FLOTILLA_MCP_READ_ONLY" => match value.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => self.mcp.read_only = true,
-                "0" | "false" | "no" | "off" | "" => self.mcp.read_only = false,
-                _ => problems.push(format!("{name}={value:?} is not true or false")),
-            },
-            "FLOTILLA_MCP_ALLOWED_HOSTS" => {
-                self.mcp.allowed_hosts = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|h| !h.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
-            _ => {}
-        }
+    /// The configuration as TOML, as a file that reproduces it (`config check` prints it).
+    pub fn to_toml(&self) -> String {
+        // Every field is a string, number, bool, path or list: serialising cannot fail.
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
     /// Checks every setting and reports all problems at once.
@@ -428,11 +503,8 @@ impl Config {
                 self.log.format
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            p.push(format!(
-                "log.level = {:?} is not a valid filter (try \"info\" or \"debug\")",
-                self.log.level
-            ));
+        if let Err(e) = check_log_filter(&self.log.level) {
+            p.push(format!("log.level = {:?} {e}", self.log.level));
         }
         if self.data_dir.as_os_str().is_empty() {
             p.push("data_dir must not be empty".into());
@@ -451,6 +523,121 @@ impl Config {
             _ => Err(ConfigError::Invalid(p)),
         }
     }
+}
+
+/// The problem for a `FLOTILLA_*` name the server does not read, with the likeliest meant name.
+fn unknown_env(name: &str) -> String {
+    let mut known: Vec<&str> = ENV_VARS.iter().map(|v| v.name).collect();
+    known.push(CONFIG_ENV);
+    // A typo, or a longer spelling of a name (FLOTILLA_LOG_LEVEL for FLOTILLA_LOG).
+    let near = known
+        .iter()
+        .map(|k| {
+            let extends = name.starts_with(&format!("{k}_"));
+            (if extends { 0 } else { edit_distance(name, k) }, *k)
+        })
+        .min()
+        .filter(|(d, _)| *d <= 4)
+        .map(|(_, k)| format!(" (did you mean {k}?)"))
+        .unwrap_or_default();
+    format!(
+        "{name} is not a Flotilla server setting{near}; the server reads {} (unset it, or see `flotilla config check --help`)",
+        known.join(", ")
+    )
+}
+
+/// Levenshtein distance, for suggesting the variable a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Reads one variable's text as the TOML value of its key.
+fn env_value(var: &EnvVar, value: &str) -> Result<toml::Value, String> {
+    let name = var.name;
+    let v = value.trim();
+    if v.is_empty() {
+        // An empty variable is a mistake far more often than a wish for "nothing": for
+        // mcp.allowed_hosts it would even turn the Host check off.
+        return Err(format!(
+            "{name} is set but empty; unset it to keep the file's or the default {}",
+            var.key
+        ));
+    }
+    match var.kind {
+        EnvKind::Text => Ok(toml::Value::String(value.to_string())),
+        EnvKind::Number => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(toml::Value::Integer)
+            .ok_or_else(|| format!("{name}={value:?} is not a non-negative whole number")),
+        EnvKind::Bool => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+            "0" | "false" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("{name}={value:?} is not true or false")),
+        },
+        EnvKind::List => {
+            let items: Vec<&str> = v.split(',').map(str::trim).collect();
+            if items.iter().any(|i| i.is_empty()) {
+                return Err(format!(
+                    "{name}={value:?} has an empty entry (entries are separated by single commas)"
+                ));
+            }
+            Ok(toml::Value::Array(
+                items
+                    .into_iter()
+                    .map(|i| toml::Value::String(i.to_string()))
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// Sets a dotted `key` in a TOML document, creating tables on the way.
+fn set_key(doc: &mut toml::Value, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or(key);
+    let mut table = doc;
+    for p in parts {
+        let toml::Value::Table(t) = table else { return };
+        table = t
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    if let toml::Value::Table(t) = table {
+        t.insert(last.to_string(), value);
+    }
+}
+
+/// Checks a log filter more strictly than `EnvFilter` does: it takes any bare word as a target
+/// name (so `verbose` "parses" and then matches nothing), which is never what was meant.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: &str = "trace, debug, info, warn, error or off";
+    if filter.trim().is_empty() {
+        return Err(format!("is empty (use a level: {LEVELS})"));
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| format!("is not a valid filter ({e}); use a level: {LEVELS}"))?;
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let is_level = d.parse::<tracing_subscriber::filter::LevelFilter>().is_ok();
+        if !is_level && !d.contains('=') && !d.contains('[') {
+            return Err(format!(
+                "names {d:?}, which is not a level ({LEVELS}); to filter by module write target=level, e.g. flotilla_server=debug"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_addr(name: &str, value: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
@@ -586,6 +773,161 @@ mod tests {
             [("FLOTILLA_MCP_READ_ONLY".to_string(), "maybe".to_string())]
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_log_level_that_would_log_nothing_is_refused() {
+        // `verbose` is a valid EnvFilter (a target named "verbose") that matches nothing: the
+        // server would start and log nothing at all.
+        for bad in ["verbose", "info,chatty", "loud"] {
+            let mut c = Config::default();
+            c.log.level = bad.into();
+            let msg = c.validate().unwrap_err().to_string();
+            assert!(
+                msg.contains("log.level") && msg.contains("not a level"),
+                "{bad}: {msg}"
+            );
+        }
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,flotilla_server=debug",
+            "off",
+            "flotilla_mcp=trace",
+        ] {
+            let mut c = Config::default();
+            c.log.level = good.into();
+            c.validate().unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        // Through the environment, as the issue found it.
+        let c = Config::load(None, [env("FLOTILLA_LOG", "verbose")]).unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    fn env(k: &str, v: &str) -> (String, String) {
+        (k.to_string(), v.to_string())
+    }
+
+    #[test]
+    fn unknown_flotilla_variables_are_refused_with_a_suggestion() {
+        let err = Config::load(
+            None,
+            [
+                env("FLOTILLA_LOG_LEVEL", "debug"),
+                env("FLOTILLA_API_LISTEN", "127.0.0.1:1"),
+                env("FLOTILLA_OPAMP_LISTN", "x"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "FLOTILLA_LOG_LEVEL is not a Flotilla server setting (did you mean FLOTILLA_LOG?)"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("did you mean FLOTILLA_OPAMP_LISTEN?"), "{err}");
+        assert!(!err.contains("FLOTILLA_API_LISTEN is"), "{err}");
+        // Client, supervisor and test-suite variables are not the server's and are ignored;
+        // other prefixes are not ours at all.
+        let c = Config::load(
+            None,
+            [
+                env("FLOTILLA_SERVER", "http://x"),
+                env("FLOTILLA_TOKEN_FILE", "/t"),
+                env("FLOTILLA_SUPERVISOR_LOG", "debug"),
+                env("FLOTILLA_PEERS_DIR", "/p"),
+                env("FLOTILLA_CONFIG", "/c.toml"),
+                env("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn empty_variables_are_refused() {
+        // An empty FLOTILLA_MCP_ALLOWED_HOSTS used to turn the Host check off.
+        for name in [
+            "FLOTILLA_MCP_ALLOWED_HOSTS",
+            "FLOTILLA_LOG",
+            "FLOTILLA_MCP_READ_ONLY",
+            "FLOTILLA_MAX_CONNECTIONS",
+        ] {
+            let err = Config::load(None, [env(name, "")]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{name} is set but empty")), "{err}");
+        }
+        let err = Config::load(None, [env("FLOTILLA_MCP_ALLOWED_HOSTS", "a,,b")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty entry"), "{err}");
+    }
+
+    #[test]
+    fn every_variable_of_the_table_sets_its_key() {
+        for v in ENV_VARS {
+            let (text, want) = match v.kind {
+                EnvKind::Text => ("/some/value", toml::Value::String("/some/value".into())),
+                EnvKind::Number => ("4242", toml::Value::Integer(4242)),
+                EnvKind::Bool => ("yes", toml::Value::Boolean(true)),
+                EnvKind::List => (
+                    "a.example, b:1",
+                    toml::Value::Array(vec!["a.example".into(), "b:1".into()]),
+                ),
+            };
+            let c = Config::load(None, [env(v.name, text)])
+                .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+            let doc = toml::Value::try_from(&c).unwrap();
+            let got = v
+                .key
+                .split('.')
+                .fold(Some(&doc), |d, k| d.and_then(|d| d.get(k)));
+            assert_eq!(got, Some(&want), "{} -> {}", v.name, v.key);
+        }
+    }
+
+    #[test]
+    fn the_effective_toml_reproduces_the_configuration() {
+        let mut c = Config::default();
+        c.api.tokens_file = Some("/etc/flotilla/api-tokens".into());
+        c.mcp.allowed_hosts.push("flotilla.example".into());
+        c.commands.max_fanout = 7;
+        let text = c.to_toml();
+        assert!(
+            text.contains("[opamp]") && text.contains("max_fanout = 7"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("effective.toml");
+        std::fs::write(&f, &text).unwrap();
+        assert_eq!(Config::load(Some(&f), []).unwrap(), c);
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named_once() {
+        let err = Config::load(Some(Path::new("/nonexistent/flotilla.toml")), []).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
+        assert!(chain.contains("/nonexistent/flotilla.toml"), "{chain}");
+    }
+
+    #[test]
+    fn the_readme_lists_exactly_the_environment_table() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
+        let start = "<!-- env-table:start (generated from server/src/config.rs ENV_VARS) -->\n";
+        let end = "<!-- env-table:end -->";
+        let from = readme.find(start).expect("README env-table start marker") + start.len();
+        let to = readme[from..]
+            .find(end)
+            .expect("README env-table end marker")
+            + from;
+        assert_eq!(
+            &readme[from..to],
+            env_table_markdown(),
+            "README's environment table is stale; replace it with config::env_table_markdown()"
+        );
     }
 
     #[test]

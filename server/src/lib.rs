@@ -41,11 +41,18 @@ pub enum ServerError {
     },
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
+    /// An offline tool was pointed at a directory without a Flotilla database. Tools that
+    /// check a database must never create one: an empty new database would "verify".
+    #[error(
+        "no Flotilla database at {} (is the data directory right? give --data-dir or --config)",
+        .path.display()
+    )]
+    NoDatabase { path: std::path::PathBuf },
 }
 
 /// Opens the configured store and prepares it for serving (nothing is connected at start).
 pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
-    let store = open_store_for_tools(cfg).await?;
+    let store = open_sqlite(cfg).await?;
     store
         .mark_all_disconnected(model::now_ms())
         .await
@@ -69,9 +76,19 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Opens the store without touching connection state, for offline tools (`audit verify`)
-/// that may run beside a live server. (SQLite is opened read-write; nothing is written.)
+/// Opens an existing store without touching connection state, for offline tools (`audit
+/// verify`) that may run beside a live server. A missing database is
+/// [`ServerError::NoDatabase`]: nothing is created. (SQLite is opened read-write; nothing is
+/// written.)
 pub async fn open_store_for_tools(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
+    let path = cfg.data_dir.join(store::sqlite::DB_FILE);
+    if !path.is_file() {
+        return Err(ServerError::NoDatabase { path });
+    }
+    open_sqlite(cfg).await
+}
+
+async fn open_sqlite(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
     let store = SqliteStore::open(&cfg.data_dir)
         .await
         .map_err(|source| ServerError::Store {
@@ -128,8 +145,12 @@ pub async fn run(
         data_dir: cfg.data_dir.clone(),
     });
     let (opamp_app, flusher) = opamp::router(opamp_ctx);
-    let rest_app =
-        rest::router(rest_ctx).merge(mcp_backend::routes(fleet.clone(), &cfg, token.clone()));
+    let rest_app = rest::router(rest_ctx)
+        .merge(mcp_backend::routes(fleet.clone(), &cfg, token.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            fleet.metrics().clone(),
+            count_request,
+        ));
 
     log_audit_head(store.as_ref(), "at start").await;
     let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
@@ -200,6 +221,29 @@ async fn log_audit_head(store: &dyn Store, when: &str) {
         },
         Err(e) => tracing::warn!(error = %e, "could not read the audit head {when}"),
     }
+}
+
+/// Counts every operator request (REST, MCP, ops) by its route pattern and status, and times
+/// it to the start of the answer (an SSE stream counts until its first byte, not its end).
+async fn count_request(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().clone();
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    metrics.request(
+        &route,
+        method.as_str(),
+        resp.status().as_u16(),
+        start.elapsed(),
+    );
+    resp
 }
 
 /// Expires overdue commands every second.

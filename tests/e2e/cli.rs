@@ -1,7 +1,8 @@
-//! The `flotilla` command line: `--version`, and `serve` refusing invalid configurations —
-//! exit non-zero, a message naming the offending setting, and nothing opened or bound first
-//! (the listen ports are held by the test, so a server that bound before validating would
-//! fail with "cannot listen" instead; the data directory must not have been created).
+//! The `flotilla` command line: `--version`, `serve` and `config check` refusing invalid
+//! configurations — exit non-zero, a message naming the offending setting, and nothing opened
+//! or bound first (the listen ports are held by the test, so a server that bound before
+//! validating would fail with "cannot listen" instead; the data directory must not have been
+//! created) — and `audit verify` refusing to verify a database that does not exist.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -111,13 +112,221 @@ impl Case {
     }
 }
 
+/// The commit the workspace is at, as `--version` shows it.
+fn head_commit() -> String {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(flotilla_e2e::workspace_root())
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "the e2e tests run in a git checkout; git rev-parse failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[tokio::test]
-async fn version_is_the_workspace_version() {
+async fn version_is_the_workspace_version_and_commit() {
     let out = run_flotilla(&["--version"], &[], EXIT_TIMEOUT).await;
     assert!(out.status.success(), "--version exited {}", out.status);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("flotilla {}", env!("CARGO_PKG_VERSION"))
+        format!(
+            "flotilla {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            head_commit()
+        )
+    );
+}
+
+/// A verifier must never create what it verifies: pointed at a data directory that does not
+/// exist, or run where there is none, `audit verify` used to create an empty database and
+/// report it "intact".
+#[tokio::test]
+async fn audit_verify_refuses_a_missing_database_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no").join("such").join("data");
+    let v = flotilla_e2e::audit_verify(&missing).await;
+    assert_eq!(
+        v.code,
+        Some(3),
+        "exit code; stdout {} stderr {}",
+        v.stdout,
+        v.stderr
+    );
+    assert!(!v.stdout.contains("intact"), "{}", v.stdout);
+    assert!(
+        v.stderr.contains("no Flotilla database") && v.stderr.contains("no/such/data"),
+        "{}",
+        v.stderr
+    );
+    assert!(!dir.path().join("no").exists(), "the path was created");
+
+    // The default data directory (`data` under the working directory) in an empty directory.
+    let mut cmd = flotilla_e2e::server::flotilla_command();
+    cmd.args(["audit", "verify"]).current_dir(dir.path());
+    let out = tokio::time::timeout(EXIT_TIMEOUT, cmd.output())
+        .await
+        .expect("audit verify exits")
+        .expect("run flotilla");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("data/flotilla.db"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing may be created in the working directory"
+    );
+}
+
+/// `config check` as the issue met it: it must fail exactly when `serve` would.
+async fn config_check(config: &Path, env: &[(&str, &str)]) -> Output {
+    run_flotilla(
+        &["config", "check", "--config", config.to_str().unwrap()],
+        env,
+        EXIT_TIMEOUT,
+    )
+    .await
+}
+
+fn assert_failed_naming(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "should have failed; stderr:\n{stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "stderr should name {n:?}; got:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_log_level_that_logs_nothing_is_refused_by_check_and_serve() {
+    let case = Case::new();
+    let config = case.config("", "");
+    let env = [("FLOTILLA_LOG", "verbose")];
+    assert_failed_naming(
+        &config_check(&config, &env).await,
+        &["log.level", "verbose"],
+    );
+    let out = case.serve(&config, &[], &env).await;
+    case.assert_refused(&out, &["log.level", "verbose"]);
+}
+
+#[tokio::test]
+async fn unknown_and_empty_flotilla_variables_are_refused() {
+    let case = Case::new();
+    let config = case.config("", "");
+    let env = [("FLOTILLA_LOG_LEVEL", "debug")];
+    assert_failed_naming(
+        &config_check(&config, &env).await,
+        &["FLOTILLA_LOG_LEVEL", "did you mean FLOTILLA_LOG?"],
+    );
+    let out = case.serve(&config, &[], &env).await;
+    case.assert_refused(&out, &["FLOTILLA_LOG_LEVEL"]);
+    // An empty host list used to switch the MCP Host check off without a word.
+    let env = [("FLOTILLA_MCP_ALLOWED_HOSTS", "")];
+    let out = case.serve(&config, &[], &env).await;
+    case.assert_refused(&out, &["FLOTILLA_MCP_ALLOWED_HOSTS is set but empty"]);
+    // The client's variables are not the server's business.
+    let out = config_check(&config, &[("FLOTILLA_SERVER", "http://x:1")]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn config_check_reads_the_token_files_as_serve_does() {
+    let case = Case::new();
+    std::fs::write(&case.tokens_file, "ops operator too-short\n").unwrap();
+    let config = case.config("", "");
+    assert_failed_naming(
+        &config_check(&config, &[]).await,
+        &["api.tokens_file", "shorter than 16"],
+    );
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["shorter than 16"]);
+
+    // An agent tokens file without a token would refuse every agent.
+    std::fs::write(
+        &case.tokens_file,
+        format!("{OPERATOR} operator 0123456789abcdef0123456789abcdef\n"),
+    )
+    .unwrap();
+    let agent_tokens = case.dir.path().join("agent-tokens");
+    std::fs::write(&agent_tokens, "# none yet\n").unwrap();
+    let config = case.config(
+        "",
+        &format!("[opamp]\nagent_tokens_file = {}\n", toml_str(&agent_tokens)),
+    );
+    assert_failed_naming(
+        &config_check(&config, &[]).await,
+        &["agent_tokens_file", "holds no token"],
+    );
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["holds no token"]);
+}
+
+#[tokio::test]
+async fn config_check_prints_the_effective_toml_which_reproduces_it() {
+    let case = Case::new();
+    let config = case.config("", "[commands]\nmax_fanout = 77\n");
+    let out = config_check(&config, &[("FLOTILLA_HEARTBEAT_INTERVAL_S", "12")]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("Config {"), "a Rust debug dump:\n{stdout}");
+    for needle in [
+        "[opamp]",
+        "heartbeat_interval_s = 12",
+        "max_fanout = 77",
+        "tokens_file = ",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 API token(s)"), "{stderr}");
+    // The printed TOML, used as the config file, yields the same configuration.
+    let effective = case.dir.path().join("effective.toml");
+    std::fs::write(&effective, &stdout).unwrap();
+    let again = config_check(&effective, &[]).await;
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+    assert!(
+        !case.data_dir.exists(),
+        "config check must not create the data dir"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_config_file_is_reported_once() {
+    let out = run_flotilla(
+        &["config", "check", "--config", "/nonexistent/flotilla.toml"],
+        &[],
+        EXIT_TIMEOUT,
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("/nonexistent/flotilla.toml").count(),
+        1,
+        "{stderr}"
     );
 }
 

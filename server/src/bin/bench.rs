@@ -786,9 +786,9 @@ fn start_server(args: &Args) -> anyhow::Result<(OwnServer, Target)> {
     )?;
     let log = std::fs::File::create(dir.join("server.log"))?;
     let mut cmd = std::process::Command::new(&bin);
-    cmd.arg("--config")
+    cmd.arg("serve")
+        .arg("--config")
         .arg(&cfg)
-        .arg("serve")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

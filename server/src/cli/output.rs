@@ -1,0 +1,104 @@
+//! Output of the operator CLI: aligned columns for people (`table`), or the REST API's own
+//! JSON shapes as JSON or YAML for scripts. Tables are for reading only; scripts parse json.
+
+use std::io::Write;
+
+use clap::ValueEnum;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Prints `v` as JSON or YAML (for `table`, callers render their own columns).
+pub fn print_data(format: Format, v: &Value) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Yaml => {
+            let text = serde_yaml_ng::to_string(v)
+                .map_err(|e| std::io::Error::other(format!("YAML: {e}")))?;
+            out.write_all(text.as_bytes())
+        }
+        Format::Json | Format::Table => {
+            serde_json::to_writer_pretty(&mut out, v)?;
+            out.write_all(b"\n")
+        }
+    }
+}
+
+/// Columns separated by at least two spaces, like `kubectl get`. Cells are single-line.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+    let mut tw = tabwriter::TabWriter::new(std::io::stdout().lock()).padding(2);
+    writeln!(tw, "{}", headers.join("\t"))?;
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|c| one_line(c)).collect();
+        writeln!(tw, "{}", cells.join("\t"))?;
+    }
+    tw.flush()
+}
+
+/// `KEY: value` lines for one object.
+pub fn print_fields(fields: &[(&str, String)]) -> std::io::Result<()> {
+    let mut tw = tabwriter::TabWriter::new(std::io::stdout().lock()).padding(1);
+    for (k, v) in fields {
+        writeln!(tw, "{k}:\t{}", one_line(v))?;
+    }
+    tw.flush()
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\t', '\n', '\r'], " ")
+}
+
+/// A JSON value as a table cell: strings bare, null as `-`, everything else as compact JSON.
+pub fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Object(m) if m.is_empty() => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `{"a":"1","b":"2"}` as `a=1,b=2` (labels).
+pub fn pairs(v: &Value) -> String {
+    match v.as_object() {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cells_are_compact() {
+        assert_eq!(cell(&json!(null)), "-");
+        assert_eq!(cell(&json!("x")), "x");
+        assert_eq!(cell(&json!(true)), "true");
+        assert_eq!(
+            pairs(&json!({"env": "prod", "tier": "web"})),
+            "env=prod,tier=web"
+        );
+        assert_eq!(pairs(&json!({})), "-");
+        assert_eq!(one_line("a\tb\nc"), "a b c");
+    }
+}

@@ -1,0 +1,226 @@
+//! The server-side commands: `serve`, `config check`, `audit verify`, and `flotilla mcp` (a
+//! stdio MCP server forwarding to a remote server's REST API).
+//!
+//! `serve` and `config check` share [`load`] and [`check_tokens`], so `config check` passes
+//! exactly when `serve` would get as far as binding its ports.
+
+use anyhow::Context;
+use flotilla_server::config::{Config, Validated};
+use flotilla_server::rest::auth::{admin_token_path, Tokens, MIN_TOKEN_LEN};
+
+use super::{logging, ClientArgs, Exit, Failure, ServerConfigArgs};
+
+/// The configuration: file, then `FLOTILLA_*` variables, then flags; validated whole.
+fn load(args: &ServerConfigArgs, serve: Option<ServeFlags<'_>>) -> anyhow::Result<Validated> {
+    let mut cfg = Config::load(
+        args.config.as_deref(),
+        flotilla_server::config::process_env(),
+    )
+    .map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(f) = serve {
+        if let Some(a) = f.opamp_listen {
+            cfg.opamp.listen = a.to_string();
+        }
+        if let Some(a) = f.api_listen {
+            cfg.api.listen = a.to_string();
+        }
+        if f.mcp_read_only {
+            cfg.mcp.read_only = true;
+        }
+    }
+    cfg.validate()
+        .map_err(|e| Failure::new(Exit::Usage, e.to_string()).into())
+}
+
+#[derive(Clone, Copy)]
+struct ServeFlags<'a> {
+    opamp_listen: Option<&'a str>,
+    api_listen: Option<&'a str>,
+    mcp_read_only: bool,
+}
+
+/// What the token files hold, for `config check`'s report.
+struct TokenReport {
+    api: String,
+    agents: String,
+}
+
+/// Reads the token files as `serve` will. `generate`: create the admin token when no tokens
+/// file is configured (`serve`); otherwise only check an existing one (`config check` must not
+/// create the data directory).
+fn check_tokens(cfg: &Config, generate: bool) -> anyhow::Result<TokenReport> {
+    let usage = |m: String| Failure::new(Exit::Usage, m);
+    let api = match (&cfg.api.tokens_file, generate) {
+        (Some(path), _) => {
+            let t = Tokens::load(&cfg.api, &cfg.data_dir)
+                .map_err(|e| usage(format!("api.tokens_file: {e}")))?;
+            format!("{} API token(s) from {}", t.len(), path.display())
+        }
+        (None, true) => {
+            Tokens::load(&cfg.api, &cfg.data_dir).context("API tokens")?;
+            format!(
+                "the admin token in {}",
+                admin_token_path(&cfg.data_dir).display()
+            )
+        }
+        (None, false) => {
+            let path = admin_token_path(&cfg.data_dir);
+            match std::fs::read_to_string(&path) {
+                Ok(t) if t.trim().len() < MIN_TOKEN_LEN => {
+                    return Err(usage(format!(
+                        "the admin token in {} is shorter than {MIN_TOKEN_LEN} characters",
+                        path.display()
+                    ))
+                    .into())
+                }
+                Ok(_) => format!("the admin token in {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
+                    "no api.tokens_file: `serve` will generate an admin token in {}",
+                    path.display()
+                ),
+                Err(e) => return Err(usage(format!("cannot read {}: {e}", path.display())).into()),
+            }
+        }
+    };
+    let agents = match &cfg.opamp.agent_tokens_file {
+        None => "no opamp.agent_tokens_file: agents connect without a token".to_string(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                usage(format!(
+                    "opamp.agent_tokens_file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let n = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .count();
+            if n == 0 {
+                // The server would start and refuse every agent.
+                return Err(usage(format!(
+                    "opamp.agent_tokens_file {} holds no token: every agent would be refused",
+                    path.display()
+                ))
+                .into());
+            }
+            format!("{n} agent token(s) from {}", path.display())
+        }
+    };
+    Ok(TokenReport { api, agents })
+}
+
+/// `flotilla serve`.
+pub async fn serve(
+    args: &ServerConfigArgs,
+    opamp_listen: Option<String>,
+    api_listen: Option<String>,
+    mcp_read_only: bool,
+) -> anyhow::Result<Exit> {
+    // Everything is validated before anything is opened or bound.
+    let v = load(
+        args,
+        Some(ServeFlags {
+            opamp_listen: opamp_listen.as_deref(),
+            api_listen: api_listen.as_deref(),
+            mcp_read_only,
+        }),
+    )?;
+    logging::init(&v.config.log.format, &v.config.log.level);
+    check_tokens(&v.config, true)?;
+    let store = flotilla_server::open_store(&v.config).await?;
+    let opamp = flotilla_server::bind(v.opamp_addr)
+        .with_context(|| format!("cannot listen for agents on {}", v.opamp_addr))?;
+    let api = flotilla_server::bind(v.api_addr)
+        .with_context(|| format!("cannot listen for operators on {}", v.api_addr))?;
+    flotilla_server::run(v, store, opamp, api, shutdown_signal()).await?;
+    Ok(Exit::Ok)
+}
+
+/// `flotilla config check`: the effective configuration as TOML on stdout (a file that
+/// reproduces it), what the token files hold on stderr.
+pub fn config_check(args: &ServerConfigArgs) -> anyhow::Result<Exit> {
+    let v = load(args, None)?;
+    let report = check_tokens(&v.config, false)?;
+    print!("{}", v.config.to_toml());
+    eprintln!(
+        "configuration is valid\n  {}\n  {}",
+        report.api, report.agents
+    );
+    Ok(Exit::Ok)
+}
+
+/// `flotilla audit verify`: 0 intact, 1 broken, 3 no database (never created).
+pub async fn audit_verify(
+    args: &ServerConfigArgs,
+    anchor: Option<&flotilla_server::audit::ChainHead>,
+) -> anyhow::Result<Exit> {
+    let v = load(args, None)?;
+    logging::init(&v.config.log.format, &v.config.log.level);
+    let store = match flotilla_server::open_store_for_tools(&v.config).await {
+        Ok(s) => s,
+        Err(e @ flotilla_server::ServerError::NoDatabase { .. }) => {
+            return Err(Failure::new(Exit::NotFound, e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match flotilla_server::audit::verify(store.as_ref(), anchor).await {
+        Ok(ok) => {
+            println!("audit chain intact: {} records verified", ok.count);
+            if let Some(head) = ok.head {
+                println!("head: {head}");
+            }
+            Ok(Exit::Ok)
+        }
+        Err(flotilla_server::audit::VerifyError::Broken(b)) => {
+            println!("audit chain BROKEN at record {}: {}", b.id, b.reason);
+            Ok(Exit::Error)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `flotilla mcp`: stdout belongs to the protocol, so logs go to stderr without colour.
+pub async fn mcp(client: &ClientArgs, read_only: bool) -> anyhow::Result<Exit> {
+    let level = std::env::var("FLOTILLA_LOG").unwrap_or_else(|_| "info".into());
+    logging::init("text", &level);
+    let settings = client.resolve()?;
+    if settings.token.is_none() {
+        tracing::warn!(
+            "no token (--token-file, FLOTILLA_TOKEN_FILE, FLOTILLA_TOKEN or the client config): the server will refuse every call"
+        );
+    }
+    let options = flotilla_mcp::RestOptions {
+        ca_file: settings.ca_file.clone(),
+    };
+    let backend =
+        flotilla_mcp::RestBackend::with_options(&settings.server, settings.token, &options)
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    flotilla_mcp::run_stdio(std::sync::Arc::new(backend), read_only).await?;
+    Ok(Exit::Ok)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}
