@@ -878,10 +878,7 @@ mod tests {
             let c = Config::load(None, [env(v.name, text)])
                 .unwrap_or_else(|e| panic!("{}: {e}", v.name));
             let doc = toml::Value::try_from(&c).unwrap();
-            let got = v
-                .key
-                .split('.')
-                .fold(Some(&doc), |d, k| d.and_then(|d| d.get(k)));
+            let got = v.key.split('.').try_fold(&doc, |d, k| d.get(k));
             assert_eq!(got, Some(&want), "{} -> {}", v.name, v.key);
         }
     }

@@ -139,6 +139,9 @@ async fn operator_cli_finds_labels_queues_after_confirmation_and_is_audited_as_c
     assert_eq!(of_web["labels"], serde_json::json!({"env": "prod"}));
     let prod = op.json(&["agents", "label:env=prod"]).await;
     assert_eq!(prod.as_array().map(Vec::len), Some(1), "{prod}");
+    // -o name: only identifiers, for $(…) in scripts.
+    let names = stdout(&op.expect(&["agents", "label:env=prod", "-o", "name"], "", 0).await);
+    assert_eq!(names, format!("{web_uid}\n"));
     op.expect(&["label", web_host, "=x"], "", 2).await;
 
     // The preview names the targets; declining (or not answering) queues nothing.

@@ -1,5 +1,6 @@
 //! End-to-end tests of the real `flotilla` binary, across processes: configuration errors and
-//! the CLI (`cli`), the operator CLI against a live server (`cli_ops`), state surviving graceful and `kill -9` restarts (`restart`), audit-trail
+//! the CLI (`cli`), the operator CLI against a live server (`cli_ops`), the README's try-it block
+//! (`cli_tryit`), state surviving graceful and `kill -9` restarts (`restart`), audit-trail
 //! tampering detected by `flotilla audit verify` (`audit_tamper`), and the third-party OpAMP
 //! clients from PyPI and npm (`interop`).
 //!
@@ -9,5 +10,6 @@
 mod audit_tamper;
 mod cli;
 mod cli_ops;
+mod cli_tryit;
 mod interop;
 mod restart;

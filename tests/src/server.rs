@@ -42,6 +42,28 @@ fn build_flotilla() -> Result<PathBuf, String> {
             ))
         };
     }
+    build_bin("flotilla-server", "flotilla")
+}
+
+/// Path of the workspace binary `bin` of `package`, built once per test process like
+/// [`flotilla_bin`] (the test binary's profile and target directory). Panics with cargo's
+/// output if the build fails.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<BTreeMap<String, Result<PathBuf, String>>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let r = built
+        .entry(format!("{package}/{bin}"))
+        .or_insert_with(|| build_bin(package, bin));
+    match r {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
     // This test binary is <target-dir>/<profile-dir>/deps/<name>-<hash>.
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let profile_dir = exe
@@ -60,29 +82,29 @@ fn build_flotilla() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = std::process::Command::new(&cargo)
         .current_dir(workspace_root())
-        .args(["build", "-p", "flotilla-server", "--bin", "flotilla"])
+        .args(["build", "-p", package, "--bin", bin])
         .arg("--profile")
         .arg(&profile)
         .arg("--target-dir")
         .arg(target_dir)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {cargo:?} to build the flotilla binary: {e}"))?;
+        .map_err(|e| format!("cannot run {cargo:?} to build {bin}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "building the flotilla binary failed ({}):\n{}",
+            "building {bin} ({package}) failed ({}):\n{}",
             out.status,
             tail(&String::from_utf8_lossy(&out.stderr), 8000)
         ));
     }
-    let bin = profile_dir.join(format!("flotilla{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
+    let path = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    if !path.is_file() {
         return Err(format!(
-            "cargo built flotilla-server but {} does not exist",
-            bin.display()
+            "cargo built {package} but {} does not exist",
+            path.display()
         ));
     }
-    Ok(bin)
+    Ok(path)
 }
 
 fn tail(s: &str, max: usize) -> &str {

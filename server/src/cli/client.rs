@@ -83,6 +83,15 @@ fn file_path(p: &Path, config: &Path) -> PathBuf {
 impl ClientArgs {
     /// Flags and environment first, then the client config file, then the defaults.
     pub fn resolve(&self) -> Result<Settings, Failure> {
+        self.resolve_with(true)
+    }
+
+    /// [`ClientArgs::resolve`] without reading any token (for `/readyz`, which needs none).
+    pub fn resolve_server(&self) -> Result<Settings, Failure> {
+        self.resolve_with(false)
+    }
+
+    fn resolve_with(&self, with_token: bool) -> Result<Settings, Failure> {
         let usage = |m: String| Failure::new(Exit::Usage, m);
         let (file, path) = match (&self.client_config, default_client_config()) {
             (Some(p), _) => {
@@ -117,6 +126,7 @@ impl ClientArgs {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
         let token = match (token_file, env_token) {
+            _ if !with_token => None,
             (Some((f, from)), _) => Some(read_token(&f, from)?),
             (None, Some(t)) => Some(t),
             (None, None) => match &file.token_file {
@@ -249,6 +259,26 @@ impl Api {
             );
         }
         Err(Failure::new(exit_for(status, code), message))
+    }
+
+    /// `GET /readyz` (no token needed): Ok when it answers 200.
+    pub async fn ready(&self) -> Result<(), Failure> {
+        let url = format!("{}/readyz", self.base);
+        let fail = |m: String| Failure::new(Exit::Error, m);
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| fail(format!("cannot reach Flotilla at {}: {e}", self.base)))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            Err(fail(format!("{url}: HTTP {status} {}", body.trim())))
+        }
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, Failure> {

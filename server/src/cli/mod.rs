@@ -177,6 +177,9 @@ pub enum Cmd {
     Labels(remote::LabelsArgs),
     /// Set (KEY=VALUE) or remove (KEY-) labels of one agent, by host name or uid.
     Label(remote::LabelArgs),
+    /// Check that a server is up and its store answers (`/readyz`): exit 0 when ready. For
+    /// scripts and container health checks.
+    Health(remote::HealthArgs),
     /// Run a stdio MCP server forwarding to a Flotilla's REST API (for Claude Desktop, Codex
     /// and other MCP clients that launch servers as commands).
     Mcp {
@@ -286,6 +289,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
             list,
         } => remote::audit(list).await,
         Cmd::Agents(a) => remote::agents(a).await,
+        Cmd::Health(a) => remote::health(a).await,
         Cmd::Agent(a) => remote::agent(a).await,
         Cmd::Queue(a) => remote::queue(a).await,
         Cmd::Commands(a) => remote::commands(a).await,

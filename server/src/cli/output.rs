@@ -11,15 +11,48 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
+    /// Aligned columns, for people.
     Table,
+    /// The REST API's JSON.
     Json,
+    /// The same as YAML.
     Yaml,
+    /// Only the identifiers (agent uids, command ids), one per line: for `$(…)` in scripts.
+    Name,
 }
 
-/// Prints `v` as JSON or YAML (for `table`, callers render their own columns).
+/// The identifiers in a REST answer: an object's `uid`, `id` or `command_id`, else those of
+/// its `commands` (a fan-out) or `targets` (a plan); every item's for a list.
+pub fn names(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(names).collect(),
+        Value::Object(m) => {
+            for k in ["uid", "id", "command_id"] {
+                if let Some(s) = m.get(k).and_then(Value::as_str) {
+                    return vec![s.to_string()];
+                }
+            }
+            for k in ["commands", "targets"] {
+                if let Some(a) = m.get(k).and_then(Value::as_array) {
+                    return a.iter().flat_map(names).collect();
+                }
+            }
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Prints `v` as JSON, YAML or its names (for `table`, callers render their own columns).
 pub fn print_data(format: Format, v: &Value) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
+        Format::Name => {
+            for n in names(v) {
+                writeln!(out, "{n}")?;
+            }
+            Ok(())
+        }
         Format::Yaml => {
             let text = serde_yaml_ng::to_string(v)
                 .map_err(|e| std::io::Error::other(format!("YAML: {e}")))?;
@@ -100,5 +133,17 @@ mod tests {
         );
         assert_eq!(pairs(&json!({})), "-");
         assert_eq!(one_line("a\tb\nc"), "a b c");
+    }
+
+    #[test]
+    fn names_are_the_identifiers() {
+        assert_eq!(names(&json!([{"uid": "a"}, {"uid": "b"}])), ["a", "b"]);
+        assert_eq!(names(&json!({"command_id": "c", "command": {"id": "c"}})), ["c"]);
+        assert_eq!(
+            names(&json!({"batch_id": "b", "commands": [{"agent_uid": "a", "command_id": "c1"}]})),
+            ["c1"]
+        );
+        assert_eq!(names(&json!({"dry_run": true, "targets": [{"uid": "u"}]})), ["u"]);
+        assert_eq!(names(&json!({"batch": {"id": "b"}, "commands": [{"command_id": "c2"}]})), ["c2"]);
     }
 }

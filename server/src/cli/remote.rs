@@ -58,6 +58,18 @@ pub struct AgentsArgs {
     /// At most this many agents.
     #[arg(long, default_value_t = 100)]
     limit: usize,
+    /// Wait up to this many seconds until at least one agent matches (exit 3 if none does).
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Keep asking for up to this many seconds until the server is ready.
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -335,21 +347,54 @@ const AGENT_COLUMNS: &[&str] = &[
     "LAST SEEN",
 ];
 
-/// `flotilla agents [QUERY]`.
+/// `flotilla agents [QUERY] [--wait S]`.
 pub async fn agents(a: AgentsArgs) -> Res {
     let ctx = Ctx::new(&a.client, &a.out)?;
-    let items = fetch_items(
-        &ctx.api,
-        "/api/v1/agents",
-        &[("q", a.query.join(" "))],
-        a.limit,
-    )
-    .await?;
+    let query = [("q", a.query.join(" "))];
+    let deadline = a
+        .wait
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let items = loop {
+        let items = fetch_items(&ctx.api, "/api/v1/agents", &query, a.limit).await?;
+        match deadline {
+            Some(d) if items.is_empty() => {
+                if tokio::time::Instant::now() >= d {
+                    return Err(Failure::new(
+                        Exit::NotFound,
+                        format!("no agent matched within {} s", a.wait.unwrap_or(0)),
+                    )
+                    .into());
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            _ => break items,
+        }
+    };
     match ctx.format {
         Format::Table => print_table(AGENT_COLUMNS, &agent_rows(&items))?,
         f => print_data(f, &Value::Array(items))?,
     }
     Ok(Exit::Ok)
+}
+
+/// `flotilla health [--wait S]`: 0 when the server's `/readyz` answers 200 (its store answers).
+pub async fn health(a: HealthArgs) -> Res {
+    let api = Api::new(&a.client.resolve_server()?)?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(a.wait.unwrap_or(0));
+    loop {
+        let err = match api.ready().await {
+            Ok(()) => {
+                println!("ready");
+                return Ok(Exit::Ok);
+            }
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err.into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// `flotilla agent HOST|UID`.
