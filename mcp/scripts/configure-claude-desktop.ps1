@@ -24,13 +24,16 @@ $ErrorActionPreference = "Stop"
 
 if ($Server -notmatch '^https?://') { throw "-Server must be an http:// or https:// URL, got $Server" }
 if ($Name -notmatch '^[A-Za-z0-9_-]+$') { throw "-Name must be letters, digits, _ or -" }
+# Without a token the entry could only ever answer "unauthorized": refuse to write it.
+if (-not $TokenFile) { throw "-TokenFile is required: the file holding a Flotilla API token (a local server writes data\admin.token; see api.tokens_file). Without one every tool call fails as unauthorized" }
 if (-not $Command) {
   $found = Get-Command flotilla -ErrorAction SilentlyContinue
-  if (-not $found) { throw "flotilla is not on PATH; pass -Command C:\path\to\flotilla.exe" }
+  if (-not $found) { throw "flotilla is not on PATH: install it with ``cargo install --locked --path server`` from the repository (into ~\.cargo\bin), or pass -Command C:\path\to\flotilla.exe" }
   $Command = $found.Source
 }
 # Desktop apps do not inherit the shell's PATH or working directory: use absolute paths.
 $Command = [System.IO.Path]::GetFullPath($Command)
+if (-not (Test-Path -LiteralPath $Command -PathType Leaf)) { throw "-Command $Command is not a file" }
 if ($TokenFile) {
   $TokenFile = [System.IO.Path]::GetFullPath($TokenFile)
   if (-not (Test-Path $TokenFile)) { Write-Warning "$TokenFile does not exist (yet)" }
@@ -44,7 +47,8 @@ if (-not $Config) {
 $cmdArgs = @("mcp", "--server", $Server)
 if ($TokenFile) { $cmdArgs += @("--token-file", $TokenFile) }
 if ($ReadOnly) { $cmdArgs += "--read-only" }
-$entry = [ordered]@{ command = $Command; args = $cmdArgs }
+# As in the Codex entry: the client shows a stdio server's stderr as errors, so only warnings.
+$entry = [ordered]@{ command = $Command; args = $cmdArgs; env = [ordered]@{ FLOTILLA_LOG = "warn" } }
 
 $doc = [ordered]@{}
 if (Test-Path $Config) {

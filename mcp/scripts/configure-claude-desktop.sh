@@ -2,7 +2,7 @@
 # Adds (or updates) a Flotilla entry in Claude Desktop's MCP server list, pointing at
 # `flotilla mcp` (a local stdio MCP server forwarding to a Flotilla's REST API).
 #
-#   mcp/scripts/configure-claude-desktop.sh [--server URL] [--token-file FILE] [--read-only]
+#   mcp/scripts/configure-claude-desktop.sh --token-file FILE [--server URL] [--read-only]
 #                                          [--name NAME] [--command PATH] [--config FILE]
 #
 # Config file: macOS ~/Library/Application Support/Claude/claude_desktop_config.json,
@@ -39,13 +39,16 @@ done
 command -v python3 >/dev/null 2>&1 || die "python3 is required to edit the JSON config"
 [[ "$server" =~ ^https?:// ]] || die "--server must be an http:// or https:// URL, got $server"
 [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "--name must be letters, digits, _ or -"
+# Without a token the entry could only ever answer "unauthorized": refuse to write it.
+[[ -n "$token_file" ]] || die "--token-file is required: the file holding a Flotilla API token (a local server writes data/admin.token; see api.tokens_file). Without one every tool call fails as unauthorized"
 if [[ -z "$command" ]]; then
   command="$(command -v flotilla || true)"
-  [[ -n "$command" ]] || die "flotilla is not on PATH; pass --command /path/to/flotilla"
+  [[ -n "$command" ]] || die "flotilla is not on PATH: install it with \`cargo install --locked --path server\` from the repository (into ~/.cargo/bin), or pass --command /path/to/flotilla"
 fi
 # Desktop apps do not inherit the shell's PATH or working directory: use absolute paths.
 abspath() { python3 -c 'import os,sys; print(os.path.abspath(os.path.expanduser(sys.argv[1])))' "$1"; }
 command="$(abspath "$command")"
+[[ -f "$command" && -x "$command" ]] || die "--command $command is not an executable file"
 if [[ -n "$token_file" ]]; then
   token_file="$(abspath "$token_file")"
   [[ -f "$token_file" ]] || echo "configure-claude-desktop.sh: warning: $token_file does not exist (yet)" >&2
@@ -66,7 +69,8 @@ if token_file:
     args += ["--token-file", token_file]
 if read_only == "1":
     args.append("--read-only")
-entry = {"command": command, "args": args}
+# As in the Codex entry: the client shows a stdio server's stderr as errors, so only warnings.
+entry = {"command": command, "args": args, "env": {"FLOTILLA_LOG": "warn"}}
 doc = {}
 if os.path.exists(config):
     with open(config, encoding="utf-8") as f:

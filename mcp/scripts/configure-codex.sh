@@ -2,7 +2,7 @@
 # Adds (or updates) a Flotilla entry in the Codex CLI's MCP servers, pointing at `flotilla mcp`
 # (a local stdio MCP server forwarding to a Flotilla's REST API).
 #
-#   mcp/scripts/configure-codex.sh [--server URL] [--token-file FILE] [--read-only]
+#   mcp/scripts/configure-codex.sh --token-file FILE [--server URL] [--read-only]
 #                                 [--name NAME] [--command PATH] [--config FILE]
 #
 # Config file: ${CODEX_HOME:-~/.codex}/config.toml, table [mcp_servers.<name>] with command,
@@ -39,12 +39,15 @@ done
 command -v python3 >/dev/null 2>&1 || die "python3 is required to edit the TOML config"
 [[ "$server" =~ ^https?:// ]] || die "--server must be an http:// or https:// URL, got $server"
 [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "--name must be letters, digits, _ or -"
+# Without a token the entry could only ever answer "unauthorized": refuse to write it.
+[[ -n "$token_file" ]] || die "--token-file is required: the file holding a Flotilla API token (a local server writes data/admin.token; see api.tokens_file). Without one every tool call fails as unauthorized"
 if [[ -z "$command" ]]; then
   command="$(command -v flotilla || true)"
-  [[ -n "$command" ]] || die "flotilla is not on PATH; pass --command /path/to/flotilla"
+  [[ -n "$command" ]] || die "flotilla is not on PATH: install it with \`cargo install --locked --path server\` from the repository (into ~/.cargo/bin), or pass --command /path/to/flotilla"
 fi
 abspath() { python3 -c 'import os,sys; print(os.path.abspath(os.path.expanduser(sys.argv[1])))' "$1"; }
 command="$(abspath "$command")"
+[[ -f "$command" && -x "$command" ]] || die "--command $command is not an executable file"
 if [[ -n "$token_file" ]]; then
   token_file="$(abspath "$token_file")"
   [[ -f "$token_file" ]] || echo "configure-codex.sh: warning: $token_file does not exist (yet)" >&2

@@ -1,6 +1,8 @@
 //! The client set-up scripts (`mcp/scripts/configure-*.sh`) against a temporary HOME: they
 //! produce a config the client would accept (valid JSON / TOML with the expected entry), keep
-//! everything else, back up what they change, and are idempotent.
+//! everything else, back up what they change, and are idempotent; they refuse to write an
+//! entry without a token (it could only answer "unauthorized") or with a command that is not
+//! there.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,10 +47,19 @@ fn backups(dir: &Path) -> usize {
 }
 
 fn fake_flotilla(home: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
     let bin = home.join("bin/flotilla");
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
     std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin.to_string_lossy().to_string()
+}
+
+/// A token file in `home`; its path.
+fn token_file(home: &Path) -> String {
+    let t = home.join("token");
+    std::fs::write(&t, "a-token-long-enough-0123\n").unwrap();
+    t.to_string_lossy().to_string()
 }
 
 #[test]
@@ -85,9 +96,11 @@ fn claude_desktop_config_is_valid_complete_and_idempotent() {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     assert_eq!(doc["globalShortcut"], "Ctrl+Space");
     assert_eq!(doc["mcpServers"]["other"]["command"], "x");
+    // Logging quieted as in the Codex entry: the client shows a server's stderr as errors.
     assert_eq!(
         doc["mcpServers"]["flotilla"],
-        json!({"command": bin, "args": ["mcp", "--server", "http://10.0.0.5:8080", "--token-file", token, "--read-only"]})
+        json!({"command": bin, "args": ["mcp", "--server", "http://10.0.0.5:8080", "--token-file", token, "--read-only"],
+               "env": {"FLOTILLA_LOG": "warn"}})
     );
     assert_eq!(backups(&dir), 1);
     let first = std::fs::read_to_string(&cfg).unwrap();
@@ -110,10 +123,11 @@ fn claude_desktop_config_is_valid_complete_and_idempotent() {
     // From nothing: the directory and file are created.
     let fresh = tempfile::tempdir().unwrap();
     let bin = fake_flotilla(fresh.path());
+    let tok = token_file(fresh.path());
     run(
         "configure-claude-desktop.sh",
         fresh.path(),
-        &["--command", &bin],
+        &["--command", &bin, "--token-file", &tok],
     );
     let p = if cfg!(target_os = "macos") {
         fresh
@@ -127,7 +141,13 @@ fn claude_desktop_config_is_valid_complete_and_idempotent() {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     assert_eq!(
         doc["mcpServers"]["flotilla"]["args"],
-        json!(["mcp", "--server", "http://127.0.0.1:8080"])
+        json!([
+            "mcp",
+            "--server",
+            "http://127.0.0.1:8080",
+            "--token-file",
+            tok
+        ])
     );
 }
 
@@ -152,11 +172,14 @@ fn codex_config_is_valid_complete_and_idempotent() {
         "model = \"o4\"\n\n[mcp_servers.flotilla]\ncommand = \"old\"\n\n[mcp_servers.flotilla.env]\nX = \"1\"\n\n[mcp_servers.other]\ncommand = \"x\"\nargs = []\n",
     )
     .unwrap();
+    let tok = token_file(h);
     let args = [
         "--command",
         &bin,
         "--server",
         "http://h:8080",
+        "--token-file",
+        &tok,
         "--read-only",
     ];
     run("configure-codex.sh", h, &args);
@@ -172,7 +195,17 @@ fn codex_config_is_valid_complete_and_idempotent() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(a, ["mcp", "--server", "http://h:8080", "--read-only"]);
+    assert_eq!(
+        a,
+        [
+            "mcp",
+            "--server",
+            "http://h:8080",
+            "--token-file",
+            &tok,
+            "--read-only"
+        ]
+    );
     assert_eq!(f["env"]["FLOTILLA_LOG"].as_str(), Some("warn"));
     assert!(f["env"].get("X").is_none(), "the old sub-table is gone");
     assert_eq!(backups(&dir), 1);
@@ -241,6 +274,7 @@ fn run_failing(name: &str, home: &Path, args: &[&str], env: &[(&str, &Path)]) ->
 fn codex_refuses_entries_it_cannot_replace_and_unvalidated_toml() {
     let (home, bin, dir, cfg) = codex_home();
     let h = home.path();
+    let tok = token_file(h);
     // Dotted keys and inline tables define the entry without a [mcp_servers.flotilla] header;
     // appending one would make a duplicate key.
     for existing in [
@@ -250,7 +284,12 @@ fn codex_refuses_entries_it_cannot_replace_and_unvalidated_toml() {
         "mcp_servers = { flotilla = { command = \"old\" } }\n",
     ] {
         std::fs::write(&cfg, existing).unwrap();
-        let err = run_failing("configure-codex.sh", h, &["--command", &bin], &[]);
+        let err = run_failing(
+            "configure-codex.sh",
+            h,
+            &["--command", &bin, "--token-file", &tok],
+            &[],
+        );
         assert!(
             err.contains("dotted keys or an inline table"),
             "{existing}: {err}"
@@ -261,7 +300,12 @@ fn codex_refuses_entries_it_cannot_replace_and_unvalidated_toml() {
     // Another server inline: the new table could not be added; refused, nothing written.
     let existing = "mcp_servers = { other = { command = \"x\" } }\n";
     std::fs::write(&cfg, existing).unwrap();
-    let err = run_failing("configure-codex.sh", h, &["--command", &bin], &[]);
+    let err = run_failing(
+        "configure-codex.sh",
+        h,
+        &["--command", &bin, "--token-file", &tok],
+        &[],
+    );
     assert!(err.contains("would not be valid"), "{err}");
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), existing);
 
@@ -279,7 +323,7 @@ fn codex_refuses_entries_it_cannot_replace_and_unvalidated_toml() {
     let err = run_failing(
         "configure-codex.sh",
         h,
-        &["--command", &bin],
+        &["--command", &bin, "--token-file", &tok],
         &[("PYTHONPATH", &shadow)],
     );
     assert!(err.contains("cannot validate TOML"), "{err}");
@@ -291,6 +335,7 @@ fn quick_successive_changes_keep_every_backup() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     let bin = fake_flotilla(h);
+    let tok = token_file(h);
     let codex = h.join(".codex");
     std::fs::create_dir_all(&codex).unwrap();
     std::fs::write(codex.join("config.toml"), "model = \"o4\"\n").unwrap();
@@ -308,8 +353,47 @@ fn quick_successive_changes_keep_every_backup() {
     ] {
         for i in 0..4 {
             let server = format!("http://127.0.0.1:{}", 8080 + i);
-            run(s, h, &["--command", &bin, "--server", &server]);
+            run(
+                s,
+                h,
+                &["--command", &bin, "--server", &server, "--token-file", &tok],
+            );
         }
         assert_eq!(backups(dir), 4, "{s}");
+    }
+}
+
+#[test]
+fn scripts_refuse_an_entry_without_a_token_or_a_command() {
+    for s in ["configure-claude-desktop.sh", "configure-codex.sh"] {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        let bin = fake_flotilla(h);
+        let tok = token_file(h);
+        // No token: the entry could only ever answer "unauthorized".
+        let err = run_failing(s, h, &["--command", &bin], &[]);
+        assert!(err.contains("--token-file is required"), "{s}: {err}");
+        // A --command that is not there.
+        let err = run_failing(
+            s,
+            h,
+            &["--command", "/nonexistent/flotilla", "--token-file", &tok],
+            &[],
+        );
+        assert!(err.contains("is not an executable file"), "{s}: {err}");
+        // Not on PATH: the message says how to install it.
+        let empty = h.join("empty-path");
+        std::fs::create_dir_all(&empty).unwrap();
+        let path = format!("{}:/usr/bin:/bin", empty.display());
+        let err = run_failing(s, h, &["--token-file", &tok], &[("PATH", Path::new(&path))]);
+        assert!(
+            err.contains("not on PATH") && err.contains("cargo install --locked --path server"),
+            "{s}: {err}"
+        );
+        // Nothing was written by any of them.
+        assert!(
+            !h.join(".codex").exists() && !h.join(".config").exists(),
+            "{s}"
+        );
     }
 }

@@ -274,6 +274,8 @@ pub const NOT_SERVER_ENV: &[&str] = &[
     // The agent token the supervisor's example configs read (`token_env`).
     "FLOTILLA_AGENT_TOKEN",
     "FLOTILLA_SUPERVISOR_*",
+    // Read by server/build.rs at build time (the commit in --version).
+    "FLOTILLA_BUILD_COMMIT",
     // The test suite and the benchmark.
     "FLOTILLA_BIN",
     "FLOTILLA_PEERS_DIR",

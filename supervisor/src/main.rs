@@ -29,6 +29,10 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Ask a running supervisor's `/healthz` (at healthz.listen) and exit 0 if it answers 200:
+    /// the health check of a container image that has no curl.
+    #[arg(long, conflicts_with = "check")]
+    probe_healthz: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +58,9 @@ fn main() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
+    if cli.probe_healthz {
+        return probe_healthz(&cfg);
+    }
     init_logging(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -66,16 +73,61 @@ fn main() -> anyhow::Result<()> {
     std::process::exit(code);
 }
 
+/// `--probe-healthz`: GET http://<healthz.listen>/healthz (loopback when it listens on every
+/// address); Ok on 200.
+fn probe_healthz(cfg: &Config) -> anyhow::Result<()> {
+    let listen = cfg.healthz.listen.as_deref().context(
+        "--probe-healthz needs healthz.listen (FLOTILLA_SUPERVISOR_HEALTHZ_LISTEN): /healthz is off",
+    )?;
+    let mut addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("healthz.listen {listen:?}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/healthz");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let (status, body) = rt
+        .block_on(async {
+            let resp = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()?
+                .get(&url)
+                .send()
+                .await?;
+            let status = resp.status();
+            Ok::<_, reqwest::Error>((status, resp.text().await.unwrap_or_default()))
+        })
+        .with_context(|| format!("{url}"))?;
+    println!("{}", body.trim());
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
+    Ok(())
+}
+
+/// The log shape `flotilla` writes too (server/src/cli/logging.rs): JSON objects with
+/// `timestamp`, `level`, `message`, `target` and the event's fields flat beside them, no span
+/// objects; text with colour only on a terminal.
 fn init_logging(cfg: &Config) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .with_context(|| format!("log.level {:?}", cfg.log.level))?;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
-        b.json().flatten_event(true).init();
+        b.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
     } else {
-        b.with_ansi(false).init();
+        b.with_ansi(std::io::stderr().is_terminal()).init();
     }
     Ok(())
 }

@@ -140,7 +140,10 @@ async fn operator_cli_finds_labels_queues_after_confirmation_and_is_audited_as_c
     let prod = op.json(&["agents", "label:env=prod"]).await;
     assert_eq!(prod.as_array().map(Vec::len), Some(1), "{prod}");
     // -o name: only identifiers, for $(…) in scripts.
-    let names = stdout(&op.expect(&["agents", "label:env=prod", "-o", "name"], "", 0).await);
+    let names = stdout(
+        &op.expect(&["agents", "label:env=prod", "-o", "name"], "", 0)
+            .await,
+    );
     assert_eq!(names, format!("{web_uid}\n"));
     op.expect(&["label", web_host, "=x"], "", 2).await;
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `flotilla` binary, across processes: configuration errors and
 //! the CLI (`cli`), the operator CLI against a live server (`cli_ops`), the README's try-it block
-//! (`cli_tryit`), state surviving graceful and `kill -9` restarts (`restart`), audit-trail
+//! (`cli_tryit`), logs, metrics, completions and the packaged units and images (`cli_service`),
+//! state surviving graceful and `kill -9` restarts (`restart`), audit-trail
 //! tampering detected by `flotilla audit verify` (`audit_tamper`), and the third-party OpAMP
 //! clients from PyPI and npm (`interop`).
 //!
@@ -10,6 +11,7 @@
 mod audit_tamper;
 mod cli;
 mod cli_ops;
+mod cli_service;
 mod cli_tryit;
 mod interop;
 mod restart;

@@ -138,12 +138,21 @@ mod tests {
     #[test]
     fn names_are_the_identifiers() {
         assert_eq!(names(&json!([{"uid": "a"}, {"uid": "b"}])), ["a", "b"]);
-        assert_eq!(names(&json!({"command_id": "c", "command": {"id": "c"}})), ["c"]);
+        assert_eq!(
+            names(&json!({"command_id": "c", "command": {"id": "c"}})),
+            ["c"]
+        );
         assert_eq!(
             names(&json!({"batch_id": "b", "commands": [{"agent_uid": "a", "command_id": "c1"}]})),
             ["c1"]
         );
-        assert_eq!(names(&json!({"dry_run": true, "targets": [{"uid": "u"}]})), ["u"]);
-        assert_eq!(names(&json!({"batch": {"id": "b"}, "commands": [{"command_id": "c2"}]})), ["c2"]);
+        assert_eq!(
+            names(&json!({"dry_run": true, "targets": [{"uid": "u"}]})),
+            ["u"]
+        );
+        assert_eq!(
+            names(&json!({"batch": {"id": "b"}, "commands": [{"command_id": "c2"}]})),
+            ["c2"]
+        );
     }
 }

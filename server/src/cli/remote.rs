@@ -380,8 +380,7 @@ pub async fn agents(a: AgentsArgs) -> Res {
 /// `flotilla health [--wait S]`: 0 when the server's `/readyz` answers 200 (its store answers).
 pub async fn health(a: HealthArgs) -> Res {
     let api = Api::new(&a.client.resolve_server()?)?;
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(a.wait.unwrap_or(0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.wait.unwrap_or(0));
     loop {
         let err = match api.ready().await {
             Ok(()) => {
