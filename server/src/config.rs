@@ -276,9 +276,11 @@ pub const NOT_SERVER_ENV: &[&str] = &[
     "FLOTILLA_SUPERVISOR_*",
     // Read by server/build.rs at build time (the commit in --version).
     "FLOTILLA_BUILD_COMMIT",
-    // The test suite and the benchmark.
+    // The test suite (tests/run.sh exports some to every process it starts) and the benchmark.
     "FLOTILLA_BIN",
     "FLOTILLA_PEERS_DIR",
+    "FLOTILLA_REAL_AGENTS_DIR",
+    "FLOTILLA_TEST_*",
     "FLOTILLA_BENCH_REEXEC",
 ];
 
@@ -845,6 +847,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn the_test_suites_variables_do_not_stop_a_server() {
+        // tests/run.sh and .ci/run export variables to every process, servers started by
+        // tests included: each must be a setting or let through.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for script in ["tests/run.sh", ".ci/run"] {
+            let text = std::fs::read_to_string(root.join(script)).unwrap();
+            let names: std::collections::BTreeSet<&str> = text
+                .match_indices("FLOTILLA_")
+                .map(|(i, _)| {
+                    let rest = &text[i..];
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                        .unwrap_or(rest.len());
+                    rest[..end].trim_end_matches('_')
+                })
+                .collect();
+            for name in names {
+                if let Err(e) = Config::load(None, [env(name, "/some/value")]) {
+                    assert!(
+                        !e.to_string().contains("is not a Flotilla server setting"),
+                        "{script} exports {name}, which a server refuses: {e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -104,7 +104,7 @@ fn probe_healthz(cfg: &Config) -> anyhow::Result<()> {
             let status = resp.status();
             Ok::<_, reqwest::Error>((status, resp.text().await.unwrap_or_default()))
         })
-        .with_context(|| format!("{url}"))?;
+        .with_context(|| url.clone())?;
     println!("{}", body.trim());
     anyhow::ensure!(status.is_success(), "{url} answered {status}");
     Ok(())

@@ -108,8 +108,9 @@ async fn operator_cli_finds_labels_queues_after_confirmation_and_is_audited_as_c
     assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
     let yaml = stdout(&op.expect(&["agent", web_host, "-o", "yaml"], "", 0).await);
     assert!(yaml.contains(&format!("uid: {web_uid}")), "{yaml}");
-    // One agent by host name, by uid, and by a uid prefix.
-    for name in [web_host, &web_uid, &web_uid[..13]] {
+    // One agent by host name, service name, uid, and a query that matches it alone.
+    let prefix = format!("uid:{}", &web_uid[..13]);
+    for name in [web_host, "cli-web", &web_uid, &prefix] {
         let one = op.json(&["agent", name]).await;
         assert_eq!(one["uid"], web_uid, "agent {name}");
     }

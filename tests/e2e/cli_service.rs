@@ -300,8 +300,8 @@ fn assert_image_rules(name: &str, cf: &str) {
     );
     let user = cf
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .unwrap_or_else(|| panic!("{name}: no USER"));
     assert!(
         !["root", "0", "0:0"].contains(&user.trim()),

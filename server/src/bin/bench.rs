@@ -845,13 +845,10 @@ fn scan_log(path: &Path) -> (BTreeMap<String, u64>, Vec<String>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     for line in text.lines() {
         let (level, msg) = match serde_json::from_str::<Value>(line) {
+            // The JSON shape is flat: `message` and the event's fields beside `level`.
             Ok(v) => (
                 v["level"].as_str().unwrap_or("?").to_string(),
-                format!(
-                    "{} {}",
-                    v["fields"]["message"].as_str().unwrap_or(""),
-                    v["fields"]
-                ),
+                format!("{} {}", v["message"].as_str().unwrap_or(""), v),
             ),
             Err(_) => ("unparsed".to_string(), line.to_string()),
         };

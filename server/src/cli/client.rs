@@ -295,7 +295,8 @@ pub fn exit_for(status: StatusCode, code: &str) -> Exit {
     match code {
         "unauthorized" | "forbidden" => Exit::Refused,
         "not_found" | "no_route" | "no_targets" => Exit::NotFound,
-        "bad_request" | "malformed_json" | "invalid_query" | "invalid_params" => Exit::Usage,
+        "bad_request" | "malformed_json" | "invalid_query" | "invalid_params"
+        | "ambiguous_agent" => Exit::Usage,
         "targets_changed" => Exit::NotConfirmed,
         _ => match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Exit::Refused,
@@ -339,6 +340,7 @@ mod tests {
             (400, "invalid_params", Exit::Usage),
             (409, "targets_changed", Exit::NotConfirmed),
             (409, "conflict", Exit::Error),
+            (409, "ambiguous_agent", Exit::Usage),
             (422, "capability_missing", Exit::Error),
             (503, "storage_unavailable", Exit::Error),
             (401, "", Exit::Refused),

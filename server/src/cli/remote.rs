@@ -260,54 +260,20 @@ fn is_query(s: &str) -> bool {
     s.is_empty() || s.contains(|c: char| c.is_whitespace() || matches!(c, ':' | '*' | '"'))
 }
 
-/// An agent's uid from a uid, a host name, or a unique uid prefix. Agents that were replaced
-/// by a newer registration of the same host are not candidates.
-async fn resolve_agent(api: &Api, target: &str) -> Result<String, Failure> {
-    if let Ok(u) = uuid::Uuid::parse_str(target) {
-        return Ok(u.to_string());
+/// The path of one agent named by uid, host name, service name or a query matching one agent:
+/// the server resolves it (one resolution for REST, MCP and this CLI), refusing an ambiguous
+/// name with the candidates listed.
+fn agent_path(name: &str) -> Result<String, Failure> {
+    if name.trim().is_empty() {
+        return Err(Failure::new(Exit::Usage, "an agent must be named"));
     }
-    if is_query(target) || target.starts_with('-') {
-        return Err(Failure::new(
-            Exit::Usage,
-            format!("{target:?} is not a host name or an agent uid"),
-        ));
-    }
-    let search =
-        |q: String| async move { fetch_items(api, "/api/v1/agents", &[("q", q)], 10).await };
-    let mut found = search(format!("host:{target} replaced:no")).await?;
-    if found.is_empty() && target.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-        found = search(format!("uid:{target} replaced:no")).await?;
-    }
-    match found.as_slice() {
-        [one] => Ok(one["uid"].as_str().unwrap_or_default().to_string()),
-        [] => Err(Failure::new(
-            Exit::NotFound,
-            format!(
-                "no agent has the host name or uid {target:?} (list them with `flotilla agents`)"
-            ),
-        )),
-        many => {
-            let list: Vec<String> = many
-                .iter()
-                .map(|a| {
-                    format!(
-                        "  {}  {}  {}",
-                        cell(&a["uid"]),
-                        cell(&a["type"]),
-                        cell(&a["state"])
-                    )
-                })
-                .collect();
-            Err(Failure::new(
-                Exit::Usage,
-                format!(
-                    "{target:?} names {} agents; give one uid:\n{}",
-                    many.len(),
-                    list.join("\n")
-                ),
-            ))
-        }
-    }
+    Ok(format!("/api/v1/agents/{}", url_segment(name.trim())))
+}
+
+/// An agent's uid, as the server resolves `name`.
+async fn resolve_agent(api: &Api, name: &str) -> Result<String, Failure> {
+    let v = api.get(&agent_path(name)?, &[]).await?;
+    Ok(v["uid"].as_str().unwrap_or_default().to_string())
 }
 
 fn agent_rows(items: &[Value]) -> Vec<Vec<String>> {
@@ -399,8 +365,7 @@ pub async fn health(a: HealthArgs) -> Res {
 /// `flotilla agent HOST|UID`.
 pub async fn agent(a: AgentArgs) -> Res {
     let ctx = Ctx::new(&a.client, &a.out)?;
-    let uid = resolve_agent(&ctx.api, &a.agent).await?;
-    let v = ctx.api.get(&format!("/api/v1/agents/{uid}"), &[]).await?;
+    let v = ctx.api.get(&agent_path(&a.agent)?, &[]).await?;
     if ctx.format != Format::Table {
         print_data(ctx.format, &v)?;
         return Ok(Exit::Ok);
@@ -563,7 +528,8 @@ pub async fn queue(a: QueueArgs) -> Res {
     if a.query || is_query(&a.target) {
         body["query"] = json!(a.target);
     } else {
-        body["agent"] = json!(resolve_agent(&ctx.api, &a.target).await?);
+        // The server resolves the name; the dry run shows which agent it is.
+        body["agent"] = json!(a.target);
     }
     let mut dry = body.clone();
     dry["dry_run"] = json!(true);
@@ -744,7 +710,7 @@ pub async fn commands(a: CommandsArgs) -> Res {
     let ctx = Ctx::new(&a.client, &a.out)?;
     let mut q: Vec<(&str, String)> = Vec::new();
     if let Some(agent) = &a.agent {
-        q.push(("agent", resolve_agent(&ctx.api, agent).await?));
+        q.push(("agent", agent.clone()));
     }
     for (k, v) in [
         ("status", &a.status),
@@ -809,7 +775,7 @@ pub async fn audit(a: AuditArgs) -> Res {
     let ctx = Ctx::new(&a.client, &a.out)?;
     let mut q: Vec<(&str, String)> = Vec::new();
     if let Some(agent) = &a.agent {
-        q.push(("agent", resolve_agent(&ctx.api, agent).await?));
+        q.push(("agent", agent.clone()));
     }
     for (k, v) in [
         ("actor", &a.actor),
