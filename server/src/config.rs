@@ -656,6 +656,21 @@ fn parse_addr(name: &str, value: &str, problems: &mut Vec<String>) -> Option<Soc
     }
 }
 
+impl Config {
+    /// Valid settings that turn a protection off, for a warning at start and in `config
+    /// check`: never silently.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.mcp.enabled && self.mcp.allowed_hosts.is_empty() {
+            w.push(
+                "mcp.allowed_hosts is empty: the MCP Host check (DNS-rebinding protection) is off"
+                    .to_string(),
+            );
+        }
+        w
+    }
+}
+
 /// A configuration that passed [`Config::validate`], with parsed addresses.
 #[derive(Debug, Clone)]
 pub struct Validated {
@@ -913,6 +928,14 @@ mod tests {
             let got = v.key.split('.').try_fold(&doc, |d, k| d.get(k));
             assert_eq!(got, Some(&want), "{} -> {}", v.name, v.key);
         }
+    }
+
+    #[test]
+    fn a_protection_turned_off_is_warned_about() {
+        let mut c = Config::default();
+        assert!(c.warnings().is_empty());
+        c.mcp.allowed_hosts.clear();
+        assert!(c.warnings()[0].contains("Host check"), "{:?}", c.warnings());
     }
 
     #[test]

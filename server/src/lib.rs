@@ -154,6 +154,9 @@ pub async fn run(
 
     log_audit_head(store.as_ref(), "at start").await;
     let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     tracing::info!(
         opamp = %opamp.local_addr()?, path = %cfg.opamp.path,
         api = %api.local_addr()?, data_dir = %cfg.data_dir.display(),

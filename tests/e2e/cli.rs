@@ -240,6 +240,15 @@ async fn unknown_and_empty_flotilla_variables_are_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An empty list written in the file is a choice, but never a silent one.
+    let config = case.config("", "[mcp]\nallowed_hosts = []\n");
+    let out = config_check(&config, &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: mcp.allowed_hosts is empty"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -150,6 +150,9 @@ pub fn config_check(args: &ServerConfigArgs) -> anyhow::Result<Exit> {
         "configuration is valid\n  {}\n  {}",
         report.api, report.agents
     );
+    for w in v.config.warnings() {
+        eprintln!("  warning: {w}");
+    }
     Ok(Exit::Ok)
 }
 
