@@ -27,6 +27,8 @@ command -v cargo >/dev/null 2>&1 || { echo "tests/run.sh: ERROR: cargo not found
 step "install peers" env PEERS_DIR="$FLOTILLA_PEERS_DIR" bash tests/peers/install.sh
 # The real agents' Debian packages (Ruby and its gems for Fluentd, libyaml/libssl for Fluent Bit).
 step "install real agents' packages" bash tests/peers/install-agents.sh
+# Debian's Chromium and chromedriver, and axe-core, for the web console's browser tests.
+step "install browser test peers" env PEERS_DIR="$FLOTILLA_PEERS_DIR" bash tests/peers/install-browser.sh
 step "cargo fmt" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 # Feature-gated code that the default build does not compile: the supervisor's TLS and the

@@ -32,6 +32,7 @@ pub struct Config {
     pub commands: CommandsConfig,
     pub log: LogConfig,
     pub mcp: McpConfig,
+    pub console: ConsoleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -127,6 +128,29 @@ impl Default for McpConfig {
     }
 }
 
+/// The web console on the operator listener (`/` and `/ui/...`), see `console/`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve the console.
+    pub enabled: bool,
+    /// A console session ends this many seconds after login (log in again with a token).
+    pub session_ttl_s: u64,
+    /// Mark the session cookie `Secure` even though the listener speaks plain HTTP: for a
+    /// console behind a proxy that terminates TLS. (It is always `Secure` over TLS.)
+    pub secure_cookie: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: true,
+            session_ttl_s: 8 * 3600,
+            secure_cookie: false,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -136,6 +160,7 @@ impl Default for Config {
             commands: CommandsConfig::default(),
             log: LogConfig::default(),
             mcp: McpConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -252,6 +277,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         "mcp.allowed_hosts",
         EnvKind::List,
     ),
+    var("FLOTILLA_CONSOLE_ENABLED", "console.enabled", EnvKind::Bool),
     var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
     var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
@@ -467,6 +493,12 @@ impl Config {
             p.push(format!(
                 "api.max_body_bytes = {} is too small (at least 1024)",
                 self.api.max_body_bytes
+            ));
+        }
+        if !(60..=30 * 86_400).contains(&self.console.session_ttl_s) {
+            p.push(format!(
+                "console.session_ttl_s = {} must be between 60 and 2592000 seconds",
+                self.console.session_ttl_s
             ));
         }
         if self.commands.queue_ttl_s == 0 {

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod hub;
 pub mod mcp_backend;
 pub mod metrics;
@@ -145,8 +146,16 @@ pub async fn run(
         data_dir: cfg.data_dir.clone(),
     });
     let (opamp_app, flusher) = opamp::router(opamp_ctx);
+    let console_app = console::router(&console::ConsoleContext {
+        fleet: fleet.clone(),
+        api: cfg.api.clone(),
+        console: cfg.console.clone(),
+        data_dir: cfg.data_dir.clone(),
+        tls: false,
+    });
     let rest_app = rest::router(rest_ctx)
         .merge(mcp_backend::routes(fleet.clone(), &cfg, token.clone()))
+        .merge(console_app)
         .layer(axum::middleware::from_fn_with_state(
             fleet.metrics().clone(),
             count_request,
@@ -162,6 +171,9 @@ pub async fn run(
         api = %api.local_addr()?, data_dir = %cfg.data_dir.display(),
         "flotilla serving"
     );
+    if cfg.console.enabled {
+        tracing::info!("web console at http://{}/", api.local_addr()?);
+    }
     let t1 = token.clone();
     let t2 = token.clone();
     let opamp_srv = axum::serve(

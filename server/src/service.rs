@@ -973,6 +973,20 @@ impl Fleet {
         Ok(self.store.query_audit(&f).await?)
     }
 
+    /// Checks the whole audit hash chain ([`crate::audit::verify`]): how many records hold and
+    /// the head, or the first record that does not. Reads only.
+    pub async fn verify_audit(
+        &self,
+        caller: &Caller,
+    ) -> FleetResult<Result<crate::audit::Verified, crate::audit::ChainBreak>> {
+        Self::require(caller, Role::Viewer, "verify the audit trail")?;
+        match crate::audit::verify(self.store.as_ref(), None).await {
+            Ok(v) => Ok(Ok(v)),
+            Err(crate::audit::VerifyError::Broken(b)) => Ok(Err(b)),
+            Err(crate::audit::VerifyError::Store(e)) => Err(e.into()),
+        }
+    }
+
     // ---- used by the OpAMP side and the sweeper, not by operator adapters ----
 
     /// Claims the agent's due queued commands for delivery (each `queued → sent` exactly once)

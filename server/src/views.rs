@@ -95,6 +95,22 @@ pub fn audit(r: &AuditRecord) -> Value {
     })
 }
 
+/// The audit chain's state ([`crate::service::Fleet::verify_audit`]).
+pub fn audit_verification(r: &Result<crate::audit::Verified, crate::audit::ChainBreak>) -> Value {
+    match r {
+        Ok(v) => json!({
+            "intact": true,
+            "records": v.count,
+            "head": v.head.as_ref().map(|h| h.to_string()),
+        }),
+        Err(b) => json!({
+            "intact": false,
+            "broken_at": b.id.to_string(),
+            "reason": b.reason,
+        }),
+    }
+}
+
 // ---- request parsing shared by the adapters; each wraps the message in its own error ----
 
 /// Largest page of a listing; the service caps there too.

@@ -1,5 +1,5 @@
 //! `GET /api/v1/audit`: the audit trail filtered by actor, channel, agent, operation and time,
-//! newest first, paged by record id.
+//! newest first, paged by record id; `GET /api/v1/audit/verify`: the hash chain's state.
 
 use std::sync::Arc;
 
@@ -121,4 +121,14 @@ mod tests {
         assert_eq!(e.code, "bad_request");
         assert!(e.message.contains("until"));
     }
+}
+
+/// `GET /api/v1/audit/verify`: `{intact, records, head}` or `{intact: false, broken_at, reason}`.
+pub async fn verify(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(views::audit_verification(
+        &st.fleet.verify_audit(&caller).await?,
+    )))
 }

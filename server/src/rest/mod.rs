@@ -92,6 +92,7 @@ fn api_table() -> Vec<RouteEntry> {
         r("GET", "/api/v1/catalog", commands::catalog),
         r("GET", "/api/v1/fleet/summary", agents::summary),
         r("GET", "/api/v1/audit", audit::query),
+        r("GET", "/api/v1/audit/verify", audit::verify),
     ]
 }
 

@@ -755,6 +755,29 @@ pub fn document() -> Value {
         ("200", ok("A page of records.", schema_ref("AuditPage"))),
         &["bad_request", "forbidden", "not_found", "ambiguous_agent"],
     );
+    let verify = op(
+        "verifyAudit",
+        "audit",
+        "Verify the audit chain",
+        "Walks the whole hash chain (as `flotilla audit verify` does): `intact` with the number \
+         of records and the head `ID:HASH`, or the first record that does not hold and why.",
+        vec![],
+        None,
+        (
+            "200",
+            ok(
+                "The chain's state.",
+                json!({"type": "object", "required": ["intact"], "properties": {
+                    "intact": {"type": "boolean"},
+                    "records": {"type": "integer", "description": "Records verified (intact)."},
+                    "head": {"type": ["string", "null"], "description": "ID:HASH of the newest record (intact)."},
+                    "broken_at": {"type": "string", "description": "Id of the first record that fails (broken)."},
+                    "reason": {"type": "string", "description": "Why it fails (broken)."}
+                }}),
+            ),
+        ),
+        &["forbidden"],
+    );
     let mut openapi = op(
         "getOpenApi",
         "meta",
@@ -793,6 +816,7 @@ pub fn document() -> Value {
             "/api/v1/catalog": {"get": catalog},
             "/api/v1/fleet/summary": {"get": summary},
             "/api/v1/audit": {"get": audit},
+            "/api/v1/audit/verify": {"get": verify},
             "/api/v1/openapi.json": {"get": openapi},
             "/healthz": {"get": ops_op("healthz", "Liveness", "200 `ok` while the process serves requests.", "text/plain", "Alive.")},
             "/readyz": {"get": ops_op("readyz", "Readiness", "200 when the store answers a trivial query, else 503.", "text/plain", "Ready.")},

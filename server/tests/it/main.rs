@@ -1,6 +1,8 @@
 //! Integration tests of the server against real sockets on port 0: OpAMP conformance, the
 //! command queue, the REST API. One test binary for the whole crate.
 
+mod console;
+mod console_browser;
 mod flaky;
 mod fluent_opamp;
 mod mcp;
