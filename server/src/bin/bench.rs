@@ -31,13 +31,15 @@ use flotilla_proto::{
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+#[path = "bench/console.rs"]
+mod console;
 
 /// What the simulated agents declare: ReportsStatus | AcceptsRestartCommand | ReportsHeartbeat.
 const AGENT_CAPS: u64 = AgentCapabilities::ReportsStatus as u64
@@ -109,6 +111,11 @@ struct Args {
     /// Keep the started server's data directory (database, log) instead of deleting it.
     #[arg(long)]
     keep_data: bool,
+    /// Web consoles (signed in with the token) that hold the live-update stream open while
+    /// the agents connect; afterwards the fleet page and a search are timed. With `--ramp`
+    /// equal to `--agents` the connect is a reconnect storm. 0: no console measurements.
+    #[arg(long, default_value_t = 0)]
+    consoles: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -494,46 +501,13 @@ async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        let body = body.unwrap_or("");
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        if let Some(t) = token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("not an HTTP response: {head:?}"))?;
-        let chunked = head.lines().any(|l| {
-            let l = l.to_ascii_lowercase();
-            l.starts_with("transfer-encoding:") && l.contains("chunked")
-        });
-        let body = if chunked {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        anyhow::Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(30), fut)
-        .await
-        .with_context(|| format!("{method} {path}: no answer within 30 s"))?
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let body = body
+        .filter(|b| !b.is_empty())
+        .map(|b| ("application/json", b));
+    let r = console::request(addr, method, path, &headers, body).await?;
+    Ok((r.status, r.body))
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -975,6 +949,18 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         None => None,
     };
 
+    // --- consoles watching live updates through the connect
+    let console_cookie = match (args.consoles, target.token.as_deref()) {
+        (0, _) => None,
+        (_, Some(t)) => Some(console::login(&target.api_addr, t).await?),
+        (_, None) => bail!("--consoles needs --token (or a server the bench starts)"),
+    };
+    let watchers = match &console_cookie {
+        Some(c) => Some(console::Watchers::open(&target.api_addr, c, args.consoles).await?),
+        None => None,
+    };
+    let ramp_cpu0 = pid.map(proc_cpu_secs).transpose()?;
+
     // --- connect in ramps
     let sh = Arc::new(Shared::new(n));
     let cancel = CancellationToken::new();
@@ -1033,7 +1019,39 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         start = end;
     }
     let ramp_secs = ramp_t.elapsed().as_secs_f64();
+    let ramp_cpu1 = pid.map(proc_cpu_secs).transpose()?;
     let ramp_overflows = listen_overflows().saturating_sub(overflows0);
+    let console_report = match (watchers, &console_cookie) {
+        (Some(w), Some(cookie)) => {
+            // The last changes of the storm arrive one debounce window later.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let end = Instant::now();
+            let live_updates = w.finish(ramp_t, end);
+            let addr = &target.api_addr;
+            let pages = vec![
+                console::time_page(addr, cookie, "/ui/fleet", false, 10).await?,
+                console::time_page(addr, cookie, "/ui/fleet?q=host%3Abench-1*", true, 10).await?,
+                console::time_page(
+                    addr,
+                    cookie,
+                    "/ui/fleet?q=version%3A3.2.0&sort=last_seen&dir=desc&page=100",
+                    true,
+                    10,
+                )
+                .await?,
+            ];
+            let storm_cpu = match (ramp_cpu0, ramp_cpu1) {
+                (Some(a), Some(b)) => Some(((b - a) / ramp_secs * 1000.0).round() / 1000.0),
+                _ => None,
+            };
+            Some(json!({
+                "live_updates_during_connect": live_updates,
+                "server_cpu_ratio_during_connect": storm_cpu,
+                "pages": pages,
+            }))
+        }
+        _ => None,
+    };
     let live: Vec<usize> = (0..n).filter(|&i| connected[i]).collect();
     if live.is_empty() {
         let errs = sh.errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -1270,6 +1288,7 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
             "agents_closed_with_close_frame": sh.closed_at_stop_with_frame.load(Ordering::Relaxed),
             "agents_closed_without_close_frame": sh.closed_at_stop_without_frame.load(Ordering::Relaxed),
         },
+        "console": console_report,
         "errors": errors,
         "server_log_levels": log_levels,
         "server_log_samples": log_samples,

@@ -19,18 +19,15 @@ use crate::model::{now_ms, Agent, AuditFilter, CommandFilter, CommandKind, Healt
 /// Commands and history records shown on the page (the rest are a link away).
 const RECENT: usize = 20;
 
-async fn resolve(st: &S, op: &Op, reference: &str) -> Result<Uuid, Response> {
-    st.fleet
-        .resolve_agent(op.caller(), reference)
-        .await
-        .map_err(|e| fleet_error(op, &e))
+async fn resolve(st: &S, op: &Op, reference: &str) -> Result<Uuid, crate::service::FleetError> {
+    st.fleet.resolve_agent(op.caller(), reference).await
 }
 
 /// `GET /ui/agents/{uid}` (a unique host or service name works too).
 pub async fn page(State(st): State<S>, op: Op, Path(reference): Path<String>) -> Response {
     let uid = match resolve(&st, &op, &reference).await {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(e) => return fleet_error(&op, &e),
     };
     let agent = match st.fleet.get_agent(op.caller(), uid).await {
         Ok(a) => a,
@@ -343,12 +340,12 @@ async fn label_change(
     f: LabelForm,
     set: bool,
 ) -> Response {
-    if let Err(r) = csrf(&op, f.csrf.as_deref(), &headers, "label") {
+    if let Some(r) = csrf(&op, f.csrf.as_deref(), &headers, "label") {
         return r;
     }
     let uid = match resolve(&st, &op, &reference).await {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(e) => return fleet_error(&op, &e),
     };
     let value = set.then_some(f.value.as_str());
     match st

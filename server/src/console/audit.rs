@@ -115,7 +115,7 @@ pub async fn page(State(st): State<S>, op: Op, Query(aq): Query<AuditQuery>) -> 
     };
     let check = match chain_state(&st, &op, aq.verify.is_some()).await {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return fleet_error(&op, &e),
     };
     let more = recs.len() > PAGE;
     let recs = &recs[..recs.len().min(PAGE)];
@@ -170,7 +170,7 @@ pub async fn page(State(st): State<S>, op: Op, Query(aq): Query<AuditQuery>) -> 
 }
 
 /// The chain's verification state, from a recent check or a fresh one.
-async fn chain_state(st: &S, op: &Op, force: bool) -> Result<Markup, Response> {
+async fn chain_state(st: &S, op: &Op, force: bool) -> Result<Markup, crate::service::FleetError> {
     let now = now_ms();
     let cached = {
         let c = st.audit_check.lock().unwrap_or_else(|e| e.into_inner());
@@ -181,11 +181,7 @@ async fn chain_state(st: &S, op: &Op, force: bool) -> Result<Markup, Response> {
     if let Some(m) = cached {
         return Ok(m);
     }
-    let result = st
-        .fleet
-        .verify_audit(op.caller())
-        .await
-        .map_err(|e| fleet_error(op, &e))?;
+    let result = st.fleet.verify_audit(op.caller()).await?;
     if let Err(b) = &result {
         tracing::error!(record = b.id, reason = %b.reason, "audit chain broken (seen by the console)");
     }

@@ -313,7 +313,7 @@ pub async fn preview(
     headers: HeaderMap,
     Form(f): Form<QueueForm>,
 ) -> Response {
-    if let Err(r) = csrf(&op, f.csrf.as_deref(), &headers, "preview") {
+    if let Some(r) = csrf(&op, f.csrf.as_deref(), &headers, "preview") {
         return r;
     }
     let planned = match parse(&st, &op, &f).await {
@@ -426,7 +426,7 @@ pub async fn queue(
     headers: HeaderMap,
     Form(f): Form<QueueForm>,
 ) -> Response {
-    if let Err(r) = csrf(&op, f.csrf.as_deref(), &headers, "queue") {
+    if let Some(r) = csrf(&op, f.csrf.as_deref(), &headers, "queue") {
         return r;
     }
     queue_confirmed(&st, &op, &f).await
@@ -521,7 +521,7 @@ pub async fn cancel(
     Path(id): Path<String>,
     Form(f): Form<CancelForm>,
 ) -> Response {
-    if let Err(r) = csrf(&op, f.csrf.as_deref(), &headers, "cancel") {
+    if let Some(r) = csrf(&op, f.csrf.as_deref(), &headers, "cancel") {
         return r;
     }
     let Ok(id) = Uuid::parse_str(&id) else {

@@ -200,7 +200,7 @@ pub async fn preview(
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
     let (sent, ed) = parse_editor(&fields);
-    if let Err(r) = csrf(&op, sent.as_deref(), &headers, "config preview") {
+    if let Some(r) = csrf(&op, sent.as_deref(), &headers, "config preview") {
         return r;
     }
     let planned = async {
@@ -240,7 +240,7 @@ pub async fn preview(
     }
     let mut groups: Vec<(String, usize, Option<ConfigFiles>)> =
         groups.into_iter().map(|(k, (n, c))| (k, n, c)).collect();
-    groups.sort_by(|a, b| b.1.cmp(&a.1));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.1));
     let new_hash = plan.params["hash"].as_str().unwrap_or("").to_string();
     let new_files: BTreeMap<String, String> = ed
         .files
@@ -304,7 +304,7 @@ pub async fn push(
     headers: HeaderMap,
     Form(f): Form<QueueForm>,
 ) -> Response {
-    if let Err(r) = csrf(&op, f.csrf.as_deref(), &headers, "config push") {
+    if let Some(r) = csrf(&op, f.csrf.as_deref(), &headers, "config push") {
         return r;
     }
     if f.kind != CommandKind::RemoteConfig.as_str() {

