@@ -218,8 +218,18 @@ fn parse_files(kind: CommandKind, v: Option<&Value>) -> Result<ConfigFiles, Comm
     if obj.is_empty() {
         return Err(bad(kind, "files must contain at least one file"));
     }
+    if obj.len() > MAX_CONFIG_FILES {
+        return Err(bad(
+            kind,
+            format!(
+                "{} files offered; at most {MAX_CONFIG_FILES} are allowed",
+                obj.len()
+            ),
+        ));
+    }
     let mut files = BTreeMap::new();
     for (name, f) in obj {
+        check_file_name(name).map_err(|why| bad(kind, format!("file name {name:?} {why}")))?;
         let file = match f {
             Value::String(body) => ConfigFile {
                 content_type: String::new(),
@@ -262,6 +272,46 @@ fn parse_files(kind: CommandKind, v: Option<&Value>) -> Result<ConfigFiles, Comm
         files.insert(name.clone(), file);
     }
     Ok(files)
+}
+
+/// The most files one remote config may carry.
+pub const MAX_CONFIG_FILES: usize = 64;
+/// The longest file name (bytes) a remote config may carry; 255 is the usual limit of one
+/// path component, so a longer name could not be written as one file anyway.
+pub const MAX_CONFIG_FILE_NAME: usize = 255;
+
+/// Checks a remote-config file name before it is queued. Agents other than Flotilla's own
+/// supervisor write names as paths unchecked, so the server refuses anything that could
+/// leave the agent's config directory or confuse a log line: only plain relative names,
+/// `/`-separated components that are neither empty, `.` nor `..`; no absolute path, no
+/// backslash (a separator on Windows), no `:` (a drive or stream on Windows), no control
+/// characters (NUL, newlines, …). Returns why a name is refused.
+pub fn check_file_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > MAX_CONFIG_FILE_NAME {
+        return Err("is longer than 255 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("contains a control character (NUL, newline, …)");
+    }
+    if name.contains('\\') {
+        return Err("contains a backslash");
+    }
+    if name.contains(':') {
+        return Err("contains ':' (a drive or stream name on Windows)");
+    }
+    if name.starts_with('/') {
+        return Err("is an absolute path; only relative names are allowed");
+    }
+    if name
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err("has an empty, '.' or '..' path component");
+    }
+    Ok(())
 }
 
 /// SHA-256 over each file's (name, body, content type), in name order, each part

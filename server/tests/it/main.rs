@@ -1,6 +1,7 @@
 //! Integration tests of the server against real sockets on port 0: OpAMP conformance, the
 //! command queue, the REST API. One test binary for the whole crate.
 
+mod auth;
 mod console;
 mod console_browser;
 mod flaky;
