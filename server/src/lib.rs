@@ -7,6 +7,7 @@ pub mod audit;
 pub mod commands;
 pub mod config;
 pub mod console;
+pub mod events;
 pub mod hub;
 pub mod mcp_backend;
 pub mod metrics;
@@ -108,6 +109,19 @@ pub async fn run(
     api: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_observed(v, store, opamp, api, shutdown, |_| {}).await
+}
+
+/// [`run`], handing the fleet service to `started` before anything is served: in-process
+/// consumers (tests, a gateway) subscribe to its event bus there and miss no event.
+pub async fn run_observed(
+    v: Validated,
+    store: Arc<dyn Store>,
+    opamp: TcpListener,
+    api: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: impl FnOnce(&Fleet),
+) -> Result<(), ServerError> {
     let cfg = v.config;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
@@ -122,6 +136,7 @@ pub async fn run(
             heartbeat_interval_s: cfg.opamp.heartbeat_interval_s,
         },
     );
+    started(&fleet);
     let token = CancellationToken::new();
     {
         let token = token.clone();
@@ -163,6 +178,7 @@ pub async fn run(
 
     log_audit_head(store.as_ref(), "at start").await;
     let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
+    let bus = tokio::spawn(events::run(fleet.clone(), events::TICK, token.clone()));
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
@@ -188,6 +204,7 @@ pub async fn run(
     .with_graceful_shutdown(async move { t2.cancelled().await });
     let (a, b) = tokio::join!(async move { opamp_srv.await }, async move { api_srv.await });
     sweeper.abort();
+    bus.abort();
     // Sessions saw the same cancellation and are sending Close frames; give them a bounded
     // time so a stuck peer cannot hold the shutdown.
     sessions.close();

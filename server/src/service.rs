@@ -11,7 +11,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use tokio::sync::broadcast;
+
 use crate::commands::{self, CommandError};
+use crate::events::{Event, Events};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::{
@@ -269,6 +272,12 @@ pub struct Fleet {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     settings: FleetSettings,
+    /// The event bus (see [`crate::events`]).
+    events: Arc<Events>,
+    /// Rung after each audited change, so the audit tail runs at once.
+    audit_wake: Arc<tokio::sync::Notify>,
+    /// The last audit record sent on the bus (`None`: the tail has not started).
+    audit_sent: Arc<tokio::sync::Mutex<Option<i64>>>,
 }
 
 const SCAN_PAGE: usize = 1000;
@@ -287,7 +296,84 @@ impl Fleet {
             hub,
             metrics,
             settings,
+            events: Arc::new(Events::default()),
+            audit_wake: Arc::new(tokio::sync::Notify::new()),
+            audit_sent: Arc::new(tokio::sync::Mutex::new(None)),
         }
+    }
+
+    /// A receiver of every fleet event from now on (see [`crate::events`] and
+    /// docs/ARCHITECTURE.md for the types and their fields).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+
+    /// Resolves when an audited change was made since the last call (for the audit tail).
+    pub async fn audit_appended(&self) {
+        self.audit_wake.notified().await
+    }
+
+    fn audited(&self) {
+        self.audit_wake.notify_one();
+    }
+
+    /// Sends an `audit` event for every record appended since the last call, whichever path
+    /// appended it (the service, a protocol session, another helper's code): the trail is read
+    /// by id, so none is missed and none is sent twice. The first call only takes the head.
+    pub async fn tail_audit(&self) {
+        let mut sent = self.audit_sent.lock().await;
+        let Some(last) = *sent else {
+            let head = self
+                .store
+                .query_audit(&AuditFilter {
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await;
+            match head {
+                Ok(r) => *sent = Some(r.first().map_or(0, |r| r.id)),
+                Err(e) => tracing::warn!(error = %e, "event bus: could not read the audit head"),
+            }
+            return;
+        };
+        let mut last = last;
+        loop {
+            let recs = match self.store.audit_chain(last, 1000).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event bus: could not read new audit records");
+                    break;
+                }
+            };
+            for r in &recs {
+                last = r.id;
+                self.events.emit(
+                    "audit",
+                    r.ts,
+                    json!({"id": r.id, "actor": r.actor, "channel": r.channel.as_str(),
+                           "operation": r.operation, "targets": r.targets,
+                           "outcome": r.outcome, "ref_id": r.ref_id}),
+                );
+            }
+            if recs.len() < 1000 {
+                break;
+            }
+        }
+        *sent = Some(last);
+    }
+
+    /// Announces a two-person confirmation request or its decision on the bus (for the
+    /// approvals flow of the guard-rails issue; the console's approvals page and the chat
+    /// gateways listen). `status`: `pending`, `approved`, `rejected` or `expired`.
+    pub fn confirmation_event(&self, id: &str, operation: &str, requested_by: &str, status: &str) {
+        self.events.emit(
+            "confirmation",
+            now_ms(),
+            json!({"id": id, "operation": operation, "requested_by": requested_by, "status": status}),
+        );
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -536,13 +622,18 @@ impl Fleet {
         let mut audit = NewAudit::new(caller, op);
         audit.targets = vec![uid.to_string()];
         audit.params = json!({"key": key, "value": value});
-        self.store
+        let rec = self
+            .store
             .set_label(uid, key, value, audit)
             .await?
             .ok_or_else(|| FleetError::NotFound {
                 what: "agent",
                 id: uid.to_string(),
-            })
+            })?;
+        self.events
+            .label_changed(uid, key, value, &caller.actor, rec.ts);
+        self.audited();
+        Ok(rec)
     }
 
     /// The command kinds, their parameter schemas and how many known agents can run each.
@@ -825,6 +916,8 @@ impl Fleet {
                     .await?;
                 cmd.audit_id = Some(rec.id);
                 self.hub.notify(uid);
+                self.events.command(&cmd, None, now);
+                self.audited();
                 Ok(Queued::One(cmd))
             }
             Some(q) => {
@@ -855,6 +948,17 @@ impl Fleet {
                     c.audit_id = Some(rec.id);
                     self.hub.notify(c.agent_uid);
                 }
+                self.events.emit(
+                    "batch.queued",
+                    now,
+                    json!({"batch_id": batch.id, "kind": kind.as_str(), "query": batch.query,
+                           "queued": cmds.len(), "skipped": batch.skipped.len(),
+                           "actor": caller.actor, "channel": caller.channel.as_str()}),
+                );
+                for c in &cmds {
+                    self.events.command(c, None, now);
+                }
+                self.audited();
                 Ok(Queued::Batch(batch, cmds))
             }
         }
@@ -874,12 +978,17 @@ impl Fleet {
             error: Some(format!("cancelled by {}", caller.actor)),
             at: now_ms(),
         };
+        let at = finish.at;
         match self
             .store
             .finish_command(id, &[CommandStatus::Queued], finish, Some(audit))
             .await?
         {
-            Some(c) => Ok(c),
+            Some(c) => {
+                self.events.command(&c, Some(CommandStatus::Queued), at);
+                self.audited();
+                Ok(c)
+            }
             None => {
                 let now = self.command(caller, id).await?;
                 Err(FleetError::Conflict(format!(
@@ -1004,6 +1113,7 @@ impl Fleet {
                     .observe(((now - c.created_at).max(0) as f64) / 1000.0);
                 c.status = CommandStatus::Sent;
                 c.sent_at = Some(now);
+                self.events.command(&c, Some(CommandStatus::Queued), now);
                 out.push(c);
             }
         }
@@ -1012,7 +1122,9 @@ impl Fleet {
 
     /// Puts a claimed command back in the queue when it could not be written to the agent.
     pub async fn unclaim(&self, cmd: &Command) -> FleetResult<()> {
-        self.store
+        let at = now_ms();
+        let back = self
+            .store
             .finish_command(
                 cmd.id,
                 &[CommandStatus::Sent],
@@ -1020,11 +1132,14 @@ impl Fleet {
                     to: CommandStatus::Queued,
                     result: None,
                     error: None,
-                    at: now_ms(),
+                    at,
                 },
                 None,
             )
             .await?;
+        if let Some(c) = back {
+            self.events.command(&c, Some(CommandStatus::Sent), at);
+        }
         Ok(())
     }
 
@@ -1049,10 +1164,16 @@ impl Fleet {
             outcome: finish.to.as_str().into(),
             ref_id: cmd.audit_id,
         };
-        Ok(self
+        let at = finish.at;
+        let done = self
             .store
             .finish_command(cmd.id, from, finish, Some(audit))
-            .await?)
+            .await?;
+        if let Some(c) = &done {
+            self.events.command(c, Some(cmd.status), at);
+            self.audited();
+        }
+        Ok(done)
     }
 
     /// Expires queued commands past their TTL and sent commands with no result in time.

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
@@ -23,7 +22,6 @@ use tokio::sync::broadcast;
 
 use super::{Op, S};
 use crate::model::{now_ms, Millis};
-use crate::service::Fleet;
 
 /// How long a stream gathers changes before it sends them.
 pub const WINDOW: Duration = Duration::from_millis(1000);
@@ -44,22 +42,9 @@ pub fn topics_of(event: &Value) -> &'static [&'static str] {
 
 const ALL: [&str; 4] = ["agents", "commands", "audit", "approvals"];
 
-/// The bus, when this server has one.
-fn subscribe(fleet: &Fleet) -> Option<broadcast::Receiver<Arc<Value>>> {
-    let _ = fleet;
-    None
-}
-
 /// `GET /ui/events`.
 pub async fn events(State(st): State<S>, op: Op) -> Response {
-    let Some(rx) = subscribe(&st.fleet) else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "live updates are not available on this server; refresh the page",
-        )
-            .into_response();
-    };
-    Sse::new(changes(rx, op.session.expires_at, WINDOW))
+    Sse::new(changes(st.fleet.subscribe(), op.session.expires_at, WINDOW))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
 }

@@ -305,6 +305,7 @@ pub async fn handle(
             Ok(true) => {
                 sh.moved.insert(old, now);
                 sh.untouch(&old);
+                fleet.events().renamed(old, uid);
                 tracing::info!(%old, new = %uid, %remote, "agent adopted its new instance uid");
             }
             Ok(false) => {
@@ -402,6 +403,7 @@ pub async fn handle(
                 .flatten()
                 .filter(|s| Some(*s) != p.beat.secs());
             sh.touch(uid, now, msg.sequence_num, learnt);
+            fleet.events().heard(uid, now, learnt);
             link.peer = Some(Peer {
                 seq: msg.sequence_num,
                 caps,
@@ -476,6 +478,9 @@ pub async fn handle(
             }
             timed(fleet.store().put_agent(&after)).await?;
             sh.untouch(&uid);
+            fleet
+                .events()
+                .agent_written(existed.then_some(&before), &after, now);
             if existed {
                 settle_from(sh, &before, &after, msg, now).await?;
             } else if has_desc {

@@ -380,8 +380,15 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
                     .set_connected(uid, false, None, None, last_heard),
             )
             .await;
-            if let Err(e) = res {
-                tracing::warn!(%uid, error = %e, "could not record the agent's disconnection");
+            match res {
+                Err(e) => {
+                    tracing::warn!(%uid, error = %e, "could not record the agent's disconnection")
+                }
+                // Reconnected already on another connection: that is not a disconnection.
+                Ok(()) if !hub.is_bound(uid) => {
+                    sh.ctx.fleet.events().connection_closed(uid, now_ms())
+                }
+                Ok(()) => {}
             }
         }
         tracing::debug!(%uid, remote = ?remote, "OpAMP WebSocket closed");

@@ -4,6 +4,7 @@
 mod auth;
 mod console;
 mod console_browser;
+mod events;
 mod flaky;
 mod fluent_opamp;
 mod mcp;

@@ -35,12 +35,12 @@ const SERVER_CAPS: u64 = 0x27;
 
 // ---------------------------------------------------------------- message builders
 
-fn new_uid() -> Uuid {
+pub(crate) fn new_uid() -> Uuid {
     Uuid::now_v7()
 }
 
 /// A full status report (the first message an agent sends).
-fn full(uid: Uuid, seq: u64, caps: u64) -> AgentToServer {
+pub(crate) fn full(uid: Uuid, seq: u64, caps: u64) -> AgentToServer {
     AgentToServer {
         instance_uid: uid.as_bytes().to_vec(),
         sequence_num: seq,
@@ -63,7 +63,7 @@ fn full(uid: Uuid, seq: u64, caps: u64) -> AgentToServer {
 }
 
 /// A heartbeat: uid and sequence number only.
-fn beat(uid: Uuid, seq: u64) -> AgentToServer {
+pub(crate) fn beat(uid: Uuid, seq: u64) -> AgentToServer {
     AgentToServer {
         instance_uid: uid.as_bytes().to_vec(),
         sequence_num: seq,
@@ -104,7 +104,7 @@ async fn post_raw(
 }
 
 /// POSTs a message and decodes the 200 reply.
-async fn post(server: &TestServer, msg: &AgentToServer) -> ServerToAgent {
+pub(crate) async fn post(server: &TestServer, msg: &AgentToServer) -> ServerToAgent {
     let resp = post_raw(server, msg.encode_to_vec(), &[]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
@@ -121,7 +121,7 @@ type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A WebSocket agent whose frames are read by a background task, as real agents do (opamp-go
 /// and the supervisor read continuously), so the server's pings are answered at any time.
-struct Ws {
+pub(crate) struct Ws {
     sink: futures_util::stream::SplitSink<WsStream, WsMessage>,
     frames: tokio::sync::mpsc::UnboundedReceiver<WsMessage>,
     reader: tokio::task::JoinHandle<()>,
@@ -135,7 +135,7 @@ impl Drop for Ws {
 }
 
 impl Ws {
-    async fn connect(server: &TestServer) -> Ws {
+    pub(crate) async fn connect(server: &TestServer) -> Ws {
         Ws::answering(Ws::connect_raw(server).await)
     }
 
@@ -191,7 +191,7 @@ impl Ws {
     }
 
     /// The next ServerToAgent; checks the 0x00 header.
-    async fn recv(&mut self) -> ServerToAgent {
+    pub(crate) async fn recv(&mut self) -> ServerToAgent {
         match self.frame().await {
             Some(WsMessage::Binary(b)) => {
                 assert_eq!(
@@ -210,7 +210,7 @@ impl Ws {
         tokio::time::timeout(d, self.frames.recv()).await.is_err()
     }
 
-    async fn request(&mut self, msg: &AgentToServer) -> ServerToAgent {
+    pub(crate) async fn request(&mut self, msg: &AgentToServer) -> ServerToAgent {
         self.send(msg).await;
         self.recv().await
     }
@@ -1355,7 +1355,7 @@ async fn ws_command_is_delivered_at_once_and_exactly_once() {
     server.stop().await;
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

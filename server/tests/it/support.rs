@@ -22,6 +22,8 @@ pub struct TestServer {
     pub api: SocketAddr,
     pub data_dir: PathBuf,
     pub config: Config,
+    /// The server's fleet service, for tests of its event bus.
+    pub fleet: flotilla_server::service::Fleet,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     // Kept so the directory outlives the server; `None` when the caller owns the directory.
@@ -86,18 +88,24 @@ impl TestServer {
         let api = api_l.local_addr().unwrap();
         let store = wrap(flotilla_server::open_store(&v.config).await.expect("store"));
         let (tx, rx) = oneshot::channel::<()>();
+        let (fleet_tx, fleet_rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            flotilla_server::run(v, store, opamp_l, api_l, async move {
+            let shutdown = async move {
                 let _ = rx.await;
+            };
+            flotilla_server::run_observed(v, store, opamp_l, api_l, shutdown, |f| {
+                let _ = fleet_tx.send(f.clone());
             })
             .await
             .expect("server run");
         });
+        let fleet = fleet_rx.await.expect("the server started");
         TestServer {
             opamp,
             api,
             data_dir,
             config,
+            fleet,
             stop: Some(tx),
             task: Some(task),
             _tmp: None,
