@@ -159,7 +159,7 @@ impl Tokens {
                 t.trim().to_string()
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(data_dir).map_err(gen_err)?;
+                crate::store::private_dir(data_dir).map_err(gen_err)?;
                 let token = generate_token();
                 write_private(&path, &token).map_err(gen_err)?;
                 tracing::info!(

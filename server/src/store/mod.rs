@@ -28,6 +28,68 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Makes `dir` (created if missing, parents included) owner-only, 0700: it holds agents'
+/// effective configs, which often carry output credentials. An existing directory open to
+/// others is tightened with a warning; one we may not chmod (another owner) is warned about.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        tighten(dir, 0o700, "data directory");
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+/// Creates `path` empty with mode 0600 if it does not exist, and tightens it if it does. SQLite
+/// gives its `-wal` and `-shm` files the mode of the database file, so creating the database
+/// owner-only keeps those owner-only too.
+pub fn private_file(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                tighten(path, 0o600, "database file")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// If `path` exists and grants group or other users any access, sets it to `mode`.
+#[cfg(unix)]
+pub(crate) fn tighten(path: &std::path::Path, mode: u32, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return;
+    };
+    let old = m.permissions().mode() & 0o777;
+    if old & 0o077 == 0 {
+        return;
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => tracing::warn!(path = %path.display(), old = format!("{old:o}"),
+            new = format!("{mode:o}"), "the {what} was open to other users; made it owner-only"),
+        Err(e) => tracing::warn!(path = %path.display(), old = format!("{old:o}"), error = %e,
+            "the {what} is open to other users and could not be made owner-only; fix its mode"),
+    }
+}
+
 /// A liveness update batched by the server and written periodically (heartbeats only; any
 /// change of reported status is written at once with [`Store::put_agent`]).
 #[derive(Debug, Clone, PartialEq)]

@@ -149,6 +149,13 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
     ),
 ];
 
+/// `flotilla.db-wal` and the like: SQLite's companion files, next to the database.
+fn wal_path(db: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(suffix);
+    p.into()
+}
+
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -159,7 +166,13 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) `data_dir/flotilla.db` and brings its schema up to date.
     pub async fn open(data_dir: &Path) -> StoreResult<SqliteStore> {
-        std::fs::create_dir_all(data_dir)?;
+        super::private_dir(data_dir)?;
+        let db = data_dir.join(DB_FILE);
+        super::private_file(&db)?;
+        #[cfg(unix)]
+        for suffix in ["-wal", "-shm"] {
+            super::tighten(&wal_path(&db, suffix), 0o600, "database file");
+        }
         let options = SqliteConnectOptions::new()
             .filename(data_dir.join(DB_FILE))
             .create_if_missing(true)

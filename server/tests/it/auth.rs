@@ -89,3 +89,55 @@ async fn remote_config_file_names_are_checked_at_queue_time() {
     assert_eq!(s, 202, "{v}");
     server.stop().await;
 }
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Defect 4: the data directory is created 0700 and the database with its `-wal` and `-shm`
+/// files 0600; an existing deployment's 0755/0644 files are tightened at start.
+#[tokio::test]
+async fn data_directory_and_database_are_owner_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Created from nothing by the store.
+    let fresh = tmp.path().join("fresh/data");
+    let cfg = flotilla_server::config::Config {
+        data_dir: fresh.clone(),
+        ..Default::default()
+    };
+    let store = flotilla_server::open_store(&cfg).await.expect("store");
+    let db = fresh.join("flotilla.db");
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    for f in ["flotilla.db-wal", "flotilla.db-shm"] {
+        assert_eq!(mode(&fresh.join(f)), 0o600, "{f}");
+    }
+    drop(store);
+
+    // A running server, on a directory the harness made with the default umask, and after a
+    // write (the WAL and shared-memory files exist then).
+    let dir = tmp.path().join("served");
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = TestServer::start_in(dir.clone(), |_| {}).await;
+    register_agent(&server, &[("service.name", "fluent-bit")], RC_CAPS, &[]).await;
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["flotilla.db", "flotilla.db-wal", "flotilla.db-shm"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    server.stop().await;
+
+    // Files left open by an older version are tightened at the next start.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = dir.join("flotilla.db");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = TestServer::start_in(dir.clone(), |_| {}).await;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    server.stop().await;
+}
