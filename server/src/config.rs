@@ -44,7 +44,9 @@ pub struct OpampConfig {
     pub path: String,
     /// Largest accepted AgentToServer, after decompression, and largest ServerToAgent sent.
     pub max_message_bytes: usize,
-    /// Most agent connections (WebSocket) open at once; more get HTTP 503 + Retry-After.
+    /// Most agent connections (WebSocket) open at once; more get HTTP 503 + Retry-After. The
+    /// agent listener holds at most `max_connections + max_in_flight` TCP connections (closing
+    /// any more as they arrive), fewer if the open-file limit cannot hold them.
     pub max_connections: usize,
     /// Most plain-HTTP OpAMP requests processed at once; more get HTTP 429 + Retry-After.
     pub max_in_flight: usize,
@@ -67,6 +69,13 @@ pub struct OpampConfig {
     /// File with bearer tokens agents must present (one per line); unset means agents need no
     /// token.
     pub agent_tokens_file: Option<PathBuf>,
+    /// A new connection must send a complete request head within this many seconds, and an
+    /// idle keep-alive connection its next one; otherwise it is closed (idle and slowloris
+    /// connections). An upgraded WebSocket is watched by `ws_idle_ping_s` instead.
+    pub header_read_timeout_s: u64,
+    /// A request body must arrive in full within this many seconds of its head (a stalled
+    /// upload gets 408 and its connection closed).
+    pub body_read_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -79,6 +88,13 @@ pub struct ApiConfig {
     pub tokens_file: Option<PathBuf>,
     /// Largest accepted JSON request body, bytes.
     pub max_body_bytes: usize,
+    /// Operator connections open at once; more are closed as they arrive. Its own budget, so a
+    /// flood of the agent port cannot take the operator listener's descriptors.
+    pub max_connections: usize,
+    /// As `opamp.header_read_timeout_s`, for the operator listener.
+    pub header_read_timeout_s: u64,
+    /// As `opamp.body_read_timeout_s`, for the operator listener.
+    pub body_read_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -180,6 +196,8 @@ impl Default for OpampConfig {
             ws_idle_ping_s: 90,
             ws_pong_timeout_s: 10,
             agent_tokens_file: None,
+            header_read_timeout_s: 30,
+            body_read_timeout_s: 60,
         }
     }
 }
@@ -190,6 +208,9 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8080".into(),
             tokens_file: None,
             max_body_bytes: 1024 * 1024,
+            max_connections: 1024,
+            header_read_timeout_s: 30,
+            body_read_timeout_s: 60,
         }
     }
 }
@@ -461,6 +482,22 @@ impl Config {
                 "opamp.ws_pong_timeout_s = {} must be between 1 and 600 seconds",
                 self.opamp.ws_pong_timeout_s
             ));
+        }
+        for (name, v) in [
+            (
+                "opamp.header_read_timeout_s",
+                self.opamp.header_read_timeout_s,
+            ),
+            ("opamp.body_read_timeout_s", self.opamp.body_read_timeout_s),
+            ("api.header_read_timeout_s", self.api.header_read_timeout_s),
+            ("api.body_read_timeout_s", self.api.body_read_timeout_s),
+        ] {
+            if !(1..=3600).contains(&v) {
+                p.push(format!("{name} = {v} must be between 1 and 3600 seconds"));
+            }
+        }
+        if self.api.max_connections == 0 {
+            p.push("api.max_connections must be at least 1".into());
         }
         for (name, v) in [
             (

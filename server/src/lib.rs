@@ -12,6 +12,7 @@ pub mod hub;
 pub mod mcp_backend;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod opamp;
 pub mod query;
 pub mod rest;
@@ -190,19 +191,10 @@ pub async fn run_observed(
     if cfg.console.enabled {
         tracing::info!("web console at http://{}/", api.local_addr()?);
     }
-    let t1 = token.clone();
-    let t2 = token.clone();
-    let opamp_srv = axum::serve(
-        opamp,
-        opamp_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { t1.cancelled().await });
-    let api_srv = axum::serve(
-        api,
-        rest_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { t2.cancelled().await });
-    let (a, b) = tokio::join!(async move { opamp_srv.await }, async move { api_srv.await });
+    let (agent_limits, operator_limits) = listener_limits(&cfg);
+    let opamp_srv = net::serve(opamp, opamp_app, agent_limits, token.clone());
+    let api_srv = net::serve(api, rest_app, operator_limits, token.clone());
+    let (a, b) = tokio::join!(opamp_srv, api_srv);
     sweeper.abort();
     bus.abort();
     // Sessions saw the same cancellation and are sending Close frames; give them a bounded
@@ -227,6 +219,43 @@ pub async fn run_observed(
     a?;
     b?;
     Ok(())
+}
+
+/// Each listener's limits. Raises the open-file limit first and, if it still cannot hold both
+/// listeners' caps, lowers the agent listener's: the operator listener must stay reachable
+/// whatever the agent port receives.
+fn listener_limits(cfg: &config::Config) -> (net::Limits, net::Limits) {
+    let wanted = cfg
+        .opamp
+        .max_connections
+        .saturating_add(cfg.opamp.max_in_flight);
+    let agent_cap = match net::raise_fd_limit() {
+        Ok(fd) => {
+            let (cap, warning) = net::agent_budget(fd.soft, wanted, cfg.api.max_connections);
+            if let Some(w) = warning {
+                tracing::warn!(soft = fd.soft, hard = fd.hard, "{w}");
+            }
+            cap
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit; connection caps unchanged");
+            wanted
+        }
+    };
+    (
+        net::Limits {
+            name: "agent",
+            max_connections: agent_cap,
+            header_read_timeout: Duration::from_secs(cfg.opamp.header_read_timeout_s),
+            body_read_timeout: Duration::from_secs(cfg.opamp.body_read_timeout_s),
+        },
+        net::Limits {
+            name: "operator",
+            max_connections: cfg.api.max_connections,
+            header_read_timeout: Duration::from_secs(cfg.api.header_read_timeout_s),
+            body_read_timeout: Duration::from_secs(cfg.api.body_read_timeout_s),
+        },
+    )
 }
 
 /// Logs the newest audit record's id and hash. Shipped with the logs, these lines are anchors

@@ -35,6 +35,8 @@ pub enum BodyError {
     UnsupportedEncoding(String),
     #[error("reading the request body failed: {0}")]
     Read(String),
+    #[error("{0}")]
+    Timeout(String),
 }
 
 /// Serves one plain-HTTP OpAMP request (auth was checked by the caller).
@@ -47,16 +49,6 @@ pub async fn serve(
 ) -> Response {
     let cfg = &sh.ctx.cfg;
     let metrics = sh.ctx.fleet.metrics().clone();
-    // try_acquire, not a queue: a burst beyond capacity is told to come back, it does not pile
-    // up memory and latency here.
-    let Ok(_permit) = sh.in_flight.clone().try_acquire_owned() else {
-        metrics.reject("overload");
-        return retry_later(
-            StatusCode::TOO_MANY_REQUESTS,
-            cfg.retry_after_s,
-            "too many OpAMP requests in flight",
-        );
-    };
     let limit = cfg.max_message_bytes;
     let bytes = match read_message(&headers, body, limit).await {
         Ok(b) => b,
@@ -67,11 +59,27 @@ pub async fn serve(
                     StatusCode::PAYLOAD_TOO_LARGE
                 }
                 BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                BodyError::Timeout(_) => {
+                    metrics.reject("body_timeout");
+                    StatusCode::REQUEST_TIMEOUT
+                }
                 BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
             };
             tracing::warn!(remote = ?remote, error = %e, "refused OpAMP HTTP request");
             return text(status, e.to_string());
         }
+    };
+    // The slot is taken only now, with the whole body in hand: a client that trickles its body
+    // (or never sends it) holds a connection until the body read timeout, never a slot that
+    // a real agent needs. try_acquire, not a queue: a burst beyond capacity is told to come
+    // back, it does not pile up memory and latency here.
+    let Ok(_permit) = sh.in_flight.clone().try_acquire_owned() else {
+        metrics.reject("overload");
+        return retry_later(
+            StatusCode::TOO_MANY_REQUESTS,
+            cfg.retry_after_s,
+            "too many OpAMP requests in flight",
+        );
     };
     let msg = match AgentToServer::decode(bytes.as_slice()) {
         Ok(m) => m,
@@ -206,7 +214,13 @@ async fn read_message(headers: &HeaderMap, body: Body, limit: usize) -> Result<V
     let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+        let chunk = chunk.map_err(|e| {
+            if crate::net::is_body_timeout(&e) {
+                BodyError::Timeout(e.to_string())
+            } else {
+                BodyError::Read(e.to_string())
+            }
+        })?;
         if buf.len() + chunk.len() > raw_limit {
             return Err(BodyError::TooLarge(limit));
         }

@@ -8,6 +8,7 @@ mod events;
 mod flaky;
 mod fluent_opamp;
 mod mcp;
+mod net;
 mod opamp;
 mod rest;
 mod support;

@@ -17,7 +17,6 @@ use flotilla_server::store::sqlite::SqliteStore;
 use flotilla_server::store::Store;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -1090,22 +1089,47 @@ async fn a_poll_abandoned_mid_delivery_puts_its_command_back() {
 
 #[tokio::test]
 async fn too_many_http_requests_in_flight_get_429_with_retry_after() {
-    let server = TestServer::start_with(|c| {
-        c.opamp.max_in_flight = 1;
-        c.opamp.retry_after_s = 31;
-    })
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    let slow = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let knob = slow.clone();
+    let server = TestServer::start_wrapped(
+        |c| {
+            c.opamp.max_in_flight = 1;
+            c.opamp.retry_after_s = 31;
+        },
+        move |inner| {
+            let mut s = crate::flaky::FlakyStore::wrapping(inner, Arc::default());
+            s.slow_get_ms = knob;
+            Arc::new(s)
+        },
+    )
     .await;
-    // A request whose body never finishes holds the only permit.
-    let mut slow = TcpStream::connect(server.opamp).await.unwrap();
-    let head = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-protobuf\r\nContent-Length: 100\r\n\r\n\x0a",
-        server.config.opamp.path, server.opamp
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
+    // A request being processed (a slow store) holds the only slot. (A request whose body is
+    // still arriving holds none: see net.rs, stalled uploads.)
+    slow.store(3_000, Ordering::SeqCst);
     let body = full(new_uid(), 0, REPORTS_STATUS).encode_to_vec();
+    let busy = {
+        let url = server.opamp_http_url();
+        let body = body.clone();
+        tokio::spawn(async move {
+            http()
+                .post(url)
+                .header("Content-Type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
     let deadline = tokio::time::Instant::now() + WAIT;
     let resp = loop {
-        let resp = post_raw(&server, body.clone(), &[]).await;
+        let resp = post_raw(
+            &server,
+            full(new_uid(), 0, REPORTS_STATUS).encode_to_vec(),
+            &[],
+        )
+        .await;
         if resp.status() == 429 {
             break resp;
         }
@@ -1113,18 +1137,13 @@ async fn too_many_http_requests_in_flight_get_429_with_retry_after() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(resp.headers()["retry-after"], "31");
-    drop(slow);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if post_raw(&server, body.clone(), &[]).await.status() == 200 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "permit never returned"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    slow.store(0, Ordering::SeqCst);
+    assert_eq!(busy.await.unwrap().unwrap(), 200);
+    assert_eq!(
+        post_raw(&server, body, &[]).await.status(),
+        200,
+        "slot returned"
+    );
     server.stop().await;
 }
 
