@@ -209,6 +209,25 @@ fn labels_section(op: &Op, a: &Agent) -> Markup {
     html! {
         section #labels aria-labelledby="labels-h" {
             h2 #labels-h { "Labels" }
+            (layout::live("agent-labels", "agents", label_list(op, a)))
+            @if op.can_change() {
+                form.row method="post" action={"/ui/agents/" (a.uid) "/labels"} {
+                    (layout::csrf_field(op))
+                    label for="label-key" { "Key" }
+                    input #label-key name="key" required maxlength="63" pattern="[A-Za-z0-9._/-]+";
+                    label for="label-value" { "Value" }
+                    input #label-value name="value" maxlength="256";
+                    button type="submit" { "Set label" }
+                }
+            }
+        }
+    }
+}
+
+/// The labels themselves: a live region (a label set elsewhere appears), apart from the form
+/// so a re-render never clears what the operator is typing.
+fn label_list(op: &Op, a: &Agent) -> Markup {
+    html! {
             @if a.labels.is_empty() { p.muted { "No labels." } }
             @else {
                 table.kv {
@@ -232,17 +251,6 @@ fn labels_section(op: &Op, a: &Agent) -> Markup {
                     }
                 }
             }
-            @if op.can_change() {
-                form.row method="post" action={"/ui/agents/" (a.uid) "/labels"} {
-                    (layout::csrf_field(op))
-                    label for="label-key" { "Key" }
-                    input #label-key name="key" required maxlength="63" pattern="[A-Za-z0-9._/-]+";
-                    label for="label-value" { "Value" }
-                    input #label-value name="value" maxlength="256";
-                    button type="submit" { "Set label" }
-                }
-            }
-        }
     }
 }
 

@@ -485,3 +485,205 @@ async fn searches_show_errors_inline_and_the_audit_page_verifies_the_chain() {
     assert_eq!(v["intact"], true);
     server.stop().await;
 }
+
+/// An open `/ui/events` stream read as the browser's EventSource would.
+struct Sse {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Sse {
+    async fn open(c: &Console) -> Sse {
+        let resp = c
+            .http
+            .get(format!("{}/ui/events", c.base))
+            .header("cookie", c.cookie_header())
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .expect("GET /ui/events");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Sse {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next message's `(event, data)`, skipping keep-alive comments; `None` at the end of
+    /// the stream or after `wait` with nothing.
+    async fn next(&mut self, wait: std::time::Duration) -> Option<(String, String)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(i) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..i + 2).collect();
+                let (mut event, mut data) = (String::from("message"), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if block.lines().all(|l| l.starts_with(':') || l.is_empty()) {
+                    continue;
+                }
+                return Some((event, data));
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.resp.chunk()).await {
+                Ok(Ok(Some(b))) => self.buf.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reconnect_storm_is_one_live_message_per_window() {
+    use std::time::Duration;
+    let server = TestServer::start().await;
+    let mut c = Console::new(&server);
+    c.login(VIEWER_TOKEN).await;
+    let mut sse = Sse::open(&c).await;
+    // What the login itself caused (its audit record) passes first; then all is quiet.
+    while sse.next(Duration::from_millis(2500)).await.is_some() {}
+
+    // A storm: 300 agents register (several events each) and labels change, for ~2.5 s.
+    let started = tokio::time::Instant::now();
+    let storm = {
+        let server_opamp = server.opamp_http_url();
+        let api = server.rest();
+        tokio::spawn(async move {
+            let mut uids = Vec::new();
+            for wave in 0..5 {
+                let mut set = tokio::task::JoinSet::new();
+                for i in 0..60 {
+                    let url = server_opamp.clone();
+                    set.spawn(async move {
+                        use flotilla_proto::Message;
+                        let uid = Uuid::now_v7();
+                        let msg = crate::support::agent_status(
+                            uid,
+                            0,
+                            &[
+                                ("service.name", "fluent-bit"),
+                                ("host.name", &format!("storm-{wave}-{i}")),
+                            ],
+                            Cap::ReportsStatus as u64,
+                            &[],
+                        );
+                        let r = reqwest::Client::new()
+                            .post(url)
+                            .header("Content-Type", "application/x-protobuf")
+                            .body(msg.encode_to_vec())
+                            .send()
+                            .await
+                            .expect("OpAMP post");
+                        assert_eq!(r.status(), 200);
+                        uid
+                    });
+                }
+                while let Some(u) = set.join_next().await {
+                    uids.push(u.unwrap());
+                }
+                let (s, _) = api
+                    .put(
+                        &format!("/api/v1/agents/{}/labels/wave", uids[0]),
+                        serde_json::json!({"value": wave.to_string()}),
+                    )
+                    .await;
+                assert_eq!(s, 200);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            uids.len()
+        })
+    };
+    let mut got = Vec::new();
+    // Until quiet for 2.5 s: the storm is over and flushed.
+    while let Some(m) = sse.next(Duration::from_millis(2500)).await {
+        got.push((tokio::time::Instant::now(), m));
+    }
+    assert_eq!(storm.await.unwrap(), 300);
+    let span = got.last().unwrap().0 - started;
+    // Each message waits one 1 s window after the first event it carries.
+    assert!(
+        got.len() as u128 <= span.as_millis() / 1000 + 1,
+        "{} messages in {span:?}: {got:?}",
+        got.len()
+    );
+    for w in got.windows(2) {
+        assert!(
+            w[1].0 - w[0].0 >= Duration::from_millis(900),
+            "messages closer than a window: {got:?}"
+        );
+    }
+    let mut topics = std::collections::BTreeSet::new();
+    for (_, (event, data)) in &got {
+        assert_eq!(event, "change");
+        let v: Value = serde_json::from_str(data).unwrap();
+        for t in v["topics"].as_array().unwrap() {
+            topics.insert(t.as_str().unwrap().to_string());
+        }
+    }
+    assert!(
+        topics.contains("agents") && topics.contains("audit"),
+        "{topics:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_live_stream_says_expired_when_the_session_ends() {
+    use std::time::Duration;
+    // The shortest session the configuration allows.
+    let server = TestServer::start_with(|c| c.console.session_ttl_s = 60).await;
+    let mut c = Console::new(&server);
+    c.login(VIEWER_TOKEN).await;
+    let opened = tokio::time::Instant::now();
+    let mut sse = Sse::open(&c).await;
+    let (event, _) = sse
+        .next(Duration::from_secs(75))
+        .await
+        .expect("a message before the stream ends");
+    assert_eq!(event, "expired");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(55),
+        "{:?}",
+        opened.elapsed()
+    );
+    assert!(
+        sse.next(Duration::from_secs(5)).await.is_none(),
+        "the stream ends"
+    );
+    // And the expired session opens no new stream.
+    let r = c
+        .http
+        .get(format!("{}/ui/events", c.base))
+        .header("cookie", c.cookie_header())
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_live_stream_ends_when_the_server_stops() {
+    use std::time::Duration;
+    let server = TestServer::start().await;
+    let mut c = Console::new(&server);
+    c.login(VIEWER_TOKEN).await;
+    let mut sse = Sse::open(&c).await;
+    // The graceful stop is not held by the open stream: it ends with `shutdown`.
+    let stopping = tokio::spawn(server.stop());
+    let (event, _) = sse.next(Duration::from_secs(10)).await.expect("shutdown");
+    assert_eq!(event, "shutdown");
+    tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("the server stopped")
+        .unwrap();
+}

@@ -512,6 +512,68 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(b.count("table.agents tbody tr").await, 5);
     b.check("fleet").await;
 
+    // ---- changes made elsewhere appear on the open page, without reloading it ----
+    b.c.execute("window.__noReload = 1;", vec![]).await.unwrap();
+    b.until(
+        "live updates on",
+        "document.getElementById('live-status').dataset.state === 'on'",
+    )
+    .await;
+    // An agent connects...
+    let cache = register_agent(
+        &server,
+        &[("service.name", "fluent-bit"), ("host.name", "cache-1")],
+        Cap::ReportsStatus as u64,
+        &[],
+    )
+    .await;
+    b.until(
+        "the new agent's row",
+        &format!("document.querySelector(\"tr[data-uid='{cache}']\") !== null"),
+    )
+    .await;
+    assert_eq!(b.text("#total").await, "6");
+    // ...and an operator labels it over REST.
+    let (s, _) = rest
+        .put(
+            &format!("/api/v1/agents/{cache}/labels/tier"),
+            serde_json::json!({"value": "edge"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    b.until(
+        "the label in its row",
+        &format!(
+            "(document.querySelector(\"tr[data-uid='{cache}'] td.labels\") || {{}}).textContent \
+             .indexOf('tier=edge') >= 0"
+        ),
+    )
+    .await;
+    b.until("no reload", "window.__noReload === 1").await;
+    b.go(&format!("/ui/agents/{cache}")).await;
+    b.c.execute("window.__noReload = 1;", vec![]).await.unwrap();
+    b.until(
+        "live updates on",
+        "document.getElementById('live-status').dataset.state === 'on'",
+    )
+    .await;
+    let (s, _) = rest
+        .put(
+            &format!("/api/v1/agents/{cache}/labels/zone"),
+            serde_json::json!({"value": "eu-1"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    b.until(
+        "the label on the agent page",
+        "document.getElementById('agent-labels').textContent.indexOf('eu-1') >= 0",
+    )
+    .await;
+    b.until("no reload", "window.__noReload === 1").await;
+    rest.delete(&format!("/api/v1/agents/{cache}/labels/tier"))
+        .await;
+    b.go("/ui/fleet").await;
+
     // ---- search narrows the table, as you type ----
     b.c.execute("window.__noReload = 1;", vec![]).await.unwrap();
     type_into(&b, "#q", "host:web-*").await;
@@ -579,20 +641,16 @@ async fn the_console_in_a_real_browser() {
         "location.pathname.startsWith('/ui/commands/0')",
     )
     .await;
-    // STEP1: live updates arrive with the fleet event bus; until then the page is reloaded.
+    // The page is not reloaded: the command settles on it through the live stream.
+    b.c.execute("window.__noReload = 1;", vec![]).await.unwrap();
     let cmd_path = b.path().await;
     let id = cmd_path.trim_start_matches("/ui/commands/").to_string();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while rest.get(&format!("/api/v1/commands/{id}")).await.1["status"] != "succeeded" {
-        assert!(tokio::time::Instant::now() < deadline, "restart succeeded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    b.go(&cmd_path).await;
     b.until(
         "restart succeeded",
         "document.querySelector('#command-status [data-status]').dataset.status === 'succeeded'",
     )
     .await;
+    b.until("no reload", "window.__noReload === 1").await;
     let (_, c) = rest.get(&format!("/api/v1/commands/{id}")).await;
     assert_eq!(c["status"], "succeeded");
     assert_eq!(c["channel"], "console");
