@@ -307,7 +307,7 @@ async fn count_request(
     resp
 }
 
-/// Expires overdue commands every second.
+/// Expires overdue commands and re-wakes agents with undelivered ones, every second.
 async fn sweep_loop(fleet: Fleet, token: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -315,8 +315,15 @@ async fn sweep_loop(fleet: Fleet, token: CancellationToken) {
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tick.tick() => {
-                if let Err(e) = fleet.sweep(model::now_ms()).await {
+                let now = model::now_ms();
+                if let Err(e) = fleet.sweep(now).await {
                     tracing::warn!(error = %e, "command expiry sweep failed; will retry");
+                }
+                match fleet.redeliver(now).await {
+                    Ok((requeued, woken)) if requeued > 0 || woken > 0 => tracing::debug!(
+                        requeued, woken, "delivery sweep: unwritten commands requeued, agents woken"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "delivery sweep failed; will retry"),
                 }
             }
         }

@@ -278,6 +278,7 @@ pub struct Fleet {
     audit_wake: Arc<tokio::sync::Notify>,
     /// The last audit record sent on the bus (`None`: the tail has not started).
     audit_sent: Arc<tokio::sync::Mutex<Option<i64>>>,
+    deliveries: Arc<Deliveries>,
 }
 
 const SCAN_PAGE: usize = 1000;
@@ -299,6 +300,7 @@ impl Fleet {
             events: Arc::new(Events::default()),
             audit_wake: Arc::new(tokio::sync::Notify::new()),
             audit_sent: Arc::new(tokio::sync::Mutex::new(None)),
+            deliveries: Arc::default(),
         }
     }
 
@@ -1098,49 +1100,57 @@ impl Fleet {
 
     // ---- used by the OpAMP side and the sweeper, not by operator adapters ----
 
-    /// Claims the agent's due queued commands for delivery (each `queued → sent` exactly once)
-    /// in queue order, at most `limit`.
+    /// Claims the agent's due commands for delivery, in queue order, at most `limit`: first
+    /// those already claimed but not yet written ([`Fleet::park`]), otherwise queued ones
+    /// (`queued → sent`, each exactly once). Concurrent claims of many agents share one store
+    /// transaction ([`Deliveries`]), so a 10k fan-out is a few transactions, not 10k.
+    ///
+    /// Cancel-safe: if the caller stops waiting (a timeout, a dropped request), whatever the
+    /// claim took is parked for the agent and its session woken, never lost and never guessed
+    /// back into the queue.
     pub async fn claim_due(&self, agent: Uuid, limit: usize) -> FleetResult<Vec<Command>> {
-        let now = now_ms();
-        let mut out = Vec::new();
-        for mut c in self.store.queued_for(agent, limit).await? {
-            if c.expires_at <= now {
-                continue; // the sweeper expires it
-            }
-            if self.store.mark_sent(c.id, now).await? {
-                self.metrics
-                    .delivery_latency
-                    .observe(((now - c.created_at).max(0) as f64) / 1000.0);
-                c.status = CommandStatus::Sent;
-                c.sent_at = Some(now);
-                self.events.command(&c, Some(CommandStatus::Queued), now);
-                out.push(c);
-            }
+        let parked = self.deliveries.parked.take_parked(agent, limit);
+        if !parked.is_empty() {
+            return Ok(parked);
         }
-        Ok(out)
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let req = ClaimRequest {
+            agent,
+            limit,
+            reply,
+        };
+        self.deliveries.claimer(self).send(req).map_err(|_| {
+            FleetError::Store(StoreError::Io(std::io::Error::other("claimer stopped")))
+        })?;
+        // No await between receiving and disarming: the commands are either ours or parked.
+        Ok(rx
+            .await
+            .map_err(|_| {
+                FleetError::Store(StoreError::Io(std::io::Error::other("claimer stopped")))
+            })??
+            .into_commands())
     }
 
-    /// Puts a claimed command back in the queue when it could not be written to the agent.
-    pub async fn unclaim(&self, cmd: &Command) -> FleetResult<()> {
-        let at = now_ms();
-        let back = self
-            .store
-            .finish_command(
-                cmd.id,
-                &[CommandStatus::Sent],
-                Finish {
-                    to: CommandStatus::Queued,
-                    result: None,
-                    error: None,
-                    at,
-                },
-                None,
-            )
-            .await?;
-        if let Some(c) = back {
-            self.events.command(&c, Some(CommandStatus::Sent), at);
+    /// Keeps claimed commands that were not written to their agent (the write failed, the reply
+    /// had no room, the store failed half-way) first in line for its next delivery: its next
+    /// message, wake-up or poll, on any connection. Never fails and never waits, so it is safe
+    /// in `Drop` and after a timeout; what is not picked up within [`PARK_TTL`] goes back to the
+    /// queue ([`Fleet::redeliver`]). It wakes no one: the caller knows whether a retry is due.
+    pub fn park(&self, cmds: Vec<Command>) {
+        self.deliveries.parked.park(cmds);
+    }
+
+    /// True if commands claimed for `agent` wait to be written ([`Fleet::park`]).
+    pub fn has_parked(&self, agent: Uuid) -> bool {
+        self.deliveries.parked.has_parked(agent)
+    }
+
+    /// The agent's next due command without claiming it: a parked one, else the oldest queued.
+    pub async fn peek_due(&self, agent: Uuid) -> FleetResult<Option<Command>> {
+        if let Some(c) = self.deliveries.parked.peek_parked(agent) {
+            return Ok(Some(c));
         }
-        Ok(())
+        Ok(self.store.queued_for(agent, 1).await?.pop())
     }
 
     /// Records a command's outcome (from the agent, or the sweeper) with an audit record that
@@ -1176,6 +1186,47 @@ impl Fleet {
         Ok(done)
     }
 
+    /// Delivery upkeep, run with [`Fleet::sweep`]: parked commands nobody picked up within
+    /// [`PARK_TTL`] go back to the queue (one transaction; kept parked if it fails), and the
+    /// connected agents of commands still queued after [`REDELIVER_AFTER_MS`] are woken again
+    /// (a wake-up lost to a busy store or a full channel must not strand them). Returns how many
+    /// commands were requeued and how many sessions woken.
+    pub async fn redeliver(&self, now: Millis) -> FleetResult<(u64, usize)> {
+        let stale = self.deliveries.parked.take_stale(PARK_TTL);
+        let mut requeued = 0;
+        if !stale.is_empty() {
+            let claims: Vec<(Uuid, Millis)> = stale
+                .iter()
+                .filter_map(|c| c.sent_at.map(|at| (c.id, at)))
+                .collect();
+            match self.store.unclaim(&claims).await {
+                Ok(moved) => {
+                    requeued = moved.len() as u64;
+                    for mut c in stale.into_iter().filter(|c| moved.contains(&c.id)) {
+                        c.status = CommandStatus::Queued;
+                        c.sent_at = None;
+                        self.events.command(&c, Some(CommandStatus::Sent), now);
+                    }
+                }
+                Err(e) => {
+                    self.deliveries.parked.park(stale);
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut woken = 0;
+        for a in self
+            .store
+            .agents_with_queued(now, now - REDELIVER_AFTER_MS, REDELIVER_MAX_AGENTS)
+            .await?
+        {
+            if self.hub.notify(a) {
+                woken += 1;
+            }
+        }
+        Ok((requeued, woken))
+    }
+
     /// Expires queued commands past their TTL and sent commands with no result in time.
     pub async fn sweep(&self, now: Millis) -> FleetResult<usize> {
         let sent_before = now - (self.settings.result_timeout_s as i64) * 1000;
@@ -1202,6 +1253,220 @@ impl Fleet {
             }
         }
         Ok(n)
+    }
+}
+
+/// Claimed commands not written within this long go back to the queue.
+pub const PARK_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A command still queued this long after it was created gets its agent woken again.
+pub const REDELIVER_AFTER_MS: Millis = 2000;
+/// Agents woken per sweep at most (the rest on the next one).
+const REDELIVER_MAX_AGENTS: usize = 20_000;
+/// Claim requests answered by one store transaction at most.
+const CLAIM_GROUP: usize = 1000;
+
+struct ClaimRequest {
+    agent: Uuid,
+    limit: usize,
+    reply: tokio::sync::oneshot::Sender<FleetResult<Claimed>>,
+}
+
+/// Commands a claim took, on their way to the caller. Dropped undelivered (the caller stopped
+/// waiting, or went away before reading the answer), they are parked and the agent woken.
+struct Claimed {
+    cmds: Vec<Command>,
+    undo: Option<(Arc<Parked>, Arc<Hub>)>,
+}
+
+impl Claimed {
+    fn into_commands(mut self) -> Vec<Command> {
+        self.undo = None;
+        std::mem::take(&mut self.cmds)
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        let Some((parked, hub)) = self.undo.take() else {
+            return;
+        };
+        let Some(agent) = self.cmds.first().map(|c| c.agent_uid) else {
+            return;
+        };
+        tracing::debug!(%agent, n = self.cmds.len(),
+            "claim answered after its caller left; parked for the next delivery");
+        parked.park(std::mem::take(&mut self.cmds));
+        hub.notify(agent);
+    }
+}
+
+/// Delivery state shared by every clone of a [`Fleet`]: the claimer task that groups concurrent
+/// claims into one transaction, and the commands parked between their claim and their write.
+#[derive(Default)]
+struct Deliveries {
+    claimer: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<ClaimRequest>>,
+    parked: Arc<Parked>,
+}
+
+impl Deliveries {
+    /// The claimer's queue, started on first use (a runtime is running by then).
+    fn claimer(&self, fleet: &Fleet) -> &tokio::sync::mpsc::UnboundedSender<ClaimRequest> {
+        self.claimer.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            // The task holds no sender, so it ends with the last Fleet clone.
+            let parts = Claimer {
+                store: fleet.store.clone(),
+                hub: fleet.hub.clone(),
+                metrics: fleet.metrics.clone(),
+                events: fleet.events.clone(),
+                parked: self.parked.clone(),
+            };
+            tokio::spawn(run_claimer(parts, rx));
+            tx
+        })
+    }
+}
+
+/// Claimed (`sent`) but unwritten commands, by agent, oldest first, with when they were parked.
+#[derive(Default)]
+struct Parked {
+    map: std::sync::Mutex<std::collections::HashMap<Uuid, Vec<(Command, std::time::Instant)>>>,
+}
+
+impl Parked {
+    fn lock_parked(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<Uuid, Vec<(Command, std::time::Instant)>>,
+    > {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn park(&self, cmds: Vec<Command>) {
+        if cmds.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut map = self.lock_parked();
+        for c in cmds {
+            let v = map.entry(c.agent_uid).or_default();
+            v.push((c, now));
+            v.sort_by_key(|(c, _)| c.id);
+        }
+    }
+
+    fn take_parked(&self, agent: Uuid, limit: usize) -> Vec<Command> {
+        let mut map = self.lock_parked();
+        let Some(v) = map.get_mut(&agent) else {
+            return Vec::new();
+        };
+        let n = limit.min(v.len());
+        let out: Vec<Command> = v.drain(..n).map(|(c, _)| c).collect();
+        if v.is_empty() {
+            map.remove(&agent);
+        }
+        out
+    }
+
+    fn has_parked(&self, agent: Uuid) -> bool {
+        self.lock_parked().contains_key(&agent)
+    }
+
+    fn peek_parked(&self, agent: Uuid) -> Option<Command> {
+        self.lock_parked()
+            .get(&agent)
+            .and_then(|v| v.first())
+            .map(|(c, _)| c.clone())
+    }
+
+    fn take_stale(&self, ttl: std::time::Duration) -> Vec<Command> {
+        let mut out = Vec::new();
+        let mut map = self.lock_parked();
+        map.retain(|_, v| {
+            v.retain(|(c, at)| {
+                let stale = at.elapsed() >= ttl;
+                if stale {
+                    out.push(c.clone());
+                }
+                !stale
+            });
+            !v.is_empty()
+        });
+        out
+    }
+}
+
+/// Answers claim requests, as many as are waiting (up to [`CLAIM_GROUP`]) per store
+/// transaction. An answer nobody waits for any more is parked and the agent's session woken.
+/// What the claimer task needs of a [`Fleet`] (not the Fleet itself, whose claimer sender would
+/// keep the task alive forever).
+struct Claimer {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    events: Arc<Events>,
+    parked: Arc<Parked>,
+}
+
+async fn run_claimer(
+    Claimer {
+        store,
+        hub,
+        metrics,
+        events,
+        parked,
+    }: Claimer,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ClaimRequest>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        while reqs.len() < CLAIM_GROUP {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut by_limit: BTreeMap<usize, Vec<ClaimRequest>> = BTreeMap::new();
+        for r in reqs {
+            by_limit.entry(r.limit).or_default().push(r);
+        }
+        for (limit, group) in by_limit {
+            let agents: Vec<Uuid> = group.iter().map(|r| r.agent).collect();
+            let now = now_ms();
+            match store.claim_queued(&agents, limit, now).await {
+                Ok(cmds) => {
+                    for c in &cmds {
+                        metrics
+                            .delivery_latency
+                            .observe(((now - c.created_at).max(0) as f64) / 1000.0);
+                        events.command(c, Some(CommandStatus::Queued), now);
+                    }
+                    let mut by_agent: std::collections::HashMap<Uuid, Vec<Command>> =
+                        std::collections::HashMap::new();
+                    for c in cmds {
+                        by_agent.entry(c.agent_uid).or_default().push(c);
+                    }
+                    for r in group {
+                        let claimed = Claimed {
+                            cmds: by_agent.remove(&r.agent).unwrap_or_default(),
+                            undo: Some((parked.clone(), hub.clone())),
+                        };
+                        // A caller that left drops the answer, which parks it.
+                        let _ = r.reply.send(Ok(claimed));
+                    }
+                }
+                Err(e) => {
+                    // The transaction did not commit: nothing was claimed.
+                    let why = e.to_string();
+                    for r in group {
+                        let _ = r.reply.send(Err(FleetError::Store(StoreError::Io(
+                            std::io::Error::other(why.clone()),
+                        ))));
+                    }
+                }
+            }
+        }
     }
 }
 

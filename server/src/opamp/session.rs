@@ -47,8 +47,6 @@ pub enum Unavailable {
     Timeout,
     #[error("{0}")]
     Fleet(#[from] FleetError),
-    #[error("internal task failed: {0}")]
-    Task(String),
 }
 
 /// Runs one store (or fleet) operation with [`STORE_TIMEOUT`].
@@ -61,33 +59,15 @@ pub async fn timed<T, E: Into<Unavailable>>(
     }
 }
 
-/// Claims the agent's due commands (`queued → sent`) within [`STORE_TIMEOUT`]. The claim runs
-/// in a task of its own, because cutting it short would leave commands marked `sent` that were
-/// never written. The task hands them over armed with [`Unclaim`]: whatever nobody takes —
-/// we timed out, or the caller (an HTTP request whose agent hung up) was dropped mid-await,
-/// before or after the hand-over — is put back when it is dropped.
+/// Claims the agent's due commands (`queued → sent`, or parked ones) within [`STORE_TIMEOUT`].
+/// Cutting the wait short loses nothing: a claim that completes after we stopped waiting is
+/// parked for the agent's next delivery by [`crate::service::Fleet::claim_due`].
 pub async fn claim(sh: &Shared, uid: Uuid, limit: usize) -> Result<Vec<Command>, Unavailable> {
-    let fleet = sh.ctx.fleet.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let r = fleet.claim_due(uid, limit).await.map(|cmds| {
-            cmds.iter()
-                .map(|c| Unclaim::new(&fleet, c))
-                .collect::<Vec<_>>()
-        });
-        // A failed send drops the guards, which put the commands back.
-        let _ = tx.send(r);
-    });
-    match tokio::time::timeout(STORE_TIMEOUT, rx).await {
-        // No await between disarming and the caller arming its own guards.
-        Ok(Ok(r)) => Ok(r?.into_iter().map(Unclaim::into_command).collect()),
-        Ok(Err(e)) => Err(Unavailable::Task(e.to_string())),
-        Err(_) => Err(Unavailable::Timeout),
-    }
+    timed(sh.ctx.fleet.claim_due(uid, limit)).await
 }
 
-/// Puts a claimed command back in the queue when dropped, unless disarmed once the command is
-/// on its way. Covers every early return and a future dropped mid-await.
+/// Parks a claimed command for the agent's next delivery when dropped, unless disarmed once
+/// the command is on its way. Covers every early return and a future dropped mid-await.
 pub struct Unclaim {
     fleet: Option<crate::service::Fleet>,
     cmd: Command,
@@ -104,27 +84,12 @@ impl Unclaim {
     pub fn disarm(&mut self) {
         self.fleet = None;
     }
-
-    /// Disarms the guard and hands its command on.
-    fn into_command(mut self) -> Command {
-        self.disarm();
-        self.cmd.clone()
-    }
 }
 
 impl Drop for Unclaim {
     fn drop(&mut self) {
-        let Some(fleet) = self.fleet.take() else {
-            return;
-        };
-        let cmd = self.cmd.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = timed(fleet.unclaim(&cmd)).await {
-                    tracing::warn!(command = %cmd.id, error = %e,
-                        "could not put an undelivered command back; it will expire");
-                }
-            });
+        if let Some(fleet) = self.fleet.take() {
+            fleet.park(vec![self.cmd.clone()]);
         }
     }
 }
@@ -154,6 +119,9 @@ pub struct Link {
     pub first_reply: Option<tokio::time::Instant>,
     /// WebSocket: a delivery is owed but may not be pushed yet (see `ws::push_policy`).
     pub deferred: bool,
+    /// A delivery failed on store trouble: the agent's next message, heartbeats included,
+    /// looks at its queue again.
+    pub retry: bool,
 }
 
 impl Link {
@@ -176,6 +144,7 @@ impl Link {
             messages: 0,
             first_reply: None,
             deferred: false,
+            retry: false,
         }
     }
 }
@@ -411,8 +380,11 @@ pub async fn handle(
                 beat,
             });
             // Commands queued while connected arrive through Hub::notify; an HTTP agent has no
-            // other chance than its poll.
-            deliver = link.transport == Transport::Http;
+            // other chance than its poll. A WebSocket agent whose delivery failed, or whose
+            // claimed commands wait parked, gets them now rather than at the next wake-up.
+            deliver = link.transport == Transport::Http
+                || std::mem::take(&mut link.retry)
+                || fleet.has_parked(uid);
         }
         prev => {
             let stored = timed(fleet.store().get_agent(uid)).await?;
@@ -827,6 +799,8 @@ pub struct Filled {
     /// It stopped with commands still queued (one could not share the reply, or `max` was
     /// reached): they need messages of their own.
     pub more: bool,
+    /// Store trouble stopped it: what is due waits for the next message or wake-up.
+    pub failed: bool,
 }
 
 /// How one claimed command fared in [`fill_reply`].
@@ -856,7 +830,7 @@ pub async fn fill_reply(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent, max
     let mut rounds = max.saturating_mul(4).max(4);
     let res: Result<(), Unavailable> = async {
         while filled.placed.len() < max {
-            let Some(next) = timed(fleet.store().queued_for(agent, 1)).await?.pop() else {
+            let Some(next) = timed(fleet.peek_due(agent)).await? else {
                 return Ok(());
             };
             rounds -= 1;
@@ -882,18 +856,18 @@ pub async fn fill_reply(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent, max
             // handler being dropped because the agent hung up mid-request.
             let mut guard = Unclaim::new(fleet, &cmd);
             let placement = place(sh, &cmd, rec, reply).await;
-            // Put back before answering, so the next message finds it queued again.
             guard.disarm();
             match placement {
                 Ok(Placement::Placed) => filled.placed.push(cmd),
                 Ok(Placement::Settled) => {}
                 Ok(Placement::Wait) => {
-                    timed(fleet.unclaim(&cmd)).await?;
+                    // First in line for the next message or push.
+                    fleet.park(vec![cmd]);
                     filled.more = true;
                     return Ok(());
                 }
                 Err(e) => {
-                    let _ = timed(fleet.unclaim(&cmd)).await;
+                    fleet.park(vec![cmd]);
                     return Err(e);
                 }
             }
@@ -905,6 +879,7 @@ pub async fn fill_reply(sh: &Shared, agent: Uuid, reply: &mut ServerToAgent, max
     if let Err(e) = res {
         // The reply itself is good; what is still queued waits for the next chance.
         tracing::warn!(%agent, error = %e, "could not put queued commands into the reply");
+        filled.failed = true;
     }
     filled
 }

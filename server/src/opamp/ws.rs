@@ -436,8 +436,9 @@ async fn on_binary(
                 Some(uid) => fill_reply(sh, uid, &mut reply, CLAIM_BATCH).await,
                 None => Filled::default(),
             };
+            link.retry |= filled.failed;
             if let Err(end) = send(sh, socket, reply).await {
-                unclaim_all(sh, &filled.placed).await;
+                unclaim_all(sh, &filled.placed);
                 return Err(end);
             }
             answered(sh, link);
@@ -459,13 +460,20 @@ async fn on_binary(
 
 /// Sends every due command, each in its own message, in queue order. A command whose write
 /// fails goes back to the queue (with everything after it).
-async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) -> Result<(), End> {
+async fn deliver(
+    sh: &Shared,
+    link: &mut Link,
+    socket: &mut WebSocket,
+    uid: Uuid,
+) -> Result<(), End> {
     let fleet = &sh.ctx.fleet;
     loop {
         let cmds = match session::claim(sh, uid, CLAIM_BATCH).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(%uid, error = %e, "could not claim queued commands; will retry on next wake");
+                tracing::warn!(%uid, error = %e,
+                    "could not claim queued commands; will retry on the next message or sweep");
+                link.retry = true;
                 return Ok(());
             }
         };
@@ -478,7 +486,8 @@ async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) ->
                 if let Err(e) = other {
                     tracing::warn!(%uid, error = %e, "could not read the agent to deliver commands");
                 }
-                unclaim_all(sh, &cmds).await;
+                unclaim_all(sh, &cmds);
+                link.retry = true;
                 return Ok(());
             }
         };
@@ -488,7 +497,8 @@ async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) ->
                 Ok(None) => continue,
                 Err(e) => {
                     tracing::warn!(%uid, error = %e, "command delivery interrupted");
-                    unclaim_all(sh, &cmds[i..]).await;
+                    unclaim_all(sh, &cmds[i..]);
+                    link.retry = true;
                     return Ok(());
                 }
             };
@@ -514,12 +524,13 @@ async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) ->
             }
             if let Err(e) = before_send(sh, uid, &out).await {
                 tracing::warn!(%uid, error = %e, "command delivery interrupted");
-                unclaim_all(sh, &cmds[i..]).await;
+                unclaim_all(sh, &cmds[i..]);
+                link.retry = true;
                 return Ok(());
             }
             if let Err(end) = write(sh, socket, Message::Binary(bytes.into())).await {
                 tracing::debug!(%uid, "writing a command failed; it goes back to the queue");
-                unclaim_all(sh, &cmds[i..]).await;
+                unclaim_all(sh, &cmds[i..]);
                 return Err(end);
             }
             tracing::debug!(command = %cmd.id, %uid, conn = link.conn_id, kind = cmd.kind.as_str(),
@@ -531,12 +542,10 @@ async fn deliver(sh: &Shared, link: &Link, socket: &mut WebSocket, uid: Uuid) ->
     }
 }
 
-async fn unclaim_all(sh: &Shared, cmds: &[crate::model::Command]) {
-    for c in cmds {
-        if let Err(e) = timed(sh.ctx.fleet.unclaim(c)).await {
-            tracing::warn!(command = %c.id, error = %e, "could not put an undelivered command back; it will expire");
-        }
-    }
+/// Claimed commands that were not written: first in line for the agent's next delivery (on
+/// any connection), back in the queue if none comes soon (`Fleet::redeliver`).
+fn unclaim_all(sh: &Shared, cmds: &[crate::model::Command]) {
+    sh.ctx.fleet.park(cmds.to_vec());
 }
 
 /// Writes one message (with the 0x00 header), never over the size limit.

@@ -189,8 +189,32 @@ pub trait Store: Send + Sync + 'static {
     async fn queued_for(&self, agent: Uuid, limit: usize) -> StoreResult<Vec<Command>>;
     /// Commands of one agent in status `sent`, oldest first (awaiting a result).
     async fn sent_for(&self, agent: Uuid) -> StoreResult<Vec<Command>>;
-    /// `queued → sent` compare-and-set: true for exactly one caller, which then delivers it.
-    async fn mark_sent(&self, id: Uuid, at: Millis) -> StoreResult<bool>;
+    /// Claims for delivery, in one transaction, up to `per_agent` queued commands of each of
+    /// `agents` that have not expired at `at` (oldest first): each moves `queued → sent` with
+    /// `sent_at = at` and is returned, ordered by agent then queue order. A command is returned
+    /// to exactly one claim, ever; the claim and its answer are one statement, so a caller never
+    /// has to guess whether a claim it stopped waiting for took effect.
+    async fn claim_queued(
+        &self,
+        agents: &[Uuid],
+        per_agent: usize,
+        at: Millis,
+    ) -> StoreResult<Vec<Command>>;
+    /// Puts claimed commands that were never written to their agent back in the queue, in one
+    /// transaction: `sent → queued` with `sent_at` cleared, each only if it is still the claim
+    /// identified by `(id, sent_at)`. Idempotent; returns the ids that moved.
+    async fn unclaim(&self, claims: &[(Uuid, Millis)]) -> StoreResult<Vec<Uuid>>;
+    /// Agents with a queued, unexpired command created at or before `created_before`, at most
+    /// `limit` (for the delivery sweep: commands whose wake-up was lost).
+    async fn agents_with_queued(
+        &self,
+        now: Millis,
+        created_before: Millis,
+        limit: usize,
+    ) -> StoreResult<Vec<Uuid>>;
+    /// Command counts of one batch by status, counted by the store (a batch's progress must not
+    /// read all its commands).
+    async fn batch_counts(&self, batch: Uuid) -> StoreResult<Vec<(CommandStatus, u64)>>;
     /// Moves a command from one of `from` to `finish.to`, and appends `audit` (with `ref_id`
     /// set by the caller) in the same transaction. Returns the updated command, or `None`
     /// if its status was not in `from` (nothing written).

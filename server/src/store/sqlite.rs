@@ -34,6 +34,9 @@ pub const DB_FILE: &str = "flotilla.db";
 /// Default page size when a filter says `limit: 0`.
 const DEFAULT_LIMIT: usize = 100;
 
+/// Agents per claim statement (one bound parameter each).
+const CLAIM_CHUNK: usize = 500;
+
 /// Versioned schema changes, applied in order at open. Never edit a shipped entry: append.
 const MIGRATIONS: &[(i64, &[&str])] = &[
     (
@@ -435,6 +438,21 @@ fn command_from_row(row: &SqliteRow) -> StoreResult<Command> {
         channel: parse_channel(&row.try_get::<String, _>("channel")?, &what)?,
         audit_id: row.try_get("audit_id")?,
     })
+}
+
+/// `(status, n)` rows as a count for every status, zeros included, so metric series and
+/// progress keys do not vanish.
+fn status_counts(rows: &[SqliteRow], what: &str) -> StoreResult<Vec<(CommandStatus, u64)>> {
+    let mut counts: Vec<(CommandStatus, u64)> =
+        CommandStatus::ALL.iter().map(|s| (*s, 0)).collect();
+    for row in rows {
+        let status = parse_status(&row.try_get::<String, _>("status")?, what)?;
+        let n: i64 = row.try_get("n")?;
+        if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+            slot.1 = u64::try_from(n).unwrap_or(0);
+        }
+    }
+    Ok(counts)
 }
 
 fn batch_from_row(row: &SqliteRow) -> StoreResult<Batch> {
@@ -990,16 +1008,100 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn mark_sent(&self, id: Uuid, at: Millis) -> StoreResult<bool> {
+    async fn claim_queued(
+        &self,
+        agents: &[Uuid],
+        per_agent: usize,
+        at: Millis,
+    ) -> StoreResult<Vec<Command>> {
+        if agents.is_empty() || per_agent == 0 {
+            return Ok(Vec::new());
+        }
         let _w = self.writer.lock().await;
-        let done = sqlx::query(
-            "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
+        let mut tx = self.begin_write().await?;
+        let mut out = Vec::new();
+        // Well under SQLite's bound-parameter limit per statement.
+        for chunk in agents.chunks(CLAIM_CHUNK) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("UPDATE commands SET status = 'sent', sent_at = ");
+            q.push_bind(at)
+                .push(
+                    " WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER \
+                     (PARTITION BY agent_uid ORDER BY id) AS n FROM commands \
+                     WHERE status = 'queued' AND expires_at > ",
+                )
+                .push_bind(at)
+                .push(" AND agent_uid IN (");
+            let mut list = q.separated(", ");
+            for a in chunk {
+                list.push_bind(uid(*a));
+            }
+            q.push(")) WHERE n <= ")
+                .push_bind(limit_to_db(per_agent))
+                .push(") RETURNING *");
+            for row in q.build().fetch_all(&mut *tx).await? {
+                out.push(command_from_row(&row)?);
+            }
+        }
+        tx.commit().await?;
+        // RETURNING has no defined order; uuid text order is queue order (UUIDv7).
+        out.sort_by_key(|c| (c.agent_uid, c.id));
+        Ok(out)
+    }
+
+    async fn unclaim(&self, claims: &[(Uuid, Millis)]) -> StoreResult<Vec<Uuid>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let mut moved = Vec::new();
+        for (id, sent_at) in claims {
+            let n = sqlx::query(
+                "UPDATE commands SET status = 'queued', sent_at = NULL
+                 WHERE id = ? AND status = 'sent' AND sent_at = ?",
+            )
+            .bind(uid(*id))
+            .bind(sent_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                moved.push(*id);
+            }
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    async fn agents_with_queued(
+        &self,
+        now: Millis,
+        created_before: Millis,
+        limit: usize,
+    ) -> StoreResult<Vec<Uuid>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT agent_uid FROM commands
+             WHERE status = 'queued' AND expires_at > ? AND created_at <= ? LIMIT ?",
         )
-        .bind(at)
-        .bind(uid(id))
-        .execute(&self.pool)
+        .bind(now)
+        .bind(created_before)
+        .bind(limit_to_db(limit))
+        .fetch_all(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        rows.iter()
+            .map(|s| parse_uuid(s, "queued command's agent"))
+            .collect()
+    }
+
+    async fn batch_counts(&self, batch: Uuid) -> StoreResult<Vec<(CommandStatus, u64)>> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM commands WHERE batch_id = ? GROUP BY status",
+        )
+        .bind(uid(batch))
+        .fetch_all(&self.pool)
+        .await?;
+        status_counts(&rows, "batch counts")
     }
 
     async fn finish_command(
@@ -1062,17 +1164,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM commands GROUP BY status")
             .fetch_all(&self.pool)
             .await?;
-        // Every status is reported, zeros included, so metric series do not vanish.
-        let mut counts: Vec<(CommandStatus, u64)> =
-            CommandStatus::ALL.iter().map(|s| (*s, 0)).collect();
-        for row in &rows {
-            let status = parse_status(&row.try_get::<String, _>("status")?, "command counts")?;
-            let n: i64 = row.try_get("n")?;
-            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
-                slot.1 = u64::try_from(n).unwrap_or(0);
-            }
-        }
-        Ok(counts)
+        status_counts(&rows, "command counts")
     }
 
     async fn get_batch(&self, id: Uuid) -> StoreResult<Option<Batch>> {
@@ -1263,6 +1355,20 @@ mod tests {
             channel: Channel::Rest,
             audit_id: None,
         }
+    }
+
+    /// Marks one given command sent, as a claim of it would (claims pick the oldest).
+    async fn mark_sent(s: &SqliteStore, id: Uuid, at: Millis) -> bool {
+        sqlx::query(
+            "UPDATE commands SET status = 'sent', sent_at = ? WHERE id = ? AND status = 'queued'",
+        )
+        .bind(at)
+        .bind(uid(id))
+        .execute(s.pool())
+        .await
+        .unwrap()
+        .rows_affected()
+            == 1
     }
 
     fn op(operation: &str, targets: &[Uuid]) -> NewAudit {
@@ -1531,7 +1637,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(s.mark_sent(sent.id, 20).await.unwrap());
+        assert!(mark_sent(&s, sent.id, 20).await);
         assert!(s
             .finish_command(
                 done.id,
@@ -1731,35 +1837,103 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mark_sent_wins_exactly_once() {
+    async fn a_claim_wins_exactly_once_and_answers_with_the_rows() {
         let (_d, s) = open().await;
-        let c = cmd(Uuid::now_v7(), 1, 1000);
-        s.enqueue(
-            None,
-            std::slice::from_ref(&c),
-            op("command.restart", &[c.agent_uid]),
-        )
-        .await
-        .unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        // a: three live and one expired; b: one live.
+        let mut cmds = vec![
+            cmd(a, 1, 1000),
+            cmd(a, 2, 1000),
+            cmd(a, 3, 1000),
+            cmd(b, 4, 1000),
+        ];
+        cmds.push(cmd(a, 5, 50));
+        let batch = Batch {
+            id: Uuid::now_v7(),
+            query: "type:fluentbit".into(),
+            kind: CommandKind::Restart,
+            params: serde_json::json!({}),
+            created_at: 1,
+            actor: "alice".into(),
+            channel: Channel::Rest,
+            skipped: vec![],
+        };
+        for c in &mut cmds {
+            c.batch_id = Some(batch.id);
+        }
+        s.enqueue(Some(&batch), &cmds, op("batch.queue", &[a, b]))
+            .await
+            .unwrap();
         let s = std::sync::Arc::new(s);
         let mut tasks = Vec::new();
         for i in 0..8 {
             let s = s.clone();
-            tasks.push(tokio::spawn(
-                async move { s.mark_sent(c.id, 100 + i).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                s.claim_queued(&[a, b], 2, 100 + i).await
+            }));
         }
-        let mut wins = 0;
+        let mut got = Vec::new();
         for t in tasks {
-            if t.await.unwrap().unwrap() {
-                wins += 1;
-            }
+            got.extend(t.await.unwrap().unwrap());
         }
-        assert_eq!(wins, 1);
-        let got = s.get_command(c.id).await.unwrap().unwrap();
-        assert_eq!(got.status, CommandStatus::Sent);
-        assert!(got.sent_at.is_some());
-        assert!(!s.mark_sent(Uuid::now_v7(), 1).await.unwrap());
+        // Every live command once; per agent, the oldest first and at most 2 per claim.
+        let mut ids: Vec<Uuid> = got.iter().map(|c| c.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![cmds[0].id, cmds[1].id, cmds[2].id, cmds[3].id]);
+        for c in &got {
+            assert_eq!(c.status, CommandStatus::Sent);
+            let stored = s.get_command(c.id).await.unwrap().unwrap();
+            assert_eq!(stored.sent_at, c.sent_at);
+            assert!(stored.finished_at.is_none());
+        }
+        // Expired stays queued for the sweeper.
+        assert_eq!(
+            s.get_command(cmds[4].id).await.unwrap().unwrap().status,
+            CommandStatus::Queued
+        );
+        assert!(s.claim_queued(&[a, b], 5, 200).await.unwrap().is_empty());
+        let counts = s.batch_counts(batch.id).await.unwrap();
+        let n = |st| counts.iter().find(|(x, _)| *x == st).unwrap().1;
+        assert_eq!((n(CommandStatus::Sent), n(CommandStatus::Queued)), (4, 1));
+        assert_eq!(n(CommandStatus::Failed), 0, "every status is listed");
+    }
+
+    #[tokio::test]
+    async fn unclaim_restores_a_queued_record_once() {
+        let (_d, s) = open().await;
+        let a = Uuid::now_v7();
+        let c = cmd(a, 1, 10_000);
+        s.enqueue(None, std::slice::from_ref(&c), op("command.restart", &[a]))
+            .await
+            .unwrap();
+        let claimed = s.claim_queued(&[a], 1, 100).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        // A stale claim (another sent_at) moves nothing.
+        assert!(s.unclaim(&[(c.id, 99)]).await.unwrap().is_empty());
+        assert_eq!(s.unclaim(&[(c.id, 100)]).await.unwrap(), vec![c.id]);
+        assert!(
+            s.unclaim(&[(c.id, 100)]).await.unwrap().is_empty(),
+            "idempotent"
+        );
+        let back = s.get_command(c.id).await.unwrap().unwrap();
+        assert_eq!(back.status, CommandStatus::Queued);
+        assert_eq!((back.sent_at, back.finished_at), (None, None));
+        assert_eq!(s.agents_with_queued(200, 1, 10).await.unwrap(), vec![a]);
+        assert!(
+            s.agents_with_queued(200, 0, 10).await.unwrap().is_empty(),
+            "too new"
+        );
+        assert!(
+            s.agents_with_queued(10_000, 1, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "expired"
+        );
+        assert_eq!(
+            s.claim_queued(&[a], 1, 300).await.unwrap()[0].sent_at,
+            Some(300)
+        );
     }
 
     #[tokio::test]
@@ -1837,8 +2011,8 @@ mod tests {
         s.enqueue(None, &all, op("command.restart", &[agent]))
             .await
             .unwrap();
-        assert!(s.mark_sent(old_sent.id, 200).await.unwrap());
-        assert!(s.mark_sent(new_sent.id, 900).await.unwrap());
+        assert!(mark_sent(&s, old_sent.id, 200).await);
+        assert!(mark_sent(&s, new_sent.id, 900).await);
         s.finish_command(
             finished.id,
             &[CommandStatus::Queued],

@@ -11,4 +11,5 @@ mod mcp;
 mod net;
 mod opamp;
 mod rest;
+mod scale;
 mod support;
