@@ -1,4 +1,5 @@
 //! The chat crate's one integration-test binary: modules per owner (`core_*` the conversation
 //! core, `slack_*` the Slack adapter).
 
+mod core_planner;
 mod core_types;
