@@ -4,6 +4,7 @@
 //! adapters that render its replies (Slack first; Discord and Teams next).
 
 pub mod core;
+pub mod slack;
 
 pub use crate::core::types::{
     actor, BackendFor, Block, Button, ChatError, ChatUser, ConversationRef, Incoming, IncomingKind,

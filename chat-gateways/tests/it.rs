@@ -3,3 +3,5 @@
 
 mod core_planner;
 mod core_types;
+mod slack_api;
+mod slack_gateway;

@@ -1,0 +1,243 @@
+//! The Slack HTTP gateway: the chat listener's routes `/chat/slack/commands`,
+//! `/chat/slack/events` and `/chat/slack/interactions`, and the [`Outbox`] that posts through
+//! the Web API.
+//!
+//! Each request is verified on its raw bytes first (signature, time window, replay), then
+//! parsed, then acknowledged at once — Slack wants an answer within 3 seconds — while the
+//! conversation core handles it in the background; its replies go out through
+//! `chat.postMessage` (in the thread), `chat.update` (in place) or, when private, the
+//! request's `response_url` / `chat.postEphemeral`. A second delivery of the same event or
+//! interaction (Slack's retries, `X-Slack-Retry-Num`) is acknowledged with
+//! `X-Slack-No-Retry: 1` and not run again.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio_util::task::TaskTracker;
+
+use super::client::{ApiError, SlackApi};
+use super::parse::{self, Malformed, Parsed};
+use super::render::render;
+use super::verify::{Retry, SignedHeaders, Verifier};
+use crate::core::types::{
+    ChatError, ChatUser, ConversationRef, Incoming, MessageRef, Outbox, Reply,
+};
+
+/// Slack's payloads are small; anything larger is not Slack.
+const MAX_BODY: usize = 256 * 1024;
+
+/// What handles a conversation turn: the core ([`crate::core`]) in the server, a recorder in
+/// tests. Returns the immediate replies; follow-ups go through `outbox`.
+#[async_trait]
+pub trait Handler: Send + Sync {
+    async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply>;
+}
+
+/// The Slack side of the chat listener.
+pub struct SlackGateway {
+    verifier: Verifier,
+    api: Arc<SlackApi>,
+    handler: Arc<dyn Handler>,
+    tasks: TaskTracker,
+}
+
+impl SlackGateway {
+    pub fn new(
+        verifier: Verifier,
+        api: Arc<SlackApi>,
+        handler: Arc<dyn Handler>,
+    ) -> Arc<SlackGateway> {
+        Arc::new(SlackGateway {
+            verifier,
+            api,
+            handler,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// The outbox replies and follow-ups are posted through.
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(SlackOutbox {
+            api: self.api.clone(),
+        })
+    }
+
+    /// Waits for conversation turns still being handled (at shutdown).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// The three Slack routes, for the chat listener.
+pub fn routes(gw: Arc<SlackGateway>) -> Router {
+    Router::new()
+        .route("/chat/slack/commands", post(commands))
+        .route("/chat/slack/events", post(events))
+        .route("/chat/slack/interactions", post(interactions))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(gw)
+}
+
+async fn commands(State(gw): State<Arc<SlackGateway>>, h: HeaderMap, body: Bytes) -> Response {
+    accept(&gw, "commands", &h, &body, parse::command)
+}
+
+async fn events(State(gw): State<Arc<SlackGateway>>, h: HeaderMap, body: Bytes) -> Response {
+    accept(&gw, "events", &h, &body, parse::event)
+}
+
+async fn interactions(State(gw): State<Arc<SlackGateway>>, h: HeaderMap, body: Bytes) -> Response {
+    accept(&gw, "interactions", &h, &body, parse::interaction)
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn accept(
+    gw: &Arc<SlackGateway>,
+    route: &'static str,
+    h: &HeaderMap,
+    body: &[u8],
+    parse: fn(&[u8]) -> Result<Parsed, Malformed>,
+) -> Response {
+    let now = now_s();
+    if let Err(refusal) = gw.verifier.verify(SignedHeaders::from_map(h), body, now) {
+        tracing::warn!(route, reason = %refusal, "refused a Slack request");
+        return (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response();
+    }
+    let parsed = match parse(body) {
+        Ok(p) => p,
+        Err(m) => {
+            tracing::warn!(route, reason = %m, "refused a malformed Slack request");
+            return (StatusCode::BAD_REQUEST, m.to_string()).into_response();
+        }
+    };
+    match parsed {
+        Parsed::Challenge(c) => Json(json!({ "challenge": c })).into_response(),
+        Parsed::Ignored(why) => {
+            tracing::debug!(route, why, "Slack request acknowledged, nothing to do");
+            StatusCode::OK.into_response()
+        }
+        Parsed::Message {
+            incoming,
+            response_url,
+        } => {
+            let retry = Retry::from_map(h);
+            if let Some(id) = &incoming.delivery_id {
+                if !gw.verifier.first_delivery(id, now) {
+                    tracing::info!(
+                        route, delivery = %id,
+                        retry_num = retry.as_ref().map(|r| r.num),
+                        retry_reason = retry.as_ref().map(|r| r.reason.as_str()),
+                        "Slack delivered this again; it already ran and is not run twice"
+                    );
+                    return (StatusCode::OK, [("x-slack-no-retry", "1")]).into_response();
+                }
+            }
+            let gw2 = gw.clone();
+            gw.tasks
+                .spawn(async move { turn(gw2, *incoming, response_url).await });
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+/// One conversation turn: the core answers, the replies are sent in Slack's idiom.
+async fn turn(gw: Arc<SlackGateway>, incoming: Incoming, response_url: Option<String>) {
+    let replies = gw.handler.handle(incoming.clone(), gw.outbox()).await;
+    for reply in replies {
+        if let Err(e) = send(&gw.api, &incoming, response_url.as_deref(), &reply).await {
+            tracing::warn!(error = %e, channel = %incoming.conversation.channel, "could not answer on Slack");
+        }
+    }
+}
+
+/// Sends one immediate reply: private ones to the requester (through the `response_url` when
+/// there is one: it works even where the bot is not a member), in-place ones by `chat.update`,
+/// the rest into the conversation's thread.
+async fn send(
+    api: &SlackApi,
+    incoming: &Incoming,
+    response_url: Option<&str>,
+    reply: &Reply,
+) -> Result<(), ApiError> {
+    let r = render(reply);
+    let conv = &incoming.conversation;
+    if reply.ephemeral {
+        return match response_url {
+            Some(url) => api.respond(url, &r, false).await,
+            None => {
+                api.ephemeral(&conv.channel, &incoming.user.id, conv.thread.as_deref(), &r)
+                    .await
+            }
+        };
+    }
+    if let Some(m) = &reply.replace {
+        return api.update(&m.conversation.channel, &m.id, &r).await;
+    }
+    api.post(&conv.channel, conv.thread.as_deref(), &r)
+        .await
+        .map(|_| ())
+}
+
+/// Posts the core's follow-ups (progress, sign-offs, alerts) through the Web API.
+pub struct SlackOutbox {
+    api: Arc<SlackApi>,
+}
+
+impl SlackOutbox {
+    pub fn new(api: Arc<SlackApi>) -> SlackOutbox {
+        SlackOutbox { api }
+    }
+}
+
+fn platform(e: ApiError) -> ChatError {
+    ChatError::Platform(e.to_string())
+}
+
+#[async_trait]
+impl Outbox for SlackOutbox {
+    async fn post(&self, to: &ConversationRef, reply: &Reply) -> Result<MessageRef, ChatError> {
+        let ts = self
+            .api
+            .post(&to.channel, to.thread.as_deref(), &render(reply))
+            .await
+            .map_err(platform)?;
+        Ok(MessageRef {
+            conversation: to.clone(),
+            id: ts,
+        })
+    }
+
+    async fn update(&self, msg: &MessageRef, reply: &Reply) -> Result<(), ChatError> {
+        self.api
+            .update(&msg.conversation.channel, &msg.id, &render(reply))
+            .await
+            .map_err(platform)
+    }
+
+    async fn ephemeral(
+        &self,
+        to: &ConversationRef,
+        user: &ChatUser,
+        reply: &Reply,
+    ) -> Result<(), ChatError> {
+        self.api
+            .ephemeral(&to.channel, &user.id, to.thread.as_deref(), &render(reply))
+            .await
+            .map_err(platform)
+    }
+}
