@@ -1,6 +1,7 @@
 //! The chat crate's one integration-test binary: modules per owner (`core_*` the conversation
 //! core, `slack_*` the Slack adapter).
 
+mod core_gateway;
 mod core_planner;
 mod core_types;
 mod slack_api;

@@ -1,5 +1,9 @@
 //! The platform-neutral conversation core: types shared with the adapters, planners,
-//! conversation state, confirmations, identity and the [`gateway::Core`] that ties them.
+//! identity, state (confirmations, threads) and the [`gateway::Core`] that ties them.
 
+pub mod gateway;
+pub mod identity;
 pub mod planner;
+pub mod state;
+pub mod tools;
 pub mod types;
