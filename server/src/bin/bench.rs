@@ -33,6 +33,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,11 @@ struct Args {
     /// equal to `--agents` the connect is a reconnect storm. 0: no console measurements.
     #[arg(long, default_value_t = 0)]
     consoles: usize,
+    /// After the agents have connected (and registered), drop every connection without a
+    /// goodbye and reconnect all agents at once under their uids, as after a server restart
+    /// or a network cut; the consoles watch that reconnect instead of the first connect.
+    #[arg(long)]
+    reconnect_storm: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -900,6 +906,71 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts agents `0..n` in batches of `ramp` (the next batch when this one has reported).
+/// Returns the agent tasks, which agents reported, their set-up times and the failures.
+async fn connect_all(
+    sh: &Arc<Shared>,
+    target: &Target,
+    interval: Duration,
+    cancel: &CancellationToken,
+    n: usize,
+    ramp: usize,
+) -> (Vec<JoinHandle<()>>, Vec<bool>, Vec<f64>, usize) {
+    let mut tasks = Vec::with_capacity(n);
+    let mut connected = vec![false; n];
+    let mut setup_ms = Vec::with_capacity(n);
+    let mut connect_failures = 0usize;
+    let ramp_t = Instant::now();
+    let mut start = 0;
+    while start < n {
+        let end = (start + ramp).min(n);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut idx = Vec::with_capacity(end - start);
+        for i in start..end {
+            let (tx1, mut rx1) = mpsc::unbounded_channel();
+            tasks.push(tokio::spawn(run_agent(
+                i,
+                n,
+                sh.clone(),
+                target.clone(),
+                interval,
+                cancel.clone(),
+                tx1,
+            )));
+            // Funnel the per-agent answers into one channel tagged with the agent index.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let r = rx1
+                    .recv()
+                    .await
+                    .unwrap_or(Err("agent task ended silently".into()));
+                let _ = tx.send((i, r));
+            });
+            idx.push(i);
+        }
+        drop(tx);
+        while let Some((i, r)) = rx.recv().await {
+            match r {
+                Ok(d) => {
+                    connected[i] = true;
+                    setup_ms.push(d.as_secs_f64() * 1000.0);
+                }
+                Err(e) => {
+                    connect_failures += 1;
+                    sh.note("connect", e);
+                }
+            }
+        }
+        eprintln!(
+            "bench: {end}/{n} agents started, {} reported, {connect_failures} failed ({:.1} s)",
+            setup_ms.len(),
+            ramp_t.elapsed().as_secs_f64()
+        );
+        start = end;
+    }
+    (tasks, connected, setup_ms, connect_failures)
+}
+
 async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
     let n = args.agents;
     let interval = Duration::from_secs(args.interval_secs);
@@ -955,68 +1026,49 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         (_, Some(t)) => Some(console::login(&target.api_addr, t).await?),
         (_, None) => bail!("--consoles needs --token (or a server the bench starts)"),
     };
-    let watchers = match &console_cookie {
-        Some(c) => Some(console::Watchers::open(&target.api_addr, c, args.consoles).await?),
-        None => None,
+    let open_watchers = || async {
+        match &console_cookie {
+            Some(c) => console::Watchers::open(&target.api_addr, c, args.consoles)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
     };
-    let ramp_cpu0 = pid.map(proc_cpu_secs).transpose()?;
+    let mut watchers = if args.reconnect_storm {
+        None
+    } else {
+        open_watchers().await?
+    };
+    let mut ramp_cpu0 = pid.map(proc_cpu_secs).transpose()?;
 
     // --- connect in ramps
     let sh = Arc::new(Shared::new(n));
     let cancel = CancellationToken::new();
-    let mut tasks = Vec::with_capacity(n);
-    let mut connected = vec![false; n];
-    let mut setup_ms = Vec::with_capacity(n);
-    let mut connect_failures = 0usize;
     let load_at_start = loadavg1();
     let overflows0 = listen_overflows();
-    let ramp_t = Instant::now();
-    let mut start = 0;
-    while start < n {
-        let end = (start + args.ramp).min(n);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut idx = Vec::with_capacity(end - start);
-        for i in start..end {
-            let (tx1, mut rx1) = mpsc::unbounded_channel();
-            tasks.push(tokio::spawn(run_agent(
-                i,
-                n,
-                sh.clone(),
-                target.clone(),
-                interval,
-                cancel.clone(),
-                tx1,
-            )));
-            // Funnel the per-agent answers into one channel tagged with the agent index.
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let r = rx1
-                    .recv()
-                    .await
-                    .unwrap_or(Err("agent task ended silently".into()));
-                let _ = tx.send((i, r));
-            });
-            idx.push(i);
+    let mut ramp_t = Instant::now();
+    let (mut tasks, mut connected, mut setup_ms, mut connect_failures) =
+        connect_all(&sh, &target, interval, &cancel, n, args.ramp).await;
+    let mut reconnect = Value::Null;
+    if args.reconnect_storm {
+        // The fleet is registered and connected; the consoles open, then every connection
+        // drops at once without a goodbye and all agents come back together: the storm they
+        // watch is n disconnections and n reconnections.
+        let registered = setup_ms.len();
+        let first_connect_s = ramp_t.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+        watchers = open_watchers().await?;
+        ramp_cpu0 = pid.map(proc_cpu_secs).transpose()?;
+        ramp_t = Instant::now();
+        for t in &tasks {
+            t.abort();
         }
-        drop(tx);
-        while let Some((i, r)) = rx.recv().await {
-            match r {
-                Ok(d) => {
-                    connected[i] = true;
-                    setup_ms.push(d.as_secs_f64() * 1000.0);
-                }
-                Err(e) => {
-                    connect_failures += 1;
-                    sh.note("connect", e);
-                }
-            }
-        }
-        eprintln!(
-            "bench: {end}/{n} agents started, {} reported, {connect_failures} failed ({:.1} s)",
-            setup_ms.len(),
-            ramp_t.elapsed().as_secs_f64()
-        );
-        start = end;
+        (tasks, connected, setup_ms, connect_failures) =
+            connect_all(&sh, &target, interval, &cancel, n, n).await;
+        reconnect = json!({"registered_first": registered,
+                           "first_connect_s": (first_connect_s * 10.0).round() / 10.0,
+                           "reconnected": setup_ms.len(),
+                           "reconnect_s": (ramp_t.elapsed().as_secs_f64() * 10.0).round() / 10.0});
     }
     let ramp_secs = ramp_t.elapsed().as_secs_f64();
     let ramp_cpu1 = pid.map(proc_cpu_secs).transpose()?;
@@ -1045,6 +1097,7 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
                 _ => None,
             };
             Some(json!({
+                "reconnect_storm": reconnect,
                 "live_updates_during_connect": live_updates,
                 "server_cpu_ratio_during_connect": storm_cpu,
                 "pages": pages,

@@ -86,7 +86,7 @@ pub async fn page(State(st): State<S>, op: Op, Path(reference): Path<String>) ->
             }
         }
         (layout::live("agent-health", "agents", health_section(&agent)))
-        (config_section(&agent))
+        (layout::live("agent-config", "agents", config_section(&agent)))
         (labels_section(&op, &agent))
         (layout::live("agent-commands", "commands", commands_section(&op, &agent, &cmds, now)))
         @if op.can_change() { (queue_form(&op, &agent)) }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-/// A response: status, head (lower-cased header lines), body (de-chunked).
+/// A response: status, head (header lines as sent), body (de-chunked).
 pub struct Resp {
     pub status: u16,
     pub head: String,
@@ -58,8 +58,10 @@ pub async fn request(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .with_context(|| format!("not an HTTP response: {head:?}"))?;
-        let head = head.to_ascii_lowercase();
+        // Header names are case-insensitive; cookie values are not.
+        let head = head.to_string();
         let chunked = head
+            .to_ascii_lowercase()
             .lines()
             .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
         let body = if chunked {
@@ -80,9 +82,12 @@ pub async fn request(
 }
 
 fn cookie_value(head: &str, name: &str) -> Option<String> {
-    let prefix = format!("set-cookie: {}=", name.to_ascii_lowercase());
+    let prefix = format!("set-cookie: {name}=");
     head.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
+        .find_map(|l| {
+            let n = prefix.len().min(l.len());
+            l[..n].eq_ignore_ascii_case(&prefix).then(|| &l[n..])
+        })
         .and_then(|v| v.split(';').next())
         .map(str::to_string)
 }
