@@ -5,6 +5,7 @@
 //! Operations that must not be half-done (a command and the audit record that queued it, a
 //! command's final status and its outcome record) are single methods, each one transaction.
 
+pub mod chat;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -240,4 +241,34 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and closes (checkpoints the WAL on SQLite).
     async fn close(&self);
+}
+
+/// What the chat gateways keep (`flotilla_chat::core::state::ChatState` over the store):
+/// pending confirmations, so a server restart does not void a preview someone is about to
+/// confirm; each thread's context; delivery ids already handled, so a platform retry after a
+/// restart still runs nothing twice. Bodies are the chat crate's JSON: the store only keys,
+/// times and atomic removal.
+#[async_trait::async_trait]
+pub trait ChatStore: Send + Sync {
+    async fn chat_put_confirmation(
+        &self,
+        id: &str,
+        body: &str,
+        expires_at: Millis,
+    ) -> StoreResult<()>;
+    /// Removes and returns it: of two concurrent takers exactly one gets it.
+    async fn chat_take_confirmation(&self, id: &str) -> StoreResult<Option<String>>;
+    /// Deletes confirmations that expired at `now`; how many.
+    async fn chat_expire_confirmations(&self, now: Millis) -> StoreResult<u64>;
+    async fn chat_get_thread(&self, key: &str) -> StoreResult<Option<String>>;
+    async fn chat_put_thread(&self, key: &str, body: &str, last_used: Millis) -> StoreResult<()>;
+    /// Removes and returns threads last used before `before`.
+    async fn chat_take_idle_threads(&self, before: Millis) -> StoreResult<Vec<(String, String)>>;
+    /// Records a delivery id (forgetting those seen before `forget_before`); false if known.
+    async fn chat_first_delivery(
+        &self,
+        id: &str,
+        now: Millis,
+        forget_before: Millis,
+    ) -> StoreResult<bool>;
 }

@@ -21,7 +21,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{Finish, Store, StoreError, StoreResult, Touch};
+use super::{ChatStore, Finish, Store, StoreError, StoreResult, Touch};
 use crate::audit;
 use crate::model::{
     now_ms, Agent, AuditFilter, AuditRecord, Batch, Channel, Command, CommandFilter, CommandKind,
@@ -148,6 +148,27 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             // a goodbye (`agent_disconnect`) or a re-registration makes it offline at once.
             // Existing records start as not departed, so they age out like any other.
             "ALTER TABLE agents ADD COLUMN departed INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
+    (
+        4,
+        &[
+            // The chat gateways' state (see `ChatStore`): bodies are the chat crate's JSON.
+            "CREATE TABLE chat_confirmations (
+            id TEXT PRIMARY KEY NOT NULL,
+            body TEXT NOT NULL,
+            expires_at INTEGER NOT NULL
+        )",
+            "CREATE TABLE chat_threads (
+            key TEXT PRIMARY KEY NOT NULL,
+            body TEXT NOT NULL,
+            last_used INTEGER NOT NULL
+        )",
+            "CREATE INDEX chat_threads_last_used ON chat_threads(last_used)",
+            "CREATE TABLE chat_deliveries (
+            id TEXT PRIMARY KEY NOT NULL,
+            seen_at INTEGER NOT NULL
+        )",
         ],
     ),
 ];
@@ -1240,6 +1261,89 @@ impl Store for SqliteStore {
             tracing::warn!(error = %e, "WAL checkpoint at close failed");
         }
         self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl ChatStore for SqliteStore {
+    async fn chat_put_confirmation(
+        &self,
+        id: &str,
+        body: &str,
+        expires_at: Millis,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO chat_confirmations (id, body, expires_at) VALUES (?, ?, ?)",
+        )
+        .bind(id)
+        .bind(body)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn chat_take_confirmation(&self, id: &str) -> StoreResult<Option<String>> {
+        // DELETE ... RETURNING is one statement: a double click cannot take it twice.
+        let row: Option<(String,)> =
+            sqlx::query_as("DELETE FROM chat_confirmations WHERE id = ? RETURNING body")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(b,)| b))
+    }
+
+    async fn chat_expire_confirmations(&self, now: Millis) -> StoreResult<u64> {
+        let r = sqlx::query("DELETE FROM chat_confirmations WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn chat_get_thread(&self, key: &str) -> StoreResult<Option<String>> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT body FROM chat_threads WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|(b,)| b))
+    }
+
+    async fn chat_put_thread(&self, key: &str, body: &str, last_used: Millis) -> StoreResult<()> {
+        sqlx::query("INSERT OR REPLACE INTO chat_threads (key, body, last_used) VALUES (?, ?, ?)")
+            .bind(key)
+            .bind(body)
+            .bind(last_used)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn chat_take_idle_threads(&self, before: Millis) -> StoreResult<Vec<(String, String)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("DELETE FROM chat_threads WHERE last_used < ? RETURNING key, body")
+                .bind(before)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
+    async fn chat_first_delivery(
+        &self,
+        id: &str,
+        now: Millis,
+        forget_before: Millis,
+    ) -> StoreResult<bool> {
+        sqlx::query("DELETE FROM chat_deliveries WHERE seen_at < ?")
+            .bind(forget_before)
+            .execute(&self.pool)
+            .await?;
+        let r = sqlx::query("INSERT OR IGNORE INTO chat_deliveries (id, seen_at) VALUES (?, ?)")
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 }
 
