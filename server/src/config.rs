@@ -76,6 +76,11 @@ pub struct OpampConfig {
     /// A request body must arrive in full within this many seconds of its head (a stalled
     /// upload gets 408 and its connection closed).
     pub body_read_timeout_s: u64,
+    /// WARN lines about malformed agent messages written per source address and window; the
+    /// rest are counted and summed up in one line per source when the window ends.
+    pub malformed_log_burst: u32,
+    /// The window of `malformed_log_burst`, seconds.
+    pub malformed_log_window_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -198,6 +203,8 @@ impl Default for OpampConfig {
             agent_tokens_file: None,
             header_read_timeout_s: 30,
             body_read_timeout_s: 60,
+            malformed_log_burst: 10,
+            malformed_log_window_s: 60,
         }
     }
 }
@@ -491,6 +498,10 @@ impl Config {
             ("opamp.body_read_timeout_s", self.opamp.body_read_timeout_s),
             ("api.header_read_timeout_s", self.api.header_read_timeout_s),
             ("api.body_read_timeout_s", self.api.body_read_timeout_s),
+            (
+                "opamp.malformed_log_window_s",
+                self.opamp.malformed_log_window_s,
+            ),
         ] {
             if !(1..=3600).contains(&v) {
                 p.push(format!("{name} = {v} must be between 1 and 3600 seconds"));

@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod events;
 pub mod hub;
+pub mod logflood;
 pub mod mcp_backend;
 pub mod metrics;
 pub mod model;

@@ -65,7 +65,9 @@ pub async fn serve(
                 }
                 BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
             };
-            tracing::warn!(remote = ?remote, error = %e, "refused OpAMP HTTP request");
+            if sh.log_malformed(remote) {
+                tracing::warn!(remote = ?remote, error = %e, "refused OpAMP HTTP request");
+            }
             return text(status, e.to_string());
         }
     };
@@ -86,7 +88,9 @@ pub async fn serve(
         Err(e) => {
             // opamp-go answers 400 here: without a decoded message there is no uid to echo.
             metrics.message("malformed");
-            tracing::warn!(remote = ?remote, error = %e, "OpAMP HTTP body is not an AgentToServer");
+            if sh.log_malformed(remote) {
+                tracing::warn!(remote = ?remote, error = %e, "OpAMP HTTP body is not an AgentToServer");
+            }
             return text(
                 StatusCode::BAD_REQUEST,
                 format!("body is not a valid AgentToServer: {e}"),

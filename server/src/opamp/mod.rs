@@ -51,6 +51,17 @@ pub fn router(ctx: Arc<OpampContext>) -> (Router, tokio::task::JoinHandle<()>) {
     let path = ctx.cfg.path.clone();
     let sh = Arc::new(shared::Shared::new(ctx));
     let flusher = tokio::spawn(shared::flusher(sh.clone()));
+    {
+        // Summaries of suppressed malformed-message lines; a last one once both listeners
+        // have stopped.
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let stop = sh.ctx.drain.clone();
+            sh.malformed_log
+                .report("malformed OpAMP messages", stop)
+                .await
+        });
+    }
     (
         Router::new().route(&path, any(entry)).with_state(sh),
         flusher,

@@ -209,8 +209,10 @@ pub async fn handle(
         .unwrap_or_else(|| "unknown".into());
     let Ok(uid) = Uuid::from_slice(&msg.instance_uid) else {
         fleet.metrics().message("malformed");
-        tracing::warn!(%remote, len = msg.instance_uid.len(), transport = link.transport.as_str(),
-            "refused OpAMP message: instance_uid is not 16 bytes");
+        if sh.log_malformed(link.remote) {
+            tracing::warn!(%remote, len = msg.instance_uid.len(), transport = link.transport.as_str(),
+                "refused OpAMP message: instance_uid is not 16 bytes");
+        }
         return Ok(Handled {
             reply: error_reply(
                 msg.instance_uid.clone(),
@@ -227,8 +229,10 @@ pub async fn handle(
     if uid.is_nil() && !requests_instance_uid(msg.flags) {
         // Every agent that forgot to generate a uid would otherwise merge into one record.
         fleet.metrics().message("malformed");
-        tracing::warn!(%remote, transport = link.transport.as_str(),
-            "refused OpAMP message: instance_uid is all zeros");
+        if sh.log_malformed(link.remote) {
+            tracing::warn!(%remote, transport = link.transport.as_str(),
+                "refused OpAMP message: instance_uid is all zeros");
+        }
         return Ok(Handled {
             reply: error_reply(
                 msg.instance_uid.clone(),

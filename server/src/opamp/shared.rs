@@ -215,6 +215,8 @@ pub struct Shared {
     /// What WebSocket agents showed of how they use connections, and when (in memory: after a
     /// restart each agent's next connection shows it again).
     pub ws_styles: Sharded<(WsStyle, Millis)>,
+    /// The log budget for malformed messages, per source address.
+    pub malformed_log: crate::logflood::SourceLimiter,
 }
 
 impl Shared {
@@ -224,6 +226,10 @@ impl Shared {
             None => AgentTokens::none(),
         };
         let in_flight = Arc::new(Semaphore::new(ctx.cfg.max_in_flight.max(1)));
+        let malformed_log = crate::logflood::SourceLimiter::new(
+            std::time::Duration::from_secs(ctx.cfg.malformed_log_window_s),
+            ctx.cfg.malformed_log_burst,
+        );
         Shared {
             ctx,
             tokens,
@@ -234,7 +240,15 @@ impl Shared {
             moved: Sharded::new(),
             touches: Sharded::new(),
             ws_styles: Sharded::new(),
+            malformed_log,
         }
+    }
+
+    /// Whether to log one more malformed message from `remote` (its address, without the
+    /// port: a flood opens a new connection per message). Counts it either way.
+    pub fn log_malformed(&self, remote: Option<std::net::SocketAddr>) -> bool {
+        let source = remote.map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
+        self.malformed_log.allow(&source)
     }
 
     /// Records a heartbeat for the next batch (a later one for the same agent replaces it,

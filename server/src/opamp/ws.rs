@@ -156,7 +156,9 @@ async fn run(
                     // OpAMP is binary only. Answer like any other undecodable message, so the
                     // agent learns why instead of waiting; the connection stays open.
                     sh.ctx.fleet.metrics().message("malformed");
-                    tracing::warn!(remote = ?remote, "OpAMP WebSocket text frame refused (binary only)");
+                    if sh.log_malformed(remote) {
+                        tracing::warn!(remote = ?remote, "OpAMP WebSocket text frame refused (binary only)");
+                    }
                     let reply = error_reply(
                         Vec::new(),
                         ServerErrorResponseType::BadRequest,
@@ -329,8 +331,10 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
         End::Shutdown => close_gracefully(socket, CLOSE_GOING_AWAY, "server shutting down").await,
         End::TooLarge => {
             sh.ctx.fleet.metrics().reject("too_large");
-            tracing::warn!(remote = ?remote, limit = sh.ctx.cfg.max_message_bytes,
-                "OpAMP WebSocket message too large; closing with 1009");
+            if sh.log_malformed(remote) {
+                tracing::warn!(remote = ?remote, limit = sh.ctx.cfg.max_message_bytes,
+                    "OpAMP WebSocket message too large; closing with 1009");
+            }
             // No waiting for the answer here: reading on would buffer the rest of the
             // oversized frame, which is exactly what the limit is for.
             let frame = Message::Close(Some(CloseFrame {
@@ -415,7 +419,9 @@ async fn on_binary(
         Ok(m) => m,
         Err(e) => {
             sh.ctx.fleet.metrics().message("malformed");
-            tracing::warn!(remote = ?link.remote, error = %e, "undecodable OpAMP WebSocket message");
+            if sh.log_malformed(link.remote) {
+                tracing::warn!(remote = ?link.remote, error = %e, "undecodable OpAMP WebSocket message");
+            }
             // Nothing decoded, so there is no uid to echo; the connection stays usable.
             let reply = error_reply(
                 Vec::new(),

@@ -244,3 +244,98 @@ async fn connections_over_the_cap_are_closed_at_once() {
     }
     server.stop().await;
 }
+
+/// Log output captured by a tracing subscriber for the current thread (a `#[tokio::test]`
+/// runtime runs the server's tasks on it too).
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Defect 5: 200 malformed messages from one address write a few WARN lines and then one
+/// summary line with the count of the rest (today: 200 WARN lines, no summary).
+#[tokio::test]
+async fn malformed_messages_are_logged_a_few_times_per_source_then_summed_up() {
+    let logs = LogBuf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = TestServer::start_with(|c| {
+        c.opamp.malformed_log_burst = 3;
+        c.opamp.malformed_log_window_s = 2;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    for _ in 0..200 {
+        let r = client
+            .post(server.opamp_http_url())
+            .header("Content-Type", "application/x-protobuf")
+            .body(vec![0xffu8; 16])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    let windows = started.elapsed().as_secs() / 2 + 1;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !logs.text().contains("suppressed") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no summary line: {}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let any later window end too, then count.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let text = logs.text();
+    let logged = text
+        .lines()
+        .filter(|l| l.contains("OpAMP HTTP body is not an AgentToServer"))
+        .count() as u64;
+    let summaries: Vec<&str> = text.lines().filter(|l| l.contains("suppressed")).collect();
+    let suppressed: u64 = summaries
+        .iter()
+        .map(|l| {
+            let after = l.split("suppressed ").nth(1).unwrap();
+            after.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(
+        logged <= 3 * windows,
+        "{logged} lines in {windows} window(s)"
+    );
+    assert_eq!(logged + suppressed, 200, "every message logged or counted");
+    assert!(
+        summaries[0]
+            .contains("similar messages (malformed OpAMP messages) from 127.0.0.1 in the last 2 s"),
+        "{}",
+        summaries[0]
+    );
+    server.stop().await;
+}
