@@ -67,7 +67,7 @@ pub async fn page(State(st): State<S>, op: Op, Path(reference): Path<String>) ->
         .unwrap_or_else(|| uid.to_string());
     let body = html! {
         nav.crumbs aria-label="Breadcrumb" { a href="/ui/fleet" { "Fleet" } " / " span { (name) } }
-        (layout::live("agent-head", "agents", head(&agent, &name, now)))
+        (layout::live_for("agent-head", "agents", agent.uid, head(&agent, &name, now)))
         div.grid {
             section aria-labelledby="attrs-h" {
                 h2 #attrs-h { "Attributes" }
@@ -85,12 +85,12 @@ pub async fn page(State(st): State<S>, op: Op, Path(reference): Path<String>) ->
                 }
             }
         }
-        (layout::live("agent-health", "agents", health_section(&agent)))
-        (layout::live("agent-config", "agents", config_section(&agent)))
+        (layout::live_for("agent-health", "agents", agent.uid, health_section(&agent)))
+        (layout::live_for("agent-config", "agents", agent.uid, config_section(&agent)))
         (labels_section(&op, &agent))
-        (layout::live("agent-commands", "commands", commands_section(&op, &agent, &cmds, now)))
+        (layout::live_for("agent-commands", "commands", agent.uid, commands_section(&op, &agent, &cmds, now)))
         @if op.can_change() { (queue_form(&op, &agent)) }
-        (layout::live("agent-history", "agents audit", history_section(&agent, &history, now)))
+        (layout::live_for("agent-history", "agents audit", agent.uid, history_section(&agent, &history, now)))
     };
     markup_response(
         StatusCode::OK,
@@ -209,7 +209,7 @@ fn labels_section(op: &Op, a: &Agent) -> Markup {
     html! {
         section #labels aria-labelledby="labels-h" {
             h2 #labels-h { "Labels" }
-            (layout::live("agent-labels", "agents", label_list(op, a)))
+            (layout::live_for("agent-labels", "agents", a.uid, label_list(op, a)))
             @if op.can_change() {
                 form.row method="post" action={"/ui/agents/" (a.uid) "/labels"} {
                     (layout::csrf_field(op))

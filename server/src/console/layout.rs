@@ -75,6 +75,14 @@ pub fn live(id: &str, topics: &str, body: Markup) -> Markup {
     }
 }
 
+/// A [`live`] region about one agent: re-rendered only when a change names that agent (or
+/// names none, or too many to list).
+pub fn live_for(id: &str, topics: &str, uid: uuid::Uuid, body: Markup) -> Markup {
+    html! {
+        div id=(id) data-live=(topics) data-uid=(uid) aria-live="polite" { (body) }
+    }
+}
+
 pub fn liveness_str(l: Liveness) -> &'static str {
     match l {
         Liveness::Healthy => "healthy",

@@ -8,7 +8,7 @@
 //! fleet does. A reader that falls behind the bus is told everything changed. The stream ends
 //! with an `expired` message when the session does, and with `shutdown` when the server stops.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +42,9 @@ pub fn topics_of(event: &Value) -> &'static [&'static str] {
 
 const ALL: [&str; 4] = ["agents", "commands", "audit", "approvals"];
 
+/// Agents named per topic in one message at most; past this a topic refreshes every region.
+const MAX_UIDS: usize = 50;
+
 /// `GET /ui/events`.
 pub async fn events(State(st): State<S>, op: Op) -> Response {
     Sse::new(changes(st.fleet.subscribe(), op.session.expires_at, WINDOW))
@@ -62,6 +65,9 @@ struct St {
     expires_at: Millis,
     window: Duration,
     pending: BTreeSet<&'static str>,
+    /// Per pending topic, the agents it was about; `None` when one event named none (or too
+    /// many did), which refreshes every region of that topic.
+    uids: BTreeMap<&'static str, Option<BTreeSet<String>>>,
     deadline: Option<tokio::time::Instant>,
     done: bool,
 }
@@ -87,11 +93,20 @@ impl St {
         }
     }
 
-    fn add(&mut self, topics: &[&'static str]) {
+    fn add(&mut self, topics: &[&'static str], uid: Option<&str>) {
         if topics.is_empty() {
             return;
         }
         self.pending.extend(topics);
+        for t in topics {
+            let known = self.uids.entry(t).or_insert_with(|| Some(BTreeSet::new()));
+            match (known.as_mut(), uid) {
+                (Some(set), Some(u)) if set.len() < MAX_UIDS || set.contains(u) => {
+                    set.insert(u.to_string());
+                }
+                _ => *known = None,
+            }
+        }
         if self.deadline.is_none() {
             self.deadline = Some(tokio::time::Instant::now() + self.window);
         }
@@ -99,10 +114,16 @@ impl St {
 
     fn flush(&mut self) -> Event {
         let topics: Vec<&str> = std::mem::take(&mut self.pending).into_iter().collect();
+        let uids: serde_json::Map<String, Value> = std::mem::take(&mut self.uids)
+            .into_iter()
+            .filter_map(|(t, u)| Some((t.to_string(), serde_json::json!(u?))))
+            .collect();
         self.deadline = None;
-        Event::default()
-            .event("change")
-            .data(serde_json::json!({ "topics": topics }).to_string())
+        let mut data = serde_json::json!({ "topics": topics });
+        if !uids.is_empty() {
+            data["uids"] = Value::Object(uids);
+        }
+        Event::default().event("change").data(data.to_string())
     }
 }
 
@@ -117,6 +138,7 @@ pub fn changes(
         expires_at,
         window,
         pending: BTreeSet::new(),
+        uids: BTreeMap::new(),
         deadline: None,
         done: false,
     };
@@ -132,9 +154,10 @@ pub fn changes(
                         let ev = Event::default().event("shutdown").data("{}");
                         return Some((Ok(ev), st));
                     }
-                    st.add(topics_of(&v));
+                    let uid = v["uid"].as_str().or(v["agent_uid"].as_str());
+                    st.add(topics_of(&v), uid);
                 }
-                Next::Lagged => st.add(&ALL),
+                Next::Lagged => st.add(&ALL, None),
                 Next::WindowDone => return Some((Ok(st.flush()), st)),
                 Next::Closed => {
                     st.done = true;
@@ -212,6 +235,33 @@ mod tests {
         let w = wire(s.next().await.unwrap().unwrap()).await;
         assert!(w.contains("event: shutdown"), "{w}");
         assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_names_the_agents_it_is_about_while_they_are_few() {
+        let (tx, rx) = broadcast::channel(256);
+        let far = now_ms() + 3_600_000;
+        let mut s = Box::pin(changes(rx, far, Duration::from_millis(1000)));
+        let on = |ty: &str, k: &str, u: &str| Arc::new(json!({"type": ty, k: u}));
+        tx.send(on("agent.labels", "uid", "a")).unwrap();
+        tx.send(on("command.progress", "agent_uid", "b")).unwrap();
+        tx.send(on("agent.health", "uid", "a")).unwrap();
+        let w = wire(s.next().await.unwrap().unwrap()).await;
+        assert!(
+            w.contains(
+                r#"{"topics":["agents","commands"],"uids":{"agents":["a"],"commands":["b"]}}"#
+            ),
+            "{w}"
+        );
+        // Too many agents, or an event naming none: that topic refreshes everything.
+        for i in 0..=MAX_UIDS {
+            tx.send(on("agent.liveness", "uid", &i.to_string()))
+                .unwrap();
+        }
+        tx.send(on("command.progress", "agent_uid", "c")).unwrap();
+        tx.send(ev("batch.queued")).unwrap();
+        let w = wire(s.next().await.unwrap().unwrap()).await;
+        assert!(w.contains(r#"{"topics":["agents","commands"]}"#), "{w}");
     }
 
     #[tokio::test]

@@ -557,6 +557,31 @@ async fn the_console_in_a_real_browser() {
         "document.getElementById('live-status').dataset.state === 'on'",
     )
     .await;
+    // Another agent connecting changes nothing on this page: no region is fetched again.
+    b.c.execute(
+        "window.__fetches = 0; var f = window.fetch; \
+         window.fetch = function () { window.__fetches += 1; return f.apply(this, arguments); };",
+        vec![],
+    )
+    .await
+    .unwrap();
+    register_agent(
+        &server,
+        &[("service.name", "fluent-bit"), ("host.name", "cache-2")],
+        Cap::ReportsStatus as u64,
+        &[],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let fetches =
+        b.c.execute("return window.__fetches;", vec![])
+            .await
+            .unwrap();
+    assert_eq!(
+        fetches,
+        json!(0),
+        "another agent's change re-rendered this agent's page"
+    );
     let (s, _) = rest
         .put(
             &format!("/api/v1/agents/{cache}/labels/zone"),

@@ -56,11 +56,18 @@
     });
   }
 
-  function regionsFor(topics) {
+  // A region about one agent (data-uid) is left alone when the message names the agents a
+  // topic was about and this one is not among them.
+  function regionsFor(topics, uids) {
     var ids = [];
     document.querySelectorAll("[data-live]").forEach(function (el) {
       var mine = el.getAttribute("data-live").split(/\s+/);
-      if (mine.some(function (t) { return topics.indexOf(t) >= 0; })) ids.push(el.id);
+      var uid = el.getAttribute("data-uid");
+      if (mine.some(function (t) {
+        if (topics.indexOf(t) < 0) return false;
+        var named = uids && uids[t];
+        return !uid || !named || named.indexOf(uid) >= 0;
+      })) ids.push(el.id);
     });
     return ids;
   }
@@ -79,9 +86,9 @@
       setStatus("on", "Live");
     });
     es.addEventListener("change", function (e) {
-      var topics = [];
-      try { topics = JSON.parse(e.data).topics || []; } catch (_) { return; }
-      refresh(regionsFor(topics));
+      var msg;
+      try { msg = JSON.parse(e.data); } catch (_) { return; }
+      refresh(regionsFor(msg.topics || [], msg.uids || null));
     });
     es.addEventListener("expired", function () {
       es.close();
