@@ -3,6 +3,7 @@
 
 mod core_gateway;
 mod core_planner;
+mod core_sessions;
 mod core_types;
 mod slack_api;
 mod slack_gateway;

@@ -37,6 +37,8 @@ pub struct CoreOptions {
     pub progress_every: Duration,
     /// When live progress stops following (the final summary says so).
     pub progress_for: Duration,
+    /// A thread unused this long is forgotten, with a polite sign-off.
+    pub idle_after: Duration,
 }
 
 impl Default for CoreOptions {
@@ -45,6 +47,7 @@ impl Default for CoreOptions {
             confirm_ttl: DEFAULT_CONFIRM_TTL,
             progress_every: Duration::from_secs(2),
             progress_for: Duration::from_secs(600),
+            idle_after: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -145,6 +148,66 @@ impl Core {
         }
     }
 
+    /// Housekeeping, run periodically by the embedder: drops expired confirmations, and
+    /// forgets threads idle for [`CoreOptions::idle_after`] with a sign-off in each. Returns
+    /// how many threads were signed off.
+    pub async fn sweep(&self, outbox: &dyn Outbox) -> usize {
+        let now = now_ms();
+        if let Err(e) = self.state.expire_confirmations(now).await {
+            tracing::warn!(error = %e, "chat: expiring confirmations failed");
+        }
+        let before = now - self.options.idle_after.as_millis() as i64;
+        let idle = match self.state.take_idle_threads(before).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "chat: idle threads not read");
+                return 0;
+            }
+        };
+        let bye = Reply::text(
+            "I'm signing off this thread after a quiet spell; \"them\" and \"it\" start afresh. \
+             Mention me or use /flotilla to pick up again.",
+        );
+        let mut n = 0;
+        for (_, t) in idle {
+            if let Some(c) = t.conversation {
+                if outbox.post(&c, &bye).await.is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Tells every remembered thread the gateway is going away (on server shutdown); the
+    /// threads' state and pending confirmations stay in the store for after the restart.
+    pub async fn shutdown_notice(&self, outbox: &dyn Outbox) -> usize {
+        // Every thread was used before the end of time: take them all, then put them back.
+        let threads = match self.state.take_idle_threads(i64::MAX).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "chat: threads not read at shutdown");
+                return 0;
+            }
+        };
+        let note = Reply::text(
+            "Flotilla is going to bed (server shutdown). Pending confirmations are kept; \
+             anything queued keeps running on the agents.",
+        );
+        let mut n = 0;
+        for (key, t) in threads {
+            if let Some(c) = &t.conversation {
+                if outbox.post(c, &note).await.is_ok() {
+                    n += 1;
+                }
+            }
+            if let Err(e) = self.state.put_thread(&key, &t).await {
+                tracing::warn!(error = %e, "chat: thread state not kept at shutdown");
+            }
+        }
+        n
+    }
+
     fn backend(
         &self,
         user: &ChatUser,
@@ -172,6 +235,7 @@ impl Core {
             .unwrap_or_default();
         update(&mut s.context);
         s.last_used_ms = now_ms();
+        s.conversation = Some(conv.clone());
         if let Err(e) = self.state.put_thread(&key, &s).await {
             tracing::warn!(error = %e, "chat: thread state not saved");
         }

@@ -32,9 +32,13 @@ pub struct PendingConfirmation {
 
 /// A thread's remembered context and when it was last used.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ThreadState {
     pub context: ThreadContext,
     pub last_used_ms: i64,
+    /// Where the thread is, for the sign-off and the shutdown notice.
+    #[serde(default)]
+    pub conversation: Option<ConversationRef>,
 }
 
 /// The core's persistent state. `take_confirmation` removes atomically: of two concurrent

@@ -127,6 +127,7 @@ mod tests {
             let mut t = ThreadState {
                 context: ThreadContext::default(),
                 last_used_ms: 1_000,
+                conversation: None,
             };
             t.context.last_query = Some("type:fluentd".into());
             s.put_thread("slack/T1/C1/-", &t).await.unwrap();
