@@ -252,9 +252,18 @@ impl ExpectedTargets {
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchProgress {
     pub batch: Batch,
+    /// Commands by status (non-zero ones), plus `skipped` agents.
     pub counts: BTreeMap<&'static str, usize>,
+    /// Commands in the batch.
+    pub total: usize,
+    /// Commands in a final status.
+    pub done: usize,
+    /// The newest [`BATCH_ITEMS`] commands at most; `counts` and `total` cover all.
     pub commands: Vec<BatchItem>,
 }
+
+/// Commands listed per agent in a batch's progress.
+pub const BATCH_ITEMS: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchItem {
@@ -1035,38 +1044,42 @@ impl Fleet {
                 what: "batch",
                 id: id.to_string(),
             })?;
-        let mut commands = Vec::new();
-        let mut before = None;
-        loop {
-            let page = self
-                .store
-                .list_commands(&CommandFilter {
-                    batch: Some(id),
-                    before,
-                    limit: 1000,
-                    ..Default::default()
-                })
-                .await?;
-            let n = page.len();
-            before = page.last().map(|c| c.id);
-            commands.extend(page.into_iter().map(|c| BatchItem {
+        // Counted by the store and one page of rows: a 10k-agent batch polled every second
+        // must not read 10k commands each time.
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let (mut total, mut done) = (0, 0);
+        for (status, n) in self.store.batch_counts(id).await? {
+            let n = n as usize;
+            total += n;
+            if status.is_final() {
+                done += n;
+            }
+            if n > 0 {
+                counts.insert(status.as_str(), n);
+            }
+        }
+        counts.insert("skipped", batch.skipped.len());
+        let commands = self
+            .store
+            .list_commands(&CommandFilter {
+                batch: Some(id),
+                limit: BATCH_ITEMS,
+                ..Default::default()
+            })
+            .await?
+            .into_iter()
+            .map(|c| BatchItem {
                 agent_uid: c.agent_uid,
                 command_id: c.id,
                 status: c.status,
                 error: c.error,
-            }));
-            if n < 1000 {
-                break;
-            }
-        }
-        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-        for c in &commands {
-            *counts.entry(c.status.as_str()).or_default() += 1;
-        }
-        counts.insert("skipped", batch.skipped.len());
+            })
+            .collect();
         Ok(BatchProgress {
             batch,
             counts,
+            total,
+            done,
             commands,
         })
     }

@@ -48,6 +48,9 @@ pub fn batch_progress(p: &BatchProgress) -> Value {
     json!({
         "batch": batch(&p.batch),
         "counts": p.counts,
+        "total": p.total,
+        "done": p.done,
+        // At most crate::service::BATCH_ITEMS, newest first; counts cover the whole batch.
         "commands": p.commands,
     })
 }

@@ -122,6 +122,13 @@ struct Args {
     /// or a network cut; the consoles watch that reconnect instead of the first connect.
     #[arg(long)]
     reconnect_storm: bool,
+    /// Fan-out phase after the window: the first N agents (hosts `fan-*`; the others are
+    /// `bench-*`) get one restart command through one query (`POST /api/v1/commands`) and
+    /// answer it at once with a new start time, which settles it. Reported: time from the
+    /// request's answer until all are `sent` (the batch's counts, polled) and received by the
+    /// agents, until all are settled, and the other agents' heartbeat round trips meanwhile.
+    #[arg(long, default_value_t = 0)]
+    fanout: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,10 +161,18 @@ struct Shared {
     closed_at_stop_without_frame: AtomicU64,
     rtt_us: Mutex<Vec<u32>>,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Agents `0..fanout` are the fan-out's targets.
+    fanout: usize,
+    /// True while the fan-out phase runs.
+    fan_active: AtomicBool,
+    /// Nanoseconds since `epoch` when agent i received the fan-out's command (0: not yet).
+    fan_recv_ns: Vec<AtomicU64>,
+    /// Heartbeat round trips of agents outside the fan-out, during it.
+    fan_rtt_us: Mutex<Vec<u32>>,
 }
 
 impl Shared {
-    fn new(n: usize) -> Shared {
+    fn new(n: usize, fanout: usize) -> Shared {
         Shared {
             epoch: Instant::now(),
             uids: (0..n).map(|_| Mutex::new(Uuid::new_v4())).collect(),
@@ -177,6 +192,10 @@ impl Shared {
             closed_at_stop_without_frame: AtomicU64::new(0),
             rtt_us: Mutex::new(Vec::new()),
             errors: Mutex::new(BTreeMap::new()),
+            fanout,
+            fan_active: AtomicBool::new(false),
+            fan_recv_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            fan_rtt_us: Mutex::new(Vec::new()),
         }
     }
 
@@ -220,11 +239,111 @@ struct Target {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The fan-out phase.
+
+/// One restart to agents `0..sh.fanout` through one query, timed from the request's answer:
+/// until the batch has nothing queued (every command claimed `sent`; its counts polled every
+/// 20 ms), until every target received it, and until every command settled. Heartbeats of
+/// the other agents are timed meanwhile.
+async fn fan_out(sh: &Arc<Shared>, target: &Target, pid: Option<u32>) -> anyhow::Result<Value> {
+    let n = sh.fanout;
+    eprintln!("bench: fan-out: one restart to {n} agents (host:fan-*)");
+    sh.fan_rtt_us
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    sh.fan_active.store(true, Ordering::Relaxed);
+    let cpu0 = pid.map(proc_cpu_secs).transpose()?;
+    let t_post = Instant::now();
+    let (code, body) = http(
+        &target.api_addr,
+        "POST",
+        &format!("{}/api/v1/commands", target.api_prefix),
+        target.token.as_deref(),
+        Some(r#"{"query":"host:fan-*","kind":"restart","params":{}}"#),
+    )
+    .await?;
+    let t_answer = Instant::now();
+    if code != 202 {
+        sh.fan_active.store(false, Ordering::Relaxed);
+        bail!("fan-out POST answered {code}: {}", body.trim());
+    }
+    let v: Value = serde_json::from_str(&body).context("fan-out answer")?;
+    let batch = v["batch_id"]
+        .as_str()
+        .context("fan-out answer without batch_id")?
+        .to_string();
+    let queued = v["queued"].as_u64().unwrap_or(0);
+    let path = format!("{}/api/v1/batches/{batch}", target.api_prefix);
+    let answer_ns = t_answer.duration_since(sh.epoch).as_nanos() as u64;
+    let since_answer = |at: Instant| at.duration_since(t_answer).as_secs_f64() * 1000.0;
+    let (mut all_sent, mut all_settled) = (None, None);
+    let mut poll_ms = Vec::new();
+    let mut last = Value::Null;
+    let deadline = t_answer + Duration::from_secs(120);
+    while all_settled.is_none() && Instant::now() < deadline {
+        let t = Instant::now();
+        let (code, body) = http(
+            &target.api_addr,
+            "GET",
+            &path,
+            target.token.as_deref(),
+            None,
+        )
+        .await?;
+        let at = Instant::now();
+        poll_ms.push(at.duration_since(t).as_secs_f64() * 1000.0);
+        if code != 200 {
+            sh.note("GET batch", format!("HTTP {code}"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        last = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let queued_now = last["counts"]["queued"].as_u64().unwrap_or(0);
+        if all_sent.is_none() && queued_now == 0 {
+            all_sent = Some(since_answer(t));
+        }
+        if last["done"].as_u64() == Some(queued) {
+            all_settled = Some(since_answer(t));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu1 = pid.map(proc_cpu_secs).transpose()?;
+    let wall = t_post.elapsed().as_secs_f64();
+    sh.fan_active.store(false, Ordering::Relaxed);
+    let recv: Vec<u64> = (0..n)
+        .map(|i| sh.fan_recv_ns[i].load(Ordering::Relaxed))
+        .filter(|ns| *ns != 0)
+        .collect();
+    let received_all = (recv.len() == n)
+        .then(|| {
+            recv.iter()
+                .max()
+                .map(|m| m.saturating_sub(answer_ns) as f64 / 1e6)
+        })
+        .flatten();
+    let rtt = std::mem::take(&mut *sh.fan_rtt_us.lock().unwrap_or_else(|e| e.into_inner()));
+    let r1 = |x: f64| (x * 10.0).round() / 10.0;
+    Ok(json!({
+        "targets": n, "queued": queued,
+        "post_ms": r1(t_answer.duration_since(t_post).as_secs_f64() * 1000.0),
+        "all_sent_after_answer_ms": all_sent.map(r1),
+        "all_received_after_answer_ms": received_all.map(r1),
+        "received": recv.len(),
+        "all_settled_after_answer_ms": all_settled.map(r1),
+        "final_counts": last["counts"],
+        "batch_poll": ms_stats(poll_ms),
+        "other_agents_heartbeat_rtt": ms_stats(rtt.into_iter().map(|u| u as f64 / 1000.0).collect()),
+        "server_cpu_ratio": match (cpu0, cpu1) { (Some(a), Some(b)) => Some(r1((b - a) / wall * 10.0) / 10.0), _ => None },
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
 // One simulated agent.
 
 /// The first message, and the answer to ReportFullState: everything a status-reporting Fluent
 /// Bit agent tells about itself.
-fn full_status(i: usize, uid: Uuid, seq: u64) -> AgentToServer {
+fn full_status(sh: &Shared, i: usize, uid: Uuid, seq: u64) -> AgentToServer {
     AgentToServer {
         instance_uid: uid.as_bytes().to_vec(),
         sequence_num: seq,
@@ -236,11 +355,41 @@ fn full_status(i: usize, uid: Uuid, seq: u64) -> AgentToServer {
                 kv_str("service.instance.id", &uid.to_string()),
             ],
             non_identifying_attributes: vec![
-                kv_str("host.name", &format!("bench-{i}")),
+                kv_str("host.name", &host_name(sh, i)),
                 kv_str("os.type", "linux"),
                 kv_str("host.arch", "amd64"),
                 kv_str("deployment.environment", "bench"),
             ],
+        }),
+        ..Default::default()
+    }
+}
+
+/// `fan-{i}` for the fan-out's targets, `bench-{i}` for the others.
+fn host_name(sh: &Shared, i: usize) -> String {
+    if i < sh.fanout {
+        format!("fan-{i}")
+    } else {
+        format!("bench-{i}")
+    }
+}
+
+/// What an agent that restarted at once reports: healthy, started now (wall clock), which
+/// settles a restart queued before.
+fn restarted(uid: Uuid, seq: u64) -> AgentToServer {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    AgentToServer {
+        instance_uid: uid.as_bytes().to_vec(),
+        sequence_num: seq,
+        capabilities: AGENT_CAPS,
+        health: Some(flotilla_proto::ComponentHealth {
+            healthy: true,
+            start_time_unix_nano: now_ns,
+            status: "running".into(),
+            status_time_unix_nano: now_ns,
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -329,7 +478,7 @@ async fn run_agent(
 
     let mut seq = 0u64;
     let mut uid = sh.uid(i);
-    let first = encode_ws(&full_status(i, uid, seq));
+    let first = encode_ws(&full_status(&sh, i, uid, seq));
     if let Err(e) = ws.send(WsMessage::Binary(first.into())).await {
         return fail(&mut ready, format!("send status: {e}"));
     }
@@ -366,7 +515,7 @@ async fn run_agent(
                 seq += 1;
                 let msg = if send_full {
                     send_full = false;
-                    full_status(i, uid, seq)
+                    full_status(&sh, i, uid, seq)
                 } else {
                     heartbeat(uid, seq)
                 };
@@ -429,6 +578,19 @@ async fn run_agent(
                 if reply.command.is_some() {
                     // A command travels in a message of its own; it is not a heartbeat reply.
                     sh.commands_received.fetch_add(1, Ordering::Relaxed);
+                    if sh.fan_active.load(Ordering::Relaxed) && i < sh.fanout {
+                        let _ = sh.fan_recv_ns[i].compare_exchange(
+                            0, sh.now_ns(), Ordering::Relaxed, Ordering::Relaxed);
+                        // Restarted at once: the new start time settles the command.
+                        seq += 1;
+                        let msg = encode_ws(&restarted(uid, seq));
+                        if let Err(e) = ws.send(WsMessage::Binary(msg.into())).await {
+                            lost(&sh, "send restart result", e.to_string(), false);
+                            return;
+                        }
+                        sh.sent.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let _ = sh.cmd_recv_ns[i].compare_exchange(
                         0, sh.now_ns(), Ordering::Relaxed, Ordering::Relaxed);
                     continue;
@@ -444,7 +606,7 @@ async fn run_agent(
                         // The server asked for everything again: do it now, not at the next tick.
                         send_full = false;
                         seq += 1;
-                        let msg = encode_ws(&full_status(i, uid, seq));
+                        let msg = encode_ws(&full_status(&sh, i, uid, seq));
                         if let Err(e) = ws.send(WsMessage::Binary(msg.into())).await {
                             lost(&sh, "send status", e.to_string(), false);
                             return;
@@ -452,9 +614,12 @@ async fn run_agent(
                         sh.sent.fetch_add(1, Ordering::Relaxed);
                     }
                 } else if let Some(sent_at) = outstanding.take() {
+                    let us = sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
                     if sh.measuring.load(Ordering::Relaxed) {
-                        let us = sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32;
                         sh.rtt_us.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                    }
+                    if sh.fan_active.load(Ordering::Relaxed) && i >= sh.fanout {
+                        sh.fan_rtt_us.lock().unwrap_or_else(|e| e.into_inner()).push(us);
                     }
                 }
             }
@@ -1042,7 +1207,7 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
     let mut ramp_cpu0 = pid.map(proc_cpu_secs).transpose()?;
 
     // --- connect in ramps
-    let sh = Arc::new(Shared::new(n));
+    let sh = Arc::new(Shared::new(n, args.fanout.min(n)));
     let cancel = CancellationToken::new();
     let load_at_start = loadavg1();
     let overflows0 = listen_overflows();
@@ -1238,6 +1403,13 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
     let delivered = delivery_ms.len();
     let undelivered = pending(&sh);
 
+    // --- fan-out
+    let fanout_report = if sh.fanout > 0 {
+        Some(fan_out(&sh, &target, pid).await?)
+    } else {
+        None
+    };
+
     // --- stop: our own server is stopped with the agents still connected (exercises graceful
     // shutdown under load); an external one is left running and the agents say goodbye.
     sh.stopping.store(true, Ordering::Relaxed);
@@ -1342,6 +1514,7 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
             "agents_closed_without_close_frame": sh.closed_at_stop_without_frame.load(Ordering::Relaxed),
         },
         "console": console_report,
+        "fanout": fanout_report,
         "errors": errors,
         "server_log_levels": log_levels,
         "server_log_samples": log_samples,
@@ -1436,6 +1609,24 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
                 .unwrap_or_else(|| "NOT graceful within 30 s (killed)".into()),
             sh.closed_at_stop_with_frame.load(Ordering::Relaxed),
             sh.closed_at_stop_without_frame.load(Ordering::Relaxed)
+        );
+    }
+    if let Some(f) = &json["fanout"].as_object() {
+        let ms = |k: &str| {
+            f.get(k)
+                .and_then(Value::as_f64)
+                .map_or_else(|| "never".into(), |v| format!("{v:.0} ms"))
+        };
+        let _ = writeln!(
+            s,
+            "fan-out        1 restart to {} agents: POST {}; after its answer all sent {}, all \
+             received {}, all settled {}; other agents' heartbeats {}",
+            f["queued"],
+            ms("post_ms"),
+            ms("all_sent_after_answer_ms"),
+            ms("all_received_after_answer_ms"),
+            ms("all_settled_after_answer_ms"),
+            fmt_ms(&f["other_agents_heartbeat_rtt"])
         );
     }
     if !log_levels.is_empty() {

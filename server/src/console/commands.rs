@@ -553,8 +553,7 @@ pub async fn batch_page(State(st): State<S>, op: Op, Path(id): Path<String>) -> 
         Ok(p) => p,
         Err(e) => return fleet_error(&op, &e),
     };
-    let total = p.commands.len();
-    let done = p.commands.iter().filter(|c| c.status.is_final()).count();
+    let (total, done) = (p.total, p.done);
     let is_config = p.batch.kind == CommandKind::RemoteConfig;
     let want_hash = p.batch.params["hash"].as_str().unwrap_or("").to_string();
     let mut apply = std::collections::HashMap::new();

@@ -416,12 +416,15 @@ fn schemas() -> Value {
             }
         },
         "BatchProgress": {
-            "type": "object", "required": ["batch", "counts", "commands"],
+            "type": "object", "required": ["batch", "counts", "total", "done", "commands"],
             "properties": {
                 "batch": schema_ref("Batch"),
                 "counts": {"type": "object", "additionalProperties": {"type": "integer"},
                            "description": "Commands by status, plus `skipped`."},
-                "commands": {"type": "array", "items": {"type": "object", "properties": {
+                "total": {"type": "integer", "description": "Commands in the batch."},
+                "done": {"type": "integer", "description": "Commands in a final status."},
+                "commands": {"type": "array", "description": "The newest 1000 commands at most; `counts` cover all.",
+                    "items": {"type": "object", "properties": {
                     "agent_uid": uuid_schema(), "command_id": uuid_schema(),
                     "status": schema_ref("CommandStatus"),
                     "error": {"type": "string"}}}}
