@@ -3,8 +3,9 @@
 //! A destructive call that arrives unconfirmed is not executed: it gets a preview and a token.
 //! The token is random (128 bits from the OS), stored here with a digest of the caller's
 //! identity, the tool name and the exact arguments, expires after [`DEFAULT_TTL`], and is
-//! spent by its first presentation, matching or not, so a token can neither be replayed nor
-//! probed for other arguments. It also carries what was shown to the user (the preview and the
+//! spent by its owner's first presentation, matching or not, so a token can neither be replayed
+//! nor probed for other arguments. Presented by anyone else it is refused and left alone: a
+//! leaked or guessed token must not let another user cancel someone's pending confirmation. It also carries what was shown to the user (the preview and the
 //! target set it named), handed back when the token is spent, so the confirmed call runs
 //! against exactly what was confirmed. The same store backs the MRTR elicitation round trip of the
 //! 2026-07-28 protocol, where the pending confirmation's token travels as `requestState`.
@@ -33,8 +34,10 @@ pub const MAX_PENDING_PER_CALLER: usize = 64;
 pub enum ConfirmError {
     #[error("the confirmation token is unknown, already used or expired; call again without it to get a new one")]
     Unknown,
-    #[error("the confirmation token was issued for different arguments or another caller; it is now spent — call again without it to get a new one")]
+    #[error("the confirmation token was issued for different arguments; it is now spent — call again without it to get a new one")]
     Mismatch,
+    #[error("the confirmation token was issued to another caller; only they can use it — call again without it to get your own")]
+    OtherCaller,
 }
 
 struct Pending {
@@ -102,6 +105,11 @@ fn digest(identity: &str, tool: &str, args: &Map<String, Value>) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Digests are not secret, but compare without an early exit anyway.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 impl ConfirmStore {
     pub fn new(ttl: Duration) -> ConfirmStore {
         ConfirmStore {
@@ -167,7 +175,9 @@ impl ConfirmStore {
     }
 
     /// Spends `token`: its payload only if it is outstanding, unexpired and was issued for
-    /// exactly this caller, tool and arguments. Any presentation removes it.
+    /// exactly this caller, tool and arguments. Its owner's presentation removes it, whatever
+    /// the arguments; another caller's is refused ([`ConfirmError::OtherCaller`]) and leaves
+    /// it outstanding.
     pub fn redeem(
         &self,
         token: &str,
@@ -176,23 +186,23 @@ impl ConfirmStore {
         args: &Map<String, Value>,
     ) -> Result<Value, ConfirmError> {
         let now = Instant::now();
+        let owner: [u8; 32] = Sha256::digest(identity.as_bytes()).into();
         let entry = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.remove(token)
+            match p.get(token) {
+                None => None,
+                Some(e) if e.expires <= now => {
+                    p.remove(token);
+                    return Err(ConfirmError::Unknown);
+                }
+                Some(e) if !ct_eq(&e.owner, &owner) => return Err(ConfirmError::OtherCaller),
+                Some(_) => p.remove(token),
+            }
         };
         let Some(entry) = entry else {
             return Err(ConfirmError::Unknown);
         };
-        if entry.expires <= now {
-            return Err(ConfirmError::Unknown);
-        }
-        // Digests are not secret, but compare without an early exit anyway.
-        let want = digest(identity, tool, args);
-        let diff = want
-            .iter()
-            .zip(entry.digest.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 {
+        if ct_eq(&digest(identity, tool, args), &entry.digest) {
             Ok(entry.payload)
         } else {
             Err(ConfirmError::Mismatch)
@@ -233,12 +243,20 @@ mod tests {
             Err(ConfirmError::Unknown)
         );
 
+        // Another caller is refused and does not spend it: alice can still confirm.
         let t = s.issue("alice", "command_queue", &a, json!(1));
         assert_eq!(
             s.redeem(&t, "bob", "command_queue", &a),
+            Err(ConfirmError::OtherCaller)
+        );
+        assert_eq!(s.redeem(&t, "alice", "command_queue", &a), Ok(json!(1)));
+
+        // Its owner's mismatching presentation spends it.
+        let t = s.issue("alice", "command_queue", &a, json!(1));
+        assert_eq!(
+            s.redeem(&t, "alice", "command_queue", &args(json!({"kind": "x"}))),
             Err(ConfirmError::Mismatch)
         );
-        // Spent by the mismatching presentation.
         assert_eq!(
             s.redeem(&t, "alice", "command_queue", &a),
             Err(ConfirmError::Unknown)

@@ -141,3 +141,38 @@ async fn data_directory_and_database_are_owner_only() {
     assert_eq!(mode(&db), 0o600);
     server.stop().await;
 }
+
+/// Defect 6: a confirmation token presented by another user is refused and not spent; its
+/// owner can still confirm with it, and only then is the command queued.
+#[tokio::test]
+async fn confirmation_token_of_another_caller_is_refused_unspent() {
+    use crate::mcp::{call, connect, fail, ok, Revision};
+    use crate::support::{ADMIN_TOKEN, OPERATOR_TOKEN};
+    let server = TestServer::start().await;
+    let caps = Cap::ReportsStatus as u64 | Cap::AcceptsRestartCommand as u64;
+    let a = register_agent(&server, &[("host.name", "web-1")], caps, &[]).await;
+    let handler = flotilla_e2e::mcp_client::ElicitingClient::default;
+    let alice = connect(&server, OPERATOR_TOKEN, Revision::Session, handler()).await;
+    let bob = connect(&server, ADMIN_TOKEN, Revision::Session, handler()).await;
+    let args = json!({"agent": a.to_string(), "kind": "restart"});
+    let v = ok(&call(&alice, "command_queue", args.clone()).await);
+    assert_eq!(v["status"], "confirmation_required", "{v}");
+    let mut with = args.clone();
+    with["confirmation_token"] = v["confirmation_token"].clone();
+
+    let (code, message) = fail(&call(&bob, "command_queue", with.clone()).await);
+    assert_eq!(code, "confirmation_invalid");
+    assert!(message.contains("another caller"), "{message}");
+    let queued = |v: &Value| v["items"].as_array().map(Vec::len).unwrap_or(0);
+    let (_, list) = server.rest().get("/api/v1/commands").await;
+    assert_eq!(queued(&list), 0, "{list}");
+
+    let v = ok(&call(&alice, "command_queue", with).await);
+    assert_eq!(v["status"], "queued", "{v}");
+    let (_, list) = server.rest().get("/api/v1/commands").await;
+    assert_eq!(queued(&list), 1, "{list}");
+    assert_eq!(list["items"][0]["actor"], "ops");
+    alice.cancel().await.ok();
+    bob.cancel().await.ok();
+    server.stop().await;
+}

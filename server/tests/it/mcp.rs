@@ -27,16 +27,16 @@ const STATUS: u64 = Cap::ReportsStatus as u64;
 const ALL_CAPS: u64 = STATUS | Cap::AcceptsRestartCommand as u64 | Cap::AcceptsRemoteConfig as u64;
 
 #[derive(Clone, Copy, Debug)]
-enum Revision {
+pub(crate) enum Revision {
     /// 2026-07-28: `server/discover`, stateless requests, MRTR for elicitation.
     Modern,
     /// `initialize` + `Mcp-Session-Id` (2025-11-25 and older).
     Session,
 }
 
-type Client = RunningService<RoleClient, ElicitingClient>;
+pub(crate) type Client = RunningService<RoleClient, ElicitingClient>;
 
-async fn connect(
+pub(crate) async fn connect(
     server: &TestServer,
     token: &str,
     rev: Revision,
@@ -64,7 +64,7 @@ async fn operator(server: &TestServer, rev: Revision) -> Client {
     connect(server, OPERATOR_TOKEN, rev, ElicitingClient::default()).await
 }
 
-async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
+pub(crate) async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
     let Value::Object(m) = args else {
         panic!("args must be an object")
     };
@@ -74,7 +74,7 @@ async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
 }
 
 /// The structured answer of a successful call.
-fn ok(r: &CallToolResult) -> Value {
+pub(crate) fn ok(r: &CallToolResult) -> Value {
     assert_ne!(r.is_error, Some(true), "tool error: {:?}", r.content);
     r.structured_content.clone().expect("structured content")
 }
@@ -82,7 +82,7 @@ fn ok(r: &CallToolResult) -> Value {
 /// The error code and message of a failed call. A tool error is text only,
 /// `error (<code>): <message>`: structured content would have to match the output schema,
 /// which describes successes.
-fn fail(r: &CallToolResult) -> (String, String) {
+pub(crate) fn fail(r: &CallToolResult) -> (String, String) {
     assert_eq!(
         r.is_error,
         Some(true),
