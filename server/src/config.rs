@@ -33,6 +33,11 @@ pub struct Config {
     pub log: LogConfig,
     pub mcp: McpConfig,
     pub console: ConsoleConfig,
+    pub chat: ChatConfig,
+    /// Secrets given as environment variables ([`SECRET_ENV`]); never serialised, so never in
+    /// a TOML file, `config check`'s output or a log line.
+    #[serde(skip)]
+    pub env_secrets: EnvSecrets,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -172,6 +177,215 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// The chat listener and its gateways (`[chat]`, `[chat.slack]`). Off unless a gateway is
+/// enabled; then `listen` is required and carries only the chat webhook routes, so the operator
+/// API can stay on loopback while Slack reaches the gateway.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Address of the chat listener (`/chat/slack/...`), e.g. `"0.0.0.0:8443"` behind a TLS
+    /// proxy. Required when a gateway is enabled.
+    pub listen: Option<String>,
+    pub slack: SlackConfig,
+}
+
+/// The Slack gateway. The signing secret and the bot token come from files
+/// (`*_file`) or from the environment ([`SECRET_ENV`]), never from this file itself.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlackConfig {
+    pub enabled: bool,
+    /// File holding the app's signing secret (Basic Information → App Credentials).
+    pub signing_secret_file: Option<PathBuf>,
+    /// File holding the bot token (`xoxb-…`, OAuth & Permissions).
+    pub bot_token_file: Option<PathBuf>,
+    /// The Slack Web API base URL (changed only to point tests at a fake).
+    pub api_url: String,
+    /// Who may do what from Slack (`[chat.slack.access]`).
+    pub access: ChatAccess,
+}
+
+/// Chat users → Flotilla roles (`viewer`, `operator`, `admin`), per platform.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatAccess {
+    /// User id (Slack `U…`) → role.
+    pub users: std::collections::BTreeMap<String, flotilla_chat::Role>,
+    /// User-group id (Slack `S…`) → role.
+    pub groups: std::collections::BTreeMap<String, flotilla_chat::Role>,
+    /// Channel id → the role anyone writing there has at least.
+    pub channels: std::collections::BTreeMap<String, flotilla_chat::Role>,
+    /// Role of users nobody mapped; unset refuses them.
+    pub default_role: Option<flotilla_chat::Role>,
+    /// When set, only these channel ids are served.
+    pub allowed_channels: Option<Vec<String>>,
+    /// Channel id → fan-out size above which a different operator must confirm.
+    pub two_person: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        SlackConfig {
+            enabled: false,
+            signing_secret_file: None,
+            bot_token_file: None,
+            api_url: "https://slack.com/api".into(),
+            access: ChatAccess::default(),
+        }
+    }
+}
+
+/// A secret's text; `Debug` never shows it.
+#[derive(Clone, Default, PartialEq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
+/// Secrets read from [`SECRET_ENV`] by [`Config::load`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvSecrets {
+    pub slack_signing_secret: Option<Secret>,
+    pub slack_bot_token: Option<Secret>,
+}
+
+/// Environment variables holding a secret itself (the alternative to a `*_file` setting). They
+/// set no TOML key: a secret never appears in the effective configuration.
+pub const SECRET_ENV: &[(&str, &str)] = &[
+    (
+        "FLOTILLA_SLACK_SIGNING_SECRET",
+        "the Slack signing secret (instead of `chat.slack.signing_secret_file`)",
+    ),
+    (
+        "FLOTILLA_SLACK_BOT_TOKEN",
+        "the Slack bot token (instead of `chat.slack.bot_token_file`)",
+    ),
+];
+
+/// A secret from a file or from the environment, exactly one of them; every problem is named.
+fn one_secret(
+    what: &str,
+    file_key: &str,
+    file: &Option<PathBuf>,
+    env_name: &str,
+    env: &Option<Secret>,
+    p: &mut Vec<String>,
+) -> Option<String> {
+    match (file, env) {
+        (Some(_), Some(_)) => {
+            p.push(format!(
+                "{what} is given twice: {file_key} and {env_name}; keep one"
+            ));
+            None
+        }
+        (None, None) => {
+            p.push(format!("{what} is missing: set {file_key} or {env_name}"));
+            None
+        }
+        (None, Some(s)) => match s.0.trim() {
+            "" => {
+                p.push(format!("{env_name} is empty"));
+                None
+            }
+            t => Some(t.to_string()),
+        },
+        (Some(f), None) => match std::fs::read_to_string(f) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                p.push(format!("{file_key} {} is empty", f.display()));
+                None
+            }
+            Err(e) => {
+                p.push(format!("{file_key} {} cannot be read: {e}", f.display()));
+                None
+            }
+        },
+    }
+}
+
+/// The Slack gateway's checked settings, secrets read.
+#[derive(Clone)]
+pub struct SlackSettings {
+    pub signing_secret: String,
+    pub bot_token: String,
+    pub api_url: String,
+}
+
+impl std::fmt::Debug for SlackSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackSettings")
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Checks `[chat]`: the listener address (required when a gateway is on) and each enabled
+    /// gateway's settings, reading its secrets. Returns the listener address and Slack's
+    /// settings when they are on.
+    fn validate_chat(&self, p: &mut Vec<String>) -> (Option<SocketAddr>, Option<SlackSettings>) {
+        let c = &self.chat;
+        if !c.slack.enabled {
+            return (None, None);
+        }
+        let addr = match &c.listen {
+            Some(l) => parse_addr("chat.listen", l, p),
+            None => {
+                p.push(
+                    "chat.slack is enabled but chat.listen is not set (the address Slack posts to)"
+                        .into(),
+                );
+                None
+            }
+        };
+        let s = &c.slack;
+        let secret = one_secret(
+            "the Slack signing secret",
+            "chat.slack.signing_secret_file",
+            &s.signing_secret_file,
+            "FLOTILLA_SLACK_SIGNING_SECRET",
+            &self.env_secrets.slack_signing_secret,
+            p,
+        );
+        let token = one_secret(
+            "the Slack bot token",
+            "chat.slack.bot_token_file",
+            &s.bot_token_file,
+            "FLOTILLA_SLACK_BOT_TOKEN",
+            &self.env_secrets.slack_bot_token,
+            p,
+        );
+        if let Some(t) = &token {
+            if !t.starts_with("xoxb-") {
+                p.push(
+                    "the Slack bot token does not start with xoxb- (use the Bot User OAuth Token)"
+                        .into(),
+                );
+            }
+        }
+        let url_ok = (s.api_url.starts_with("https://") || s.api_url.starts_with("http://"))
+            && !s.api_url.contains(char::is_whitespace);
+        if !url_ok {
+            p.push(format!(
+                "chat.slack.api_url {:?} must be an http(s):// URL",
+                s.api_url
+            ));
+        }
+        let settings = match (secret, token) {
+            (Some(signing_secret), Some(bot_token)) if url_ok => Some(SlackSettings {
+                signing_secret,
+                bot_token,
+                api_url: s.api_url.trim_end_matches('/').to_string(),
+            }),
+            _ => None,
+        };
+        (addr, settings)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -182,6 +396,8 @@ impl Default for Config {
             log: LogConfig::default(),
             mcp: McpConfig::default(),
             console: ConsoleConfig::default(),
+            chat: ChatConfig::default(),
+            env_secrets: EnvSecrets::default(),
         }
     }
 }
@@ -306,6 +522,22 @@ pub const ENV_VARS: &[EnvVar] = &[
         EnvKind::List,
     ),
     var("FLOTILLA_CONSOLE_ENABLED", "console.enabled", EnvKind::Bool),
+    var("FLOTILLA_CHAT_LISTEN", "chat.listen", EnvKind::Text),
+    var(
+        "FLOTILLA_SLACK_ENABLED",
+        "chat.slack.enabled",
+        EnvKind::Bool,
+    ),
+    var(
+        "FLOTILLA_SLACK_SIGNING_SECRET_FILE",
+        "chat.slack.signing_secret_file",
+        EnvKind::Text,
+    ),
+    var(
+        "FLOTILLA_SLACK_BOT_TOKEN_FILE",
+        "chat.slack.bot_token_file",
+        EnvKind::Text,
+    ),
     var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
     var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
@@ -377,6 +609,9 @@ pub fn env_table_markdown() -> String {
         };
         out.push_str(&format!("| `{}` | `{}`{how} |\n", v.name, v.key));
     }
+    for (name, what) in SECRET_ENV {
+        out.push_str(&format!("| `{name}` | {what} |\n"));
+    }
     out
 }
 
@@ -407,9 +642,22 @@ impl Config {
         let mut doc = toml::Value::try_from(&cfg).map_err(|e| {
             ConfigError::Invalid(vec![format!("cannot represent the configuration: {e}")])
         })?;
+        let mut env_secrets = EnvSecrets::default();
         for (name, value) in env {
             if !name.starts_with("FLOTILLA_") || is_non_server_env(&name) {
                 continue;
+            }
+            let secret = Some(Secret(value.clone()));
+            match name.as_str() {
+                "FLOTILLA_SLACK_SIGNING_SECRET" => {
+                    env_secrets.slack_signing_secret = secret;
+                    continue;
+                }
+                "FLOTILLA_SLACK_BOT_TOKEN" => {
+                    env_secrets.slack_bot_token = secret;
+                    continue;
+                }
+                _ => {}
             }
             let Some(var) = ENV_VARS.iter().find(|v| v.name == name) else {
                 problems.push(unknown_env(&name));
@@ -423,8 +671,10 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        Config::deserialize(doc)
-            .map_err(|e| ConfigError::Invalid(vec![format!("environment variables: {e}")]))
+        let mut cfg = Config::deserialize(doc)
+            .map_err(|e| ConfigError::Invalid(vec![format!("environment variables: {e}")]))?;
+        cfg.env_secrets = env_secrets;
+        Ok(cfg)
     }
 
     /// The configuration as TOML, as a file that reproduces it (`config check` prints it).
@@ -598,11 +848,23 @@ impl Config {
                 self.data_dir.display()
             ));
         }
+        let (chat_addr, slack) = self.validate_chat(&mut p);
+        if let Some(c) = chat_addr {
+            for (name, other) in [("opamp.listen", opamp_addr), ("api.listen", api_addr)] {
+                if other == Some(c) && c.port() != 0 {
+                    p.push(format!(
+                        "chat.listen and {name} are both {c}: the chat webhooks need their own listener"
+                    ));
+                }
+            }
+        }
         match (p.is_empty(), opamp_addr, api_addr) {
             (true, Some(opamp_addr), Some(api_addr)) => Ok(Validated {
                 config: self.clone(),
                 opamp_addr,
                 api_addr,
+                chat_addr,
+                slack,
             }),
             _ => Err(ConfigError::Invalid(p)),
         }
@@ -612,6 +874,7 @@ impl Config {
 /// The problem for a `FLOTILLA_*` name the server does not read, with the likeliest meant name.
 fn unknown_env(name: &str) -> String {
     let mut known: Vec<&str> = ENV_VARS.iter().map(|v| v.name).collect();
+    known.extend(SECRET_ENV.iter().map(|(n, _)| *n));
     known.push(CONFIG_ENV);
     // A typo, or a longer spelling of a name (FLOTILLA_LOG_LEVEL for FLOTILLA_LOG).
     let near = known
@@ -741,6 +1004,12 @@ impl Config {
     /// check`: never silently.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        if self.chat.listen.is_some() && !self.chat.slack.enabled {
+            w.push(
+                "chat.listen is set but no chat gateway is enabled: the chat listener stays off"
+                    .to_string(),
+            );
+        }
         if self.mcp.enabled && self.mcp.allowed_hosts.is_empty() {
             w.push(
                 "mcp.allowed_hosts is empty: the MCP Host check (DNS-rebinding protection) is off"
@@ -757,6 +1026,10 @@ pub struct Validated {
     pub config: Config,
     pub opamp_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The chat listener's address, when a chat gateway is enabled.
+    pub chat_addr: Option<SocketAddr>,
+    /// The Slack gateway's settings with its secrets read, when enabled.
+    pub slack: Option<SlackSettings>,
 }
 
 #[cfg(test)]
@@ -1069,5 +1342,85 @@ mod tests {
         std::fs::write(&f, "[opamp]\nlisten_on = \"x\"\n").unwrap();
         let err = Config::load(Some(&f), []).unwrap_err().to_string();
         assert!(err.contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn the_chat_listener_is_off_unless_a_gateway_is_enabled() {
+        let v = Config::default().validate().unwrap();
+        assert_eq!((v.chat_addr, v.slack.is_none()), (None, true));
+        let mut c = Config::default();
+        c.chat.listen = Some("127.0.0.1:8443".into());
+        let v = c.validate().unwrap();
+        assert_eq!(v.chat_addr, None);
+        assert!(
+            c.warnings()[0].contains("chat listener stays off"),
+            "{:?}",
+            c.warnings()
+        );
+    }
+
+    #[test]
+    fn slack_needs_a_listener_and_each_secret_exactly_once() {
+        let mut c = Config::default();
+        c.chat.slack.enabled = true;
+        c.chat.slack.api_url = "slack.com".into();
+        let msg = c.validate().unwrap_err().to_string();
+        for needle in [
+            "chat.listen is not set",
+            "the Slack signing secret is missing: set chat.slack.signing_secret_file or FLOTILLA_SLACK_SIGNING_SECRET",
+            "the Slack bot token is missing",
+            "chat.slack.api_url",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from: {msg}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("signing-secret");
+        std::fs::write(&secret, "8f742231b10e8888abcd99yyyzzz85a5\n").unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        // Both sources for the secret, an empty token file, the API's own address.
+        let mut c = Config::load(
+            None,
+            [
+                env("FLOTILLA_SLACK_ENABLED", "true"),
+                env("FLOTILLA_CHAT_LISTEN", "127.0.0.1:8080"),
+                env(
+                    "FLOTILLA_SLACK_SIGNING_SECRET_FILE",
+                    secret.to_str().unwrap(),
+                ),
+                env("FLOTILLA_SLACK_SIGNING_SECRET", "from-env"),
+                env("FLOTILLA_SLACK_BOT_TOKEN_FILE", empty.to_str().unwrap()),
+            ],
+        )
+        .unwrap();
+        let msg = c.validate().unwrap_err().to_string();
+        for needle in [
+            "given twice: chat.slack.signing_secret_file and FLOTILLA_SLACK_SIGNING_SECRET",
+            "chat.slack.bot_token_file",
+            "is empty",
+            "chat.listen and api.listen are both 127.0.0.1:8080",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from: {msg}");
+        }
+        assert!(!msg.contains("from-env"), "{msg}");
+        // One source each: valid, the secrets read, and never in the printed configuration.
+        c.env_secrets.slack_signing_secret = None;
+        c.env_secrets.slack_bot_token = Some(Secret("xoxb-1-2-abc".into()));
+        c.chat.slack.bot_token_file = None;
+        c.chat.listen = Some("0.0.0.0:8443".into());
+        let v = c.validate().unwrap();
+        assert_eq!(v.chat_addr.unwrap().port(), 8443);
+        let slack = v.slack.unwrap();
+        assert_eq!(slack.signing_secret, "8f742231b10e8888abcd99yyyzzz85a5");
+        assert_eq!(slack.bot_token, "xoxb-1-2-abc");
+        assert_eq!(slack.api_url, "https://slack.com/api");
+        let shown = format!("{} {:?} {:?}", c.to_toml(), c, slack);
+        assert!(
+            !shown.contains("xoxb-1-2-abc") && !shown.contains("8f742231"),
+            "{shown}"
+        );
+        // A user token where the bot token belongs.
+        c.env_secrets.slack_bot_token = Some(Secret("xoxp-user".into()));
+        assert!(c.validate().unwrap_err().to_string().contains("xoxb-"));
     }
 }

@@ -4,6 +4,7 @@
 //! listeners so tests bind port 0 and read the address back.
 
 pub mod audit;
+pub mod chat;
 pub mod commands;
 pub mod config;
 pub mod console;
@@ -111,7 +112,26 @@ pub async fn run(
     api: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run_observed(v, store, opamp, api, shutdown, |_| {}).await
+    // With a chat gateway enabled, `chat.listen` is bound too ([`run_with_chat`] takes a bound
+    // listener instead, as tests bind port 0).
+    let chat = match v.chat_addr {
+        Some(a) => Some(bind(a)?),
+        None => None,
+    };
+    run_observed_with_chat(v, store, opamp, api, chat, shutdown, |_| {}).await
+}
+
+/// [`run`] with the chat listener already bound (tests bind port 0); it is served only when a
+/// chat gateway is enabled, and carries only the chat routes.
+pub async fn run_with_chat(
+    v: Validated,
+    store: Arc<dyn Store>,
+    opamp: TcpListener,
+    api: TcpListener,
+    chat: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    run_observed_with_chat(v, store, opamp, api, chat, shutdown, |_| {}).await
 }
 
 /// [`run`], handing the fleet service to `started` before anything is served: in-process
@@ -124,6 +144,24 @@ pub async fn run_observed(
     shutdown: impl Future<Output = ()> + Send + 'static,
     started: impl FnOnce(&Fleet),
 ) -> Result<(), ServerError> {
+    let chat = match v.chat_addr {
+        Some(a) => Some(bind(a)?),
+        None => None,
+    };
+    run_observed_with_chat(v, store, opamp, api, chat, shutdown, started).await
+}
+
+/// [`run_observed`] with the chat listener already bound (tests bind port 0).
+pub async fn run_observed_with_chat(
+    v: Validated,
+    store: Arc<dyn Store>,
+    opamp: TcpListener,
+    api: TcpListener,
+    chat_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: impl FnOnce(&Fleet),
+) -> Result<(), ServerError> {
+    let v_slack = v.slack.clone();
     let cfg = v.config;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
@@ -194,8 +232,30 @@ pub async fn run_observed(
     }
     let (agent_limits, operator_limits) = listener_limits(&cfg);
     let opamp_srv = net::serve(opamp, opamp_app, agent_limits, token.clone());
-    let api_srv = net::serve(api, rest_app, operator_limits, token.clone());
+    let api_srv = net::serve(api, rest_app, operator_limits.clone(), token.clone());
+    let chat_srv = match (chat_listener, &v_slack) {
+        (Some(listener), Some(s)) => {
+            let (app, gw) = chat::slack_routes(fleet.clone(), &cfg.chat.slack, s)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            tracing::info!(chat = %listener.local_addr()?, "Slack gateway listening");
+            let t = token.clone();
+            Some(tokio::spawn(async move {
+                let r = net::serve(listener, app, operator_limits, t).await;
+                // Conversation turns still running finish their answers.
+                gw.drain().await;
+                r
+            }))
+        }
+        _ => None,
+    };
     let (a, b) = tokio::join!(opamp_srv, api_srv);
+    if let Some(c) = chat_srv {
+        match c.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "chat listener failed"),
+            Err(e) => tracing::warn!(error = %e, "chat listener ended abnormally"),
+            Ok(Ok(())) => {}
+        }
+    }
     sweeper.abort();
     bus.abort();
     // Sessions saw the same cancellation and are sending Close frames; give them a bounded

@@ -50,6 +50,12 @@ impl McpBackend {
         caller.channel = Channel::Mcp;
         McpBackend { fleet, caller }
     }
+
+    /// The same tools for a chat gateway's user: the caller keeps its chat channel (`slack`,
+    /// `discord`, `teams`), so the audit trail says where the request came from.
+    pub fn for_chat(fleet: Fleet, caller: Caller) -> McpBackend {
+        McpBackend { fleet, caller }
+    }
 }
 
 fn err(e: FleetError) -> BackendError {

@@ -241,3 +241,11 @@ impl Outbox for SlackOutbox {
             .map_err(platform)
     }
 }
+
+/// The conversation core is what the server's gateway runs.
+#[async_trait]
+impl Handler for crate::core::gateway::Core {
+    async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply> {
+        crate::core::gateway::Core::handle(self, incoming, outbox).await
+    }
+}

@@ -100,7 +100,7 @@ fn status(uid: Uuid, seq: u64, started_ns: u64) -> AgentToServer {
 
 /// A WebSocket agent that restarts when told to: it reports a new start time, which is how
 /// the server confirms a restart.
-async fn ws_agent(url: String, uid: Uuid) -> tokio::task::JoinHandle<()> {
+pub(crate) async fn ws_agent(url: String, uid: Uuid) -> tokio::task::JoinHandle<()> {
     let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
         .expect("connect in time")

@@ -2,6 +2,7 @@
 //! command queue, the REST API. One test binary for the whole crate.
 
 mod auth;
+mod chat_slack;
 mod console;
 mod console_browser;
 mod events;

@@ -20,6 +20,8 @@ pub const VIEWER_TOKEN: &str = "viewer-secret-token-0123456789";
 pub struct TestServer {
     pub opamp: SocketAddr,
     pub api: SocketAddr,
+    /// The chat listener, when a chat gateway is enabled.
+    pub chat: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub config: Config,
     /// The server's fleet service, for tests of its event bus.
@@ -86,6 +88,11 @@ impl TestServer {
         let api_l = TcpListener::bind(v.api_addr).await.expect("bind api");
         let opamp = opamp_l.local_addr().unwrap();
         let api = api_l.local_addr().unwrap();
+        let chat_l = match v.chat_addr {
+            Some(a) => Some(TcpListener::bind(a).await.expect("bind chat")),
+            None => None,
+        };
+        let chat = chat_l.as_ref().map(|l| l.local_addr().unwrap());
         let store = wrap(flotilla_server::open_store(&v.config).await.expect("store"));
         let (tx, rx) = oneshot::channel::<()>();
         let (fleet_tx, fleet_rx) = oneshot::channel();
@@ -93,9 +100,17 @@ impl TestServer {
             let shutdown = async move {
                 let _ = rx.await;
             };
-            flotilla_server::run_observed(v, store, opamp_l, api_l, shutdown, |f| {
-                let _ = fleet_tx.send(f.clone());
-            })
+            flotilla_server::run_observed_with_chat(
+                v,
+                store,
+                opamp_l,
+                api_l,
+                chat_l,
+                shutdown,
+                |f| {
+                    let _ = fleet_tx.send(f.clone());
+                },
+            )
             .await
             .expect("server run");
         });
@@ -103,6 +118,7 @@ impl TestServer {
         TestServer {
             opamp,
             api,
+            chat,
             data_dir,
             config,
             fleet,
