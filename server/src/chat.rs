@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use flotilla_chat::core::gateway::{Core, CoreOptions};
 use flotilla_chat::core::identity::IdentityConfig;
-use flotilla_chat::core::state::MemoryState;
+use flotilla_chat::core::state::{ChatState, MemoryState};
 use flotilla_chat::slack::client::{BotToken, SlackApi};
 use flotilla_chat::slack::gateway::{routes, SlackGateway};
 use flotilla_chat::slack::verify::{SigningSecret, Verifier};
@@ -20,6 +20,7 @@ use crate::config::{SlackConfig, SlackSettings};
 use crate::mcp_backend::McpBackend;
 use crate::model::{Caller, Channel, Role};
 use crate::service::Fleet;
+use crate::store::chat::StoreChatState;
 
 /// Why a gateway could not be built (its settings were validated already, so only a secret
 /// the chat crate refuses can get here).
@@ -64,7 +65,7 @@ pub fn slack_routes(
     fleet: Fleet,
     cfg: &SlackConfig,
     s: &SlackSettings,
-) -> Result<(Router, Arc<SlackGateway>), ChatSetupError> {
+) -> Result<(Router, ChatHousekeeping), ChatSetupError> {
     let identity = IdentityConfig {
         users: cfg.access.users.clone().into_iter().collect(),
         groups: cfg.access.groups.clone().into_iter().collect(),
@@ -77,16 +78,53 @@ pub fn slack_routes(
             .map(|c| c.into_iter().collect()),
         two_person: cfg.access.two_person.clone().into_iter().collect(),
     };
+    // Pending confirmations and thread context live in the store when it has chat tables, so
+    // a server restart does not void a preview someone is about to confirm.
+    let state: Arc<dyn ChatState> = match fleet.store().clone().chat_store() {
+        Some(cs) => Arc::new(StoreChatState(cs)),
+        None => Arc::new(MemoryState::default()),
+    };
     let core = Arc::new(Core::new(
         identity,
         backend_for(fleet),
-        Arc::new(MemoryState::default()),
+        state,
         CoreOptions::default(),
     ));
     let secret =
         SigningSecret::new(&s.signing_secret).map_err(|e| ChatSetupError(e.to_string()))?;
     let token = BotToken::new(&s.bot_token).map_err(|e| ChatSetupError(e.to_string()))?;
     let api = SlackApi::new(&s.api_url, token).map_err(|e| ChatSetupError(e.to_string()))?;
-    let gw = SlackGateway::new(Verifier::new(secret), api, core);
-    Ok((routes(gw.clone()), gw))
+    let gw = SlackGateway::new(Verifier::new(secret), api, core.clone());
+    Ok((routes(gw.clone()), ChatHousekeeping { core, gw }))
+}
+
+/// The gateway's periodic and shutdown duties: expiring confirmations, signing off idle
+/// threads, and telling open threads the server is going away.
+pub struct ChatHousekeeping {
+    core: Arc<Core>,
+    gw: Arc<SlackGateway>,
+}
+
+/// How often idle threads and expired confirmations are looked for.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ChatHousekeeping {
+    /// Sweeps until `stop`, then finishes the turns in flight and posts the shutdown notice.
+    pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        let outbox = self.gw.outbox();
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => { self.core.sweep(outbox.as_ref()).await; }
+            }
+        }
+        // Conversation turns still running finish their answers before the notice.
+        self.gw.drain().await;
+        let n = self.core.shutdown_notice(outbox.as_ref()).await;
+        if n > 0 {
+            tracing::info!(threads = n, "chat: shutdown notice posted");
+        }
+    }
 }

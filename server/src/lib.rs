@@ -239,10 +239,12 @@ pub async fn run_observed_with_chat(
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             tracing::info!(chat = %listener.local_addr()?, "Slack gateway listening");
             let t = token.clone();
+            let housekeeping = tokio::spawn(gw.run(token.clone()));
             Some(tokio::spawn(async move {
                 let r = net::serve(listener, app, operator_limits, t).await;
-                // Conversation turns still running finish their answers.
-                gw.drain().await;
+                if let Err(e) = housekeeping.await {
+                    tracing::warn!(error = %e, "chat housekeeping ended abnormally");
+                }
                 r
             }))
         }

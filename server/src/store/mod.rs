@@ -241,6 +241,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and closes (checkpoints the WAL on SQLite).
     async fn close(&self);
+
+    /// The same store's chat tables, when it has them: the chat gateways keep pending
+    /// confirmations there so a restart does not void them.
+    fn chat_store(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn ChatStore>> {
+        None
+    }
 }
 
 /// What the chat gateways keep (`flotilla_chat::core::state::ChatState` over the store):

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -1251,6 +1252,10 @@ impl Store for SqliteStore {
             .iter()
             .map(audit_from_row)
             .collect()
+    }
+
+    fn chat_store(self: Arc<Self>) -> Option<Arc<dyn ChatStore>> {
+        Some(self)
     }
 
     async fn close(&self) {

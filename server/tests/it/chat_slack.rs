@@ -25,26 +25,25 @@ struct Rig {
     agent: Uuid,
 }
 
-async fn rig() -> Rig {
-    let fake = FakeSlack::start(TOKEN).await;
-    let api_url = fake.api_url();
-    let server = TestServer::start_with(|c| {
-        let secret = c.data_dir.join("slack-signing-secret");
-        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-        c.chat.listen = Some("127.0.0.1:0".into());
-        c.chat.slack.enabled = true;
-        c.chat.slack.signing_secret_file = Some(secret);
-        c.env_secrets.slack_bot_token = Some(Secret(TOKEN.into()));
-        c.chat.slack.api_url = api_url;
-        let users = &mut c.chat.slack.access.users;
-        users.insert("UOPS".into(), flotilla_chat::Role::Operator);
-        users.insert("UOPS2".into(), flotilla_chat::Role::Operator);
-        users.insert("UVIEW".into(), flotilla_chat::Role::Viewer);
-    })
-    .await;
+/// The Slack gateway on the chat listener, talking to the fake Web API at `api_url`.
+fn configure(c: &mut flotilla_server::config::Config, api_url: &str) {
+    let secret = c.data_dir.join("slack-signing-secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    c.chat.listen = Some("127.0.0.1:0".into());
+    c.chat.slack.enabled = true;
+    c.chat.slack.signing_secret_file = Some(secret);
+    c.env_secrets.slack_bot_token = Some(Secret(TOKEN.into()));
+    c.chat.slack.api_url = api_url.to_string();
+    let users = &mut c.chat.slack.access.users;
+    users.insert("UOPS".into(), flotilla_chat::Role::Operator);
+    users.insert("UOPS2".into(), flotilla_chat::Role::Operator);
+    users.insert("UVIEW".into(), flotilla_chat::Role::Viewer);
+}
+
+/// A WebSocket agent (web-ws-1), once the server has stored its first status.
+async fn connected_agent(server: &TestServer) -> Uuid {
     let agent = Uuid::now_v7();
     let _conn = ws_agent(server.opamp_ws_url(), agent).await;
-    // The agent is registered once its first status is stored.
     let rest = server.rest();
     for _ in 0..100 {
         if rest.get(&format!("/api/v1/agents/{agent}")).await.0 == 200 {
@@ -52,6 +51,14 @@ async fn rig() -> Rig {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    agent
+}
+
+async fn rig() -> Rig {
+    let fake = FakeSlack::start(TOKEN).await;
+    let api_url = fake.api_url();
+    let server = TestServer::start_with(|c| configure(c, &api_url)).await;
+    let agent = connected_agent(&server).await;
     let slack = SlackSigner::new(SECRET, &format!("http://{}", server.chat.unwrap()));
     Rig {
         server,
@@ -263,4 +270,73 @@ async fn a_slash_command_restart_is_previewed_confirmed_delivered_once_and_audit
         "{audit}"
     );
     rig.server.stop().await;
+}
+
+/// The preview's Confirm button value, once the preview has been posted.
+async fn preview_confirm_id(fake: &FakeSlack) -> String {
+    fake.wait_for(WAIT, "the preview", |c| {
+        c.iter().any(|c| {
+            c.method == "chat.postMessage" && c.body.to_string().contains("flotilla_confirm")
+        })
+    })
+    .await;
+    let posts = fake.calls_of("chat.postMessage");
+    let preview = posts
+        .iter()
+        .find(|c| c.body.to_string().contains("flotilla_confirm"))
+        .unwrap();
+    let actions = preview.body["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "actions")
+        .unwrap()
+        .clone();
+    actions["elements"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_pending_confirmation_survives_a_server_restart() {
+    let fake = FakeSlack::start(TOKEN).await;
+    let api_url = fake.api_url();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path().to_path_buf(), |c| configure(c, &api_url)).await;
+    let agent = connected_agent(&server).await;
+    let slack = SlackSigner::new(SECRET, &format!("http://{}", server.chat.unwrap()));
+    slack
+        .command(&fake, &cmd("UOPS", "ada", "restart web-ws-1", "t-before"))
+        .await;
+    let confirm_id = preview_confirm_id(&fake).await;
+    server.stop().await;
+
+    // A new process on the same data directory: the preview can still be confirmed, once.
+    let server = TestServer::start_in(dir.path().to_path_buf(), |c| configure(c, &api_url)).await;
+    let slack = SlackSigner::new(SECRET, &format!("http://{}", server.chat.unwrap()));
+    let click = Click {
+        team: "T1",
+        channel: "C1",
+        user: ("UOPS", "ada"),
+        message_ts: "1700000000.000200",
+        thread_ts: None,
+        action_id: "flotilla_confirm",
+        value: &confirm_id,
+        trigger_id: "t-after",
+    }
+    .payload(&fake);
+    assert_eq!(slack.interaction(&click).await.status, 200);
+    fake.wait_for(WAIT, "the queued update", |c| {
+        c.iter()
+            .any(|c| c.method == "chat.update" && c.body.to_string().contains("Queued by ada"))
+    })
+    .await;
+    let (st, body) = server.rest().get("/api/v1/commands").await;
+    assert_eq!(st, 200, "{body}");
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{body}");
+    assert_eq!(items[0]["kind"], "restart");
+    assert_eq!(items[0]["agent_uid"], agent.to_string());
+    server.stop().await;
 }

@@ -292,6 +292,10 @@ impl Store for FlakyStore {
         let r = self.inner.audit_chain(after, limit).await;
         self.answer(r).await
     }
+    fn chat_store(self: Arc<Self>) -> Option<Arc<dyn flotilla_server::store::ChatStore>> {
+        self.inner.clone().chat_store()
+    }
+
     async fn close(&self) {
         self.inner.close().await
     }
