@@ -1053,6 +1053,11 @@ impl Store for SqliteStore {
                      WHERE status = 'queued' AND expires_at > ",
                 )
                 .push_bind(at)
+                // A claim stamped `at` takes only commands that existed then: one queued while
+                // this claim waited for the writer is left for the wake its enqueue sends, so
+                // no record is ever sent before it was created.
+                .push(" AND created_at <= ")
+                .push_bind(at)
                 .push(" AND agent_uid IN (");
             let mut list = q.separated(", ");
             for a in chunk {
@@ -2005,6 +2010,21 @@ mod tests {
         let n = |st| counts.iter().find(|(x, _)| *x == st).unwrap().1;
         assert_eq!((n(CommandStatus::Sent), n(CommandStatus::Queued)), (4, 1));
         assert_eq!(n(CommandStatus::Failed), 0, "every status is listed");
+    }
+
+    #[tokio::test]
+    async fn a_claim_never_takes_a_command_newer_than_itself() {
+        // A claim stamped before a command was queued (it waited for the writer meanwhile)
+        // would record it as sent before it was created.
+        let (_d, s) = open().await;
+        let a = Uuid::now_v7();
+        let c = cmd(a, 500, 10_000);
+        s.enqueue(None, std::slice::from_ref(&c), op("command.restart", &[a]))
+            .await
+            .unwrap();
+        assert!(s.claim_queued(&[a], 1, 499).await.unwrap().is_empty());
+        let got = s.claim_queued(&[a], 1, 500).await.unwrap();
+        assert_eq!((got.len(), got[0].sent_at), (1, Some(500)));
     }
 
     #[tokio::test]
