@@ -116,6 +116,9 @@ pub struct CommandsConfig {
     pub result_timeout_s: u64,
     /// Most agents one fan-out request may target.
     pub max_fanout: usize,
+    /// A `shutdown` fan-out to more agents than this needs the admin role (an operator may
+    /// shut down one agent, or up to this many in one request).
+    pub admin_shutdown_above: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -444,6 +447,7 @@ impl Default for CommandsConfig {
             queue_ttl_s: 24 * 3600,
             result_timeout_s: 600,
             max_fanout: 100_000,
+            admin_shutdown_above: 10,
         }
     }
 }

@@ -174,6 +174,7 @@ pub async fn run_observed_with_chat(
             result_timeout_s: cfg.commands.result_timeout_s,
             max_fanout: cfg.commands.max_fanout,
             heartbeat_interval_s: cfg.opamp.heartbeat_interval_s,
+            admin_shutdown_above: cfg.commands.admin_shutdown_above,
         },
     );
     started(&fleet);

@@ -32,7 +32,7 @@ pub enum FleetError {
         actor: String,
         role: Role,
         needed: Role,
-        operation: &'static str,
+        operation: std::borrow::Cow<'static, str>,
     },
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
@@ -91,6 +91,41 @@ pub struct FleetSettings {
     pub result_timeout_s: u64,
     pub max_fanout: usize,
     pub heartbeat_interval_s: u64,
+    /// A `shutdown` fan-out reaching more agents than this needs the admin role.
+    pub admin_shutdown_above: usize,
+}
+
+/// What needs the admin role rather than operator. The one list: REST, MCP, chat and the
+/// console call [`Fleet`], which checks it, so no adapter can grant or forget one (the README's
+/// role table says the same). Everything else needs viewer (reads) or operator (changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminOnly {
+    /// A `shutdown` fan-out to more agents than `commands.admin_shutdown_above`: it takes a
+    /// fleet down, and an operator token (or a chat user) should not be able to do that alone.
+    /// A shutdown of one agent, or of a small batch, stays operator.
+    ShutdownFanout,
+    /// Taking the whole trail out in chain order with its hashes ([`Fleet::export_audit`]).
+    /// Reading records (filtered, a page at a time) and checking the chain stay viewer.
+    AuditExport,
+    /// Creating, listing and revoking API tokens and their roles.
+    ManageTokens,
+    /// The agent approval policy (not built yet; its code calls [`Fleet::require_admin`]).
+    ApprovalPolicy,
+    /// Subscribing a chat channel to another channel's events (not built yet; likewise).
+    SubscribeOtherChannels,
+}
+
+impl AdminOnly {
+    /// What the refusal says the caller may not do.
+    pub fn operation(self) -> &'static str {
+        match self {
+            AdminOnly::ShutdownFanout => "shut down this many agents at once",
+            AdminOnly::AuditExport => "export the audit trail",
+            AdminOnly::ManageTokens => "manage API tokens",
+            AdminOnly::ApprovalPolicy => "change the agent approval policy",
+            AdminOnly::SubscribeOtherChannels => "subscribe other chat channels",
+        }
+    }
 }
 
 /// One page of results with an opaque cursor for the next.
@@ -400,17 +435,30 @@ impl Fleet {
         &self.settings
     }
 
-    fn require(caller: &Caller, needed: Role, operation: &'static str) -> FleetResult<()> {
+    fn require(
+        caller: &Caller,
+        needed: Role,
+        operation: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> FleetResult<()> {
         if caller.role >= needed {
-            Ok(())
-        } else {
-            Err(FleetError::Forbidden {
-                actor: caller.actor.clone(),
-                role: caller.role,
-                needed,
-                operation,
-            })
+            return Ok(());
         }
+        let operation = operation.into();
+        // Refusals are not audited (nothing changed), but they are worth a line: a token
+        // trying what its role does not allow is either a mistake or a probe.
+        tracing::warn!(actor = %caller.actor, channel = caller.channel.as_str(), role = %caller.role,
+            %needed, %operation, "refused: the caller's role does not allow it");
+        Err(FleetError::Forbidden {
+            actor: caller.actor.clone(),
+            role: caller.role,
+            needed,
+            operation,
+        })
+    }
+
+    /// Refuses `caller` unless it has the admin role ([`AdminOnly`] lists what needs it).
+    pub fn require_admin(caller: &Caller, what: AdminOnly) -> FleetResult<()> {
+        Self::require(caller, Role::Admin, what.operation())
     }
 
     /// Calls `f` on every agent, in uid order, until it returns false.
@@ -863,6 +911,18 @@ impl Fleet {
                         ),
                     }));
                 }
+                let most = self.settings.admin_shutdown_above;
+                if kind == CommandKind::Shutdown && targets.len() > most {
+                    Self::require(
+                        caller,
+                        Role::Admin,
+                        format!(
+                            "shut down {} agents at once (more than commands.admin_shutdown_above \
+                             = {most}; an operator may shut down up to {most} per request)",
+                            targets.len()
+                        ),
+                    )?;
+                }
                 Ok(Plan {
                     kind,
                     params,
@@ -1095,6 +1155,24 @@ impl Fleet {
             f.limit = 100;
         }
         Ok(self.store.query_audit(&f).await?)
+    }
+
+    /// The trail in chain order (oldest first), every record with its `prev_hash` and `hash`,
+    /// from just after record `after`, at most `limit` (1..=1000): what an archive or an
+    /// offline verifier needs. Admin only ([`AdminOnly::AuditExport`]).
+    pub async fn export_audit(
+        &self,
+        caller: &Caller,
+        after: i64,
+        limit: usize,
+    ) -> FleetResult<Vec<AuditRecord>> {
+        Self::require_admin(caller, AdminOnly::AuditExport)?;
+        if !(1..=1000).contains(&limit) {
+            return Err(FleetError::BadRequest(format!(
+                "limit {limit} must be between 1 and 1000"
+            )));
+        }
+        Ok(self.store.audit_chain(after.max(0), limit).await?)
     }
 
     /// Checks the whole audit hash chain ([`crate::audit::verify`]): how many records hold and

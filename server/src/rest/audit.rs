@@ -1,5 +1,6 @@
 //! `GET /api/v1/audit`: the audit trail filtered by actor, channel, agent, operation and time,
-//! newest first, paged by record id; `GET /api/v1/audit/verify`: the hash chain's state.
+//! newest first, paged by record id; `GET /api/v1/audit/verify`: the hash chain's state;
+//! `GET /api/v1/audit/export`: the whole trail in chain order with its hashes (admin).
 
 use std::sync::Arc;
 
@@ -106,6 +107,41 @@ pub async fn verify(
     Ok(axum::Json(views::audit_verification(
         &st.fleet.verify_audit(&caller).await?,
     )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportParams {
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/audit/export`: `{items, next_after}`, oldest first from just after record
+/// `after`; `next_after` is `null` at the end of the trail. Admin only.
+pub async fn export(
+    State(st): State<Arc<ApiState>>,
+    Auth(caller): Auth,
+    Query(p): Query<ExportParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let limit = page_limit(p.limit)?;
+    let after = match p.after.filter(|s| !s.is_empty()) {
+        None => 0,
+        Some(a) => a
+            .parse::<i64>()
+            .ok()
+            .filter(|a| *a >= 0)
+            .ok_or_else(|| ApiError::bad_request(format!("after {a:?} is not a record id")))?,
+    };
+    let items = st.fleet.export_audit(&caller, after, limit).await?;
+    let next_after = (items.len() == limit)
+        .then(|| items.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(axum::Json(serde_json::json!({
+        "items": items.iter().map(views::audit).collect::<Vec<_>>(),
+        "next_after": next_after,
+    })))
 }
 
 #[cfg(test)]

@@ -307,7 +307,7 @@ mod tests {
                 actor: "a".into(),
                 role: crate::model::Role::Viewer,
                 needed: crate::model::Role::Operator,
-                operation: "x",
+                operation: "x".into(),
             },
             FleetError::NotFound {
                 what: "agent",

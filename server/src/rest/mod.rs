@@ -93,6 +93,7 @@ fn api_table() -> Vec<RouteEntry> {
         r("GET", "/api/v1/fleet/summary", agents::summary),
         r("GET", "/api/v1/audit", audit::query),
         r("GET", "/api/v1/audit/verify", audit::verify),
+        r("GET", "/api/v1/audit/export", audit::export),
     ]
 }
 
@@ -186,6 +187,7 @@ mod tests {
                 result_timeout_s: 60,
                 max_fanout: 10,
                 heartbeat_interval_s: 30,
+                admin_shutdown_above: 10,
             },
         );
         let token = "a-token-long-enough-0123";

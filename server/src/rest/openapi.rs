@@ -491,7 +491,9 @@ fn description() -> String {
         "Operator API of the Flotilla control plane. Every `/api/v1` route needs \
          `Authorization: Bearer <token>`; tokens come from `api.tokens_file` (`name role token`, \
          role viewer|operator|admin) or, if unset, `<data_dir>/admin.token`. Viewers read; \
-         operators also queue and cancel commands and change labels. Every change is audited.\n\n\
+         operators also queue and cancel commands and change labels; admins also shut down \
+         more than `commands.admin_shutdown_above` agents in one request and export the audit \
+         trail. Every change is audited.\n\n\
          Timestamps are RFC 3339 strings; ids are strings. Errors are \
          `{\"error\": {\"code\", \"message\"}}`; the code is stable:\n\n\
          | code | status | meaning |\n|---|---|---|\n",
@@ -781,6 +783,34 @@ pub fn document() -> Value {
         ),
         &["forbidden"],
     );
+    let export = op(
+        "exportAudit",
+        "audit",
+        "Export the audit trail (admin)",
+        "Every record in chain order (oldest first) with `prev_hash` and `hash`, from just after \
+         record `after`: for archiving the trail or verifying it elsewhere. Page on with \
+         `after=next_after` until it is null. Needs the admin role.",
+        vec![
+            query_param(
+                "after",
+                json!({"type": "string"}),
+                "A record id; the page starts after it (default: from the first record).",
+            ),
+            limit_param(),
+        ],
+        None,
+        (
+            "200",
+            ok(
+                "A page of records, oldest first.",
+                json!({"type": "object", "required": ["items", "next_after"], "properties": {
+                    "items": {"type": "array", "items": schema_ref("AuditRecord")},
+                    "next_after": {"type": ["string", "null"], "description": "Pass as `after` for the next page; null at the end."}
+                }}),
+            ),
+        ),
+        &["bad_request", "forbidden"],
+    );
     let mut openapi = op(
         "getOpenApi",
         "meta",
@@ -820,6 +850,7 @@ pub fn document() -> Value {
             "/api/v1/fleet/summary": {"get": summary},
             "/api/v1/audit": {"get": audit},
             "/api/v1/audit/verify": {"get": verify},
+            "/api/v1/audit/export": {"get": export},
             "/api/v1/openapi.json": {"get": openapi},
             "/healthz": {"get": ops_op("healthz", "Liveness", "200 `ok` while the process serves requests.", "text/plain", "Alive.")},
             "/readyz": {"get": ops_op("readyz", "Readiness", "200 when the store answers a trivial query, else 503.", "text/plain", "Ready.")},

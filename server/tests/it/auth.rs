@@ -176,3 +176,142 @@ async fn confirmation_token_of_another_caller_is_refused_unspent() {
     bob.cancel().await.ok();
     server.stop().await;
 }
+
+/// Registers `hosts` as agents able to run `shutdown` (fluent-opamp's custom capability).
+async fn shutdownable(server: &TestServer, hosts: &[&str]) -> Vec<uuid::Uuid> {
+    let mut uids = Vec::new();
+    for h in hosts {
+        let caps = Cap::ReportsStatus as u64;
+        let cap = flotilla_server::commands::CAP_SHUTDOWN;
+        uids.push(register_agent(server, &[("host.name", h)], caps, &[cap]).await);
+    }
+    uids
+}
+
+/// Defect 7 over REST: a shutdown fan-out above `commands.admin_shutdown_above` and the audit
+/// export need the admin role; an operator gets 403 naming it (dry run included, nothing
+/// queued); one agent and small batches stay operator, reading and verifying stay viewer.
+#[tokio::test]
+async fn admin_role_guards_large_shutdowns_and_audit_export_over_rest() {
+    use crate::support::{ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+    let server = TestServer::start_with(|c| c.commands.admin_shutdown_above = 2).await;
+    let ops = server.rest_as(Some(OPERATOR_TOKEN));
+    let admin = server.rest_as(Some(ADMIN_TOKEN));
+    let viewer = server.rest_as(Some(VIEWER_TOKEN));
+    let web = shutdownable(&server, &["web-1", "web-2", "web-3"]).await;
+    shutdownable(&server, &["db-1", "db-2"]).await;
+    let count = |v: &Value| v["items"].as_array().map(Vec::len).unwrap_or(0);
+
+    let big = json!({"query": "host:web-*", "kind": "shutdown"});
+    for body in [
+        big.clone(),
+        json!({"query": "host:web-*", "kind": "shutdown", "dry_run": true}),
+    ] {
+        let (s, v) = ops.post("/api/v1/commands", body.clone()).await;
+        assert_eq!((s, code(&v)), (403, "forbidden"), "{body}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("ops (operator) may not shut down 3 agents")
+                && m.contains("admin_shutdown_above = 2")
+                && m.ends_with("it needs the admin role"),
+            "{m}"
+        );
+    }
+    let (_, list) = admin.get("/api/v1/commands").await;
+    assert_eq!(count(&list), 0, "nothing queued by a refusal: {list}");
+
+    // At the limit, and for one agent, an operator may.
+    let (s, v) = ops
+        .post(
+            "/api/v1/commands",
+            json!({"query": "host:db-*", "kind": "shutdown"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["queued"], 2, "{v}");
+    let (s, v) = ops
+        .post(
+            &format!("/api/v1/agents/{}/commands", web[0]),
+            json!({"kind": "shutdown"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    // Other kinds are not limited: restarting every web agent stays operator.
+    let (s, v) = ops
+        .post(
+            "/api/v1/commands",
+            json!({"query": "host:web-*", "kind": "force_resync", "dry_run": true}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // An admin may shut down the lot.
+    let (s, v) = admin.post("/api/v1/commands", big).await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["queued"], 3, "{v}");
+
+    // Audit export: admin only; the listing and verification stay readable by everyone.
+    for (who, rest) in [("ops (operator)", &ops), ("watcher (viewer)", &viewer)] {
+        let (s, v) = rest.get("/api/v1/audit/export").await;
+        assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert_eq!(
+            m,
+            format!("{who} may not export the audit trail: it needs the admin role")
+        );
+        assert_eq!(rest.get("/api/v1/audit").await.0, 200);
+        assert_eq!(rest.get("/api/v1/audit/verify").await.0, 200);
+    }
+    let (s, all) = admin.get("/api/v1/audit/export").await;
+    assert_eq!(s, 200, "{all}");
+    let items = all["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{all}");
+    assert_eq!(all["next_after"], Value::Null);
+    assert_eq!(items[0]["id"], "1");
+    assert_eq!(items[0]["prev_hash"], "0".repeat(64));
+    for w in items.windows(2) {
+        assert_eq!(w[1]["prev_hash"], w[0]["hash"], "chain order: {all}");
+    }
+    // Paged: `after=next_after` walks the same records.
+    let (_, p1) = admin.get("/api/v1/audit/export?limit=2").await;
+    assert_eq!(p1["next_after"], "2", "{p1}");
+    let (_, p2) = admin.get("/api/v1/audit/export?limit=2&after=2").await;
+    assert_eq!(p2["items"][0], items[2]);
+    assert_eq!(p2["next_after"], Value::Null, "{p2}");
+    let (s, v) = admin.get("/api/v1/audit/export?after=-1").await;
+    assert_eq!((s, code(&v)), (400, "bad_request"), "{v}");
+    server.stop().await;
+}
+
+/// Defect 7 over MCP (and so chat, which calls the same tools): the preview of a large
+/// shutdown fan-out is refused for an operator with an error naming the admin role; an admin
+/// gets the preview and queues it.
+#[tokio::test]
+async fn admin_role_guards_large_shutdowns_over_mcp() {
+    use crate::mcp::{call, connect, fail, ok, Revision};
+    use crate::support::{ADMIN_TOKEN, OPERATOR_TOKEN};
+    let server = TestServer::start_with(|c| c.commands.admin_shutdown_above = 1).await;
+    shutdownable(&server, &["web-1", "web-2"]).await;
+    let handler = flotilla_e2e::mcp_client::ElicitingClient::default;
+    let ops = connect(&server, OPERATOR_TOKEN, Revision::Modern, handler()).await;
+    let admin = connect(&server, ADMIN_TOKEN, Revision::Session, handler()).await;
+    let args = json!({"query": "host:web-*", "kind": "shutdown"});
+    let (c, m) = fail(&call(&ops, "command_queue", args.clone()).await);
+    assert_eq!(c, "forbidden");
+    assert!(
+        m.contains("may not shut down 2 agents") && m.ends_with("it needs the admin role"),
+        "{m}"
+    );
+    let v = ok(&call(&admin, "command_queue", args.clone()).await);
+    assert_eq!(v["status"], "confirmation_required", "{v}");
+    let mut with = args;
+    with["confirmation_token"] = v["confirmation_token"].clone();
+    let v = ok(&call(&admin, "command_queue", with).await);
+    assert_eq!(v["status"], "queued", "{v}");
+    let (_, list) = server.rest().get("/api/v1/commands").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{list}");
+    assert!(items.iter().all(|c| c["actor"] == "admin"), "{list}");
+    ops.cancel().await.ok();
+    admin.cancel().await.ok();
+    server.stop().await;
+}
