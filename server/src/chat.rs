@@ -88,7 +88,10 @@ pub fn slack_routes(
         identity,
         backend_for(fleet),
         state,
-        CoreOptions::default(),
+        CoreOptions {
+            confirm_ttl: std::time::Duration::from_secs(cfg.confirm_expiry_s),
+            ..CoreOptions::default()
+        },
     ));
     let secret =
         SigningSecret::new(&s.signing_secret).map_err(|e| ChatSetupError(e.to_string()))?;

@@ -204,6 +204,9 @@ pub struct SlackConfig {
     pub bot_token_file: Option<PathBuf>,
     /// The Slack Web API base URL (changed only to point tests at a fake).
     pub api_url: String,
+    /// How long a Confirm button stays good, in seconds (1..=3600; default 300). A preview
+    /// is a snapshot of the fleet, so it must not be confirmable for long.
+    pub confirm_expiry_s: u64,
     /// Who may do what from Slack (`[chat.slack.access]`).
     pub access: ChatAccess,
 }
@@ -233,10 +236,16 @@ impl Default for SlackConfig {
             signing_secret_file: None,
             bot_token_file: None,
             api_url: "https://slack.com/api".into(),
+            confirm_expiry_s: DEFAULT_CONFIRM_EXPIRY_S,
             access: ChatAccess::default(),
         }
     }
 }
+
+/// Default life of a chat confirmation (the five minutes).
+pub const DEFAULT_CONFIRM_EXPIRY_S: u64 = 300;
+/// Longest a chat confirmation may be configured to live.
+pub const MAX_CONFIRM_EXPIRY_S: u64 = 3600;
 
 /// A secret's text; `Debug` never shows it.
 #[derive(Clone, Default, PartialEq)]
@@ -375,6 +384,12 @@ impl Config {
             p.push(format!(
                 "chat.slack.api_url {:?} must be an http(s):// URL",
                 s.api_url
+            ));
+        }
+        if !(1..=MAX_CONFIRM_EXPIRY_S).contains(&s.confirm_expiry_s) {
+            p.push(format!(
+                "chat.slack.confirm_expiry_s {} must be between 1 and {MAX_CONFIRM_EXPIRY_S} seconds",
+                s.confirm_expiry_s
             ));
         }
         let settings = match (secret, token) {
@@ -1368,9 +1383,11 @@ mod tests {
         let mut c = Config::default();
         c.chat.slack.enabled = true;
         c.chat.slack.api_url = "slack.com".into();
+        c.chat.slack.confirm_expiry_s = 0;
         let msg = c.validate().unwrap_err().to_string();
         for needle in [
             "chat.listen is not set",
+            "chat.slack.confirm_expiry_s 0 must be between 1 and 3600 seconds",
             "the Slack signing secret is missing: set chat.slack.signing_secret_file or FLOTILLA_SLACK_SIGNING_SECRET",
             "the Slack bot token is missing",
             "chat.slack.api_url",

@@ -51,6 +51,9 @@ struct Inner {
     calls: Vec<Call>,
     scripts: HashMap<String, VecDeque<Script>>,
     next_ts: u64,
+    /// Each answered `chat.postMessage`: its body and the `ts` the fake gave the message, so a
+    /// test can click a button on it as Slack would (with that `message_ts`).
+    posted: Vec<(Value, String)>,
 }
 
 /// The fake Slack, serving on a loopback port until dropped with the runtime.
@@ -142,6 +145,12 @@ impl FakeSlack {
         }
     }
 
+    /// Every message posted with `chat.postMessage` (answered `ok`), oldest first, with the
+    /// `ts` it was given.
+    pub fn posted(&self) -> Vec<(Value, String)> {
+        self.inner.lock().unwrap().posted.clone()
+    }
+
     fn record(
         &self,
         method: &str,
@@ -220,6 +229,11 @@ async fn api(
     match method.as_str() {
         "chat.postMessage" => {
             let ts = fake.next_ts();
+            fake.inner
+                .lock()
+                .unwrap()
+                .posted
+                .push((json.clone(), ts.clone()));
             Json(json!({
                 "ok": true, "channel": channel, "ts": ts,
                 "message": {"type": "message", "subtype": "bot_message", "bot_id": "B0FAKE",

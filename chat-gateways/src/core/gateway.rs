@@ -440,15 +440,11 @@ impl Core {
                 style: Style::Default,
             },
         ]));
-        let mut note = format!(
-            "Expires in {} min; only {} can confirm",
-            self.options.confirm_ttl.as_secs().div_ceil(60),
-            user.name
-        );
+        let expires = expires_in(self.options.confirm_ttl);
+        let mut note = format!("Expires in {expires}; only {} can confirm", user.name);
         if let Some(n) = self.identity.two_person_above(conv).filter(|n| count > *n) {
             note = format!(
-                "Expires in {} min; fan-outs above {n} agents here need another operator to confirm",
-                self.options.confirm_ttl.as_secs().div_ceil(60)
+                "Expires in {expires}; fan-outs above {n} agents here need another operator to confirm"
             );
         }
         reply = reply.push(Block::Context(note));
@@ -561,6 +557,14 @@ impl Core {
             }
             Err(e) => vec![failure(&e)],
         }
+    }
+}
+
+/// A confirmation's life as the preview states it: minutes, or seconds when shorter.
+fn expires_in(ttl: Duration) -> String {
+    match ttl.as_secs() {
+        s if s < 60 => format!("{s} s"),
+        s => format!("{} min", s.div_ceil(60)),
     }
 }
 

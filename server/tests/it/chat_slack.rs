@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::console_browser::ws_agent;
 use crate::support::TestServer;
 
-const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
-const TOKEN: &str = "xoxb-e2e-token";
+pub(crate) const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+pub(crate) const TOKEN: &str = "xoxb-e2e-token";
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Rig {
@@ -26,7 +26,7 @@ struct Rig {
 }
 
 /// The Slack gateway on the chat listener, talking to the fake Web API at `api_url`.
-fn configure(c: &mut flotilla_server::config::Config, api_url: &str) {
+pub(crate) fn configure(c: &mut flotilla_server::config::Config, api_url: &str) {
     let secret = c.data_dir.join("slack-signing-secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
     c.chat.listen = Some("127.0.0.1:0".into());
@@ -68,7 +68,12 @@ async fn rig() -> Rig {
     }
 }
 
-fn cmd<'a>(user: &'a str, name: &'a str, text: &'a str, trigger: &'a str) -> SlashCommand<'a> {
+pub(crate) fn cmd<'a>(
+    user: &'a str,
+    name: &'a str,
+    text: &'a str,
+    trigger: &'a str,
+) -> SlashCommand<'a> {
     SlashCommand {
         team: "T1",
         channel: "C1",

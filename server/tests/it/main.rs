@@ -3,6 +3,7 @@
 
 mod auth;
 mod chat_slack;
+mod chat_slack_flows;
 mod console;
 mod console_browser;
 mod events;

@@ -248,7 +248,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
 /// Log output captured by a tracing subscriber for the current thread (a `#[tokio::test]`
 /// runtime runs the server's tasks on it too).
 #[derive(Clone, Default)]
-struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub(crate) struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for LogBuf {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -268,7 +268,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
 }
 
 impl LogBuf {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
