@@ -1,4 +1,6 @@
-//! The tamper-evident audit hash chain: how a record's hash is computed, and verification.
+//! The tamper-evident audit hash chain: how a record's hash is computed, the digest a queuing
+//! record carries of the command it queued (so what is delivered is what was audited), and
+//! verification.
 //!
 //! This module knows no SQL. Stores call [`record_hash`] when they append (it is the single
 //! source of truth for the scheme) and [`verify`] walks any [`Store`] through
@@ -9,7 +11,9 @@ use std::fmt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::model::AuditRecord;
+use std::collections::{HashMap, HashSet};
+
+use crate::model::{AuditRecord, Command, CommandFilter, CommandKind, Millis};
 use crate::store::{Store, StoreError};
 
 /// The `prev_hash` of the first record: 64 zeros (the hex width of a SHA-256).
@@ -53,6 +57,198 @@ pub fn record_hash(prev_hash: &str, r: &AuditRecord) -> String {
     h.update(prev_hash.as_bytes());
     h.update(canonical.as_bytes());
     hex::encode(h.finalize())
+}
+
+/// The key under which a `command.queue` or `batch.queue` record's params carry the digest of
+/// what it queued ([`queued_digest`]). Records from before it existed have none: "legacy".
+pub const DIGEST_KEY: &str = "digest";
+
+/// The digest a queuing audit record carries of the command it queued, so that the chain, which
+/// covers the record, also covers what is delivered (the commands table itself is not chained).
+///
+/// Scheme (version 1): `lowercase_hex(SHA-256(canonical_json))` of
+/// `["command", id, kind, params]` for a command queued alone, and of
+/// `["batch", batch_id, kind, params]` for a fan-out (one record for the whole batch), where
+/// `params` are the command's stored parameters, except that a batch `new_instance_uid`
+/// leaves out `new_uid` (the server draws one per agent; the operator gave none). The target
+/// agent is not in the digest: it is in the record's `targets`, which the chain covers too.
+pub fn queued_digest(cmd: &Command) -> String {
+    let content = match cmd.batch_id {
+        None => serde_json::json!(["command", cmd.id, cmd.kind.as_str(), cmd.params]),
+        Some(batch) => {
+            let mut params = cmd.params.clone();
+            if cmd.kind == CommandKind::NewInstanceUid {
+                if let Some(o) = params.as_object_mut() {
+                    o.remove("new_uid");
+                }
+            }
+            serde_json::json!(["batch", batch, cmd.kind.as_str(), params])
+        }
+    };
+    let mut canonical = String::new();
+    write_canonical(&content, &mut canonical);
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+/// What a stored command's queuing record says about it ([`provenance`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provenance {
+    /// Kind, parameters and target are what the record queued.
+    Verified,
+    /// The record predates parameter digests: the command cannot be checked.
+    Legacy,
+    /// The command's agent is not the record's target; it may have been renamed since
+    /// (a `new_instance_uid` moves pending commands), which the caller checks.
+    OtherAgent,
+    /// Not what was audited; the reason says how.
+    Mismatch(String),
+}
+
+/// Error of a command that does not match its queuing record (delivery and `audit verify`).
+pub const MISMATCH: &str = "parameters do not match the audited record";
+
+/// Checks `cmd` against `rec`, the record its `audit_id` names (`None`: no such record).
+pub fn provenance(cmd: &Command, rec: Option<&AuditRecord>, targets: &HashSet<&str>) -> Provenance {
+    let Some(rec) = rec else {
+        return Provenance::Mismatch(match cmd.audit_id {
+            None => "it names no audit record that queued it".into(),
+            Some(id) => format!("its queuing audit record {id} does not exist"),
+        });
+    };
+    let (op, owner) = match cmd.batch_id {
+        None => ("command.queue", cmd.id.to_string()),
+        Some(b) => ("batch.queue", b.to_string()),
+    };
+    // A single command's record names the command; a batch's names the batch first.
+    let owned = match cmd.batch_id {
+        None => targets.contains(owner.as_str()),
+        Some(_) => rec.targets.first().is_some_and(|t| *t == owner),
+    };
+    if rec.operation != op || !owned {
+        return Provenance::Mismatch(format!("audit record {} did not queue it", rec.id));
+    }
+    let Some(digest) = rec.params.get(DIGEST_KEY).and_then(Value::as_str) else {
+        return Provenance::Legacy;
+    };
+    if digest != queued_digest(cmd) {
+        return Provenance::Mismatch(format!("{MISMATCH} {}", rec.id));
+    }
+    if !targets.contains(cmd.agent_uid.to_string().as_str()) {
+        return Provenance::OtherAgent;
+    }
+    Provenance::Verified
+}
+
+/// A record's targets as a set (a batch's can hold 100k agents).
+pub fn target_set(rec: &AuditRecord) -> HashSet<&str> {
+    rec.targets.iter().map(String::as_str).collect()
+}
+
+/// Checks `cmds` against their queuing records, read in one go. Returns, per command in order,
+/// its provenance; [`Provenance::OtherAgent`] is resolved here: it holds if the agent was
+/// renamed from the record's target (its `previous_uid`), else it is a mismatch.
+pub async fn check_commands(
+    store: &dyn Store,
+    cmds: &[Command],
+) -> Result<Vec<Provenance>, StoreError> {
+    let mut ids: Vec<i64> = cmds.iter().filter_map(|c| c.audit_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let recs: HashMap<i64, AuditRecord> = store
+        .audit_records(&ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let sets: HashMap<i64, HashSet<&str>> =
+        recs.iter().map(|(id, r)| (*id, target_set(r))).collect();
+    let empty = HashSet::new();
+    let mut out = Vec::with_capacity(cmds.len());
+    for c in cmds {
+        let rec = c.audit_id.and_then(|id| recs.get(&id));
+        let targets = c.audit_id.and_then(|id| sets.get(&id)).unwrap_or(&empty);
+        let mut p = provenance(c, rec, targets);
+        if p == Provenance::OtherAgent {
+            let prev = store
+                .get_agent(c.agent_uid)
+                .await?
+                .and_then(|a| a.previous_uid);
+            p = match prev {
+                Some(u) if targets.contains(u.to_string().as_str()) => Provenance::Verified,
+                _ => Provenance::Mismatch(format!(
+                    "{MISMATCH} {}: agent {} is not its target",
+                    c.audit_id.unwrap_or_default(),
+                    c.agent_uid
+                )),
+            };
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// What checking every command against its queuing record found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommandsChecked {
+    /// Commands whose record carries a digest and matches.
+    pub verified: u64,
+    /// Commands queued before digests existed (unverifiable).
+    pub legacy: u64,
+}
+
+/// Checks every stored command against the record that queued it; the oldest mismatch is the
+/// break (its id is the queuing record's, or 0 when the command names none).
+pub async fn verify_commands(store: &dyn Store) -> Result<CommandsChecked, VerifyError> {
+    let mut found = CommandsChecked::default();
+    let mut first: Option<ChainBreak> = None;
+    let mut before = None;
+    loop {
+        let page = store
+            .list_commands(&CommandFilter {
+                before,
+                limit: PAGE,
+                ..Default::default()
+            })
+            .await?;
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        for (c, p) in page.iter().zip(check_commands(store, &page).await?) {
+            match p {
+                Provenance::Verified => found.verified += 1,
+                Provenance::Legacy => found.legacy += 1,
+                Provenance::OtherAgent | Provenance::Mismatch(_) => {
+                    let why = match p {
+                        Provenance::Mismatch(w) => w,
+                        _ => MISMATCH.to_string(),
+                    };
+                    // Newest first: the last one seen is the oldest.
+                    first = Some(ChainBreak {
+                        id: c.audit_id.unwrap_or(0),
+                        reason: format!(
+                            "command {} ({} for agent {}): {why} (the commands table or the trail was edited)",
+                            c.id,
+                            c.kind.as_str(),
+                            c.agent_uid
+                        ),
+                    });
+                }
+            }
+        }
+        if page.len() < PAGE {
+            break;
+        }
+    }
+    match first {
+        Some(b) => Err(VerifyError::Broken(b)),
+        None => Ok(found),
+    }
+}
+
+/// Whether a command queued by a legacy record (no digest) at `queued_at` may still be
+/// delivered at `now`: only while a command could legitimately still wait (`max_wait_ms`, the
+/// longest TTL). Past that, a "legacy" command can only be one written into the table since.
+pub fn legacy_still_deliverable(queued_at: Millis, now: Millis, max_wait_ms: Millis) -> bool {
+    now - queued_at <= max_wait_ms
 }
 
 /// Compact JSON with object keys sorted at every depth.
@@ -155,6 +351,8 @@ pub struct Verified {
     pub count: u64,
     /// The last record (`None` for an empty trail).
     pub head: Option<ChainHead>,
+    /// Every stored command checked against the record that queued it.
+    pub commands: CommandsChecked,
 }
 
 /// Walks the whole audit trail in id order and checks every link and every hash, and, given
@@ -163,7 +361,9 @@ pub struct Verified {
 /// Returns the count and head, or the first broken record. A deleted record cannot be seen
 /// directly; it shows up as the next surviving record failing to link to its predecessor,
 /// and the reason then names the missing ids. Deleting the newest records leaves a chain
-/// that links; only an anchor from before the deletion reveals it.
+/// that links; only an anchor from before the deletion reveals it. Then every command is
+/// checked against its queuing record ([`verify_commands`]), so an edit of the commands
+/// table is a break too.
 pub async fn verify(
     store: &dyn Store,
     anchor: Option<&ChainHead>,
@@ -208,9 +408,11 @@ pub async fn verify(
             ),
         }));
     }
+    let commands = verify_commands(store).await?;
     Ok(Verified {
         count: checked,
         head: prev.map(|(id, hash)| ChainHead { id, hash }),
+        commands,
     })
 }
 
@@ -416,6 +618,87 @@ mod tests {
             other => panic!("expected a break, got {other:?}"),
         }
         store.close().await;
+    }
+
+    #[test]
+    fn the_queued_digest_covers_id_kind_and_params_and_legacy_is_bounded() {
+        let now = 1_700_000_000_000;
+        let cmd = Command {
+            id: uuid::Uuid::now_v7(),
+            agent_uid: uuid::Uuid::now_v7(),
+            batch_id: None,
+            kind: CommandKind::Chatops,
+            params: serde_json::json!({"tag": "flush", "attributes": {"a": 1}}),
+            status: crate::model::CommandStatus::Queued,
+            created_at: now,
+            sent_at: None,
+            finished_at: None,
+            expires_at: now + 1,
+            result: None,
+            error: None,
+            actor: "alice".into(),
+            channel: Channel::Rest,
+            audit_id: Some(7),
+        };
+        let d = queued_digest(&cmd);
+        type Change = Box<dyn Fn(&mut Command)>;
+        let variants: Vec<Change> = vec![
+            Box::new(|c| c.id = uuid::Uuid::now_v7()),
+            Box::new(|c| c.kind = CommandKind::Custom),
+            Box::new(|c| c.params["tag"] = "drop".into()),
+            Box::new(|c| c.params["attributes"]["a"] = 2.into()),
+            Box::new(|c| c.batch_id = Some(uuid::Uuid::nil())),
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut c = cmd.clone();
+            change(&mut c);
+            assert_ne!(queued_digest(&c), d, "variant {i} not covered");
+        }
+        // A batch's commands share one digest whatever their agent and id, and a batch
+        // new_instance_uid's per-agent uid is left out (the server drew it).
+        let mut b = cmd.clone();
+        b.batch_id = Some(uuid::Uuid::nil());
+        b.kind = CommandKind::NewInstanceUid;
+        b.params = serde_json::json!({"new_uid": "x"});
+        let mut other = b.clone();
+        other.id = uuid::Uuid::now_v7();
+        other.agent_uid = uuid::Uuid::now_v7();
+        other.params = serde_json::json!({"new_uid": "y"});
+        assert_eq!(queued_digest(&b), queued_digest(&other));
+
+        // Against a record: its digest verifies; no digest is legacy; another record is not it.
+        let mut r = rec(serde_json::json!({DIGEST_KEY: d}));
+        r.id = 7;
+        r.operation = "command.queue".into();
+        r.targets = vec![cmd.agent_uid.to_string(), cmd.id.to_string()];
+        assert_eq!(
+            provenance(&cmd, Some(&r), &target_set(&r)),
+            Provenance::Verified
+        );
+        let mut legacy = r.clone();
+        legacy.params = serde_json::json!({"kind": "chatops"});
+        assert_eq!(
+            provenance(&cmd, Some(&legacy), &target_set(&legacy)),
+            Provenance::Legacy
+        );
+        let mut moved = cmd.clone();
+        moved.agent_uid = uuid::Uuid::now_v7();
+        assert_eq!(
+            provenance(&moved, Some(&r), &target_set(&r)),
+            Provenance::OtherAgent
+        );
+        let mut alien = r.clone();
+        alien.targets = vec![cmd.agent_uid.to_string()];
+        assert!(matches!(
+            provenance(&cmd, Some(&alien), &target_set(&alien)),
+            Provenance::Mismatch(_)
+        ));
+        assert!(matches!(
+            provenance(&cmd, None, &HashSet::new()),
+            Provenance::Mismatch(_)
+        ));
+        assert!(legacy_still_deliverable(now, now + 1000, 1000));
+        assert!(!legacy_still_deliverable(now, now + 1001, 1000));
     }
 
     #[test]

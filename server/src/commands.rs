@@ -20,6 +20,9 @@ use crate::store::Finish;
 
 /// fluent-opamp's ChatOps capability (see shared/reference/fluent-opamp-compat.md).
 pub const CAP_CHATOPS: &str = "org.mp3monster.opamp_provider.chatopcommand";
+/// The longest `ttl_seconds` a command may ask for (30 days).
+pub const MAX_TTL_S: u64 = 30 * 86_400;
+
 /// fluent-opamp's shutdown capability.
 pub const CAP_SHUTDOWN: &str = "org.mp3monster.opamp_provider.command_shutdown_agent";
 /// fluent-opamp's null (probe) capability.
@@ -114,7 +117,7 @@ pub fn validate_params(kind: CommandKind, params: &Value) -> Result<Value, Comma
     let mut out = serde_json::Map::new();
     if let Some(ttl) = obj.get("ttl_seconds") {
         match ttl.as_u64() {
-            Some(t) if (1..=30 * 86_400).contains(&t) => {
+            Some(t) if (1..=MAX_TTL_S).contains(&t) => {
                 out.insert("ttl_seconds".into(), json!(t));
             }
             _ => {

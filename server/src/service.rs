@@ -979,7 +979,8 @@ impl Fleet {
                 let mut audit = NewAudit::new(caller, "command.queue");
                 audit.targets = vec![uid.to_string(), cmd.id.to_string()];
                 // The command's own params: they hold what was filled in at queue time.
-                audit.params = json!({"kind": kind.as_str(), "params": redact(&cmd.params)});
+                audit.params = json!({"kind": kind.as_str(), "params": redact(&cmd.params),
+                                      crate::audit::DIGEST_KEY: crate::audit::queued_digest(&cmd)});
                 audit.outcome = "queued".into();
                 let rec = self
                     .store
@@ -1011,8 +1012,11 @@ impl Fleet {
                 audit.targets = std::iter::once(batch_id.to_string())
                     .chain(cmds.iter().map(|c| c.agent_uid.to_string()))
                     .collect();
+                // One digest covers every command of the batch (they differ only in their
+                // agent, which the targets name): see `audit::queued_digest`.
                 audit.params = json!({"kind": kind.as_str(), "query": q, "params": redact(&params),
-                                      "queued": cmds.len(), "skipped": batch.skipped.len()});
+                                      "queued": cmds.len(), "skipped": batch.skipped.len(),
+                                      crate::audit::DIGEST_KEY: crate::audit::queued_digest(&cmds[0])});
                 audit.outcome = "queued".into();
                 let rec = self.store.enqueue(Some(&batch), &cmds, audit).await?;
                 for c in &mut cmds {
@@ -1411,6 +1415,8 @@ impl Deliveries {
                 metrics: fleet.metrics.clone(),
                 events: fleet.events.clone(),
                 parked: self.parked.clone(),
+                audit_wake: fleet.audit_wake.clone(),
+                max_wait_ms: longest_wait_ms(&fleet.settings),
             };
             tokio::spawn(run_claimer(parts, rx));
             tx
@@ -1498,18 +1504,117 @@ struct Claimer {
     metrics: Arc<Metrics>,
     events: Arc<Events>,
     parked: Arc<Parked>,
+    audit_wake: Arc<tokio::sync::Notify>,
+    /// How long a command can legitimately wait in the queue (the longest TTL).
+    max_wait_ms: Millis,
 }
 
-async fn run_claimer(
-    Claimer {
+/// The longest a queued command can wait: the default TTL or the largest per-command one.
+fn longest_wait_ms(s: &FleetSettings) -> Millis {
+    (s.queue_ttl_s.max(commands::MAX_TTL_S) as Millis) * 1000
+}
+
+impl Claimer {
+    /// Keeps the claimed commands that are what their queuing audit record queued; fails the
+    /// others (`failed`, with an audit record and an ERROR line) so that nothing edited in the
+    /// commands table after it was audited reaches an agent. Commands queued before digests
+    /// existed are delivered while they could legitimately still be waiting.
+    async fn only_audited(&self, cmds: Vec<Command>, now: Millis) -> Vec<Command> {
+        if cmds.is_empty() {
+            return cmds;
+        }
+        let checked = match crate::audit::check_commands(self.store.as_ref(), &cmds).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Unchecked commands are never delivered: back to the queue (compare-and-set),
+                // or, if that fails too, left `sent` for the sweeper to expire.
+                tracing::error!(error = %e, n = cmds.len(),
+                    "could not read the audit records of claimed commands; not delivered now");
+                let claims: Vec<(Uuid, Millis)> = cmds
+                    .iter()
+                    .filter_map(|c| c.sent_at.map(|at| (c.id, at)))
+                    .collect();
+                if let Err(e) = self.store.unclaim(&claims).await {
+                    tracing::error!(error = %e, "could not requeue them either; they will expire");
+                }
+                return Vec::new();
+            }
+        };
+        let mut ok = Vec::with_capacity(cmds.len());
+        for (c, p) in cmds.into_iter().zip(checked) {
+            let why = match p {
+                crate::audit::Provenance::Verified => {
+                    ok.push(c);
+                    continue;
+                }
+                crate::audit::Provenance::Legacy
+                    if crate::audit::legacy_still_deliverable(
+                        c.created_at,
+                        now,
+                        self.max_wait_ms,
+                    ) =>
+                {
+                    tracing::debug!(command = %c.id, "delivered unverified: queued before parameter digests");
+                    ok.push(c);
+                    continue;
+                }
+                crate::audit::Provenance::Legacy => format!(
+                    "{}: its queuing record has no digest and is older than any command may wait",
+                    crate::audit::MISMATCH
+                ),
+                crate::audit::Provenance::Mismatch(w) => w,
+                crate::audit::Provenance::OtherAgent => crate::audit::MISMATCH.to_string(),
+            };
+            self.refuse(&c, why, now).await;
+        }
+        ok
+    }
+
+    async fn refuse(&self, c: &Command, why: String, now: Millis) {
+        tracing::error!(command = %c.id, agent = %c.agent_uid, kind = c.kind.as_str(),
+            audit_id = ?c.audit_id, reason = %why, "command not delivered: it is not what was audited");
+        let audit = NewAudit {
+            actor: "flotilla".into(),
+            channel: Channel::System,
+            operation: "command.refused".into(),
+            targets: vec![c.agent_uid.to_string(), c.id.to_string()],
+            params: json!({"kind": c.kind.as_str(), "error": why}),
+            outcome: CommandStatus::Failed.as_str().into(),
+            ref_id: c.audit_id,
+        };
+        let finish = Finish {
+            to: CommandStatus::Failed,
+            result: None,
+            error: Some(why),
+            at: now,
+        };
+        match self
+            .store
+            .finish_command(c.id, &[CommandStatus::Sent], finish, Some(audit))
+            .await
+        {
+            Ok(Some(done)) => {
+                self.events.command(&done, Some(CommandStatus::Sent), now);
+                self.audit_wake.notify_one();
+            }
+            Ok(None) => {}
+            // Still `sent` and never written: the sweeper expires it.
+            Err(e) => {
+                tracing::error!(error = %e, command = %c.id, "could not mark the refused command failed")
+            }
+        }
+    }
+}
+
+async fn run_claimer(parts: Claimer, mut rx: tokio::sync::mpsc::UnboundedReceiver<ClaimRequest>) {
+    let Claimer {
         store,
         hub,
         metrics,
         events,
         parked,
-    }: Claimer,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<ClaimRequest>,
-) {
+        ..
+    } = &parts;
     while let Some(first) = rx.recv().await {
         let mut reqs = vec![first];
         while reqs.len() < CLAIM_GROUP {
@@ -1535,7 +1640,7 @@ async fn run_claimer(
                     }
                     let mut by_agent: std::collections::HashMap<Uuid, Vec<Command>> =
                         std::collections::HashMap::new();
-                    for c in cmds {
+                    for c in parts.only_audited(cmds, now).await {
                         by_agent.entry(c.agent_uid).or_default().push(c);
                     }
                     for r in group {

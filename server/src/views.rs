@@ -105,6 +105,8 @@ pub fn audit_verification(r: &Result<crate::audit::Verified, crate::audit::Chain
             "intact": true,
             "records": v.count,
             "head": v.head.as_ref().map(|h| h.to_string()),
+            "commands_verified": v.commands.verified,
+            "commands_legacy": v.commands.legacy,
         }),
         Err(b) => json!({
             "intact": false,

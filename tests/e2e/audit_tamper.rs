@@ -206,16 +206,35 @@ async fn audit_tampering_is_detected_and_located() {
     let anchor = intact.head().expect("a head line");
     let last = *trail.ids.last().unwrap();
     assert!(anchor.starts_with(&format!("{last}:")), "{anchor}");
+    // (Only the newest record, the cancel: a command's queuing record cut off is caught
+    // without an anchor, below.)
     let dir = trail.copy("truncated");
+    let res = sqlite(
+        &dir.join("flotilla.db"),
+        &format!("DELETE FROM audit WHERE id >= {last}"),
+    );
+    assert!(res["changes"].as_u64().unwrap() >= 1, "{res}");
+    assert_eq!(
+        audit_verify(&dir).await.intact_count(),
+        trail.ids.len() as u64 - 1
+    );
+    let (id, reason) = audit_verify_anchored(&dir, &anchor).await.broken_at();
+    assert_eq!(id, last, "{reason}");
+    assert!(reason.contains("deleted from the end"), "{reason}");
+
+    // 5. Cutting off more, the records that queued the commands go too: the commands still in
+    //    the database name records that no longer exist, so even without an anchor it fails.
+    let dir = trail.copy("truncated-more");
     let res = sqlite(
         &dir.join("flotilla.db"),
         &format!("DELETE FROM audit WHERE id >= {after}"),
     );
     assert!(res["changes"].as_u64().unwrap() >= 1, "{res}");
-    assert!(audit_verify(&dir).await.intact_count() < trail.ids.len() as u64);
-    let (id, reason) = audit_verify_anchored(&dir, &anchor).await.broken_at();
-    assert_eq!(id, last, "{reason}");
-    assert!(reason.contains("deleted from the end"), "{reason}");
+    let (_, reason) = audit_verify(&dir).await.broken_at();
+    assert!(
+        reason.contains("does not exist") && reason.contains("queuing audit record"),
+        "{reason}"
+    );
     // The untouched trail holds its own anchor.
     assert_eq!(
         audit_verify_anchored(&trail.home.data_dir, &anchor)

@@ -173,6 +173,16 @@ pub async fn audit_verify(
     match flotilla_server::audit::verify(store.as_ref(), anchor).await {
         Ok(ok) => {
             println!("audit chain intact: {} records verified", ok.count);
+            println!(
+                "commands match their queuing records: {} verified",
+                ok.commands.verified
+            );
+            if ok.commands.legacy > 0 {
+                println!(
+                    "{} commands unverifiable (legacy): queued before records carried a digest of their parameters",
+                    ok.commands.legacy
+                );
+            }
             if let Some(head) = ok.head {
                 println!("head: {head}");
             }

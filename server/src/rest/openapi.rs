@@ -776,6 +776,8 @@ pub fn document() -> Value {
                     "intact": {"type": "boolean"},
                     "records": {"type": "integer", "description": "Records verified (intact)."},
                     "head": {"type": ["string", "null"], "description": "ID:HASH of the newest record (intact)."},
+                    "commands_verified": {"type": "integer", "description": "Commands that match the digest in the record that queued them (intact)."},
+                    "commands_legacy": {"type": "integer", "description": "Commands queued before records carried a digest: unverifiable (intact)."},
                     "broken_at": {"type": "string", "description": "Id of the first record that fails (broken)."},
                     "reason": {"type": "string", "description": "Why it fails (broken)."}
                 }}),

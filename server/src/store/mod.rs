@@ -238,6 +238,9 @@ pub trait Store: Send + Sync + 'static {
     async fn query_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditRecord>>;
     /// Records in id order with `id > after`, at most `limit` (for chain verification).
     async fn audit_chain(&self, after: i64, limit: usize) -> StoreResult<Vec<AuditRecord>>;
+    /// The records with these ids (those that exist), in id order: a command's queuing record
+    /// is read to check the command against it before delivery.
+    async fn audit_records(&self, ids: &[i64]) -> StoreResult<Vec<AuditRecord>>;
 
     /// Flushes and closes (checkpoints the WAL on SQLite).
     async fn close(&self);

@@ -1259,6 +1259,23 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn audit_records(&self, ids: &[i64]) -> StoreResult<Vec<AuditRecord>> {
+        let mut out = Vec::with_capacity(ids.len());
+        // Well under SQLite's bound-parameter limit per statement.
+        for chunk in ids.chunks(CLAIM_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM audit WHERE id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            q.push(") ORDER BY id");
+            for row in q.build().fetch_all(&self.pool).await? {
+                out.push(audit_from_row(&row)?);
+            }
+        }
+        Ok(out)
+    }
+
     fn chat_store(self: Arc<Self>) -> Option<Arc<dyn ChatStore>> {
         Some(self)
     }
@@ -2400,7 +2417,8 @@ mod tests {
                 .enqueue(
                     None,
                     std::slice::from_ref(&c),
-                    op("command.restart", &[a.uid]),
+                    // As the service queues it (without a digest: a legacy record to verify).
+                    op("command.queue", &[a.uid, c.id]),
                 )
                 .await
                 .unwrap();

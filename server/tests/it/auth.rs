@@ -315,3 +315,215 @@ async fn admin_role_guards_large_shutdowns_over_mcp() {
     admin.cancel().await.ok();
     server.stop().await;
 }
+
+/// The database file behind a running test server, opened as an attacker with file access
+/// would: a second SQLite connection editing tables behind the server's back.
+async fn tamper(server: &TestServer, sql: &str) -> u64 {
+    let url = format!("sqlite://{}", server.data_dir.join("flotilla.db").display());
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("open the database");
+    let n = sqlx::query(sql)
+        .execute(&pool)
+        .await
+        .expect("tamper")
+        .rows_affected();
+    pool.close().await;
+    n
+}
+
+/// One HTTP poll of agent `uid` (full status, so its capabilities stand): what the server sends.
+async fn poll(
+    server: &TestServer,
+    uid: uuid::Uuid,
+    seq: u64,
+    custom: &[&str],
+) -> flotilla_proto::ServerToAgent {
+    let caps = Cap::ReportsStatus as u64 | Cap::AcceptsRestartCommand as u64;
+    crate::support::opamp_post(
+        server,
+        &crate::support::agent_status(uid, seq, &[], caps, custom),
+    )
+    .await
+}
+
+/// Defect 8, one command: a command whose parameters were edited in the commands table after
+/// it was queued is not delivered (failed, with an audit record), and the audit chain's
+/// verification names it; an untouched command is delivered as before.
+#[tokio::test]
+async fn a_command_edited_after_it_was_audited_is_refused_at_delivery() {
+    use flotilla_server::commands::CAP_CHATOPS;
+    let server = TestServer::start().await;
+    let rest = server.rest();
+    let caps = Cap::ReportsStatus as u64 | Cap::AcceptsRestartCommand as u64;
+    let a = register_agent(&server, &[("host.name", "web-1")], caps, &[CAP_CHATOPS]).await;
+    let flush = || async {
+        let (s, v) = rest
+            .post(
+                &format!("/api/v1/agents/{a}/commands"),
+                json!({"kind": "chatops", "params": {"tag": "flush"}}),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        v["command_id"].as_str().unwrap().to_string()
+    };
+    let id = flush().await;
+    let edited = tamper(
+        &server,
+        &format!(
+            r#"UPDATE commands SET params = '{{"tag":"drop_all_outputs"}}' WHERE id = '{id}'"#
+        ),
+    )
+    .await;
+    assert_eq!(edited, 1);
+
+    let r = poll(&server, a, 1, &[CAP_CHATOPS]).await;
+    assert!(
+        r.custom_message.is_none() && r.command.is_none(),
+        "nothing reaches the agent: {r:?}"
+    );
+    let (_, c) = rest.get(&format!("/api/v1/commands/{id}")).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    let err = c["error"].as_str().unwrap();
+    assert!(
+        err.starts_with("parameters do not match the audited record"),
+        "{err}"
+    );
+    let (_, refused) = rest.get("/api/v1/audit?operation=command.refused").await;
+    let rec = &refused["items"][0];
+    assert_eq!(rec["ref_id"], c["audit_id"], "{refused}");
+    assert_eq!(
+        (rec["actor"].as_str(), rec["outcome"].as_str()),
+        (Some("flotilla"), Some("failed"))
+    );
+    assert_eq!(rec["targets"][1], id.as_str());
+
+    let (_, v) = rest.get("/api/v1/audit/verify").await;
+    assert_eq!(v["intact"], false, "{v}");
+    assert_eq!(v["broken_at"], c["audit_id"], "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("command {id} (chatops for agent {a})"))
+            && reason.contains("do not match"),
+        "{reason}"
+    );
+
+    // An untouched command is delivered as before.
+    let good = flush().await;
+    let r = poll(&server, a, 2, &[CAP_CHATOPS]).await;
+    assert!(r.custom_message.is_some(), "delivered: {r:?}");
+    let (_, c) = rest.get(&format!("/api/v1/commands/{good}")).await;
+    assert_eq!(c["status"], "sent", "{c}");
+    server.stop().await;
+}
+
+/// Defect 8, a fan-out (one audit record for the batch): a batch command moved to another
+/// agent in the table is refused, the others of the batch are delivered; verification names
+/// it. A command queued by a record from before digests existed is "legacy": delivered, and
+/// counted as unverifiable by verification.
+#[tokio::test]
+async fn a_batch_command_moved_to_another_agent_is_refused_and_legacy_commands_still_go() {
+    let server = TestServer::start().await;
+    let rest = server.rest();
+    let caps = Cap::ReportsStatus as u64 | Cap::AcceptsRestartCommand as u64;
+    let w1 = register_agent(&server, &[("host.name", "web-1")], caps, &[]).await;
+    let w2 = register_agent(&server, &[("host.name", "web-2")], caps, &[]).await;
+    let db = register_agent(&server, &[("host.name", "db-1")], caps, &[]).await;
+    let (s, v) = rest
+        .post(
+            "/api/v1/commands",
+            json!({"query": "host:web-*", "kind": "restart"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let batch = v["batch_id"].as_str().unwrap().to_string();
+    let moved = tamper(
+        &server,
+        &format!("UPDATE commands SET agent_uid = '{db}' WHERE batch_id = '{batch}' AND agent_uid = '{w1}'"),
+    )
+    .await;
+    assert_eq!(moved, 1);
+    assert!(
+        poll(&server, db, 1, &[]).await.command.is_none(),
+        "db-1 was not a target"
+    );
+    assert!(
+        poll(&server, w2, 1, &[]).await.command.is_some(),
+        "web-2's restart is untouched"
+    );
+    let (_, b) = rest.get(&format!("/api/v1/batches/{batch}")).await;
+    assert_eq!(
+        (b["counts"]["failed"].as_u64(), b["counts"]["sent"].as_u64()),
+        (Some(1), Some(1)),
+        "{b}"
+    );
+    let failed = b["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["status"] == "failed")
+        .unwrap();
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not its target"),
+        "{failed}"
+    );
+    let (_, v) = rest.get("/api/v1/audit/verify").await;
+    assert_eq!(v["intact"], false, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("restart for agent {db}")),
+        "{v}"
+    );
+
+    // Legacy: queued as the server did before digests (a record without one).
+    let store = server.fleet.store().clone();
+    let fresh = register_agent(&server, &[("host.name", "old-1")], caps, &[]).await;
+    let now = flotilla_server::model::now_ms();
+    let cmd = flotilla_server::model::Command {
+        id: uuid::Uuid::now_v7(),
+        agent_uid: fresh,
+        batch_id: None,
+        kind: flotilla_server::model::CommandKind::Restart,
+        params: json!({}),
+        status: flotilla_server::model::CommandStatus::Queued,
+        created_at: now,
+        sent_at: None,
+        finished_at: None,
+        expires_at: now + 60_000,
+        result: None,
+        error: None,
+        actor: "ops".into(),
+        channel: flotilla_server::model::Channel::Rest,
+        audit_id: None,
+    };
+    let caller = flotilla_server::model::Caller::system();
+    let mut audit = flotilla_server::model::NewAudit::new(&caller, "command.queue");
+    audit.targets = vec![fresh.to_string(), cmd.id.to_string()];
+    audit.params = json!({"kind": "restart", "params": {}});
+    store
+        .enqueue(None, std::slice::from_ref(&cmd), audit)
+        .await
+        .unwrap();
+    assert!(
+        poll(&server, fresh, 1, &[]).await.command.is_some(),
+        "legacy commands are delivered"
+    );
+    // Put the batch command back where it was: the chain holds, one command is legacy.
+    tamper(&server, &format!("UPDATE commands SET agent_uid = '{w1}' WHERE batch_id = '{batch}' AND agent_uid = '{db}'")).await;
+    let (_, v) = rest.get("/api/v1/audit/verify").await;
+    assert_eq!(v["intact"], true, "{v}");
+    assert_eq!(
+        (
+            v["commands_verified"].as_u64(),
+            v["commands_legacy"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+    server.stop().await;
+}

@@ -292,6 +292,11 @@ impl Store for FlakyStore {
         let r = self.inner.audit_chain(after, limit).await;
         self.answer(r).await
     }
+    async fn audit_records(&self, ids: &[i64]) -> StoreResult<Vec<AuditRecord>> {
+        self.check().await?;
+        let r = self.inner.audit_records(ids).await;
+        self.answer(r).await
+    }
     fn chat_store(self: Arc<Self>) -> Option<Arc<dyn flotilla_server::store::ChatStore>> {
         self.inner.clone().chat_store()
     }
