@@ -21,9 +21,9 @@ use flotilla_mcp::{FleetBackend, RestBackend};
 use serde_json::Value;
 
 #[derive(Default)]
-struct Recorder {
+pub(crate) struct Recorder {
     next: AtomicU64,
-    sent: Mutex<Vec<(String, Reply)>>,
+    pub(crate) sent: Mutex<Vec<(String, Reply)>>,
 }
 
 #[async_trait]
@@ -59,7 +59,7 @@ impl Outbox for Recorder {
     }
 }
 
-fn user(id: &str, name: &str) -> ChatUser {
+pub(crate) fn user(id: &str, name: &str) -> ChatUser {
     ChatUser {
         id: id.into(),
         name: name.into(),
@@ -67,7 +67,7 @@ fn user(id: &str, name: &str) -> ChatUser {
     }
 }
 
-fn conv() -> ConversationRef {
+pub(crate) fn conv() -> ConversationRef {
     ConversationRef {
         platform: Platform::Slack,
         workspace: "T1".into(),
@@ -76,14 +76,16 @@ fn conv() -> ConversationRef {
     }
 }
 
-struct Setup {
+pub(crate) struct Setup {
     _home: Home,
-    server: Server,
-    core: Core,
-    outbox: Arc<Recorder>,
+    pub(crate) server: Server,
+    pub(crate) core: Core,
+    pub(crate) outbox: Arc<Recorder>,
+    backend_for: BackendFor,
+    identity: IdentityConfig,
 }
 
-async fn setup(options: CoreOptions, two_person: Option<u64>) -> Setup {
+pub(crate) async fn setup(options: CoreOptions, two_person: Option<u64>) -> Setup {
     let home = Home::new();
     let server = Server::start(&home).await;
     let url = server.url("");
@@ -105,8 +107,8 @@ async fn setup(options: CoreOptions, two_person: Option<u64>) -> Setup {
         identity.two_person.insert("C1".into(), n);
     }
     let core = Core::new(
-        identity,
-        backend_for,
+        identity.clone(),
+        backend_for.clone(),
         Arc::new(MemoryState::default()),
         options,
     );
@@ -115,10 +117,12 @@ async fn setup(options: CoreOptions, two_person: Option<u64>) -> Setup {
         server,
         core,
         outbox: Arc::new(Recorder::default()),
+        backend_for,
+        identity,
     }
 }
 
-fn fast() -> CoreOptions {
+pub(crate) fn fast() -> CoreOptions {
     CoreOptions {
         progress_every: Duration::from_millis(100),
         ..CoreOptions::default()
@@ -126,7 +130,17 @@ fn fast() -> CoreOptions {
 }
 
 impl Setup {
-    async fn say(&self, who: &ChatUser, text: &str) -> Vec<Reply> {
+    /// A fresh core (fresh state) over the same server and users, with other options.
+    pub(crate) fn rebuild(&mut self, options: CoreOptions) {
+        self.core = Core::new(
+            self.identity.clone(),
+            self.backend_for.clone(),
+            Arc::new(MemoryState::default()),
+            options,
+        );
+    }
+
+    pub(crate) async fn say(&self, who: &ChatUser, text: &str) -> Vec<Reply> {
         self.core
             .handle(
                 Incoming {
@@ -139,7 +153,7 @@ impl Setup {
             )
             .await
     }
-    async fn click(
+    pub(crate) async fn click(
         &self,
         who: &ChatUser,
         action: &str,
@@ -165,7 +179,7 @@ impl Setup {
             )
             .await
     }
-    async fn commands(&self) -> Vec<Value> {
+    pub(crate) async fn commands(&self) -> Vec<Value> {
         let v = self
             .server
             .get("/api/v1/commands")
@@ -175,7 +189,7 @@ impl Setup {
     }
 }
 
-async fn agent(server: &Server, name: &str) -> HttpAgent {
+pub(crate) async fn agent(server: &Server, name: &str) -> HttpAgent {
     let mut a = HttpAgent::fluent_like(&server.opamp_url(), name);
     let msg = a.full_state();
     a.send(msg).await;
@@ -183,7 +197,7 @@ async fn agent(server: &Server, name: &str) -> HttpAgent {
 }
 
 /// The confirmation id a preview's Confirm button carries.
-fn confirm_id(r: &Reply) -> String {
+pub(crate) fn confirm_id(r: &Reply) -> String {
     r.blocks
         .iter()
         .find_map(|b| match b {

@@ -2,6 +2,7 @@
 //! core, `slack_*` the Slack adapter).
 
 mod core_gateway;
+mod core_llm;
 mod core_planner;
 mod core_sessions;
 mod core_types;

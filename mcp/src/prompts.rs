@@ -28,6 +28,15 @@ const TEMPLATES: &[(&str, &str, bool)] = &[
     ),
 ];
 
+/// System prompts of Flotilla's own model-driven parts, in the same folder and format but not
+/// served as MCP prompts (their text is written for that part, not for an MCP client): the
+/// chat gateway's LLM planner. One folder, one parser, so every prompt Flotilla gives a model
+/// is reviewed in one place.
+const SYSTEM_TEMPLATES: &[(&str, &str)] = &[(
+    "chat-planner.md",
+    include_str!("../../prompts/chat-planner.md"),
+)];
+
 /// One argument of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArgSpec {
@@ -189,6 +198,17 @@ pub fn list(read_only: bool) -> Vec<Prompt> {
         .collect()
 }
 
+/// Renders system prompt `name` (a file of [`SYSTEM_TEMPLATES`], by its header name) with
+/// `args`, unset arguments taking their defaults.
+pub fn system(name: &str, args: &BTreeMap<String, String>) -> Result<String, PromptError> {
+    let t = SYSTEM_TEMPLATES
+        .iter()
+        .map(|(f, text)| parse(f, text))
+        .find(|t| t.as_ref().map_or(true, |t| t.name == name))
+        .ok_or_else(|| PromptError::Unknown(name.to_string()))??;
+    fill(&t, args)
+}
+
 /// Renders prompt `name` with `args`: `(description, text)`. In read-only mode a prompt that
 /// changes the fleet is refused.
 pub fn render(
@@ -203,6 +223,12 @@ pub fn render(
     if read_only && t.changes_fleet {
         return Err(PromptError::ReadOnly(name.to_string()));
     }
+    Ok((t.description.clone(), fill(t, args)?))
+}
+
+/// A template's body with `args` (and the defaults of the others) put in.
+fn fill(t: &Template, args: &BTreeMap<String, String>) -> Result<String, PromptError> {
+    let name = &t.name;
     if let Some(k) = args.keys().find(|k| !t.args.iter().any(|a| &a.name == *k)) {
         return Err(PromptError::UnknownArg {
             prompt: name.into(),
@@ -226,7 +252,7 @@ pub fn render(
         };
         body = body.replace(&format!("{{{{{}}}}}", a.name), &v);
     }
-    Ok((t.description.clone(), body))
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -250,11 +276,31 @@ mod tests {
             let name = e.unwrap().file_name().to_string_lossy().to_string();
             if name.ends_with(".md") && name != "README.md" {
                 assert!(
-                    TEMPLATES.iter().any(|(f, _, _)| *f == name),
+                    TEMPLATES.iter().any(|(f, _, _)| *f == name)
+                        || SYSTEM_TEMPLATES.iter().any(|(f, _)| *f == name),
                     "{name} is not embedded"
                 );
             }
         }
+    }
+
+    #[test]
+    fn system_prompts_parse_and_are_not_mcp_prompts() {
+        for (f, text) in SYSTEM_TEMPLATES {
+            let t = parse(f, text).unwrap();
+            assert!(list(false).iter().all(|p| p.name != t.name), "{f}");
+        }
+        let text = system("chat_planner", &BTreeMap::new()).unwrap();
+        assert!(
+            text.contains("at most 4 rounds") && !text.contains("{{"),
+            "{text}"
+        );
+        let mut a = BTreeMap::new();
+        a.insert("platform".to_string(), "Slack".to_string());
+        assert!(system("chat_planner", &a)
+            .unwrap()
+            .contains("assistant in Slack"));
+        assert!(matches!(system("nope", &a), Err(PromptError::Unknown(_))));
     }
 
     #[test]

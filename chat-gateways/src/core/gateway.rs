@@ -12,6 +12,7 @@ use rand::RngCore;
 use serde_json::{json, Value};
 
 use super::identity::{role_needed, IdentityConfig};
+use super::planner::llm::{self, End, LlmPlanner};
 use super::planner::{rules, Local, Plan, ThreadContext};
 use super::state::{ChatState, PendingConfirmation};
 use super::tools;
@@ -39,6 +40,8 @@ pub struct CoreOptions {
     pub progress_for: Duration,
     /// A thread unused this long is forgotten, with a polite sign-off.
     pub idle_after: Duration,
+    /// The optional LLM planner, asked only when the rule planner asks back.
+    pub llm: Option<Arc<LlmPlanner>>,
 }
 
 impl Default for CoreOptions {
@@ -48,6 +51,7 @@ impl Default for CoreOptions {
             progress_every: Duration::from_secs(2),
             progress_for: Duration::from_secs(600),
             idle_after: Duration::from_secs(30 * 60),
+            llm: None,
         }
     }
 }
@@ -249,8 +253,17 @@ impl Core {
         text: &str,
     ) -> Vec<Reply> {
         let ctx = self.context(conv).await;
-        let plan = rules::plan(text, &ctx, &actor(user, conv));
-        match plan {
+        let mut plan = rules::plan(text, &ctx, &actor(user, conv));
+        // Rules first; the model only for what they ask back about.
+        let mut fell_back = None;
+        if let (Plan::AskBack { .. }, Some(llm)) = (&plan, self.options.llm.clone()) {
+            match self.ask_llm(&llm, conv, user, role, text, &ctx).await {
+                Ok(Ok(replies)) => return replies,
+                Ok(Err(change)) => plan = change,
+                Err(note) => fell_back = Some(note),
+            }
+        }
+        let mut replies = match plan {
             Plan::AskBack {
                 understood,
                 suggestions,
@@ -288,6 +301,44 @@ impl Core {
                     Err(e) => vec![failure(&e)],
                 }
             }
+        };
+        if let (Some(note), Some(first)) = (fell_back, replies.first_mut()) {
+            first.blocks.push(Block::Context(note));
+        }
+        replies
+    }
+
+    /// The LLM planner's turn: its answer (`Ok(Ok)`), a state-changing plan for the same
+    /// preview and confirmation as the rule planner's (`Ok(Err)`), or why it failed, for a
+    /// note under the rule planner's answer (`Err`).
+    #[allow(clippy::type_complexity)]
+    async fn ask_llm(
+        &self,
+        llm: &LlmPlanner,
+        conv: &ConversationRef,
+        user: &ChatUser,
+        role: Role,
+        text: &str,
+        ctx: &ThreadContext,
+    ) -> Result<Result<Vec<Reply>, Plan>, String> {
+        let b = self.backend(user, conv, role);
+        let out = match llm.plan(text, conv.platform.as_str(), ctx, &*b).await {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(reason = %e, "chat: LLM planner failed; the rule planner answers");
+                return Err(format!(
+                    "The language model could not help ({e}); this is the rule planner's answer."
+                ));
+            }
+        };
+        for r in &out.runs {
+            if let Ok(v) = &r.result {
+                self.remember_result(conv, &r.tool, &r.args, v).await;
+            }
+        }
+        match out.end {
+            End::Change(plan) => Ok(Err(plan)),
+            _ => Ok(Ok(vec![llm::reply(&out, &llm.config().model, render)])),
         }
     }
 

@@ -4,7 +4,12 @@
 //! The rule planner ([`rules`]) is the default: offline and deterministic. It never guesses a
 //! state-changing call: when it cannot tell the target it asks back, with what it understood
 //! and two commands that would work.
+//!
+//! The LLM planner ([`llm`]) is optional and consulted only for what the rule planner asks
+//! back about: deterministic hits stay deterministic, and the model never sees a message the
+//! grammar already understood (or refused).
 
+pub mod llm;
 pub mod rules;
 
 use serde::{Deserialize, Serialize};
