@@ -2,7 +2,9 @@
 //! reach the platform-neutral conversation core (`flotilla_chat::core`), whose tool calls run
 //! through [`McpBackend`] over the one service layer as the chat user: actor
 //! `slack:<team>/<user> (<name>)`, channel `slack`, the role the identity mapping gives them.
-//! The listener carries only the chat routes, so the operator API can stay on loopback.
+//! The listener carries only the chat routes, so the operator API can stay on loopback; in
+//! Socket Mode (`chat.slack.mode = "socket"`) there is no listener: the gateway opens its
+//! WebSockets to Slack and hands the envelopes to the same gateway below the transport.
 
 use std::sync::Arc;
 
@@ -12,11 +14,12 @@ use flotilla_chat::core::identity::IdentityConfig;
 use flotilla_chat::core::state::{ChatState, MemoryState};
 use flotilla_chat::slack::client::{BotToken, SlackApi};
 use flotilla_chat::slack::gateway::{routes, SlackGateway};
+use flotilla_chat::slack::socket::{AppToken, SocketMode, SocketOptions};
 use flotilla_chat::slack::verify::{SigningSecret, Verifier};
 use flotilla_chat::{actor, BackendFor, ChatUser, ConversationRef, Platform, Role as ChatRole};
 use flotilla_mcp::FleetBackend;
 
-use crate::config::{SlackConfig, SlackSettings};
+use crate::config::{SlackConfig, SlackSettings, SlackTransport};
 use crate::mcp_backend::McpBackend;
 use crate::model::{Caller, Channel, Role};
 use crate::service::Fleet;
@@ -60,12 +63,20 @@ fn backend_for(fleet: Fleet) -> BackendFor {
     )
 }
 
-/// The Slack gateway's routes.
-pub fn slack_routes(
+/// The Slack gateway, running: its routes for the chat listener (HTTP mode), and its duties.
+pub struct SlackChat {
+    /// `None` in Socket Mode: nothing is served.
+    pub routes: Option<Router>,
+    pub housekeeping: ChatHousekeeping,
+}
+
+/// Builds the Slack gateway; in Socket Mode, also opens its connections (a refused app token
+/// fails here, at start).
+pub async fn slack_gateway(
     fleet: Fleet,
     cfg: &SlackConfig,
     s: &SlackSettings,
-) -> Result<(Router, ChatHousekeeping), ChatSetupError> {
+) -> Result<SlackChat, ChatSetupError> {
     let identity = IdentityConfig {
         users: cfg.access.users.clone().into_iter().collect(),
         groups: cfg.access.groups.clone().into_iter().collect(),
@@ -93,12 +104,39 @@ pub fn slack_routes(
             ..CoreOptions::default()
         },
     ));
-    let secret =
-        SigningSecret::new(&s.signing_secret).map_err(|e| ChatSetupError(e.to_string()))?;
-    let token = BotToken::new(&s.bot_token).map_err(|e| ChatSetupError(e.to_string()))?;
-    let api = SlackApi::new(&s.api_url, token).map_err(|e| ChatSetupError(e.to_string()))?;
-    let gw = SlackGateway::new(Verifier::new(secret), api, core.clone());
-    Ok((routes(gw.clone()), ChatHousekeeping { core, gw }))
+    let setup = |e: &dyn std::fmt::Display| ChatSetupError(e.to_string());
+    let token = BotToken::new(&s.bot_token).map_err(|e| setup(&e))?;
+    let api = SlackApi::new(&s.api_url, token).map_err(|e| setup(&e))?;
+    match &s.transport {
+        SlackTransport::Http { signing_secret } => {
+            let secret = SigningSecret::new(signing_secret).map_err(|e| setup(&e))?;
+            let gw = SlackGateway::new(Verifier::new(secret), api, core.clone());
+            Ok(SlackChat {
+                routes: Some(routes(gw.clone())),
+                housekeeping: ChatHousekeeping {
+                    core,
+                    gw,
+                    socket: None,
+                },
+            })
+        }
+        SlackTransport::Socket { app_token } => {
+            let app = AppToken::new(app_token).map_err(|e| setup(&e))?;
+            let gw = SlackGateway::socket_only(api, core.clone());
+            let socket = SocketMode::start(gw.clone(), &s.api_url, app, SocketOptions::default())
+                .await
+                .map_err(|e| setup(&e))?;
+            tracing::info!("Slack gateway in Socket Mode (no chat listener)");
+            Ok(SlackChat {
+                routes: None,
+                housekeeping: ChatHousekeeping {
+                    core,
+                    gw,
+                    socket: Some(socket),
+                },
+            })
+        }
+    }
 }
 
 /// The gateway's periodic and shutdown duties: expiring confirmations, signing off idle
@@ -106,6 +144,7 @@ pub fn slack_routes(
 pub struct ChatHousekeeping {
     core: Arc<Core>,
     gw: Arc<SlackGateway>,
+    socket: Option<SocketMode>,
 }
 
 /// How often idle threads and expired confirmations are looked for.
@@ -122,6 +161,10 @@ impl ChatHousekeeping {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => { self.core.sweep(outbox.as_ref()).await; }
             }
+        }
+        // No new deliveries; Slack keeps (and retries) what arrives meanwhile.
+        if let Some(socket) = &self.socket {
+            socket.shutdown().await;
         }
         // Conversation turns still running finish their answers before the notice.
         self.gw.drain().await;

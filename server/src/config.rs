@@ -192,14 +192,32 @@ pub struct ChatConfig {
     pub slack: SlackConfig,
 }
 
-/// The Slack gateway. The signing secret and the bot token come from files
-/// (`*_file`) or from the environment ([`SECRET_ENV`]), never from this file itself.
+/// How Slack reaches the gateway.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SlackMode {
+    /// Slack posts to `chat.listen` (a public URL), requests signed with the signing secret.
+    #[default]
+    Http,
+    /// The gateway opens WebSockets to Slack with the app-level token (no public URL, no
+    /// chat listener).
+    Socket,
+}
+
+/// The Slack gateway. The signing secret, the bot token and the app-level token come from
+/// files (`*_file`) or from the environment ([`SECRET_ENV`]), never from this file itself.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SlackConfig {
     pub enabled: bool,
-    /// File holding the app's signing secret (Basic Information → App Credentials).
+    /// `http` (Slack posts to `chat.listen`) or `socket` (Socket Mode).
+    pub mode: SlackMode,
+    /// File holding the app's signing secret (Basic Information → App Credentials); HTTP
+    /// mode only.
     pub signing_secret_file: Option<PathBuf>,
+    /// File holding the app-level token (`xapp-…`, scope `connections:write`); Socket Mode
+    /// only.
+    pub app_token_file: Option<PathBuf>,
     /// File holding the bot token (`xoxb-…`, OAuth & Permissions).
     pub bot_token_file: Option<PathBuf>,
     /// The Slack Web API base URL (changed only to point tests at a fake).
@@ -233,7 +251,9 @@ impl Default for SlackConfig {
     fn default() -> Self {
         SlackConfig {
             enabled: false,
+            mode: SlackMode::Http,
             signing_secret_file: None,
+            app_token_file: None,
             bot_token_file: None,
             api_url: "https://slack.com/api".into(),
             confirm_expiry_s: DEFAULT_CONFIRM_EXPIRY_S,
@@ -262,6 +282,7 @@ impl std::fmt::Debug for Secret {
 pub struct EnvSecrets {
     pub slack_signing_secret: Option<Secret>,
     pub slack_bot_token: Option<Secret>,
+    pub slack_app_token: Option<Secret>,
 }
 
 /// Environment variables holding a secret itself (the alternative to a `*_file` setting). They
@@ -274,6 +295,10 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     (
         "FLOTILLA_SLACK_BOT_TOKEN",
         "the Slack bot token (instead of `chat.slack.bot_token_file`)",
+    ),
+    (
+        "FLOTILLA_SLACK_APP_TOKEN",
+        "the Slack app-level token for Socket Mode (instead of `chat.slack.app_token_file`)",
     ),
 ];
 
@@ -318,17 +343,31 @@ fn one_secret(
     }
 }
 
+/// How Slack reaches the gateway, with that transport's secret.
+#[derive(Clone)]
+pub enum SlackTransport {
+    /// Requests to the chat listener, verified with the signing secret.
+    Http { signing_secret: String },
+    /// Socket Mode, opened with the app-level token.
+    Socket { app_token: String },
+}
+
 /// The Slack gateway's checked settings, secrets read.
 #[derive(Clone)]
 pub struct SlackSettings {
-    pub signing_secret: String,
+    pub transport: SlackTransport,
     pub bot_token: String,
     pub api_url: String,
 }
 
 impl std::fmt::Debug for SlackSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = match self.transport {
+            SlackTransport::Http { .. } => "http",
+            SlackTransport::Socket { .. } => "socket",
+        };
         f.debug_struct("SlackSettings")
+            .field("mode", &mode)
             .field("api_url", &self.api_url)
             .finish_non_exhaustive()
     }
@@ -343,25 +382,49 @@ impl Config {
         if !c.slack.enabled {
             return (None, None);
         }
-        let addr = match &c.listen {
-            Some(l) => parse_addr("chat.listen", l, p),
-            None => {
+        let s = &c.slack;
+        // Socket Mode needs no listener: the gateway opens the connections itself.
+        let addr = match (&c.listen, s.mode) {
+            (_, SlackMode::Socket) => None,
+            (Some(l), SlackMode::Http) => parse_addr("chat.listen", l, p),
+            (None, SlackMode::Http) => {
                 p.push(
-                    "chat.slack is enabled but chat.listen is not set (the address Slack posts to)"
+                    "chat.slack is enabled but chat.listen is not set (the address Slack posts to; or set chat.slack.mode = \"socket\")"
                         .into(),
                 );
                 None
             }
         };
-        let s = &c.slack;
-        let secret = one_secret(
-            "the Slack signing secret",
-            "chat.slack.signing_secret_file",
-            &s.signing_secret_file,
-            "FLOTILLA_SLACK_SIGNING_SECRET",
-            &self.env_secrets.slack_signing_secret,
-            p,
-        );
+        let transport = match s.mode {
+            SlackMode::Http => one_secret(
+                "the Slack signing secret",
+                "chat.slack.signing_secret_file",
+                &s.signing_secret_file,
+                "FLOTILLA_SLACK_SIGNING_SECRET",
+                &self.env_secrets.slack_signing_secret,
+                p,
+            )
+            .map(|signing_secret| SlackTransport::Http { signing_secret }),
+            SlackMode::Socket => one_secret(
+                "the Slack app-level token",
+                "chat.slack.app_token_file",
+                &s.app_token_file,
+                "FLOTILLA_SLACK_APP_TOKEN",
+                &self.env_secrets.slack_app_token,
+                p,
+            )
+            .filter(|t| {
+                let ok = t.starts_with("xapp-");
+                if !ok {
+                    p.push(
+                        "the Slack app-level token does not start with xapp- (Basic Information → App-Level Tokens)"
+                            .into(),
+                    );
+                }
+                ok
+            })
+            .map(|app_token| SlackTransport::Socket { app_token }),
+        };
         let token = one_secret(
             "the Slack bot token",
             "chat.slack.bot_token_file",
@@ -392,9 +455,9 @@ impl Config {
                 s.confirm_expiry_s
             ));
         }
-        let settings = match (secret, token) {
-            (Some(signing_secret), Some(bot_token)) if url_ok => Some(SlackSettings {
-                signing_secret,
+        let settings = match (transport, token) {
+            (Some(transport), Some(bot_token)) if url_ok => Some(SlackSettings {
+                transport,
                 bot_token,
                 api_url: s.api_url.trim_end_matches('/').to_string(),
             }),
@@ -557,6 +620,12 @@ pub const ENV_VARS: &[EnvVar] = &[
         "chat.slack.bot_token_file",
         EnvKind::Text,
     ),
+    var("FLOTILLA_SLACK_MODE", "chat.slack.mode", EnvKind::Text),
+    var(
+        "FLOTILLA_SLACK_APP_TOKEN_FILE",
+        "chat.slack.app_token_file",
+        EnvKind::Text,
+    ),
     var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
     var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
@@ -674,6 +743,10 @@ impl Config {
                 }
                 "FLOTILLA_SLACK_BOT_TOKEN" => {
                     env_secrets.slack_bot_token = secret;
+                    continue;
+                }
+                "FLOTILLA_SLACK_APP_TOKEN" => {
+                    env_secrets.slack_app_token = secret;
                     continue;
                 }
                 _ => {}
@@ -1029,6 +1102,15 @@ impl Config {
                     .to_string(),
             );
         }
+        if self.chat.listen.is_some()
+            && self.chat.slack.enabled
+            && self.chat.slack.mode == SlackMode::Socket
+        {
+            w.push(
+                "chat.listen is set but Slack runs in Socket Mode (no webhooks): the chat listener stays off"
+                    .to_string(),
+            );
+        }
         if self.mcp.enabled && self.mcp.allowed_hosts.is_empty() {
             w.push(
                 "mcp.allowed_hosts is empty: the MCP Host check (DNS-rebinding protection) is off"
@@ -1286,6 +1368,10 @@ mod tests {
     fn every_variable_of_the_table_sets_its_key() {
         for v in ENV_VARS {
             let (text, want) = match v.kind {
+                // A closed set of words: one of them.
+                EnvKind::Text if v.name == "FLOTILLA_SLACK_MODE" => {
+                    ("socket", toml::Value::String("socket".into()))
+                }
                 EnvKind::Text => ("/some/value", toml::Value::String("/some/value".into())),
                 EnvKind::Number => ("4242", toml::Value::Integer(4242)),
                 EnvKind::Bool => ("yes", toml::Value::Boolean(true)),
@@ -1432,7 +1518,10 @@ mod tests {
         let v = c.validate().unwrap();
         assert_eq!(v.chat_addr.unwrap().port(), 8443);
         let slack = v.slack.unwrap();
-        assert_eq!(slack.signing_secret, "8f742231b10e8888abcd99yyyzzz85a5");
+        assert!(matches!(
+            &slack.transport,
+            SlackTransport::Http { signing_secret } if signing_secret == "8f742231b10e8888abcd99yyyzzz85a5"
+        ));
         assert_eq!(slack.bot_token, "xoxb-1-2-abc");
         assert_eq!(slack.api_url, "https://slack.com/api");
         let shown = format!("{} {:?} {:?}", c.to_toml(), c, slack);
@@ -1443,5 +1532,47 @@ mod tests {
         // A user token where the bot token belongs.
         c.env_secrets.slack_bot_token = Some(Secret("xoxp-user".into()));
         assert!(c.validate().unwrap_err().to_string().contains("xoxb-"));
+    }
+
+    #[test]
+    fn socket_mode_needs_the_app_token_and_no_listener() {
+        let mut c = Config::default();
+        c.chat.slack.enabled = true;
+        c.env_secrets.slack_bot_token = Some(Secret("xoxb-1-2-abc".into()));
+        let env = [("FLOTILLA_SLACK_MODE".to_string(), "socket".to_string())];
+        let mut c2 = Config::load(None, env).unwrap();
+        assert_eq!(c2.chat.slack.mode, SlackMode::Socket);
+        c2.chat.slack.enabled = true;
+        c2.env_secrets.slack_bot_token = c.env_secrets.slack_bot_token.clone();
+        let msg = c2.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("the Slack app-level token is missing: set chat.slack.app_token_file or FLOTILLA_SLACK_APP_TOKEN"),
+            "{msg}"
+        );
+        assert!(!msg.contains("chat.listen"), "{msg}");
+        assert!(!msg.contains("signing secret"), "{msg}");
+        c2.env_secrets.slack_app_token = Some(Secret("xoxb-not-an-app-token".into()));
+        assert!(c2.validate().unwrap_err().to_string().contains("xapp-"));
+        c2.env_secrets.slack_app_token = Some(Secret("xapp-1-A1-2-secret".into()));
+        let v = c2.validate().unwrap();
+        assert_eq!(v.chat_addr, None);
+        let slack = v.slack.unwrap();
+        assert!(
+            matches!(&slack.transport, SlackTransport::Socket { app_token } if app_token == "xapp-1-A1-2-secret")
+        );
+        let shown = format!("{} {:?} {:?}", c2.to_toml(), c2, slack);
+        assert!(!shown.contains("xapp-1-A1-2-secret"), "{shown}");
+        assert!(shown.contains("socket"), "{shown}");
+        c2.chat.listen = Some("127.0.0.1:8443".into());
+        assert!(c2.warnings().iter().any(|w| w.contains("Socket Mode")));
+        // A mode that does not exist is refused by name.
+        let bad = Config::load(
+            None,
+            [(
+                "FLOTILLA_SLACK_MODE".to_string(),
+                "carrier-pigeon".to_string(),
+            )],
+        );
+        assert!(bad.unwrap_err().to_string().contains("carrier-pigeon"));
     }
 }

@@ -234,22 +234,38 @@ pub async fn run_observed_with_chat(
     let (agent_limits, operator_limits) = listener_limits(&cfg);
     let opamp_srv = net::serve(opamp, opamp_app, agent_limits, token.clone());
     let api_srv = net::serve(api, rest_app, operator_limits.clone(), token.clone());
-    let chat_srv = match (chat_listener, &v_slack) {
-        (Some(listener), Some(s)) => {
-            let (app, gw) = chat::slack_routes(fleet.clone(), &cfg.chat.slack, s)
+    let chat_srv = match &v_slack {
+        Some(s) => {
+            let chat = chat::slack_gateway(fleet.clone(), &cfg.chat.slack, s)
+                .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            tracing::info!(chat = %listener.local_addr()?, "Slack gateway listening");
+            let housekeeping = tokio::spawn(chat.housekeeping.run(token.clone()));
+            let listener = match (chat.routes, chat_listener) {
+                (Some(app), Some(listener)) => {
+                    tracing::info!(chat = %listener.local_addr()?, "Slack gateway listening");
+                    Some((app, listener))
+                }
+                (Some(_), None) => {
+                    tracing::warn!(
+                        "Slack gateway in HTTP mode without a chat listener: Slack cannot reach it"
+                    );
+                    None
+                }
+                (None, _) => None,
+            };
             let t = token.clone();
-            let housekeeping = tokio::spawn(gw.run(token.clone()));
             Some(tokio::spawn(async move {
-                let r = net::serve(listener, app, operator_limits, t).await;
+                let r = match listener {
+                    Some((app, l)) => net::serve(l, app, operator_limits, t).await,
+                    None => Ok(()),
+                };
                 if let Err(e) = housekeeping.await {
                     tracing::warn!(error = %e, "chat housekeeping ended abnormally");
                 }
                 r
             }))
         }
-        _ => None,
+        None => None,
     };
     let (a, b) = tokio::join!(opamp_srv, api_srv);
     if let Some(c) = chat_srv {

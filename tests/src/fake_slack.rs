@@ -10,6 +10,13 @@
 //! `Retry-After` header when rate limited ("Rate limits" page). The signature is the `v0`
 //! scheme of "Verifying requests from Slack", computed here independently of the gateway's
 //! verifier (both are checked against Slack's documented example).
+//!
+//! Socket Mode ("Socket Mode implementation"): `apps.connections.open` requires the app-level
+//! token (`xapp-…`; a bot token gets `not_allowed_token_type`) and answers a one-use
+//! `ws://…/link/?ticket=…` URL; the WebSocket there sends `hello`, then the envelopes a test
+//! pushes (`events_api`, `slash_commands`, `interactive`, `disconnect`), and records every
+//! acknowledgement (`{"envelope_id": …}`) the app sends back. `users.info` answers the profile
+//! a test registered (`user_not_found` otherwise).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -17,10 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
@@ -46,6 +54,23 @@ pub enum Script {
     Error(String),
 }
 
+/// An acknowledgement the app sent over a Socket Mode connection.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub envelope_id: String,
+    /// The response payload, when the app answered inline (slash commands).
+    pub payload: Option<Value>,
+    /// Which connection (in order of opening, from 0) it came over.
+    pub connection: usize,
+    pub at: Instant,
+}
+
+/// One Socket Mode WebSocket.
+struct Conn {
+    tx: tokio::sync::mpsc::UnboundedSender<Message>,
+    open: bool,
+}
+
 #[derive(Default)]
 struct Inner {
     calls: Vec<Call>,
@@ -54,6 +79,14 @@ struct Inner {
     /// Each answered `chat.postMessage`: its body and the `ts` the fake gave the message, so a
     /// test can click a button on it as Slack would (with that `message_ts`).
     posted: Vec<(Value, String)>,
+    app_token: Option<String>,
+    tickets: HashMap<String, bool>,
+    conns: Vec<Conn>,
+    acks: Vec<Ack>,
+    /// Sent envelope id → when, for ack latency.
+    sent: HashMap<String, Instant>,
+    /// `users.info`: user id → (username, display name, real name).
+    users: HashMap<String, (String, String, String)>,
 }
 
 /// The fake Slack, serving on a loopback port until dropped with the runtime.
@@ -79,7 +112,8 @@ impl FakeSlack {
             notify: Arc::new(tokio::sync::Notify::new()),
         };
         let app = Router::new()
-            .route("/api/{method}", post(api))
+            .route("/api/{method}", post(api).get(api_get))
+            .route("/link/", get(link))
             .route("/response/{id}", post(respond))
             .with_state(fake.clone());
         tokio::spawn(async move {
@@ -91,6 +125,124 @@ impl FakeSlack {
     /// The Web API base URL to configure (`chat.slack.api_url`).
     pub fn api_url(&self) -> String {
         format!("http://{}/api", self.addr)
+    }
+
+    /// Accepts `token` (an app-level `xapp-…` token) for `apps.connections.open`.
+    pub fn accept_app_token(&self, token: &str) {
+        self.inner.lock().unwrap().app_token = Some(token.to_string());
+    }
+
+    /// Registers a workspace member for `users.info`.
+    pub fn add_user(&self, id: &str, username: &str, display_name: &str, real_name: &str) {
+        self.inner.lock().unwrap().users.insert(
+            id.to_string(),
+            (
+                username.to_string(),
+                display_name.to_string(),
+                real_name.to_string(),
+            ),
+        );
+    }
+
+    /// Socket Mode connections opened so far (each `apps.connections.open` ticket used).
+    pub fn socket_opens(&self) -> usize {
+        self.inner.lock().unwrap().conns.len()
+    }
+
+    /// Socket Mode connections open now.
+    pub fn sockets_open(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .conns
+            .iter()
+            .filter(|c| c.open)
+            .count()
+    }
+
+    /// Every Socket Mode acknowledgement so far.
+    pub fn acks(&self) -> Vec<Ack> {
+        self.inner.lock().unwrap().acks.clone()
+    }
+
+    /// When an envelope was pushed, for the time to its acknowledgement.
+    pub fn sent_at(&self, envelope_id: &str) -> Option<Instant> {
+        self.inner.lock().unwrap().sent.get(envelope_id).copied()
+    }
+
+    /// Pushes one message over the newest open Socket Mode connection (Slack picks any open
+    /// one); returns that connection's number. Panics if none is open.
+    pub fn socket_send(&self, msg: &Value) -> usize {
+        let mut g = self.inner.lock().unwrap();
+        if let Some(id) = msg["envelope_id"].as_str() {
+            g.sent.insert(id.to_string(), Instant::now());
+        }
+        let (i, c) = g
+            .conns
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, c)| c.open)
+            .expect("a Socket Mode connection is open");
+        c.tx.send(Message::Text(msg.to_string().into()))
+            .expect("the connection task is running");
+        i
+    }
+
+    /// Sends `disconnect` (reason `refresh_requested`) on the newest open connection, then
+    /// closes it as Slack does; returns that connection's number.
+    pub fn socket_disconnect(&self) -> usize {
+        let i = self.socket_send(&json!({
+            "type": "disconnect", "reason": "refresh_requested",
+            "debug_info": {"host": "applink-fake"}
+        }));
+        let mut g = self.inner.lock().unwrap();
+        let _ = g.conns[i].tx.send(Message::Close(None));
+        g.conns[i].open = false;
+        drop(g);
+        self.notify.notify_waiters();
+        i
+    }
+
+    /// Waits until `pred` holds for the fake (its sockets, acks, calls); panics after `timeout`.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&FakeSlack) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            if pred(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                assert!(
+                    pred(self),
+                    "timed out waiting for {what}; acks: {:?}, sockets open: {}, opened: {}",
+                    self.acks()
+                        .iter()
+                        .map(|a| &a.envelope_id)
+                        .collect::<Vec<_>>(),
+                    self.sockets_open(),
+                    self.socket_opens()
+                );
+                return;
+            }
+        }
+    }
+
+    /// Waits for the acknowledgement of `envelope_id`.
+    pub async fn wait_ack(&self, timeout: Duration, envelope_id: &str) -> Ack {
+        self.wait_until(timeout, &format!("the ack of {envelope_id}"), |f| {
+            f.acks().iter().any(|a| a.envelope_id == envelope_id)
+        })
+        .await;
+        self.acks()
+            .into_iter()
+            .find(|a| a.envelope_id == envelope_id)
+            .unwrap()
     }
 
     /// A `response_url` as Slack would put in a command or interaction.
@@ -215,6 +367,9 @@ async fn api(
         return scripted(s);
     }
     let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+    if method == "apps.connections.open" {
+        return connections_open(&fake, auth);
+    }
     match auth {
         None => return Json(json!({"ok": false, "error": "not_authed"})).into_response(),
         Some(a) if a != format!("Bearer {}", fake.token) => {
@@ -251,6 +406,180 @@ async fn api(
         }
         _ => Json(json!({"ok": false, "error": "unknown_method"})).into_response(),
     }
+}
+
+/// `apps.connections.open`: only an app-level token may open a connection.
+fn connections_open(fake: &FakeSlack, auth: Option<&str>) -> Response {
+    let app = fake.inner.lock().unwrap().app_token.clone();
+    let Some(given) = auth.and_then(|a| a.strip_prefix("Bearer ")) else {
+        return Json(json!({"ok": false, "error": "not_authed"})).into_response();
+    };
+    if given == fake.token {
+        return Json(json!({"ok": false, "error": "not_allowed_token_type"})).into_response();
+    }
+    if app.as_deref() != Some(given) {
+        return Json(json!({"ok": false, "error": "invalid_auth"})).into_response();
+    }
+    let ticket = uuid::Uuid::new_v4().to_string();
+    fake.inner
+        .lock()
+        .unwrap()
+        .tickets
+        .insert(ticket.clone(), false);
+    Json(json!({
+        "ok": true,
+        "url": format!("ws://{}/link/?ticket={ticket}&app_id=A0FLOTILLA", fake.addr)
+    }))
+    .into_response()
+}
+
+/// GET Web API methods (slack-morphism calls `users.info` with query parameters).
+async fn api_get(
+    State(fake): State<FakeSlack>,
+    Path(method): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    h: HeaderMap,
+) -> Response {
+    let args = Value::Object(q.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
+    if let Some(s) = fake.record(&method, None, &h, args.clone()) {
+        return scripted(s);
+    }
+    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(format!("Bearer {}", fake.token).as_str()) {
+        return Json(json!({"ok": false, "error": "invalid_auth"})).into_response();
+    }
+    if method != "users.info" {
+        return Json(json!({"ok": false, "error": "unknown_method"})).into_response();
+    }
+    let id = args["user"].as_str().unwrap_or_default();
+    let user = fake.inner.lock().unwrap().users.get(id).cloned();
+    match user {
+        // Shaped as the users.info reference page's example.
+        Some((name, display, real)) => Json(json!({
+            "ok": true,
+            "user": {
+                "id": id, "team_id": "T1", "name": name, "deleted": false,
+                "real_name": real, "tz": "Europe/Amsterdam", "tz_offset": 3600,
+                "profile": {"real_name": real, "display_name": display,
+                            "real_name_normalized": real, "display_name_normalized": display,
+                            "team": "T1"},
+                "is_admin": false, "is_owner": false, "is_bot": false, "updated": 1502138686
+            }
+        }))
+        .into_response(),
+        None => Json(json!({"ok": false, "error": "user_not_found"})).into_response(),
+    }
+}
+
+/// The Socket Mode WebSocket: one use per ticket.
+async fn link(
+    State(fake): State<FakeSlack>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let ticket = q.get("ticket").cloned().unwrap_or_default();
+    {
+        let mut g = fake.inner.lock().unwrap();
+        match g.tickets.get_mut(&ticket) {
+            Some(used) if !*used => *used = true,
+            _ => return (StatusCode::UNAUTHORIZED, "invalid ticket").into_response(),
+        }
+    }
+    ws.on_upgrade(move |socket| connection(fake, socket))
+}
+
+async fn connection(fake: FakeSlack, mut socket: WebSocket) {
+    use futures_util::{SinkExt, StreamExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let index = {
+        let mut g = fake.inner.lock().unwrap();
+        g.conns.push(Conn { tx, open: true });
+        g.conns.len() - 1
+    };
+    let open = fake.sockets_open();
+    let hello = json!({
+        "type": "hello", "num_connections": open,
+        "debug_info": {"host": "applink-fake", "build_number": 10,
+                       "approximate_connection_time": 18060},
+        "connection_info": {"app_id": "A0FLOTILLA"}
+    });
+    if socket
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    fake.notify.notify_waiters();
+    let (mut sink, mut stream) = socket.split();
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(m) => {
+                    let close = matches!(m, Message::Close(_));
+                    if sink.send(m).await.is_err() || close {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            inbound = stream.next() => match inbound {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                    if let Some(id) = v["envelope_id"].as_str() {
+                        fake.inner.lock().unwrap().acks.push(Ack {
+                            envelope_id: id.to_string(),
+                            payload: v.get("payload").cloned(),
+                            connection: index,
+                            at: Instant::now(),
+                        });
+                        fake.notify.notify_waiters();
+                    }
+                }
+                Some(Ok(Message::Ping(p))) => {
+                    if sink.send(Message::Pong(p)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+    fake.inner.lock().unwrap().conns[index].open = false;
+    fake.notify.notify_waiters();
+}
+
+/// A Socket Mode `events_api` envelope around an Events API body.
+pub fn events_api_envelope(envelope_id: &str, body: &str, retry_attempt: u32) -> Value {
+    json!({
+        "payload": serde_json::from_str::<Value>(body).unwrap(),
+        "envelope_id": envelope_id, "type": "events_api",
+        "accepts_response_payload": false,
+        "retry_attempt": retry_attempt,
+        "retry_reason": if retry_attempt > 0 { "timeout" } else { "" }
+    })
+}
+
+/// A Socket Mode `slash_commands` envelope (the command's fields as a JSON object).
+pub fn slash_commands_envelope(envelope_id: &str, fake: &FakeSlack, c: &SlashCommand<'_>) -> Value {
+    let mut payload: serde_json::Map<String, Value> = url_pairs(c.body(fake).as_bytes())
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    payload.insert("is_enterprise_install".into(), "false".into());
+    json!({
+        "payload": payload, "envelope_id": envelope_id, "type": "slash_commands",
+        "accepts_response_payload": true
+    })
+}
+
+/// A Socket Mode `interactive` envelope around an interaction payload.
+pub fn interactive_envelope(envelope_id: &str, payload: &Value) -> Value {
+    json!({
+        "payload": payload, "envelope_id": envelope_id, "type": "interactive",
+        "accepts_response_payload": false
+    })
 }
 
 async fn respond(

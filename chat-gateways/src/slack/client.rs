@@ -4,9 +4,10 @@
 //! local fake; rate limiting (HTTP 429 + `Retry-After`) is honoured by slack-morphism's rate
 //! controller, which waits the advertised time and retries.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use slack_morphism::errors::SlackClientError;
@@ -20,7 +21,7 @@ pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 /// How often a call refused with HTTP 429 is retried after the advertised `Retry-After`.
 const MAX_RETRIES: usize = 3;
 
-type Connector = SlackClientHyperConnector<
+pub(crate) type Connector = SlackClientHyperConnector<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
 >;
 
@@ -69,7 +70,7 @@ pub enum ApiError {
     Transport { method: &'static str, error: String },
 }
 
-fn api_error(method: &'static str, e: SlackClientError) -> ApiError {
+pub(crate) fn api_error(method: &'static str, e: SlackClientError) -> ApiError {
     match e {
         SlackClientError::ApiError(a) => ApiError::Slack {
             method,
@@ -81,6 +82,31 @@ fn api_error(method: &'static str, e: SlackClientError) -> ApiError {
             error: other.to_string(),
         },
     }
+}
+
+/// slack-morphism's connector for `api_url`: rustls with webpki roots, `http://` allowed (a
+/// local fake), HTTP 429 answered by waiting the advertised `Retry-After`. Socket Mode's
+/// `apps.connections.open` goes through the same connector, so it follows `api_url` too.
+pub(crate) fn connector(api_url: &str) -> Result<Connector, ApiError> {
+    let url = api_url.trim_end_matches('/');
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(ApiError::Config(format!(
+            "chat.slack.api_url {api_url:?} must be an http(s):// URL"
+        )));
+    }
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(SlackClientHyperConnector::with_connector(https)
+        .with_slack_api_url(url)
+        .with_rate_control(
+            SlackApiRateControlConfig::new()
+                .with_max_retries(MAX_RETRIES)
+                .with_max_delay_timeout(Duration::from_secs(120)),
+        ))
 }
 
 /// A Slack Web API client for one bot token.
@@ -99,27 +125,8 @@ impl SlackApi {
     /// A client for `api_url` (e.g. `https://slack.com/api`; `http://` is accepted for a local
     /// fake in tests).
     pub fn new(api_url: &str, token: BotToken) -> Result<Arc<SlackApi>, ApiError> {
-        let url = api_url.trim_end_matches('/');
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(ApiError::Config(format!(
-                "chat.slack.api_url {api_url:?} must be an http(s):// URL"
-            )));
-        }
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let connector = SlackClientHyperConnector::with_connector(https)
-            .with_slack_api_url(url)
-            .with_rate_control(
-                SlackApiRateControlConfig::new()
-                    .with_max_retries(MAX_RETRIES)
-                    .with_max_delay_timeout(Duration::from_secs(120)),
-            );
         Ok(Arc::new(SlackApi {
-            client: SlackClient::new(connector),
+            client: SlackClient::new(connector(api_url)?),
             token: SlackApiToken::new(SlackApiTokenValue(token.0)),
         }))
     }
@@ -182,6 +189,29 @@ impl SlackApi {
         Ok(())
     }
 
+    /// `users.info`: the member's display name (the profile's `display_name`, else its
+    /// `real_name`, else the account name), `None` when the profile has none.
+    pub async fn display_name(&self, user: &str) -> Result<Option<String>, ApiError> {
+        let resp = self
+            .client
+            .open_session(&self.token)
+            .users_info(&SlackApiUsersInfoRequest::new(user.into()))
+            .await
+            .map_err(|e| api_error("users.info", e))?;
+        let u = resp.user;
+        let profile = u.profile.as_ref();
+        Ok([
+            profile.and_then(|p| p.display_name.clone()),
+            profile.and_then(|p| p.real_name.clone()),
+            u.real_name.clone(),
+            u.name.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|n| n.trim().to_string())
+        .find(|n| !n.is_empty()))
+    }
+
     /// Posts to an interaction's or command's `response_url`: privately to the user who asked
     /// (Slack's default `response_type` is `ephemeral`), or replacing the message the button
     /// was on.
@@ -202,5 +232,74 @@ impl SlackApi {
             .await
             .map_err(|e| api_error("response_url", e))?;
         Ok(())
+    }
+}
+
+/// How long a looked-up display name is used before it is asked again.
+const NAME_TTL: Duration = Duration::from_secs(3600);
+/// How long a failed lookup is not retried (the id, or the payload's name, stands in).
+const NAME_FAILURE_TTL: Duration = Duration::from_secs(300);
+/// Most time a lookup may add to a conversation turn.
+const NAME_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most members remembered; the oldest half is forgotten beyond it.
+const NAME_CAP: usize = 10_000;
+
+/// Display names from `users.info`, cached per user: events carry only the user id, and the
+/// audit trail should read `slack:T/U (Display Name)`. A failed or slow lookup falls back to
+/// the name the payload had (the id for events); it runs after the acknowledgement, never
+/// before it.
+pub struct UserNames {
+    api: Arc<SlackApi>,
+    cache: Mutex<HashMap<String, (Option<String>, Instant)>>,
+}
+
+impl UserNames {
+    pub fn new(api: Arc<SlackApi>) -> UserNames {
+        UserNames {
+            api,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The display name of `user`, if Slack gives one.
+    pub async fn lookup(&self, user: &str) -> Option<String> {
+        let now = Instant::now();
+        if let Some((name, until)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+        {
+            if *until > now {
+                return name.clone();
+            }
+        }
+        let (name, ttl) = match tokio::time::timeout(NAME_TIMEOUT, self.api.display_name(user))
+            .await
+        {
+            Ok(Ok(n)) => (n, NAME_TTL),
+            Ok(Err(e)) => {
+                tracing::info!(user, error = %e, "users.info failed; the user id stands for the name");
+                (None, NAME_FAILURE_TTL)
+            }
+            Err(_) => {
+                tracing::info!(
+                    user,
+                    "users.info took over 2 s; the user id stands for the name"
+                );
+                (None, NAME_FAILURE_TTL)
+            }
+        };
+        let mut g = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= NAME_CAP {
+            let mut by_age: Vec<(String, Instant)> =
+                g.iter().map(|(k, (_, t))| (k.clone(), *t)).collect();
+            by_age.sort_by_key(|(_, t)| *t);
+            for (k, _) in by_age.into_iter().take(NAME_CAP / 2) {
+                g.remove(&k);
+            }
+        }
+        g.insert(user.to_string(), (name.clone(), now + ttl));
+        name
     }
 }

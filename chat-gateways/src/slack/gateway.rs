@@ -23,10 +23,10 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-use super::client::{ApiError, SlackApi};
+use super::client::{ApiError, SlackApi, UserNames};
 use super::parse::{self, Malformed, Parsed};
 use super::render::render;
-use super::verify::{Retry, SignedHeaders, Verifier};
+use super::verify::{Deliveries, Retry, SignedHeaders, Verifier};
 use crate::core::types::{
     ChatError, ChatUser, ConversationRef, Incoming, MessageRef, Outbox, Reply,
 };
@@ -41,22 +41,56 @@ pub trait Handler: Send + Sync {
     async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply>;
 }
 
-/// The Slack side of the chat listener.
+/// The Slack side of the chat gateway: what both transports (the HTTP routes below and
+/// Socket Mode, [`super::socket`]) hand their parsed deliveries to.
 pub struct SlackGateway {
-    verifier: Verifier,
+    /// The request verifier of the HTTP routes; `None` when Slack reaches the gateway through
+    /// Socket Mode only (its WebSocket is authenticated by the app-level token instead).
+    verifier: Option<Verifier>,
+    deliveries: Deliveries,
     api: Arc<SlackApi>,
+    names: UserNames,
     handler: Arc<dyn Handler>,
     tasks: TaskTracker,
 }
 
+/// What a transport answers for one parsed delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Events API `url_verification`: answer with the challenge (HTTP only).
+    Challenge(String),
+    /// Valid, nothing to do; acknowledged so Slack does not retry.
+    Ignored,
+    /// Taken before (a retry or a duplicate); acknowledged, not run again.
+    Duplicate,
+    /// Handed to the core in the background; acknowledged at once.
+    Started,
+}
+
 impl SlackGateway {
+    /// A gateway whose HTTP routes verify requests with `verifier`.
     pub fn new(
         verifier: Verifier,
         api: Arc<SlackApi>,
         handler: Arc<dyn Handler>,
     ) -> Arc<SlackGateway> {
+        Self::build(Some(verifier), api, handler)
+    }
+
+    /// A gateway for Socket Mode only (no signing secret: nothing reaches it over HTTP).
+    pub fn socket_only(api: Arc<SlackApi>, handler: Arc<dyn Handler>) -> Arc<SlackGateway> {
+        Self::build(None, api, handler)
+    }
+
+    fn build(
+        verifier: Option<Verifier>,
+        api: Arc<SlackApi>,
+        handler: Arc<dyn Handler>,
+    ) -> Arc<SlackGateway> {
         Arc::new(SlackGateway {
             verifier,
+            deliveries: Deliveries::default(),
+            names: UserNames::new(api.clone()),
             api,
             handler,
             tasks: TaskTracker::new(),
@@ -70,10 +104,55 @@ impl SlackGateway {
         })
     }
 
+    /// The Web API client the gateway answers through.
+    pub fn api(&self) -> &Arc<SlackApi> {
+        &self.api
+    }
+
     /// Waits for conversation turns still being handled (at shutdown).
     pub async fn drain(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Below the transport: a parsed delivery is answered, ignored, recognised as a
+    /// duplicate (by its delivery id: Slack's `event_id`, or the `trigger_id`, whichever
+    /// transport or connection brought it), or handed to the core in the background — the
+    /// acknowledgement never waits for the core.
+    pub fn dispatch(
+        self: &Arc<Self>,
+        route: &'static str,
+        parsed: Parsed,
+        retry: Option<&Retry>,
+        now_s: i64,
+    ) -> Outcome {
+        match parsed {
+            Parsed::Challenge(c) => Outcome::Challenge(c),
+            Parsed::Ignored(why) => {
+                tracing::debug!(route, why, "Slack delivery acknowledged, nothing to do");
+                Outcome::Ignored
+            }
+            Parsed::Message {
+                incoming,
+                response_url,
+            } => {
+                if let Some(id) = &incoming.delivery_id {
+                    if !self.deliveries.first_delivery(id, now_s) {
+                        tracing::info!(
+                            route, delivery = %id,
+                            retry_num = retry.map(|r| r.num),
+                            retry_reason = retry.map(|r| r.reason.as_str()),
+                            "Slack delivered this again; it already ran and is not run twice"
+                        );
+                        return Outcome::Duplicate;
+                    }
+                }
+                let gw = self.clone();
+                self.tasks
+                    .spawn(async move { turn(gw, *incoming, response_url).await });
+                Outcome::Started
+            }
+        }
     }
 }
 
@@ -99,7 +178,7 @@ async fn interactions(State(gw): State<Arc<SlackGateway>>, h: HeaderMap, body: B
     accept(&gw, "interactions", &h, &body, parse::interaction)
 }
 
-fn now_s() -> i64 {
+pub(crate) fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -114,7 +193,18 @@ fn accept(
     parse: fn(&[u8]) -> Result<Parsed, Malformed>,
 ) -> Response {
     let now = now_s();
-    if let Err(refusal) = gw.verifier.verify(SignedHeaders::from_map(h), body, now) {
+    let Some(verifier) = &gw.verifier else {
+        tracing::warn!(
+            route,
+            "refused a Slack HTTP request: this gateway runs in Socket Mode"
+        );
+        return (
+            StatusCode::NOT_FOUND,
+            "this Slack gateway runs in Socket Mode",
+        )
+            .into_response();
+    };
+    if let Err(refusal) = verifier.verify(SignedHeaders::from_map(h), body, now) {
         tracing::warn!(route, reason = %refusal, "refused a Slack request");
         return (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response();
     }
@@ -125,38 +215,20 @@ fn accept(
             return (StatusCode::BAD_REQUEST, m.to_string()).into_response();
         }
     };
-    match parsed {
-        Parsed::Challenge(c) => Json(json!({ "challenge": c })).into_response(),
-        Parsed::Ignored(why) => {
-            tracing::debug!(route, why, "Slack request acknowledged, nothing to do");
-            StatusCode::OK.into_response()
-        }
-        Parsed::Message {
-            incoming,
-            response_url,
-        } => {
-            let retry = Retry::from_map(h);
-            if let Some(id) = &incoming.delivery_id {
-                if !gw.verifier.first_delivery(id, now) {
-                    tracing::info!(
-                        route, delivery = %id,
-                        retry_num = retry.as_ref().map(|r| r.num),
-                        retry_reason = retry.as_ref().map(|r| r.reason.as_str()),
-                        "Slack delivered this again; it already ran and is not run twice"
-                    );
-                    return (StatusCode::OK, [("x-slack-no-retry", "1")]).into_response();
-                }
-            }
-            let gw2 = gw.clone();
-            gw.tasks
-                .spawn(async move { turn(gw2, *incoming, response_url).await });
-            StatusCode::OK.into_response()
-        }
+    match gw.dispatch(route, parsed, Retry::from_map(h).as_ref(), now) {
+        Outcome::Challenge(c) => Json(json!({ "challenge": c })).into_response(),
+        Outcome::Duplicate => (StatusCode::OK, [("x-slack-no-retry", "1")]).into_response(),
+        Outcome::Ignored | Outcome::Started => StatusCode::OK.into_response(),
     }
 }
 
 /// One conversation turn: the core answers, the replies are sent in Slack's idiom.
-async fn turn(gw: Arc<SlackGateway>, incoming: Incoming, response_url: Option<String>) {
+async fn turn(gw: Arc<SlackGateway>, mut incoming: Incoming, response_url: Option<String>) {
+    // The member's display name, so the audit actor reads `slack:T/U (Display Name)` however
+    // they reached us (events carry only the id; commands and clicks the account handle).
+    if let Some(name) = gw.names.lookup(&incoming.user.id).await {
+        incoming.user.name = name;
+    }
     let replies = gw.handler.handle(incoming.clone(), gw.outbox()).await;
     for reply in replies {
         if let Err(e) = send(&gw.api, &incoming, response_url.as_deref(), &reply).await {

@@ -3,6 +3,10 @@
 //! challenge, `app_mention`, `message` in an IM) and interactions (`payload=` form field holding
 //! JSON: `block_actions`). Only called on bodies whose signature was verified.
 //!
+//! Socket Mode ([`super::socket`]) carries the same payloads as JSON inside its envelopes (a
+//! slash command's form fields become a JSON object of strings); the `*_json` entry points
+//! take them from there, so both transports share one parser below the transport.
+//!
 //! Field names follow Slack's reference pages: "Implementing slash commands" (the command
 //! payload), "Events API" (the `event_callback` envelope, `app_mention`, `message.im`) and
 //! "Handling user interaction" (the `block_actions` payload).
@@ -67,11 +71,24 @@ struct CommandForm {
     trigger_id: Option<String>,
 }
 
+const COMMAND: &str = "slash command";
+
 /// Parses a slash command body (`/flotilla <text>`).
 pub fn command(body: &[u8]) -> Result<Parsed, Malformed> {
-    const W: &str = "slash command";
     let f: CommandForm =
-        serde_urlencoded::from_bytes(body).map_err(|e| malformed(W, e.to_string()))?;
+        serde_urlencoded::from_bytes(body).map_err(|e| malformed(COMMAND, e.to_string()))?;
+    command_form(f)
+}
+
+/// Parses a Socket Mode `slash_commands` payload (the form's fields as a JSON object).
+pub fn command_json(payload: serde_json::Value) -> Result<Parsed, Malformed> {
+    let f: CommandForm =
+        serde_json::from_value(payload).map_err(|e| malformed(COMMAND, e.to_string()))?;
+    command_form(f)
+}
+
+fn command_form(f: CommandForm) -> Result<Parsed, Malformed> {
+    const W: &str = COMMAND;
     let team = required(W, "team_id", &f.team_id)?;
     let channel = required(W, "channel_id", &f.channel_id)?;
     let user = required(W, "user_id", &f.user_id)?;
@@ -136,9 +153,20 @@ struct Event {
 
 /// Parses an Events API body.
 pub fn event(body: &[u8]) -> Result<Parsed, Malformed> {
-    const W: &str = "event";
     let env: EventEnvelope =
-        serde_json::from_slice(body).map_err(|e| malformed(W, e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| malformed("event", e.to_string()))?;
+    event_envelope(env)
+}
+
+/// Parses a Socket Mode `events_api` payload (the Events API body, as JSON).
+pub fn event_json(payload: serde_json::Value) -> Result<Parsed, Malformed> {
+    let env: EventEnvelope =
+        serde_json::from_value(payload).map_err(|e| malformed("event", e.to_string()))?;
+    event_envelope(env)
+}
+
+fn event_envelope(env: EventEnvelope) -> Result<Parsed, Malformed> {
+    const W: &str = "event";
     match env.kind.as_deref() {
         Some("url_verification") => {
             let c = required(W, "challenge", &env.challenge)?;
@@ -290,6 +318,18 @@ pub fn interaction(body: &[u8]) -> Result<Parsed, Malformed> {
         .ok_or_else(|| malformed(W, "no payload field"))?;
     let p: Interaction =
         serde_json::from_str(&json).map_err(|e| malformed(W, format!("payload: {e}")))?;
+    interaction_payload(p)
+}
+
+/// Parses a Socket Mode `interactive` payload (the interaction's JSON itself).
+pub fn interaction_json(payload: serde_json::Value) -> Result<Parsed, Malformed> {
+    let p: Interaction = serde_json::from_value(payload)
+        .map_err(|e| malformed("interaction", format!("payload: {e}")))?;
+    interaction_payload(p)
+}
+
+fn interaction_payload(p: Interaction) -> Result<Parsed, Malformed> {
+    const W: &str = "interaction";
     match p.kind.as_deref() {
         Some("block_actions") => {}
         Some(other) => return Ok(Parsed::Ignored(format!("interaction type {other:?}"))),

@@ -148,13 +148,12 @@ impl Retry {
     }
 }
 
-/// Verifies signed requests and remembers what it has seen, so a replayed request (the same
-/// signature) or a second delivery of the same Slack event / interaction is recognised.
+/// Verifies signed requests and remembers their signatures, so a replayed request (the same
+/// signature) is recognised.
 #[derive(Debug)]
 pub struct Verifier {
     secret: SigningSecret,
     signatures: Seen,
-    deliveries: Seen,
 }
 
 impl Verifier {
@@ -164,9 +163,6 @@ impl Verifier {
             // A signature older than the window is refused as stale anyway; keep it a little
             // longer than the window so clock steps cannot reopen it.
             signatures: Seen::new(2 * MAX_SKEW_S as u64, 200_000),
-            // Slack retries an event up to three times within about five minutes (after 0 s,
-            // 1 min, 5 min); a delivery id is remembered well past that.
-            deliveries: Seen::new(30 * 60, 200_000),
         }
     }
 
@@ -202,11 +198,27 @@ impl Verifier {
         }
         Ok(())
     }
+}
 
-    /// Records a delivery (Slack `event_id`, or the interaction's / command's `trigger_id`);
-    /// `false` if it was seen before, i.e. this is a retry or a duplicate that must not run.
+/// The deliveries a gateway has taken (Slack `event_id`, or a command's / interaction's
+/// `trigger_id`), over whichever transport brought them (HTTP or Socket Mode), so a second
+/// delivery of the same one is recognised before it reaches the core.
+#[derive(Debug)]
+pub struct Deliveries(Seen);
+
+impl Default for Deliveries {
+    fn default() -> Deliveries {
+        // Slack retries an event up to three times within about five minutes (after 0 s,
+        // 1 min, 5 min); a delivery id is remembered well past that.
+        Deliveries(Seen::new(30 * 60, 200_000))
+    }
+}
+
+impl Deliveries {
+    /// Records a delivery; `false` if it was seen before, i.e. this is a retry or a duplicate
+    /// that must not run.
     pub fn first_delivery(&self, id: &str, now_s: i64) -> bool {
-        self.deliveries.first_time(id, now_s)
+        self.0.first_time(id, now_s)
     }
 }
 
@@ -395,7 +407,8 @@ mod tests {
 
     #[test]
     fn a_delivery_runs_once_however_often_slack_retries_it() {
-        let (v, _, now) = doc();
+        let (_, _, now) = doc();
+        let v = Deliveries::default();
         assert!(v.first_delivery("Ev0PV52K25", now));
         assert!(!v.first_delivery("Ev0PV52K25", now + 60));
         assert!(!v.first_delivery("Ev0PV52K25", now + 300));

@@ -41,7 +41,7 @@ pub(crate) fn configure(c: &mut flotilla_server::config::Config, api_url: &str) 
 }
 
 /// A WebSocket agent (web-ws-1), once the server has stored its first status.
-async fn connected_agent(server: &TestServer) -> Uuid {
+pub(crate) async fn connected_agent(server: &TestServer) -> Uuid {
     let agent = Uuid::now_v7();
     let _conn = ws_agent(server.opamp_ws_url(), agent).await;
     let rest = server.rest();

@@ -4,6 +4,7 @@
 mod auth;
 mod chat_slack;
 mod chat_slack_flows;
+mod chat_socket;
 mod console;
 mod console_browser;
 mod events;
