@@ -11,6 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use flotilla_chat::core::gateway::{Core, CoreOptions};
 use flotilla_chat::core::identity::IdentityConfig;
+use flotilla_chat::core::planner::llm::{LlmConfig, LlmPlanner};
 use flotilla_chat::core::state::{ChatState, MemoryState};
 use flotilla_chat::slack::client::{BotToken, SlackApi};
 use flotilla_chat::slack::gateway::{routes, SlackGateway};
@@ -71,11 +72,13 @@ pub struct SlackChat {
 }
 
 /// Builds the Slack gateway; in Socket Mode, also opens its connections (a refused app token
-/// fails here, at start).
+/// fails here, at start). With `llm`, messages the rule planner asks back about go to the LLM
+/// planner.
 pub async fn slack_gateway(
     fleet: Fleet,
     cfg: &SlackConfig,
     s: &SlackSettings,
+    llm: Option<&LlmConfig>,
 ) -> Result<SlackChat, ChatSetupError> {
     let identity = IdentityConfig {
         users: cfg.access.users.clone().into_iter().collect(),
@@ -95,15 +98,20 @@ pub async fn slack_gateway(
         Some(cs) => Arc::new(StoreChatState(cs)),
         None => Arc::new(MemoryState::default()),
     };
-    let core = Arc::new(Core::new(
-        identity,
-        backend_for(fleet),
-        state,
-        CoreOptions {
-            confirm_ttl: std::time::Duration::from_secs(cfg.confirm_expiry_s),
-            ..CoreOptions::default()
-        },
-    ));
+    let llm = match llm {
+        Some(c) => {
+            let p = LlmPlanner::new(c.clone()).map_err(|e| ChatSetupError(e.to_string()))?;
+            tracing::info!(base_url = %c.base_url, model = %c.model, "chat: LLM planner on (after the rule planner)");
+            Some(Arc::new(p))
+        }
+        None => None,
+    };
+    let options = CoreOptions {
+        llm,
+        confirm_ttl: std::time::Duration::from_secs(cfg.confirm_expiry_s),
+        ..CoreOptions::default()
+    };
+    let core = Arc::new(Core::new(identity, backend_for(fleet), state, options));
     let setup = |e: &dyn std::fmt::Display| ChatSetupError(e.to_string());
     let token = BotToken::new(&s.bot_token).map_err(|e| setup(&e))?;
     let api = SlackApi::new(&s.api_url, token).map_err(|e| setup(&e))?;

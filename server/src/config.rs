@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use flotilla_chat::core::planner::llm::{Flavor, LlmConfig};
 use serde::{Deserialize, Serialize};
 
 /// Why the configuration was refused. Every variant names the setting and what is wrong.
@@ -190,6 +191,51 @@ pub struct ChatConfig {
     /// proxy. Required when a gateway is enabled.
     pub listen: Option<String>,
     pub slack: SlackConfig,
+    /// The optional LLM planner of every gateway (`[chat.llm]`).
+    pub llm: LlmSection,
+}
+
+/// `[chat.llm]`: an OpenAI-compatible chat-completions endpoint the gateways ask about what the
+/// rule planner does not understand. The key comes from `api_key_file` or
+/// `FLOTILLA_CHAT_LLM_API_KEY`, never from this file; local servers (Ollama, vLLM) may need none.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmSection {
+    pub enabled: bool,
+    /// Up to and without `/chat/completions`: `https://api.openai.com/v1`,
+    /// `http://localhost:11434/v1` (Ollama), `https://<resource>.openai.azure.com/openai/v1`.
+    pub base_url: String,
+    pub model: String,
+    pub api_key_file: Option<PathBuf>,
+    /// `openai` (Bearer key; also Azure's v1 endpoint) or `azure` (`api-key` header and
+    /// `api_version`, for `…/openai/deployments/<name>` URLs).
+    pub flavor: Flavor,
+    pub api_version: Option<String>,
+    /// Rounds of tool calls before the model must answer (1-16).
+    pub max_steps: u32,
+    /// `max_tokens` of each completion.
+    pub max_tokens: u32,
+    /// Seconds per request to the endpoint.
+    pub timeout_s: u64,
+    /// Seconds for a whole answer, tool calls included.
+    pub deadline_s: u64,
+}
+
+impl Default for LlmSection {
+    fn default() -> Self {
+        LlmSection {
+            enabled: false,
+            base_url: String::new(),
+            model: String::new(),
+            api_key_file: None,
+            flavor: Default::default(),
+            api_version: None,
+            max_steps: 4,
+            max_tokens: 1024,
+            timeout_s: 20,
+            deadline_s: 45,
+        }
+    }
 }
 
 /// How Slack reaches the gateway.
@@ -283,6 +329,7 @@ pub struct EnvSecrets {
     pub slack_signing_secret: Option<Secret>,
     pub slack_bot_token: Option<Secret>,
     pub slack_app_token: Option<Secret>,
+    pub chat_llm_api_key: Option<Secret>,
 }
 
 /// Environment variables holding a secret itself (the alternative to a `*_file` setting). They
@@ -299,6 +346,10 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     (
         "FLOTILLA_SLACK_APP_TOKEN",
         "the Slack app-level token for Socket Mode (instead of `chat.slack.app_token_file`)",
+    ),
+    (
+        "FLOTILLA_CHAT_LLM_API_KEY",
+        "the chat LLM planner's API key (instead of `chat.llm.api_key_file`)",
     ),
 ];
 
@@ -464,6 +515,71 @@ impl Config {
             _ => None,
         };
         (addr, settings)
+    }
+}
+
+impl Config {
+    /// Checks `[chat.llm]` when enabled, reading its key (optional: a local server may need
+    /// none, but given twice or empty is refused).
+    fn validate_llm(&self, p: &mut Vec<String>) -> Option<LlmConfig> {
+        let l = &self.chat.llm;
+        if !l.enabled {
+            return None;
+        }
+        let before = p.len();
+        let url = l.base_url.trim_end_matches('/');
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.contains(char::is_whitespace)
+        {
+            p.push(format!(
+                "chat.llm.base_url {:?} must be an http(s):// URL such as https://api.openai.com/v1",
+                l.base_url
+            ));
+        }
+        if l.model.trim().is_empty() {
+            p.push("chat.llm.model must be set (the model or deployment name)".into());
+        }
+        if !(1..=16).contains(&l.max_steps) {
+            p.push(format!("chat.llm.max_steps = {} must be 1-16", l.max_steps));
+        }
+        if !(1..=100_000).contains(&l.max_tokens) {
+            p.push(format!(
+                "chat.llm.max_tokens = {} must be 1-100000",
+                l.max_tokens
+            ));
+        }
+        if l.timeout_s == 0 || l.deadline_s < l.timeout_s {
+            p.push(format!(
+                "chat.llm.timeout_s = {} and deadline_s = {} must be at least 1 and timeout_s <= deadline_s",
+                l.timeout_s, l.deadline_s
+            ));
+        }
+        if l.api_version.is_some() && l.flavor != Flavor::Azure {
+            p.push("chat.llm.api_version is only used with flavor = \"azure\"".into());
+        }
+        let key = match (&l.api_key_file, &self.env_secrets.chat_llm_api_key) {
+            (None, None) => None,
+            (file, env) => one_secret(
+                "the chat LLM API key",
+                "chat.llm.api_key_file",
+                file,
+                "FLOTILLA_CHAT_LLM_API_KEY",
+                env,
+                p,
+            ),
+        };
+        if p.len() > before {
+            return None;
+        }
+        let mut c = LlmConfig::new(url, l.model.trim());
+        c.api_key = key;
+        c.flavor = l.flavor;
+        c.api_version = l.api_version.clone();
+        c.max_steps = l.max_steps;
+        c.max_tokens = l.max_tokens;
+        c.timeout = std::time::Duration::from_secs(l.timeout_s);
+        c.deadline = std::time::Duration::from_secs(l.deadline_s);
+        Some(c)
     }
 }
 
@@ -749,6 +865,10 @@ impl Config {
                     env_secrets.slack_app_token = secret;
                     continue;
                 }
+                "FLOTILLA_CHAT_LLM_API_KEY" => {
+                    env_secrets.chat_llm_api_key = secret;
+                    continue;
+                }
                 _ => {}
             }
             let Some(var) = ENV_VARS.iter().find(|v| v.name == name) else {
@@ -941,6 +1061,7 @@ impl Config {
             ));
         }
         let (chat_addr, slack) = self.validate_chat(&mut p);
+        let llm = self.validate_llm(&mut p);
         if let Some(c) = chat_addr {
             for (name, other) in [("opamp.listen", opamp_addr), ("api.listen", api_addr)] {
                 if other == Some(c) && c.port() != 0 {
@@ -957,6 +1078,7 @@ impl Config {
                 api_addr,
                 chat_addr,
                 slack,
+                llm,
             }),
             _ => Err(ConfigError::Invalid(p)),
         }
@@ -1111,6 +1233,12 @@ impl Config {
                     .to_string(),
             );
         }
+        if self.chat.llm.enabled && !self.chat.slack.enabled {
+            w.push(
+                "chat.llm is enabled but no chat gateway is: the LLM planner is not used"
+                    .to_string(),
+            );
+        }
         if self.mcp.enabled && self.mcp.allowed_hosts.is_empty() {
             w.push(
                 "mcp.allowed_hosts is empty: the MCP Host check (DNS-rebinding protection) is off"
@@ -1131,6 +1259,8 @@ pub struct Validated {
     pub chat_addr: Option<SocketAddr>,
     /// The Slack gateway's settings with its secrets read, when enabled.
     pub slack: Option<SlackSettings>,
+    /// The chat LLM planner's settings with its key read, when enabled (`Debug` hides the key).
+    pub llm: Option<LlmConfig>,
 }
 
 #[cfg(test)]
@@ -1447,6 +1577,72 @@ mod tests {
         std::fs::write(&f, "[opamp]\nlisten_on = \"x\"\n").unwrap();
         let err = Config::load(Some(&f), []).unwrap_err().to_string();
         assert!(err.contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn the_chat_llm_section_is_checked_and_its_key_read_from_file_or_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("flotilla.toml");
+        let key = dir.path().join("llm-key");
+        std::fs::write(&key, "sk-from-file\n").unwrap();
+        std::fs::write(
+            &f,
+            format!(
+                "[chat.llm]\nenabled = true\nbase_url = \"http://localhost:11434/v1/\"\n\
+                 model = \"llama3.1\"\napi_key_file = {:?}\nmax_steps = 3\n",
+                key
+            ),
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), []).unwrap();
+        let l = c.validate().unwrap().llm.unwrap();
+        assert_eq!(l.base_url, "http://localhost:11434/v1");
+        assert_eq!((l.model.as_str(), l.max_steps), ("llama3.1", 3));
+        assert_eq!(l.api_key.as_deref(), Some("sk-from-file"));
+        assert!(
+            !format!("{l:?}").contains("sk-from-file"),
+            "Debug hides the key"
+        );
+        assert!(c
+            .warnings()
+            .iter()
+            .any(|w| w.contains("LLM planner is not used")));
+        // The key given twice is refused; from the environment alone it is read; none is allowed.
+        let c = Config::load(Some(&f), [env("FLOTILLA_CHAT_LLM_API_KEY", "sk-env")]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("given twice: chat.llm.api_key_file and FLOTILLA_CHAT_LLM_API_KEY"),
+            "{err}"
+        );
+        assert!(!c.to_toml().contains("sk-env"));
+        let mut c = c;
+        c.chat.llm.api_key_file = None;
+        assert_eq!(
+            c.validate().unwrap().llm.unwrap().api_key.as_deref(),
+            Some("sk-env")
+        );
+        c.env_secrets.chat_llm_api_key = None;
+        assert_eq!(c.validate().unwrap().llm.unwrap().api_key, None);
+        // Every bad value is named at once.
+        c.chat.llm.base_url = "localhost:11434".into();
+        c.chat.llm.model = " ".into();
+        c.chat.llm.max_steps = 0;
+        c.chat.llm.timeout_s = 60;
+        c.chat.llm.deadline_s = 30;
+        c.chat.llm.api_version = Some("2024-10-21".into());
+        let err = c.validate().unwrap_err().to_string();
+        for want in [
+            "chat.llm.base_url",
+            "chat.llm.model",
+            "chat.llm.max_steps = 0",
+            "timeout_s <= deadline_s",
+            "api_version is only used with flavor = \"azure\"",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Off: nothing checked.
+        c.chat.llm.enabled = false;
+        assert!(c.validate().unwrap().llm.is_none());
     }
 
     #[test]

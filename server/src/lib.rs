@@ -162,6 +162,7 @@ pub async fn run_observed_with_chat(
     started: impl FnOnce(&Fleet),
 ) -> Result<(), ServerError> {
     let v_slack = v.slack.clone();
+    let v_llm = v.llm.clone();
     let cfg = v.config;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
@@ -236,7 +237,7 @@ pub async fn run_observed_with_chat(
     let api_srv = net::serve(api, rest_app, operator_limits.clone(), token.clone());
     let chat_srv = match &v_slack {
         Some(s) => {
-            let chat = chat::slack_gateway(fleet.clone(), &cfg.chat.slack, s)
+            let chat = chat::slack_gateway(fleet.clone(), &cfg.chat.slack, s, v_llm.as_ref())
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             let housekeeping = tokio::spawn(chat.housekeeping.run(token.clone()));
