@@ -39,6 +39,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+#[path = "bench/chat.rs"]
+mod chat;
 #[path = "bench/console.rs"]
 mod console;
 
@@ -129,6 +131,15 @@ struct Args {
     /// agents, until all are settled, and the other agents' heartbeat round trips meanwhile.
     #[arg(long, default_value_t = 0)]
     fanout: usize,
+    /// Chat phase (after the fan-out; only with a server the bench starts): the Slack gateway
+    /// against a fake Slack Web API on loopback; N signed slash commands (`agent <host>`) timed
+    /// to the HTTP ack and to the answer posted, then `--chat-restarts` restarts of single
+    /// agents timed from the slash command through the Confirm click to the agent. 0: none.
+    #[arg(long, default_value_t = 0)]
+    chat: usize,
+    /// Restarts in the chat phase (each to a different agent).
+    #[arg(long, default_value_t = 50)]
+    chat_restarts: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,7 +888,18 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_server(args: &Args) -> anyhow::Result<(OwnServer, Target)> {
+/// The chat gateway of a started server: its listener and the fake Slack it posts to.
+struct ChatRig {
+    fake: chat::FakeSlack,
+    fake_url: String,
+    addr: String,
+    secret: String,
+}
+
+fn start_server(
+    args: &Args,
+    fake: Option<(chat::FakeSlack, String)>,
+) -> anyhow::Result<(OwnServer, Target, Option<ChatRig>)> {
     let exe = std::env::current_exe()?;
     let bin = match &args.server_bin {
         Some(b) => b.clone(),
@@ -917,6 +939,21 @@ fn start_server(args: &Args) -> anyhow::Result<(OwnServer, Target)> {
     let opamp_port = free_port()?;
     let api_port = free_port()?;
     let cfg = dir.join("flotilla.toml");
+    let mut chat_toml = String::new();
+    let chat = match fake {
+        Some((fake, fake_url)) => {
+            let port = free_port()?;
+            let secret = Uuid::new_v4().simple().to_string();
+            chat_toml = chat::config_toml(&dir, port, &fake_url, &secret);
+            Some(ChatRig {
+                fake,
+                fake_url,
+                addr: format!("127.0.0.1:{port}"),
+                secret,
+            })
+        }
+        None => None,
+    };
     // JSON logs: no ANSI codes, and the bench can count warnings and errors by level.
     std::fs::write(
         &cfg,
@@ -927,7 +964,7 @@ fn start_server(args: &Args) -> anyhow::Result<(OwnServer, Target)> {
             data = dir.join("data"),
             hb = args.interval_secs,
             level = args.server_log_level,
-        ),
+        ) + &chat_toml,
     )?;
     let log = std::fs::File::create(dir.join("server.log"))?;
     let mut cmd = std::process::Command::new(&bin);
@@ -958,7 +995,7 @@ fn start_server(args: &Args) -> anyhow::Result<(OwnServer, Target)> {
         api_prefix: String::new(),
         token: Some(token),
     };
-    Ok((server, target))
+    Ok((server, target, chat))
 }
 
 /// Waits until the REST API answers /healthz with 200 and the OpAMP port accepts connections.
@@ -1142,6 +1179,10 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
     let window = Duration::from_secs(args.duration_secs);
 
     // --- the server
+    if args.chat > 0 && args.server_url.is_some() {
+        bail!("--chat needs a server the bench starts (it configures the Slack gateway)");
+    }
+    let mut chat_rig = None;
     let (mut own, target, pid) = match (&args.server_url, &args.api_url) {
         (Some(ws), Some(api)) => {
             let (ws_addr, _) = split_url(ws, &["ws"])?;
@@ -1163,7 +1204,12 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
             (None, t, args.server_pid)
         }
         _ => {
-            let (s, t) = start_server(&args)?;
+            let fake = match args.chat {
+                0 => None,
+                _ => Some(chat::FakeSlack::start().await?),
+            };
+            let (s, t, c) = start_server(&args, fake)?;
+            chat_rig = c;
             let pid = s.pid();
             eprintln!(
                 "bench: started server pid {pid}: opamp {} api {} (data in {})",
@@ -1410,6 +1456,23 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         None
     };
 
+    // --- chat
+    let chat_report = match &chat_rig {
+        Some(c) => Some(
+            chat::run(
+                &sh,
+                &c.fake,
+                &c.fake_url,
+                &c.addr,
+                &c.secret,
+                args.chat,
+                args.chat_restarts,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     // --- stop: our own server is stopped with the agents still connected (exercises graceful
     // shutdown under load); an external one is left running and the agents say goodbye.
     sh.stopping.store(true, Ordering::Relaxed);
@@ -1515,6 +1578,7 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         },
         "console": console_report,
         "fanout": fanout_report,
+        "chat": chat_report,
         "errors": errors,
         "server_log_levels": log_levels,
         "server_log_samples": log_samples,
@@ -1627,6 +1691,18 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
             ms("all_received_after_answer_ms"),
             ms("all_settled_after_answer_ms"),
             fmt_ms(&f["other_agents_heartbeat_rtt"])
+        );
+    }
+    if let Some(c) = json["chat"].as_object() {
+        let _ = writeln!(
+            s,
+            "chat           slash ack {}; answer posted {}; restart: preview posted {}, \
+             slash to agent {}, Confirm to agent {}",
+            fmt_ms(&c["slash_ack"]),
+            fmt_ms(&c["slash_answer_posted"]),
+            fmt_ms(&c["restart_preview_posted"]),
+            fmt_ms(&c["restart_slash_to_agent"]),
+            fmt_ms(&c["restart_confirm_to_agent"])
         );
     }
     if !log_levels.is_empty() {
