@@ -1,6 +1,7 @@
 //! The chat crate's one integration-test binary: modules per owner (`core_*` the conversation
 //! core, `slack_*` the Slack adapter).
 
+mod core_alerts;
 mod core_gateway;
 mod core_llm;
 mod core_planner;

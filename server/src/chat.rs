@@ -5,10 +5,14 @@
 //! The listener carries only the chat routes, so the operator API can stay on loopback; in
 //! Socket Mode (`chat.slack.mode = "socket"`) there is no listener: the gateway opens its
 //! WebSockets to Slack and hands the envelopes to the same gateway below the transport.
+//! Beside it runs the alert engine (`flotilla_chat::core::alerts`), fed by the fleet event
+//! bus and posting to subscribed channels through the gateway's outbox.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
+use flotilla_chat::core::alerts::{AlertEngine, AlertOptions};
 use flotilla_chat::core::gateway::{Core, CoreOptions};
 use flotilla_chat::core::identity::IdentityConfig;
 use flotilla_chat::core::planner::llm::{LlmConfig, LlmPlanner};
@@ -40,7 +44,8 @@ fn role(r: ChatRole) -> Role {
     }
 }
 
-fn channel(p: Platform) -> Channel {
+/// The audit channel of a chat platform.
+pub(crate) fn channel(p: Platform) -> Channel {
     match p {
         Platform::Slack => Channel::Slack,
         Platform::Discord => Channel::Discord,
@@ -111,7 +116,23 @@ pub async fn slack_gateway(
         confirm_ttl: std::time::Duration::from_secs(cfg.confirm_expiry_s),
         ..CoreOptions::default()
     };
-    let core = Arc::new(Core::new(identity, backend_for(fleet), state, options));
+    // Taken before anything is served, so no event after start is missed by the alerts.
+    let events = fleet.subscribe();
+    let core = Arc::new(Core::new(
+        identity,
+        backend_for(fleet.clone()),
+        state.clone(),
+        options,
+    ));
+    let alerts = move |gw: &Arc<SlackGateway>| {
+        let engine = Arc::new(AlertEngine::new(
+            state,
+            backend_for(fleet),
+            HashMap::from([(Platform::Slack, gw.outbox())]),
+            AlertOptions::default(),
+        ));
+        (engine, events)
+    };
     let setup = |e: &dyn std::fmt::Display| ChatSetupError(e.to_string());
     let token = BotToken::new(&s.bot_token).map_err(|e| setup(&e))?;
     let api = SlackApi::new(&s.api_url, token).map_err(|e| setup(&e))?;
@@ -123,6 +144,7 @@ pub async fn slack_gateway(
                 routes: Some(routes(gw.clone())),
                 housekeeping: ChatHousekeeping {
                     core,
+                    alerts: alerts(&gw),
                     gw,
                     socket: None,
                 },
@@ -139,6 +161,7 @@ pub async fn slack_gateway(
                 routes: None,
                 housekeeping: ChatHousekeeping {
                     core,
+                    alerts: alerts(&gw),
                     gw,
                     socket: Some(socket),
                 },
@@ -148,12 +171,15 @@ pub async fn slack_gateway(
 }
 
 /// The gateway's periodic and shutdown duties: expiring confirmations, signing off idle
-/// threads, and telling open threads the server is going away.
+/// threads, telling open threads the server is going away; and the fleet alerts.
 pub struct ChatHousekeeping {
     core: Arc<Core>,
     gw: Arc<SlackGateway>,
     socket: Option<SocketMode>,
+    alerts: (Arc<AlertEngine>, EventReceiver),
 }
+
+type EventReceiver = tokio::sync::broadcast::Receiver<crate::events::Event>;
 
 /// How often idle threads and expired confirmations are looked for.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
@@ -161,6 +187,8 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 impl ChatHousekeeping {
     /// Sweeps until `stop`, then finishes the turns in flight and posts the shutdown notice.
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        let (engine, events) = self.alerts;
+        let alerts = tokio::spawn(engine.run(events, stop.clone()));
         let outbox = self.gw.outbox();
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -169,6 +197,9 @@ impl ChatHousekeeping {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => { self.core.sweep(outbox.as_ref()).await; }
             }
+        }
+        if let Err(e) = alerts.await {
+            tracing::warn!(error = %e, "chat alerts ended abnormally");
         }
         // No new deliveries; Slack keeps (and retries) what arrives meanwhile.
         if let Some(socket) = &self.socket {

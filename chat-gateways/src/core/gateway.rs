@@ -11,6 +11,7 @@ use flotilla_mcp::{BackendError, ExpectedTargets, FleetBackend, QueueTarget};
 use rand::RngCore;
 use serde_json::{json, Value};
 
+use super::alerts;
 use super::identity::{role_needed, IdentityConfig};
 use super::planner::llm::{self, End, LlmPlanner};
 use super::planner::{rules, Local, Plan, ThreadContext};
@@ -64,7 +65,7 @@ pub struct Core {
     options: CoreOptions,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -279,9 +280,14 @@ impl Core {
                 &suggestions,
             )],
             Plan::Local(Local::Help) => vec![help()],
-            Plan::Local(_) => vec![Reply::text(
-                "Fleet alert subscriptions are not available in this version yet.",
-            )],
+            Plan::Local(Local::Subscribe { query, events }) => {
+                let b = self.backend(user, conv, role);
+                alerts::subscribe(&*self.state, &*b, conv, user, role, &query, &events).await
+            }
+            Plan::Local(Local::Subscriptions) => alerts::list(&*self.state, conv).await,
+            Plan::Local(Local::Unsubscribe { id }) => {
+                alerts::unsubscribe(&*self.state, conv, user, role, &id).await
+            }
             Plan::Tool { tool, args } => {
                 let needed = role_needed(&tool);
                 if role < needed {
@@ -513,8 +519,27 @@ impl Core {
         message: Option<MessageRef>,
         outbox: Arc<dyn Outbox>,
     ) -> Vec<Reply> {
-        if action_id != ACTION_CONFIRM && action_id != ACTION_CANCEL {
-            return private(format!("Unknown button {action_id:?}."));
+        match action_id {
+            ACTION_CONFIRM | ACTION_CANCEL => {}
+            alerts::ACTION_RESTART => {
+                if role < Role::Operator {
+                    return private(format!(
+                        "Restarting needs the *operator* role; you have *{role}*. Nothing was done."
+                    ));
+                }
+                // Through the usual preview and confirmation, never at once.
+                let b = self.backend(user, conv, role);
+                let args = json!({"agent": value, "kind": "restart"});
+                return self.preview(conv, user, &*b, "command_queue", args).await;
+            }
+            alerts::ACTION_HEALTH => {
+                return alerts::show_health(&*self.backend(user, conv, role), value).await
+            }
+            alerts::ACTION_MUTE => {
+                let mute_for = alerts::AlertOptions::default().mute_for;
+                return alerts::mute(&*self.state, user, role, value, mute_for).await;
+            }
+            _ => return private(format!("Unknown button {action_id:?}.")),
         }
         let pending = match self.state.take_confirmation(value).await {
             Ok(Some(p)) => p,
@@ -815,6 +840,14 @@ fn help() -> Reply {
             "a command's progress".into(),
         ),
         ("audit [agent] [actor=…]".into(), "the audit trail".into()),
+        (
+            "subscribe <query> [events]".into(),
+            "fleet alerts in this channel (unhealthy, offline, recovered, command_failed, config_failed)".into(),
+        ),
+        (
+            "subscriptions · unsubscribe <id>".into(),
+            "this channel's alert subscriptions".into(),
+        ),
     ]))
 }
 

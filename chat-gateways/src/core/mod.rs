@@ -1,6 +1,7 @@
 //! The platform-neutral conversation core: types shared with the adapters, planners,
-//! identity, state (confirmations, threads) and the [`gateway::Core`] that ties them.
+//! identity, state (confirmations, threads, alert subscriptions), fleet alerts and the [`gateway::Core`] that ties them.
 
+pub mod alerts;
 pub mod gateway;
 pub mod identity;
 pub mod planner;

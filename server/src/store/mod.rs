@@ -280,4 +280,43 @@ pub trait ChatStore: Send + Sync {
         now: Millis,
         forget_before: Millis,
     ) -> StoreResult<bool>;
+    /// Adds (or replaces) a fleet-alert subscription and appends `audit`, in one transaction.
+    async fn chat_put_subscription(
+        &self,
+        sub: &ChatSubscriptionRow,
+        audit: NewAudit,
+    ) -> StoreResult<AuditRecord>;
+    /// Every subscription's body, oldest first.
+    async fn chat_list_subscriptions(&self) -> StoreResult<Vec<String>>;
+    /// Removes subscription `id` if it belongs to `(platform, workspace, channel)`, with its
+    /// mutes, and appends `audit`, in one transaction; its body, or None (nothing written).
+    async fn chat_remove_subscription(
+        &self,
+        id: &str,
+        channel: (&str, &str, &str),
+        audit: NewAudit,
+    ) -> StoreResult<Option<String>>;
+    /// Mutes `agent` for `subscription` until `until` and appends `audit`, in one
+    /// transaction; false (nothing written) if the subscription does not exist.
+    async fn chat_mute(
+        &self,
+        subscription: &str,
+        agent: &str,
+        until: Millis,
+        audit: NewAudit,
+    ) -> StoreResult<bool>;
+    /// Forgets mutes over by `now`; the rest as `(subscription, agent, until)`.
+    async fn chat_mutes(&self, now: Millis) -> StoreResult<Vec<(String, String, Millis)>>;
+}
+
+/// A fleet-alert subscription as the store keeps it: the channel it posts to (for removal
+/// by channel) and the chat crate's JSON.
+#[derive(Debug, Clone)]
+pub struct ChatSubscriptionRow {
+    pub id: String,
+    pub platform: String,
+    pub workspace: String,
+    pub channel: String,
+    pub body: String,
+    pub created_at: Millis,
 }

@@ -22,7 +22,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{ChatStore, Finish, Store, StoreError, StoreResult, Touch};
+use super::{ChatStore, ChatSubscriptionRow, Finish, Store, StoreError, StoreResult, Touch};
 use crate::audit;
 use crate::model::{
     now_ms, Agent, AuditFilter, AuditRecord, Batch, Channel, Command, CommandFilter, CommandKind,
@@ -170,6 +170,27 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             id TEXT PRIMARY KEY NOT NULL,
             seen_at INTEGER NOT NULL
         )",
+        ],
+    ),
+    (
+        5,
+        &[
+            // Fleet-alert subscriptions of chat channels (body: the chat crate's JSON) and the
+            // agents muted per subscription (the alert's Mute button).
+            "CREATE TABLE chat_subscriptions (
+            id TEXT PRIMARY KEY NOT NULL,
+            platform TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        )",
+            "CREATE TABLE chat_mutes (
+            subscription TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            until INTEGER NOT NULL,
+            PRIMARY KEY (subscription, agent)
+        ) WITHOUT ROWID",
         ],
     ),
 ];
@@ -1371,6 +1392,110 @@ impl ChatStore for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn chat_put_subscription(
+        &self,
+        sub: &ChatSubscriptionRow,
+        audit: NewAudit,
+    ) -> StoreResult<AuditRecord> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO chat_subscriptions
+             (id, platform, workspace, channel, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&sub.id)
+        .bind(&sub.platform)
+        .bind(&sub.workspace)
+        .bind(&sub.channel)
+        .bind(&sub.body)
+        .bind(sub.created_at)
+        .execute(&mut *tx)
+        .await?;
+        let rec = append_audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn chat_list_subscriptions(&self) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT body FROM chat_subscriptions ORDER BY created_at, id")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(b,)| b).collect())
+    }
+
+    async fn chat_remove_subscription(
+        &self,
+        id: &str,
+        (platform, workspace, channel): (&str, &str, &str),
+        audit: NewAudit,
+    ) -> StoreResult<Option<String>> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let row: Option<(String,)> = sqlx::query_as(
+            "DELETE FROM chat_subscriptions
+             WHERE id = ? AND platform = ? AND workspace = ? AND channel = ? RETURNING body",
+        )
+        .bind(id)
+        .bind(platform)
+        .bind(workspace)
+        .bind(channel)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((body,)) = row else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM chat_mutes WHERE subscription = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        append_audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(Some(body))
+    }
+
+    async fn chat_mute(
+        &self,
+        subscription: &str,
+        agent: &str,
+        until: Millis,
+        audit: NewAudit,
+    ) -> StoreResult<bool> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM chat_subscriptions WHERE id = ?")
+                .bind(subscription)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT OR REPLACE INTO chat_mutes (subscription, agent, until) VALUES (?, ?, ?)",
+        )
+        .bind(subscription)
+        .bind(agent)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        append_audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn chat_mutes(&self, now: Millis) -> StoreResult<Vec<(String, String, Millis)>> {
+        sqlx::query("DELETE FROM chat_mutes WHERE until <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT subscription, agent, until FROM chat_mutes")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
     }
 }
 

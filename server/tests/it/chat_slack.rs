@@ -25,6 +25,21 @@ struct Rig {
     agent: Uuid,
 }
 
+/// The text of the private answer posted to request `trigger`'s response_url, once there is one.
+pub(crate) async fn private_answer(fake: &FakeSlack, trigger: &str) -> String {
+    fake.wait_for(WAIT, "a private answer", |c| {
+        c.iter()
+            .any(|c| c.method == "response_url" && c.target.as_deref() == Some(trigger))
+    })
+    .await;
+    let c = fake.calls_of("response_url");
+    let c = c
+        .iter()
+        .find(|c| c.target.as_deref() == Some(trigger))
+        .unwrap();
+    c.body["text"].as_str().unwrap_or_default().to_string()
+}
+
 /// The Slack gateway on the chat listener, talking to the fake Web API at `api_url`.
 pub(crate) fn configure(c: &mut flotilla_server::config::Config, api_url: &str) {
     let secret = c.data_dir.join("slack-signing-secret");
@@ -93,18 +108,7 @@ impl Rig {
 
     /// The private answer posted to a request's response_url.
     async fn private_answer(&self, trigger: &str) -> String {
-        self.fake
-            .wait_for(WAIT, "a private answer", |c| {
-                c.iter()
-                    .any(|c| c.method == "response_url" && c.target.as_deref() == Some(trigger))
-            })
-            .await;
-        let c = self.fake.calls_of("response_url");
-        let c = c
-            .iter()
-            .find(|c| c.target.as_deref() == Some(trigger))
-            .unwrap();
-        c.body["text"].as_str().unwrap_or_default().to_string()
+        private_answer(&self.fake, trigger).await
     }
 
     fn click<'a>(

@@ -2,6 +2,7 @@
 //! command queue, the REST API. One test binary for the whole crate.
 
 mod auth;
+mod chat_alerts;
 mod chat_llm;
 mod chat_slack;
 mod chat_slack_flows;
