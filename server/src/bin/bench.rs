@@ -140,6 +140,12 @@ struct Args {
     /// Restarts in the chat phase (each to a different agent).
     #[arg(long, default_value_t = 50)]
     chat_restarts: usize,
+    /// Alert storm (after the chat phase; needs `--chat`): a channel subscribes to
+    /// `state:offline`, then every agent says goodbye at once; reports the messages the channel
+    /// got and the time from the goodbyes to the last one. The server is then stopped with no
+    /// agents connected.
+    #[arg(long)]
+    alert_storm: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1182,6 +1188,9 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
     if args.chat > 0 && args.server_url.is_some() {
         bail!("--chat needs a server the bench starts (it configures the Slack gateway)");
     }
+    if args.alert_storm && args.chat == 0 {
+        bail!("--alert-storm needs --chat (the Slack gateway the alerts are posted through)");
+    }
     let mut chat_rig = None;
     let (mut own, target, pid) = match (&args.server_url, &args.api_url) {
         (Some(ws), Some(api)) => {
@@ -1472,6 +1481,12 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         ),
         None => None,
     };
+    let storm_report = match (&chat_rig, args.alert_storm) {
+        (Some(c), true) => {
+            Some(chat::alert_storm(&sh, &c.fake, &c.fake_url, &c.addr, &c.secret, &cancel).await?)
+        }
+        _ => None,
+    };
 
     // --- stop: our own server is stopped with the agents still connected (exercises graceful
     // shutdown under load); an external one is left running and the agents say goodbye.
@@ -1579,6 +1594,7 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
         "console": console_report,
         "fanout": fanout_report,
         "chat": chat_report,
+        "alert_storm": storm_report,
         "errors": errors,
         "server_log_levels": log_levels,
         "server_log_samples": log_samples,
@@ -1703,6 +1719,14 @@ async fn bench(args: Args) -> anyhow::Result<(String, Value)> {
             fmt_ms(&c["restart_preview_posted"]),
             fmt_ms(&c["restart_slash_to_agent"]),
             fmt_ms(&c["restart_confirm_to_agent"])
+        );
+    }
+    if let Some(a) = json["alert_storm"].as_object() {
+        let _ = writeln!(
+            s,
+            "alert storm    {} agents offline -> {} message(s) in the channel, last {} ms after \
+             the goodbyes",
+            a["agents_offline"], a["messages"], a["goodbyes_to_last_message_ms"]
         );
     }
     if !log_levels.is_empty() {

@@ -112,6 +112,15 @@ struct Signer {
 }
 
 impl Signer {
+    fn new(secret: &str, chat_addr: &str, fake_url: &str) -> anyhow::Result<Signer> {
+        Ok(Signer {
+            secret: SigningSecret::new(secret).context("signing secret")?,
+            base: format!("http://{chat_addr}"),
+            http: reqwest::Client::new(),
+            fake_url: fake_url.to_string(),
+        })
+    }
+
     /// POSTs a signed form body; returns the time to Slack's 200.
     async fn send(&self, path: &str, body: String) -> anyhow::Result<Duration> {
         let ts = std::time::SystemTime::now()
@@ -189,12 +198,7 @@ pub async fn run(
     requests: usize,
     restarts: usize,
 ) -> anyhow::Result<Value> {
-    let s = Signer {
-        secret: SigningSecret::new(secret).context("signing secret")?,
-        base: format!("http://{chat_addr}"),
-        http: reqwest::Client::new(),
-        fake_url: fake_url.to_string(),
-    };
+    let s = Signer::new(secret, chat_addr, fake_url)?;
     let n = sh.uids.len();
     // Reads, one at a time: the ack, then the answer reaching Slack.
     let (mut ack, mut answer) = (Vec::new(), Vec::new());
@@ -248,5 +252,62 @@ pub async fn run(
         "restart_preview_posted": ms_stats(preview),
         "restart_slash_to_agent": ms_stats(to_agent),
         "restart_confirm_to_agent": ms_stats(confirm_to_agent),
+    }))
+}
+
+/// How long the gateway must post nothing more before the storm counts as over: longer than the
+/// alert engine's longest grouping window (5 s), so a late summary is not missed.
+const STORM_QUIET: Duration = Duration::from_secs(15);
+
+/// The alert storm: a channel subscribes to `state:offline`, then every agent says goodbye at
+/// once (`cancel` makes each bench agent send `agent_disconnect` and close). Reports how many
+/// messages the channel got, the agent count they name, and the time from the goodbyes to the
+/// last message.
+pub async fn alert_storm(
+    sh: &Arc<Shared>,
+    fake: &FakeSlack,
+    fake_url: &str,
+    chat_addr: &str,
+    secret: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Value> {
+    let s = Signer::new(secret, chat_addr, fake_url)?;
+    let before = fake.posts();
+    s.slash("subscribe state:offline", "storm-subscribe")
+        .await?;
+    let (answer, _) = fake.post(before).await?;
+    let text = answer["text"].as_str().unwrap_or_default();
+    if !text.to_lowercase().contains("subscri") {
+        bail!("the subscribe command was not confirmed: {answer}");
+    }
+    let first_alert = fake.posts();
+    let agents = sh.uids.len();
+    let t0 = Instant::now();
+    cancel.cancel();
+    let mut last_post = t0;
+    let mut seen = first_alert;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = fake.posts();
+        if now > seen {
+            seen = now;
+            last_post = Instant::now();
+        }
+        if last_post.elapsed() >= STORM_QUIET && (seen > first_alert || t0.elapsed() > WAIT) {
+            break;
+        }
+    }
+    let posts: Vec<Value> = fake.posts.lock().unwrap_or_else(|e| e.into_inner())[first_alert..]
+        .iter()
+        .map(|(v, _)| v["text"].clone())
+        .collect();
+    if posts.is_empty() {
+        bail!("{agents} agents went offline and the subscribed channel got no message");
+    }
+    Ok(json!({
+        "agents_offline": agents,
+        "messages": posts.len(),
+        "goodbyes_to_last_message_ms": (ms(last_post - t0) * 10.0).round() / 10.0,
+        "texts": posts,
     }))
 }
