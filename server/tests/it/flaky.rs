@@ -25,8 +25,9 @@ pub struct FlakyStore {
 }
 
 /// Injected store latency, changeable while the server runs. Each call waits a random
-/// 0..=`max_ms` before reaching the real store and again before answering; every
-/// `stall_claim_every`-th claim answers `stall_claim_ms` late *after* its transaction
+/// 0..=`max_ms` before reaching the real store and again before answering; the first and
+/// then every `stall_claim_every`-th claim that took something answers `stall_claim_ms` late
+/// *after* its transaction
 /// committed, which is how a claim that "timed out" can have taken effect.
 #[derive(Default)]
 pub struct Latency {
@@ -219,8 +220,16 @@ impl Store for FlakyStore {
         let r = self.inner.claim_queued(agents, per_agent, at).await;
         let l = &self.latency;
         let every = l.stall_claim_every.load(Ordering::Relaxed);
-        let n = l.claims.fetch_add(1, Ordering::Relaxed) + 1;
-        if every > 0 && n.is_multiple_of(every) && r.as_ref().is_ok_and(|c| !c.is_empty()) {
+        // Only claims that took something count, and the first of them stalls: claims of many
+        // agents share one transaction, so a run may see only a few that took anything, and
+        // counting every call let all of them miss the stall by chance.
+        let took = r.as_ref().is_ok_and(|c| !c.is_empty());
+        let n = if took {
+            l.claims.fetch_add(1, Ordering::Relaxed)
+        } else {
+            u64::MAX
+        };
+        if every > 0 && took && n.is_multiple_of(every) {
             // Committed; the answer is what is late.
             l.stalled_claims.fetch_add(1, Ordering::Relaxed);
             let ms = l.stall_claim_ms.load(Ordering::Relaxed);
