@@ -1,5 +1,5 @@
 //! The chat crate's one integration-test binary: modules per owner (`core_*` the conversation
-//! core, `slack_*` the Slack adapter).
+//! core, `slack_*` the Slack adapter, `teams_*` the Teams adapter).
 
 mod core_alerts;
 mod core_gateway;
@@ -9,3 +9,4 @@ mod core_sessions;
 mod core_types;
 mod slack_api;
 mod slack_gateway;
+mod teams_gateway;

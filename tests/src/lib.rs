@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod fake_llm;
 pub mod fake_slack;
+pub mod fake_teams;
 pub mod mcp_client;
 pub mod server;
 

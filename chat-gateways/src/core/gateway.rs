@@ -57,6 +57,21 @@ impl Default for CoreOptions {
     }
 }
 
+/// What handles a conversation turn for a platform adapter: the [`Core`] in the server, a
+/// recorder in tests. Returns the immediate replies; follow-ups go through `outbox`.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync {
+    async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply>;
+}
+
+/// The conversation core is what the server's gateways run.
+#[async_trait::async_trait]
+impl Handler for Core {
+    async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply> {
+        Core::handle(self, incoming, outbox).await
+    }
+}
+
 /// The conversation core shared by every platform adapter.
 pub struct Core {
     identity: IdentityConfig,

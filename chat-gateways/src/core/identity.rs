@@ -12,7 +12,8 @@ use super::types::{ChatUser, ConversationRef, Role};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// Platform user id → role.
+    /// Platform user id → role; also `<workspace>/<user id>` (a Slack team, a Teams tenant), so
+    /// an id can be granted in one workspace only.
     pub users: HashMap<String, Role>,
     /// Platform group id (Slack user group, Discord role, AAD group) → role.
     pub groups: HashMap<String, Role>,
@@ -47,6 +48,7 @@ impl IdentityConfig {
             .users
             .get(&user.id)
             .into_iter()
+            .chain(self.users.get(&format!("{}/{}", conv.workspace, user.id)))
             .chain(user.groups.iter().filter_map(|g| self.groups.get(g)))
             .chain(self.channels.get(&conv.channel))
             .max()

@@ -6,5 +6,6 @@ pub mod gateway;
 pub mod identity;
 pub mod planner;
 pub mod state;
+pub mod text;
 pub mod tools;
 pub mod types;

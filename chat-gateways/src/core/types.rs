@@ -270,3 +270,34 @@ pub fn actor(user: &ChatUser, conv: &ConversationRef) -> String {
         conv.platform, conv.workspace, user.id, user.name
     )
 }
+
+/// One [`Outbox`] over several platforms: each call goes to the outbox of the conversation's
+/// platform. What the embedder's housekeeping (sign-offs, the shutdown notice) posts through
+/// when more than one gateway runs over the same state.
+pub struct Outboxes(pub std::collections::HashMap<Platform, Arc<dyn Outbox>>);
+
+impl Outboxes {
+    fn of(&self, p: Platform) -> Result<&Arc<dyn Outbox>, ChatError> {
+        self.0
+            .get(&p)
+            .ok_or_else(|| ChatError::Platform(format!("no {p} gateway is running")))
+    }
+}
+
+#[async_trait]
+impl Outbox for Outboxes {
+    async fn post(&self, to: &ConversationRef, reply: &Reply) -> Result<MessageRef, ChatError> {
+        self.of(to.platform)?.post(to, reply).await
+    }
+    async fn update(&self, msg: &MessageRef, reply: &Reply) -> Result<(), ChatError> {
+        self.of(msg.conversation.platform)?.update(msg, reply).await
+    }
+    async fn ephemeral(
+        &self,
+        to: &ConversationRef,
+        user: &ChatUser,
+        reply: &Reply,
+    ) -> Result<(), ChatError> {
+        self.of(to.platform)?.ephemeral(to, user, reply).await
+    }
+}

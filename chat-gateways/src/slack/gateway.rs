@@ -34,12 +34,7 @@ use crate::core::types::{
 /// Slack's payloads are small; anything larger is not Slack.
 const MAX_BODY: usize = 256 * 1024;
 
-/// What handles a conversation turn: the core ([`crate::core`]) in the server, a recorder in
-/// tests. Returns the immediate replies; follow-ups go through `outbox`.
-#[async_trait]
-pub trait Handler: Send + Sync {
-    async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply>;
-}
+pub use crate::core::gateway::Handler;
 
 /// The Slack side of the chat gateway: what both transports (the HTTP routes below and
 /// Socket Mode, [`super::socket`]) hand their parsed deliveries to.
@@ -311,13 +306,5 @@ impl Outbox for SlackOutbox {
             .ephemeral(&to.channel, &user.id, to.thread.as_deref(), &render(reply))
             .await
             .map_err(platform)
-    }
-}
-
-/// The conversation core is what the server's gateway runs.
-#[async_trait]
-impl Handler for crate::core::gateway::Core {
-    async fn handle(&self, incoming: Incoming, outbox: Arc<dyn Outbox>) -> Vec<Reply> {
-        crate::core::gateway::Core::handle(self, incoming, outbox).await
     }
 }

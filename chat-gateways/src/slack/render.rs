@@ -10,6 +10,7 @@
 
 use serde_json::{json, Value};
 
+use crate::core::text::{bar, clip, progress_head};
 use crate::core::types::{Block, Button, Reply, Style};
 
 /// Most blocks in one message.
@@ -90,15 +91,7 @@ fn block(b: &Block, out: &mut Vec<Value>) {
             done,
         } => {
             let finished = succeeded + failed;
-            let head = if *done {
-                if *failed == 0 {
-                    "Finished".to_string()
-                } else {
-                    "Finished with failures".to_string()
-                }
-            } else {
-                "In progress".to_string()
-            };
+            let head = progress_head(*done, *failed);
             let text = format!(
                 "*{head}*: {finished}/{total} done `{}`\nqueued {queued} · sent {sent} · succeeded {succeeded} · failed {failed}",
                 bar(finished, *total)
@@ -170,12 +163,6 @@ fn button(b: &Button) -> Value {
     v
 }
 
-fn bar(done: u64, total: u64) -> String {
-    const W: u64 = 10;
-    let filled = (done.min(total) * W).checked_div(total).unwrap_or(W);
-    (0..W).map(|i| if i < filled { '█' } else { '░' }).collect()
-}
-
 fn section(text: &str) -> Value {
     json!({"type": "section", "text": mrkdwn(text)})
 }
@@ -193,16 +180,6 @@ pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
-}
-
-/// At most `max` characters, with `…` when cut.
-fn clip(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(max - 1).collect();
-    out.push('…');
-    out
 }
 
 /// Splits into pieces of at most `max` characters, preferring line breaks.
