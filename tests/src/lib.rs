@@ -8,6 +8,7 @@
 //! line on stdout (`{"event": "...", ...}`); [`Peer::next_event`] waits for one of them.
 
 pub mod agent;
+pub mod fake_discord;
 pub mod fake_llm;
 pub mod fake_slack;
 pub mod fake_teams;

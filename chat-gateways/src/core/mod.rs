@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod gateway;
 pub mod identity;
 pub mod planner;
+pub mod seen;
 pub mod state;
 pub mod text;
 pub mod tools;

@@ -8,12 +8,12 @@
 //! verifying-requests-from-slack): the basestring is the version `v0`, the timestamp header and
 //! the raw body joined by `:`; the header `X-Slack-Signature` is `v0=` + lowercase hex.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Mutex;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2_11::Sha256;
+
+use crate::core::seen::Seen;
 
 /// How far a request's timestamp may be from now, either way (Slack: five minutes).
 pub const MAX_SKEW_S: i64 = 5 * 60;
@@ -219,51 +219,6 @@ impl Deliveries {
     /// that must not run.
     pub fn first_delivery(&self, id: &str, now_s: i64) -> bool {
         self.0.first_time(id, now_s)
-    }
-}
-
-/// A bounded, time-limited set of keys.
-#[derive(Debug)]
-struct Seen {
-    keep_s: u64,
-    cap: usize,
-    inner: Mutex<SeenInner>,
-}
-
-#[derive(Debug, Default)]
-struct SeenInner {
-    at: HashMap<String, i64>,
-    order: VecDeque<(i64, String)>,
-}
-
-impl Seen {
-    fn new(keep_s: u64, cap: usize) -> Seen {
-        Seen {
-            keep_s,
-            cap,
-            inner: Mutex::new(SeenInner::default()),
-        }
-    }
-
-    fn first_time(&self, key: &str, now_s: i64) -> bool {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let horizon = now_s - self.keep_s as i64;
-        while let Some((t, _)) = g.order.front() {
-            if *t >= horizon && g.order.len() < self.cap {
-                break;
-            }
-            if let Some((t, k)) = g.order.pop_front() {
-                if g.at.get(&k) == Some(&t) {
-                    g.at.remove(&k);
-                }
-            }
-        }
-        if g.at.contains_key(key) {
-            return false;
-        }
-        g.at.insert(key.to_string(), now_s);
-        g.order.push_back((now_s, key.to_string()));
-        true
     }
 }
 

@@ -1,0 +1,11 @@
+//! Discord, the platform: interaction verification (Ed25519), payload parsing, the `/flotilla`
+//! command's definition, embed and button rendering, the REST client, and the chat-listener
+//! route `/chat/discord/interactions`. Everything Discord-specific lives here; the conversation
+//! itself is the platform-neutral core's.
+
+pub mod client;
+pub mod commands;
+pub mod gateway;
+pub mod parse;
+pub mod render;
+pub mod verify;
