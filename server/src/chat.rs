@@ -5,8 +5,10 @@
 //! The listener carries only the chat routes, so the operator API can stay on loopback; in
 //! Socket Mode (`chat.slack.mode = "socket"`) there is no listener: the gateway opens its
 //! WebSockets to Slack and hands the envelopes to the same gateway below the transport.
-//! Beside it runs the alert engine (`flotilla_chat::core::alerts`), fed by the fleet event
-//! bus and posting to subscribed channels through the gateway's outbox.
+//! Teams (`[chat.teams]`) posts to `/chat/teams/messages` on the same listener. Beside them
+//! runs one alert engine (`flotilla_chat::core::alerts`), fed by the fleet event bus and
+//! posting to subscribed channels through each platform's outbox, and one housekeeping over
+//! the shared chat state.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,14 +19,22 @@ use flotilla_chat::core::gateway::{Core, CoreOptions};
 use flotilla_chat::core::identity::IdentityConfig;
 use flotilla_chat::core::planner::llm::{LlmConfig, LlmPlanner};
 use flotilla_chat::core::state::{ChatState, MemoryState};
+use flotilla_chat::core::types::Outboxes;
 use flotilla_chat::slack::client::{BotToken, SlackApi};
-use flotilla_chat::slack::gateway::{routes, SlackGateway};
+use flotilla_chat::slack::gateway::{routes as slack_routes, SlackGateway};
 use flotilla_chat::slack::socket::{AppToken, SocketMode, SocketOptions};
 use flotilla_chat::slack::verify::{SigningSecret, Verifier};
-use flotilla_chat::{actor, BackendFor, ChatUser, ConversationRef, Platform, Role as ChatRole};
+use flotilla_chat::teams::client::{AppPassword, Connector};
+use flotilla_chat::teams::gateway::{ServiceUrls, TeamsGateway};
+use flotilla_chat::teams::verify::{KeyOptions, TokenVerifier};
+use flotilla_chat::{
+    actor, BackendFor, ChatUser, ConversationRef, Outbox, Platform, Role as ChatRole,
+};
 use flotilla_mcp::FleetBackend;
 
-use crate::config::{SlackConfig, SlackSettings, SlackTransport};
+use crate::config::{
+    ChatAccess, SlackConfig, SlackSettings, SlackTransport, TeamsConfig, TeamsSettings,
+};
 use crate::mcp_backend::McpBackend;
 use crate::model::{Caller, Channel, Role};
 use crate::service::Fleet;
@@ -69,34 +79,40 @@ fn backend_for(fleet: Fleet) -> BackendFor {
     )
 }
 
-/// The Slack gateway, running: its routes for the chat listener (HTTP mode), and its duties.
-pub struct SlackChat {
-    /// `None` in Socket Mode: nothing is served.
+/// The chat gateways, running: their routes for the chat listener (`None` when nothing is
+/// served over HTTP: Slack in Socket Mode alone), and their duties.
+pub struct Chat {
     pub routes: Option<Router>,
     pub housekeeping: ChatHousekeeping,
 }
 
-/// Builds the Slack gateway; in Socket Mode, also opens its connections (a refused app token
-/// fails here, at start). With `llm`, messages the rule planner asks back about go to the LLM
-/// planner.
-pub async fn slack_gateway(
-    fleet: Fleet,
-    cfg: &SlackConfig,
-    s: &SlackSettings,
-    llm: Option<&LlmConfig>,
-) -> Result<SlackChat, ChatSetupError> {
-    let identity = IdentityConfig {
-        users: cfg.access.users.clone().into_iter().collect(),
-        groups: cfg.access.groups.clone().into_iter().collect(),
-        channels: cfg.access.channels.clone().into_iter().collect(),
-        default_role: cfg.access.default_role,
-        allowed_channels: cfg
-            .access
+/// Who may do what on one platform.
+fn identity(access: &ChatAccess) -> IdentityConfig {
+    IdentityConfig {
+        users: access.users.clone().into_iter().collect(),
+        groups: access.groups.clone().into_iter().collect(),
+        channels: access.channels.clone().into_iter().collect(),
+        default_role: access.default_role,
+        allowed_channels: access
             .allowed_channels
             .clone()
             .map(|c| c.into_iter().collect()),
-        two_person: cfg.access.two_person.clone().into_iter().collect(),
-    };
+        two_person: access.two_person.clone().into_iter().collect(),
+    }
+}
+
+/// Builds the enabled gateways over one chat state and one alert engine; Slack in Socket Mode
+/// also opens its connections here (a refused app token fails at start). With `llm`, messages
+/// the rule planner asks back about go to the LLM planner. `None` when no gateway is enabled.
+pub async fn gateways(
+    fleet: Fleet,
+    slack: Option<(&SlackConfig, &SlackSettings)>,
+    teams: Option<(&TeamsConfig, &TeamsSettings)>,
+    llm: Option<&LlmConfig>,
+) -> Result<Option<Chat>, ChatSetupError> {
+    if slack.is_none() && teams.is_none() {
+        return Ok(None);
+    }
     // Pending confirmations and thread context live in the store when it has chat tables, so
     // a server restart does not void a preview someone is about to confirm.
     let state: Arc<dyn ChatState> = match fleet.store().clone().chat_store() {
@@ -111,71 +127,112 @@ pub async fn slack_gateway(
         }
         None => None,
     };
-    let options = CoreOptions {
-        llm,
-        confirm_ttl: std::time::Duration::from_secs(cfg.confirm_expiry_s),
-        ..CoreOptions::default()
-    };
     // Taken before anything is served, so no event after start is missed by the alerts.
     let events = fleet.subscribe();
-    let core = Arc::new(Core::new(
-        identity,
-        backend_for(fleet.clone()),
-        state.clone(),
-        options,
-    ));
-    let alerts = move |gw: &Arc<SlackGateway>| {
-        let engine = Arc::new(AlertEngine::new(
-            state,
-            backend_for(fleet),
-            HashMap::from([(Platform::Slack, gw.outbox())]),
-            AlertOptions::default(),
-        ));
-        (engine, events)
+    let core = |access: &ChatAccess, confirm_expiry_s: u64| {
+        let options = CoreOptions {
+            llm: llm.clone(),
+            confirm_ttl: std::time::Duration::from_secs(confirm_expiry_s),
+            ..CoreOptions::default()
+        };
+        Arc::new(Core::new(
+            identity(access),
+            backend_for(fleet.clone()),
+            state.clone(),
+            options,
+        ))
     };
     let setup = |e: &dyn std::fmt::Display| ChatSetupError(e.to_string());
-    let token = BotToken::new(&s.bot_token).map_err(|e| setup(&e))?;
-    let api = SlackApi::new(&s.api_url, token).map_err(|e| setup(&e))?;
-    match &s.transport {
-        SlackTransport::Http { signing_secret } => {
-            let secret = SigningSecret::new(signing_secret).map_err(|e| setup(&e))?;
-            let gw = SlackGateway::new(Verifier::new(secret), api, core.clone());
-            Ok(SlackChat {
-                routes: Some(routes(gw.clone())),
-                housekeeping: ChatHousekeeping {
-                    core,
-                    alerts: alerts(&gw),
-                    gw,
-                    socket: None,
-                },
-            })
-        }
-        SlackTransport::Socket { app_token } => {
-            let app = AppToken::new(app_token).map_err(|e| setup(&e))?;
-            let gw = SlackGateway::socket_only(api, core.clone());
-            let socket = SocketMode::start(gw.clone(), &s.api_url, app, SocketOptions::default())
-                .await
-                .map_err(|e| setup(&e))?;
-            tracing::info!("Slack gateway in Socket Mode (no chat listener)");
-            Ok(SlackChat {
-                routes: None,
-                housekeeping: ChatHousekeeping {
-                    core,
-                    alerts: alerts(&gw),
-                    gw,
-                    socket: Some(socket),
-                },
-            })
-        }
+    let mut routes: Option<Router> = None;
+    let mut outboxes: HashMap<Platform, Arc<dyn Outbox>> = HashMap::new();
+    let mut drains = Drains::default();
+    let mut any_core = None;
+    if let Some((cfg, s)) = slack {
+        let core = core(&cfg.access, cfg.confirm_expiry_s);
+        any_core = Some(core.clone());
+        let token = BotToken::new(&s.bot_token).map_err(|e| setup(&e))?;
+        let api = SlackApi::new(&s.api_url, token).map_err(|e| setup(&e))?;
+        let gw = match &s.transport {
+            SlackTransport::Http { signing_secret } => {
+                let secret = SigningSecret::new(signing_secret).map_err(|e| setup(&e))?;
+                let gw = SlackGateway::new(Verifier::new(secret), api, core);
+                routes = Some(slack_routes(gw.clone()));
+                gw
+            }
+            SlackTransport::Socket { app_token } => {
+                let app = AppToken::new(app_token).map_err(|e| setup(&e))?;
+                let gw = SlackGateway::socket_only(api, core);
+                let socket =
+                    SocketMode::start(gw.clone(), &s.api_url, app, SocketOptions::default())
+                        .await
+                        .map_err(|e| setup(&e))?;
+                tracing::info!("Slack gateway in Socket Mode (no chat listener)");
+                drains.socket = Some(socket);
+                gw
+            }
+        };
+        outboxes.insert(Platform::Slack, gw.outbox());
+        drains.slack = Some(gw);
     }
+    if let Some((cfg, s)) = teams {
+        let core = core(&cfg.access, cfg.confirm_expiry_s);
+        any_core = Some(core.clone());
+        let verifier = TokenVerifier::new(
+            &s.app_id,
+            &s.openid_metadata_url,
+            KeyOptions {
+                min_refresh: std::time::Duration::from_secs(s.keys_min_refresh_s),
+                ..KeyOptions::default()
+            },
+        );
+        let password = AppPassword::new(&s.app_password).map_err(|e| setup(&e))?;
+        let connector = Arc::new(Connector::new(&s.app_id, password, &s.token_url));
+        let urls = Arc::new(ServiceUrls::new(&s.service_url));
+        let gw = TeamsGateway::new(verifier, connector, urls, core);
+        let r = flotilla_chat::teams::gateway::routes(gw.clone());
+        routes = Some(match routes {
+            Some(x) => x.merge(r),
+            None => r,
+        });
+        outboxes.insert(Platform::Teams, gw.outbox());
+        drains.teams = Some(gw);
+    }
+    let Some(core) = any_core else {
+        return Ok(None);
+    };
+    let engine = Arc::new(AlertEngine::new(
+        state,
+        backend_for(fleet),
+        outboxes.clone(),
+        AlertOptions::default(),
+    ));
+    Ok(Some(Chat {
+        routes,
+        housekeeping: ChatHousekeeping {
+            core,
+            outbox: Arc::new(Outboxes(outboxes)),
+            drains,
+            alerts: (engine, events),
+        },
+    }))
+}
+
+/// The gateways' turns in flight, finished at shutdown (and Slack's Socket Mode closed first).
+#[derive(Default)]
+struct Drains {
+    slack: Option<Arc<SlackGateway>>,
+    socket: Option<SocketMode>,
+    teams: Option<Arc<TeamsGateway>>,
 }
 
 /// The gateway's periodic and shutdown duties: expiring confirmations, signing off idle
 /// threads, telling open threads the server is going away; and the fleet alerts.
 pub struct ChatHousekeeping {
+    /// Any gateway's core: they share the state, so one sweeps for all.
     core: Arc<Core>,
-    gw: Arc<SlackGateway>,
-    socket: Option<SocketMode>,
+    /// Every gateway's outbox, by platform.
+    outbox: Arc<Outboxes>,
+    drains: Drains,
     alerts: (Arc<AlertEngine>, EventReceiver),
 }
 
@@ -189,7 +246,7 @@ impl ChatHousekeeping {
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
         let (engine, events) = self.alerts;
         let alerts = tokio::spawn(engine.run(events, stop.clone()));
-        let outbox = self.gw.outbox();
+        let outbox = self.outbox.clone();
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -202,11 +259,16 @@ impl ChatHousekeeping {
             tracing::warn!(error = %e, "chat alerts ended abnormally");
         }
         // No new deliveries; Slack keeps (and retries) what arrives meanwhile.
-        if let Some(socket) = &self.socket {
+        if let Some(socket) = &self.drains.socket {
             socket.shutdown().await;
         }
         // Conversation turns still running finish their answers before the notice.
-        self.gw.drain().await;
+        if let Some(gw) = &self.drains.slack {
+            gw.drain().await;
+        }
+        if let Some(gw) = &self.drains.teams {
+            gw.drain().await;
+        }
         let n = self.core.shutdown_notice(outbox.as_ref()).await;
         if n > 0 {
             tracing::info!(threads = n, "chat: shutdown notice posted");

@@ -191,6 +191,8 @@ pub struct ChatConfig {
     /// proxy. Required when a gateway is enabled.
     pub listen: Option<String>,
     pub slack: SlackConfig,
+    /// The Microsoft Teams gateway (`[chat.teams]`).
+    pub teams: TeamsConfig,
     /// The optional LLM planner of every gateway (`[chat.llm]`).
     pub llm: LlmSection,
 }
@@ -308,6 +310,78 @@ impl Default for SlackConfig {
     }
 }
 
+/// The Microsoft Teams gateway (Bot Framework): Teams posts activities to
+/// `chat.listen` + `/chat/teams/messages`, authenticated by JWTs the gateway checks against the
+/// Bot Framework OpenID metadata. The app password (client secret) comes from
+/// `app_password_file` or `FLOTILLA_TEAMS_APP_PASSWORD`, never from this file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeamsConfig {
+    pub enabled: bool,
+    /// The bot's Microsoft App ID (the Azure Bot's "Microsoft App ID"): the audience of
+    /// incoming tokens and the client id of outgoing ones.
+    pub app_id: String,
+    /// File holding the app password (the app registration's client secret).
+    pub app_password_file: Option<PathBuf>,
+    /// The Azure AD tenant of a single-tenant bot: its tokens come from that tenant's token
+    /// endpoint. Unset: a multi-tenant bot (`botframework.com`).
+    pub tenant: Option<String>,
+    /// The Bot Framework OpenID metadata (changed only to point tests at a fake).
+    pub openid_metadata_url: String,
+    /// The client-credentials token endpoint; unset: derived from `tenant`.
+    pub token_url: Option<String>,
+    /// Where to post when no activity has said (alerts to a channel after a restart).
+    pub service_url: String,
+    /// Least seconds between two refreshes of the signing keys caused by unknown key ids.
+    pub keys_min_refresh_s: u64,
+    /// How long a Confirm button stays good, in seconds (1..=3600; default 300).
+    pub confirm_expiry_s: u64,
+    /// The name the Teams app package shows (`flotilla chat teams package`).
+    pub app_name: String,
+    /// Who may do what from Teams (`[chat.teams.access]`): `users` keyed by Azure AD object
+    /// id, or `<tenant>/<object id>` to grant in one tenant only.
+    pub access: ChatAccess,
+}
+
+impl Default for TeamsConfig {
+    fn default() -> Self {
+        TeamsConfig {
+            enabled: false,
+            app_id: String::new(),
+            app_password_file: None,
+            tenant: None,
+            openid_metadata_url: flotilla_chat::teams::verify::DEFAULT_OPENID_METADATA_URL.into(),
+            token_url: None,
+            service_url: flotilla_chat::teams::gateway::DEFAULT_SERVICE_URL.into(),
+            keys_min_refresh_s: 60,
+            confirm_expiry_s: DEFAULT_CONFIRM_EXPIRY_S,
+            app_name: "Flotilla".into(),
+            access: ChatAccess::default(),
+        }
+    }
+}
+
+/// The Teams gateway's checked settings, the password read (`Debug` hides it).
+#[derive(Clone)]
+pub struct TeamsSettings {
+    pub app_id: String,
+    pub app_password: String,
+    pub openid_metadata_url: String,
+    pub token_url: String,
+    pub service_url: String,
+    pub keys_min_refresh_s: u64,
+}
+
+impl std::fmt::Debug for TeamsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeamsSettings")
+            .field("app_id", &self.app_id)
+            .field("openid_metadata_url", &self.openid_metadata_url)
+            .field("token_url", &self.token_url)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Default life of a chat confirmation (the five minutes).
 pub const DEFAULT_CONFIRM_EXPIRY_S: u64 = 300;
 /// Longest a chat confirmation may be configured to live.
@@ -330,6 +404,7 @@ pub struct EnvSecrets {
     pub slack_bot_token: Option<Secret>,
     pub slack_app_token: Option<Secret>,
     pub chat_llm_api_key: Option<Secret>,
+    pub teams_app_password: Option<Secret>,
 }
 
 /// Environment variables holding a secret itself (the alternative to a `*_file` setting). They
@@ -350,6 +425,10 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     (
         "FLOTILLA_CHAT_LLM_API_KEY",
         "the chat LLM planner's API key (instead of `chat.llm.api_key_file`)",
+    ),
+    (
+        "FLOTILLA_TEAMS_APP_PASSWORD",
+        "the Teams bot's app password (instead of `chat.teams.app_password_file`)",
     ),
 ];
 
@@ -431,12 +510,12 @@ impl Config {
     fn validate_chat(&self, p: &mut Vec<String>) -> (Option<SocketAddr>, Option<SlackSettings>) {
         let c = &self.chat;
         if !c.slack.enabled {
-            return (None, None);
+            return (self.teams_listen(p), None);
         }
         let s = &c.slack;
         // Socket Mode needs no listener: the gateway opens the connections itself.
         let addr = match (&c.listen, s.mode) {
-            (_, SlackMode::Socket) => None,
+            (_, SlackMode::Socket) => self.teams_listen(p),
             (Some(l), SlackMode::Http) => parse_addr("chat.listen", l, p),
             (None, SlackMode::Http) => {
                 p.push(
@@ -515,6 +594,95 @@ impl Config {
             _ => None,
         };
         (addr, settings)
+    }
+}
+
+impl Config {
+    /// The chat listener Teams needs (when Slack does not already require it).
+    fn teams_listen(&self, p: &mut Vec<String>) -> Option<SocketAddr> {
+        if !self.chat.teams.enabled {
+            return None;
+        }
+        match &self.chat.listen {
+            Some(l) => parse_addr("chat.listen", l, p),
+            None => {
+                p.push("chat.teams is enabled but chat.listen is not set (the address the Azure Bot's messaging endpoint reaches)".into());
+                None
+            }
+        }
+    }
+
+    /// Checks `[chat.teams]` when enabled, reading the app password.
+    fn validate_teams(&self, p: &mut Vec<String>) -> Option<TeamsSettings> {
+        let t = &self.chat.teams;
+        if !t.enabled {
+            return None;
+        }
+        let before = p.len();
+        if t.app_id.trim().is_empty() {
+            p.push("chat.teams.app_id must be set (the Azure Bot's Microsoft App ID)".into());
+        }
+        let tenant = t.tenant.as_deref().map(str::trim);
+        if tenant.is_some_and(|x| {
+            x.is_empty()
+                || !x
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+        }) {
+            p.push(format!(
+                "chat.teams.tenant {:?} must be a tenant id or domain",
+                t.tenant.as_deref().unwrap_or("")
+            ));
+        }
+        let token_url = t.token_url.clone().unwrap_or_else(|| match tenant {
+            Some(x) => format!("https://login.microsoftonline.com/{x}/oauth2/v2.0/token"),
+            None => flotilla_chat::teams::client::DEFAULT_TOKEN_URL.to_string(),
+        });
+        for (key, url) in [
+            (
+                "chat.teams.openid_metadata_url",
+                t.openid_metadata_url.as_str(),
+            ),
+            ("chat.teams.token_url", token_url.as_str()),
+            ("chat.teams.service_url", t.service_url.as_str()),
+        ] {
+            if !(url.starts_with("https://") || url.starts_with("http://"))
+                || url.contains(char::is_whitespace)
+            {
+                p.push(format!("{key} {url:?} must be an http(s):// URL"));
+            }
+        }
+        if t.keys_min_refresh_s > 3600 {
+            p.push(format!(
+                "chat.teams.keys_min_refresh_s {} must be at most 3600",
+                t.keys_min_refresh_s
+            ));
+        }
+        if !(1..=MAX_CONFIRM_EXPIRY_S).contains(&t.confirm_expiry_s) {
+            p.push(format!(
+                "chat.teams.confirm_expiry_s {} must be between 1 and {MAX_CONFIRM_EXPIRY_S} seconds",
+                t.confirm_expiry_s
+            ));
+        }
+        let password = one_secret(
+            "the Teams app password",
+            "chat.teams.app_password_file",
+            &t.app_password_file,
+            "FLOTILLA_TEAMS_APP_PASSWORD",
+            &self.env_secrets.teams_app_password,
+            p,
+        );
+        match password {
+            Some(app_password) if p.len() == before => Some(TeamsSettings {
+                app_id: t.app_id.trim().to_string(),
+                app_password,
+                openid_metadata_url: t.openid_metadata_url.clone(),
+                token_url,
+                service_url: t.service_url.clone(),
+                keys_min_refresh_s: t.keys_min_refresh_s,
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -742,6 +910,18 @@ pub const ENV_VARS: &[EnvVar] = &[
         "chat.slack.app_token_file",
         EnvKind::Text,
     ),
+    var(
+        "FLOTILLA_TEAMS_ENABLED",
+        "chat.teams.enabled",
+        EnvKind::Bool,
+    ),
+    var("FLOTILLA_TEAMS_APP_ID", "chat.teams.app_id", EnvKind::Text),
+    var(
+        "FLOTILLA_TEAMS_APP_PASSWORD_FILE",
+        "chat.teams.app_password_file",
+        EnvKind::Text,
+    ),
+    var("FLOTILLA_TEAMS_TENANT", "chat.teams.tenant", EnvKind::Text),
     var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
     var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
@@ -867,6 +1047,10 @@ impl Config {
                 }
                 "FLOTILLA_CHAT_LLM_API_KEY" => {
                     env_secrets.chat_llm_api_key = secret;
+                    continue;
+                }
+                "FLOTILLA_TEAMS_APP_PASSWORD" => {
+                    env_secrets.teams_app_password = secret;
                     continue;
                 }
                 _ => {}
@@ -1061,6 +1245,7 @@ impl Config {
             ));
         }
         let (chat_addr, slack) = self.validate_chat(&mut p);
+        let teams = self.validate_teams(&mut p);
         let llm = self.validate_llm(&mut p);
         if let Some(c) = chat_addr {
             for (name, other) in [("opamp.listen", opamp_addr), ("api.listen", api_addr)] {
@@ -1078,6 +1263,7 @@ impl Config {
                 api_addr,
                 chat_addr,
                 slack,
+                teams,
                 llm,
             }),
             _ => Err(ConfigError::Invalid(p)),
@@ -1218,7 +1404,8 @@ impl Config {
     /// check`: never silently.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        if self.chat.listen.is_some() && !self.chat.slack.enabled {
+        let any_gateway = self.chat.slack.enabled || self.chat.teams.enabled;
+        if self.chat.listen.is_some() && !any_gateway {
             w.push(
                 "chat.listen is set but no chat gateway is enabled: the chat listener stays off"
                     .to_string(),
@@ -1227,13 +1414,14 @@ impl Config {
         if self.chat.listen.is_some()
             && self.chat.slack.enabled
             && self.chat.slack.mode == SlackMode::Socket
+            && !self.chat.teams.enabled
         {
             w.push(
                 "chat.listen is set but Slack runs in Socket Mode (no webhooks): the chat listener stays off"
                     .to_string(),
             );
         }
-        if self.chat.llm.enabled && !self.chat.slack.enabled {
+        if self.chat.llm.enabled && !any_gateway {
             w.push(
                 "chat.llm is enabled but no chat gateway is: the LLM planner is not used"
                     .to_string(),
@@ -1259,6 +1447,8 @@ pub struct Validated {
     pub chat_addr: Option<SocketAddr>,
     /// The Slack gateway's settings with its secrets read, when enabled.
     pub slack: Option<SlackSettings>,
+    /// The Teams gateway's settings with its password read, when enabled.
+    pub teams: Option<TeamsSettings>,
     /// The chat LLM planner's settings with its key read, when enabled (`Debug` hides the key).
     pub llm: Option<LlmConfig>,
 }
@@ -1658,6 +1848,46 @@ mod tests {
             "{:?}",
             c.warnings()
         );
+    }
+
+    #[test]
+    fn teams_needs_a_listener_an_app_id_and_its_password_once() {
+        let mut c = Config::default();
+        c.chat.teams.enabled = true;
+        c.chat.teams.openid_metadata_url = "login.botframework.com".into();
+        c.chat.teams.confirm_expiry_s = 0;
+        let err = c.validate().unwrap_err().to_string();
+        for want in [
+            "chat.teams is enabled but chat.listen is not set",
+            "chat.teams.app_id must be set",
+            "chat.teams.openid_metadata_url",
+            "chat.teams.confirm_expiry_s 0",
+            "the Teams app password is missing: set chat.teams.app_password_file or FLOTILLA_TEAMS_APP_PASSWORD",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+        let env = [
+            ("FLOTILLA_CHAT_LISTEN", "127.0.0.1:0"),
+            ("FLOTILLA_TEAMS_ENABLED", "true"),
+            ("FLOTILLA_TEAMS_APP_ID", "app-1"),
+            ("FLOTILLA_TEAMS_TENANT", "contoso.onmicrosoft.com"),
+            ("FLOTILLA_TEAMS_APP_PASSWORD", "s3cret-pw"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load(None, env).unwrap();
+        let v = c.validate().unwrap();
+        let t = v.teams.clone().unwrap();
+        assert_eq!(
+            (t.app_id.as_str(), t.app_password.as_str()),
+            ("app-1", "s3cret-pw")
+        );
+        assert_eq!(
+            t.token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert!(v.chat_addr.is_some());
+        let shown = format!("{} {:?} {:?}", c.to_toml(), c, t);
+        assert!(!shown.contains("s3cret-pw"), "the password is never shown");
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub async fn run_observed_with_chat(
     started: impl FnOnce(&Fleet),
 ) -> Result<(), ServerError> {
     let v_slack = v.slack.clone();
+    let v_teams = v.teams.clone();
     let v_llm = v.llm.clone();
     let cfg = v.config;
     let hub = Arc::new(Hub::new());
@@ -235,20 +236,25 @@ pub async fn run_observed_with_chat(
     let (agent_limits, operator_limits) = listener_limits(&cfg);
     let opamp_srv = net::serve(opamp, opamp_app, agent_limits, token.clone());
     let api_srv = net::serve(api, rest_app, operator_limits.clone(), token.clone());
-    let chat_srv = match &v_slack {
-        Some(s) => {
-            let chat = chat::slack_gateway(fleet.clone(), &cfg.chat.slack, s, v_llm.as_ref())
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let chat = chat::gateways(
+        fleet.clone(),
+        v_slack.as_ref().map(|s| (&cfg.chat.slack, s)),
+        v_teams.as_ref().map(|s| (&cfg.chat.teams, s)),
+        v_llm.as_ref(),
+    )
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let chat_srv = match chat {
+        Some(chat) => {
             let housekeeping = tokio::spawn(chat.housekeeping.run(token.clone()));
             let listener = match (chat.routes, chat_listener) {
                 (Some(app), Some(listener)) => {
-                    tracing::info!(chat = %listener.local_addr()?, "Slack gateway listening");
+                    tracing::info!(chat = %listener.local_addr()?, "chat gateways listening");
                     Some((app, listener))
                 }
                 (Some(_), None) => {
                     tracing::warn!(
-                        "Slack gateway in HTTP mode without a chat listener: Slack cannot reach it"
+                        "chat gateways without a chat listener: the platforms cannot reach them"
                     );
                     None
                 }

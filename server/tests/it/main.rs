@@ -7,6 +7,7 @@ mod chat_llm;
 mod chat_slack;
 mod chat_slack_flows;
 mod chat_socket;
+mod chat_teams;
 mod console;
 mod console_browser;
 mod events;
