@@ -17,6 +17,7 @@ pub mod model;
 pub mod net;
 pub mod opamp;
 pub mod query;
+pub mod registry;
 pub mod rest;
 pub mod service;
 pub mod store;
@@ -53,6 +54,8 @@ pub enum ServerError {
         .path.display()
     )]
     NoDatabase { path: std::path::PathBuf },
+    #[error("cannot read the registry into its index: {0}")]
+    Registry(String),
 }
 
 /// Opens the configured store and prepares it for serving (nothing is connected at start).
@@ -179,6 +182,12 @@ pub async fn run_observed_with_chat(
             admin_shutdown_above: cfg.commands.admin_shutdown_above,
         },
     );
+    // Search, the summary and /metrics answer from the in-memory index: fill it before
+    // anything is served.
+    fleet
+        .load_registry()
+        .await
+        .map_err(|e| ServerError::Registry(e.to_string()))?;
     started(&fleet);
     let token = CancellationToken::new();
     {

@@ -3,8 +3,8 @@
 //! the standard `process_*` metrics of this process.
 //!
 //! Counters and the histogram are updated where things happen; gauges that describe stored
-//! state (agents by liveness, commands by status) are computed at scrape time by the REST layer
-//! and passed to [`Metrics::render`], so they can never drift from the registry.
+//! state (agents by liveness, from the registry index's counts; commands by status) are read
+//! at scrape time by the REST layer and passed to [`Metrics::render`].
 
 use std::sync::Mutex;
 use std::time::Duration;

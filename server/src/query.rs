@@ -37,8 +37,9 @@ enum Term {
     Health(&'static str),
     State(&'static str),
     Attr(String, WildMatch),
-    /// Any host attribute ([`HOST_ATTRIBUTES`]).
-    Host(WildMatch),
+    /// Any host attribute ([`HOST_ATTRIBUTES`]); with the lowercased value when it has no
+    /// wildcard, so an index answers it with one lookup.
+    Host(WildMatch, Option<String>),
     /// The version number in `service.version`, or the whole string.
     Version(WildMatch),
     Label(String, Option<WildMatch>),
@@ -128,7 +129,10 @@ impl Query {
                         "name" => Term::Attr("service.name".into(), glob(v)),
                         // Agents name the host differently (fluent-opamp: `hostname`); the
                         // README's `host.name:web-*` must find them all.
-                        k if k == "host" || HOST_ATTRIBUTES.contains(&k) => Term::Host(glob(v)),
+                        k if k == "host" || HOST_ATTRIBUTES.contains(&k) => Term::Host(
+                            glob(v),
+                            (!v.contains(['*', '?'])).then(|| v.to_lowercase()),
+                        ),
                         "label" => match v.split_once('=') {
                             Some((lk, lv)) => Term::Label(lk.to_string(), Some(glob(lv))),
                             None => Term::Label(v.to_string(), None),
@@ -156,6 +160,26 @@ impl Query {
             terms.push((neg, term));
         }
         Ok(Query { terms })
+    }
+
+    /// The terms an index can answer (not negated, on an indexed key): every agent matching
+    /// the query is in the candidates of each. [`Query::matches`] still decides.
+    pub fn indexed(&self) -> impl Iterator<Item = Indexed<'_>> {
+        self.terms
+            .iter()
+            .filter(|(neg, _)| !neg)
+            .filter_map(|(_, t)| {
+                Some(match t {
+                    Term::Type(g) => Indexed::Type(g),
+                    Term::Health(h) => Indexed::Health(h),
+                    Term::State(s) => Indexed::State(s),
+                    Term::Version(g) => Indexed::Version(g),
+                    Term::Host(g, exact) => Indexed::Host(g, exact.as_deref()),
+                    Term::Label(k, _) => Indexed::Label(k),
+                    Term::Capability(c) => Indexed::Capability(capability_term(c)),
+                    _ => return None,
+                })
+            })
     }
 
     /// True if `agent` matches every term at time `now`.
@@ -197,7 +221,7 @@ fn term_matches(t: &Term, a: &Agent, now: Millis) -> bool {
             }
         }
         Term::Attr(k, g) => a.attr(k).is_some_and(|v| g.matches(v)),
-        Term::Host(g) => a.hosts().any(|h| g.matches(h)),
+        Term::Host(g, _) => a.hosts().any(|h| g.matches(h)),
         Term::Version(g) => {
             a.version_number().is_some_and(|v| g.matches(v))
                 || a.attr("service.version").is_some_and(|v| g.matches(v))
@@ -217,24 +241,62 @@ fn term_matches(t: &Term, a: &Agent, now: Millis) -> bool {
     }
 }
 
-fn capability_matches(a: &Agent, c: &str) -> bool {
-    match c.to_ascii_lowercase().as_str() {
-        "chatops" => return has_custom(a, CAP_CHATOPS),
-        "shutdown" => return has_custom(a, CAP_SHUTDOWN),
-        "restart" => return agent_has(a.capabilities, AgentCapabilities::AcceptsRestartCommand),
-        "remote_config" | "remoteconfig" => {
-            return agent_has(a.capabilities, AgentCapabilities::AcceptsRemoteConfig)
+/// A term an index can answer: see [`Query::indexed`].
+pub enum Indexed<'a> {
+    Type(&'a WildMatch),
+    Health(&'static str),
+    State(&'static str),
+    Version(&'a WildMatch),
+    /// The pattern, and the lowercased value when it has no wildcard.
+    Host(&'a WildMatch, Option<&'a str>),
+    /// A label key (the agent has the label; its value is checked by the query).
+    Label(&'a str),
+    Capability(CapTerm),
+}
+
+/// What a `capability:` value asks for.
+pub enum CapTerm {
+    /// This custom capability, declared as is or as `request:<it>`.
+    Custom(&'static str),
+    /// A standard capability bit.
+    Bit(AgentCapabilities),
+    /// A glob over custom capabilities (with or without their `request:` prefix).
+    Glob(WildMatch),
+}
+
+impl CapTerm {
+    /// True if a declared custom capability `x` satisfies this term (never for [`CapTerm::Bit`]).
+    pub fn custom_matches(&self, x: &str) -> bool {
+        match self {
+            CapTerm::Custom(c) => x == *c || x.strip_prefix("request:") == Some(*c),
+            CapTerm::Bit(_) => false,
+            CapTerm::Glob(g) => {
+                g.matches(x) || x.strip_prefix("request:").is_some_and(|x| g.matches(x))
+            }
         }
-        "health" => return agent_has(a.capabilities, AgentCapabilities::ReportsHealth),
-        _ => {}
     }
-    if let Some(cap) = agent_capability_by_name(c) {
-        return agent_has(a.capabilities, cap);
+}
+
+pub fn capability_term(c: &str) -> CapTerm {
+    match c.to_ascii_lowercase().as_str() {
+        "chatops" => CapTerm::Custom(CAP_CHATOPS),
+        "shutdown" => CapTerm::Custom(CAP_SHUTDOWN),
+        "restart" => CapTerm::Bit(AgentCapabilities::AcceptsRestartCommand),
+        "remote_config" | "remoteconfig" => CapTerm::Bit(AgentCapabilities::AcceptsRemoteConfig),
+        "health" => CapTerm::Bit(AgentCapabilities::ReportsHealth),
+        _ => match agent_capability_by_name(c) {
+            Some(cap) => CapTerm::Bit(cap),
+            None => CapTerm::Glob(glob(c)),
+        },
     }
-    let g = glob(c);
-    a.custom_capabilities
-        .iter()
-        .any(|x| g.matches(x) || x.strip_prefix("request:").is_some_and(|x| g.matches(x)))
+}
+
+fn capability_matches(a: &Agent, c: &str) -> bool {
+    match capability_term(c) {
+        CapTerm::Custom(cap) => has_custom(a, cap),
+        CapTerm::Bit(cap) => agent_has(a.capabilities, cap),
+        t => a.custom_capabilities.iter().any(|x| t.custom_matches(x)),
+    }
 }
 
 #[cfg(test)]

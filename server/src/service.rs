@@ -22,6 +22,8 @@ use crate::model::{
     CommandFilter, CommandKind, CommandStatus, Liveness, Millis, NewAudit, Role, SkippedTarget,
 };
 use crate::query::Query;
+use crate::registry::Registry;
+use crate::store::indexed::IndexedStore;
 use crate::store::{Finish, Store, StoreError};
 
 /// Why an operation was refused or failed. Each variant has a stable [`FleetError::code`].
@@ -312,7 +314,11 @@ pub struct BatchItem {
 /// The fleet service. Cheap to clone.
 #[derive(Clone)]
 pub struct Fleet {
+    /// The store wrapped in [`crate::store::indexed::IndexedStore`], which keeps `registry` in
+    /// step with every agent write.
     store: Arc<dyn Store>,
+    /// The in-memory index answering search, summary and catalog (see [`crate::registry`]).
+    registry: Arc<Registry>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     settings: FleetSettings,
@@ -325,7 +331,6 @@ pub struct Fleet {
     deliveries: Arc<Deliveries>,
 }
 
-const SCAN_PAGE: usize = 1000;
 /// Candidates listed when an agent name is ambiguous.
 const RESOLVE_CANDIDATES: usize = 10;
 
@@ -336,8 +341,11 @@ impl Fleet {
         metrics: Arc<Metrics>,
         settings: FleetSettings,
     ) -> Fleet {
+        let registry = Arc::new(Registry::default());
+        let store: Arc<dyn Store> = Arc::new(IndexedStore::new(store, registry.clone()));
         Fleet {
             store,
+            registry,
             hub,
             metrics,
             settings,
@@ -461,23 +469,18 @@ impl Fleet {
         Self::require(caller, Role::Admin, what.operation())
     }
 
-    /// Calls `f` on every agent, in uid order, until it returns false.
-    async fn scan(&self, after: Option<Uuid>, mut f: impl FnMut(Agent) -> bool) -> FleetResult<()> {
-        let mut cursor = after;
-        loop {
-            // Scans never need configuration bodies, which can dwarf the rest of a record.
-            let page = self.store.list_agents_brief(cursor, SCAN_PAGE).await?;
-            let n = page.len();
-            for a in page {
-                cursor = Some(a.uid);
-                if !f(a) {
-                    return Ok(());
-                }
-            }
-            if n < SCAN_PAGE {
-                return Ok(());
-            }
-        }
+    /// The registry index, read from the store on first use ([`Fleet::load_registry`] does it
+    /// at start, before anything is served).
+    async fn registry(&self) -> FleetResult<&Registry> {
+        self.load_registry().await?;
+        Ok(&self.registry)
+    }
+
+    /// Reads the registry into the in-memory index (once; later calls return at once).
+    pub async fn load_registry(&self) -> FleetResult<()> {
+        let inner = self.store.as_ref();
+        self.registry.ensure_loaded(inner).await?;
+        Ok(())
     }
 
     fn parse_query(q: &str) -> FleetResult<Query> {
@@ -508,39 +511,24 @@ impl Fleet {
                     .map_err(|_| FleetError::BadRequest(format!("cursor {c:?} is not valid")))?,
             ),
         };
-        let now = now_ms();
-        let mut items = Vec::new();
-        let mut more = false;
-        let mut total = 0usize;
-        // With a total wanted, one pass from the start both counts and cuts the page: a second
-        // scan for the count doubled the cost of every MCP search on a large fleet.
-        let start = if with_total { None } else { after };
-        self.scan(start, |a| {
-            if !query.matches(&a, now) {
-                return true;
-            }
-            total += 1;
-            if after.is_some_and(|c| a.uid <= c) {
-                return true;
-            }
-            if items.len() == limit {
-                more = true;
-                return with_total;
-            }
-            items.push(AgentRow::of(&a, now));
-            true
-        })
-        .await?;
-        let next_cursor = if more {
+        let found = self
+            .registry()
+            .await?
+            .search(&query, after, limit, with_total);
+        let items: Vec<AgentRow> = found
+            .items
+            .iter()
+            .map(|a| AgentRow::of(a, found.now))
+            .collect();
+        let next_cursor = if found.more {
             items.last().map(|r| r.uid.to_string())
         } else {
             None
         };
-        let total = with_total.then_some(total);
         Ok(Page {
             items,
             next_cursor,
-            total,
+            total: found.total,
         })
     }
 
@@ -610,35 +598,10 @@ impl Fleet {
     /// Counts by type, version, health and state.
     pub async fn summary(&self, caller: &Caller) -> FleetResult<Value> {
         Self::require(caller, Role::Viewer, "read the fleet summary")?;
-        let now = now_ms();
-        let mut total = 0usize;
-        let mut by: [BTreeMap<String, usize>; 4] = Default::default();
-        self.scan(None, |a| {
-            total += 1;
-            *by[0].entry(a.agent_type()).or_default() += 1;
-            *by[1]
-                .entry(a.attr("service.version").unwrap_or("unknown").to_string())
-                .or_default() += 1;
-            let h = match a.health.as_ref().map(|h| h.healthy) {
-                Some(true) => "healthy",
-                Some(false) => "unhealthy",
-                None => "unknown",
-            };
-            *by[2].entry(h.into()).or_default() += 1;
-            *by[3]
-                .entry(
-                    serde_json::to_value(a.liveness(now))
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                )
-                .or_default() += 1;
-            true
-        })
-        .await?;
+        let c = self.registry().await?.summary();
         Ok(
-            json!({"total": total, "by_type": by[0], "by_version": by[1],
-                  "by_health": by[2], "by_state": by[3]}),
+            json!({"total": c.total, "by_type": c.by_type, "by_version": c.by_version,
+                  "by_health": c.by_health, "by_state": c.by_state}),
         )
     }
 
@@ -698,31 +661,13 @@ impl Fleet {
     /// The command kinds, their parameter schemas and how many known agents can run each.
     pub async fn catalog(&self, caller: &Caller) -> FleetResult<Vec<Value>> {
         Self::require(caller, Role::Viewer, "read the catalog")?;
-        let mut capable: BTreeMap<&'static str, usize> = BTreeMap::new();
-        // Representative params so capability checks of parametrised kinds can run.
-        let probe: Vec<(CommandKind, Value)> = CommandKind::ALL
-            .iter()
-            .map(|k| {
-                let p = match k {
-                    CommandKind::Chatops => json!({"tag": "x"}),
-                    CommandKind::RemoteConfig => json!({"files": {"f": "x"}}),
-                    _ => Value::Null,
-                };
-                (*k, commands::validate_params(*k, &p).unwrap_or(Value::Null))
-            })
+        let capable: BTreeMap<&'static str, usize> = self
+            .registry()
+            .await?
+            .capable()
+            .into_iter()
+            .map(|(k, n)| (k.as_str(), n))
             .collect();
-        self.scan(None, |a| {
-            for (k, p) in &probe {
-                if *k != CommandKind::Custom && commands::check_capable(&a, *k, p).is_ok() {
-                    *capable.entry(k.as_str()).or_default() += 1;
-                }
-            }
-            if !a.custom_capabilities.is_empty() {
-                *capable.entry("custom").or_default() += 1;
-            }
-            true
-        })
-        .await?;
         Ok(CommandKind::ALL
             .iter()
             .map(|k| {
@@ -870,28 +815,26 @@ impl Fleet {
             }
             Target::Query(q) => {
                 let query = Self::parse_query(&q)?;
-                let mut matched = 0usize;
-                let mut first = None;
+                // Past max_fanout the request fails anyway: one more match is enough to know.
+                let found = self.registry().await?.search(
+                    &query,
+                    None,
+                    self.settings.max_fanout.saturating_add(1),
+                    true,
+                );
+                let matched = found.total.unwrap_or(found.items.len());
+                let first = found.items.first().map(|a| a.uid);
                 let mut targets = Vec::new();
                 let mut skipped = Vec::new();
-                self.scan(None, |a| {
-                    if query.matches(&a, now) {
-                        matched += 1;
-                        first.get_or_insert(a.uid);
-                        // Past max_fanout the request fails anyway: stop collecting rows.
-                        if matched <= self.settings.max_fanout {
-                            match commands::check_capable(&a, kind, &params) {
-                                Ok(()) => targets.push(AgentRow::of(&a, now)),
-                                Err(e) => skipped.push(SkippedTarget {
-                                    agent_uid: a.uid,
-                                    reason: e.to_string(),
-                                }),
-                            }
-                        }
+                for a in found.items.iter().take(self.settings.max_fanout) {
+                    match commands::check_capable(a, kind, &params) {
+                        Ok(()) => targets.push(AgentRow::of(a, found.now)),
+                        Err(e) => skipped.push(SkippedTarget {
+                            agent_uid: a.uid,
+                            reason: e.to_string(),
+                        }),
                     }
-                    true
-                })
-                .await?;
+                }
                 let Some(first) = first else {
                     return Err(FleetError::NoTargets(q));
                 };

@@ -6,6 +6,7 @@
 //! command's final status and its outcome record) are single methods, each one transaction.
 
 pub mod chat;
+pub mod indexed;
 pub mod sqlite;
 
 use async_trait::async_trait;

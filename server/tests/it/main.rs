@@ -16,6 +16,7 @@ mod fluent_opamp;
 mod mcp;
 mod net;
 mod opamp;
+mod registry;
 mod rest;
 mod scale;
 mod support;
