@@ -5,7 +5,8 @@
 //! The listener carries only the chat routes, so the operator API can stay on loopback; in
 //! Socket Mode (`chat.slack.mode = "socket"`) there is no listener: the gateway opens its
 //! WebSockets to Slack and hands the envelopes to the same gateway below the transport.
-//! Teams (`[chat.teams]`) posts to `/chat/teams/messages` on the same listener. Beside them
+//! Teams (`[chat.teams]`) posts to `/chat/teams/messages` on the same listener, Discord
+//! (`[chat.discord]`) to `/chat/discord/interactions`. Beside them
 //! runs one alert engine (`flotilla_chat::core::alerts`), fed by the fleet event bus and
 //! posting to subscribed channels through each platform's outbox, and one housekeeping over
 //! the shared chat state.
@@ -20,6 +21,9 @@ use flotilla_chat::core::identity::IdentityConfig;
 use flotilla_chat::core::planner::llm::{LlmConfig, LlmPlanner};
 use flotilla_chat::core::state::{ChatState, MemoryState};
 use flotilla_chat::core::types::Outboxes;
+use flotilla_chat::discord::client::{BotToken as DiscordToken, DiscordApi};
+use flotilla_chat::discord::gateway::DiscordGateway;
+use flotilla_chat::discord::verify::Verifier as DiscordVerifier;
 use flotilla_chat::slack::client::{BotToken, SlackApi};
 use flotilla_chat::slack::gateway::{routes as slack_routes, SlackGateway};
 use flotilla_chat::slack::socket::{AppToken, SocketMode, SocketOptions};
@@ -33,7 +37,8 @@ use flotilla_chat::{
 use flotilla_mcp::FleetBackend;
 
 use crate::config::{
-    ChatAccess, SlackConfig, SlackSettings, SlackTransport, TeamsConfig, TeamsSettings,
+    ChatAccess, DiscordConfig, DiscordSettings, SlackConfig, SlackSettings, SlackTransport,
+    TeamsConfig, TeamsSettings,
 };
 use crate::mcp_backend::McpBackend;
 use crate::model::{Caller, Channel, Role};
@@ -108,9 +113,10 @@ pub async fn gateways(
     fleet: Fleet,
     slack: Option<(&SlackConfig, &SlackSettings)>,
     teams: Option<(&TeamsConfig, &TeamsSettings)>,
+    discord: Option<(&DiscordConfig, &DiscordSettings)>,
     llm: Option<&LlmConfig>,
 ) -> Result<Option<Chat>, ChatSetupError> {
-    if slack.is_none() && teams.is_none() {
+    if slack.is_none() && teams.is_none() && discord.is_none() {
         return Ok(None);
     }
     // Pending confirmations and thread context live in the store when it has chat tables, so
@@ -197,6 +203,24 @@ pub async fn gateways(
         outboxes.insert(Platform::Teams, gw.outbox());
         drains.teams = Some(gw);
     }
+    if let Some((cfg, s)) = discord {
+        let core = core(&cfg.access, cfg.confirm_expiry_s);
+        any_core = Some(core.clone());
+        let token = DiscordToken::new(&s.bot_token).map_err(|e| setup(&e))?;
+        let api = DiscordApi::new(&s.api_url, &s.application_id, token).map_err(|e| setup(&e))?;
+        let gw = DiscordGateway::new(
+            DiscordVerifier::new(s.public_key.clone()),
+            Arc::new(api),
+            core,
+        );
+        let r = flotilla_chat::discord::gateway::routes(gw.clone());
+        routes = Some(match routes {
+            Some(x) => x.merge(r),
+            None => r,
+        });
+        outboxes.insert(Platform::Discord, gw.outbox());
+        drains.discord = Some(gw);
+    }
     let Some(core) = any_core else {
         return Ok(None);
     };
@@ -223,6 +247,7 @@ struct Drains {
     slack: Option<Arc<SlackGateway>>,
     socket: Option<SocketMode>,
     teams: Option<Arc<TeamsGateway>>,
+    discord: Option<Arc<DiscordGateway>>,
 }
 
 /// The gateway's periodic and shutdown duties: expiring confirmations, signing off idle
@@ -267,6 +292,9 @@ impl ChatHousekeeping {
             gw.drain().await;
         }
         if let Some(gw) = &self.drains.teams {
+            gw.drain().await;
+        }
+        if let Some(gw) = &self.drains.discord {
             gw.drain().await;
         }
         let n = self.core.shutdown_notice(outbox.as_ref()).await;

@@ -193,6 +193,8 @@ pub struct ChatConfig {
     pub slack: SlackConfig,
     /// The Microsoft Teams gateway (`[chat.teams]`).
     pub teams: TeamsConfig,
+    /// The Discord gateway (`[chat.discord]`).
+    pub discord: DiscordConfig,
     /// The optional LLM planner of every gateway (`[chat.llm]`).
     pub llm: LlmSection,
 }
@@ -382,6 +384,61 @@ impl std::fmt::Debug for TeamsSettings {
     }
 }
 
+/// The Discord gateway: Discord posts interactions (the `/flotilla` command, buttons) to
+/// `chat.listen` + `/chat/discord/interactions`, signed with the application's Ed25519 key.
+/// The public key is not a secret and lives here; the bot token comes from `bot_token_file` or
+/// `FLOTILLA_DISCORD_BOT_TOKEN`, never from this file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscordConfig {
+    pub enabled: bool,
+    /// The application id (Developer Portal → General Information → Application ID).
+    pub application_id: String,
+    /// The application's public key (General Information → Public Key, 64 hex digits).
+    pub public_key: String,
+    /// File holding the bot token (Bot → Reset Token).
+    pub bot_token_file: Option<PathBuf>,
+    /// The Discord REST API base URL (changed only to point tests at a fake).
+    pub api_url: String,
+    /// How long a Confirm button stays good, in seconds (1..=3600; default 300).
+    pub confirm_expiry_s: u64,
+    /// Who may do what from Discord (`[chat.discord.access]`): `users` keyed by user id (or
+    /// `<guild id>/<user id>`), `groups` by guild role id, `channels` by channel id.
+    pub access: ChatAccess,
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        DiscordConfig {
+            enabled: false,
+            application_id: String::new(),
+            public_key: String::new(),
+            bot_token_file: None,
+            api_url: flotilla_chat::discord::client::DEFAULT_API_URL.into(),
+            confirm_expiry_s: DEFAULT_CONFIRM_EXPIRY_S,
+            access: ChatAccess::default(),
+        }
+    }
+}
+
+/// The Discord gateway's checked settings, the bot token read (`Debug` hides it).
+#[derive(Clone)]
+pub struct DiscordSettings {
+    pub application_id: String,
+    pub public_key: flotilla_chat::discord::verify::PublicKey,
+    pub bot_token: String,
+    pub api_url: String,
+}
+
+impl std::fmt::Debug for DiscordSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscordSettings")
+            .field("application_id", &self.application_id)
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Default life of a chat confirmation (the five minutes).
 pub const DEFAULT_CONFIRM_EXPIRY_S: u64 = 300;
 /// Longest a chat confirmation may be configured to live.
@@ -405,6 +462,7 @@ pub struct EnvSecrets {
     pub slack_app_token: Option<Secret>,
     pub chat_llm_api_key: Option<Secret>,
     pub teams_app_password: Option<Secret>,
+    pub discord_bot_token: Option<Secret>,
 }
 
 /// Environment variables holding a secret itself (the alternative to a `*_file` setting). They
@@ -429,6 +487,10 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     (
         "FLOTILLA_TEAMS_APP_PASSWORD",
         "the Teams bot's app password (instead of `chat.teams.app_password_file`)",
+    ),
+    (
+        "FLOTILLA_DISCORD_BOT_TOKEN",
+        "the Discord bot token (instead of `chat.discord.bot_token_file`)",
     ),
 ];
 
@@ -510,12 +572,12 @@ impl Config {
     fn validate_chat(&self, p: &mut Vec<String>) -> (Option<SocketAddr>, Option<SlackSettings>) {
         let c = &self.chat;
         if !c.slack.enabled {
-            return (self.teams_listen(p), None);
+            return (self.webhook_listen(p), None);
         }
         let s = &c.slack;
         // Socket Mode needs no listener: the gateway opens the connections itself.
         let addr = match (&c.listen, s.mode) {
-            (_, SlackMode::Socket) => self.teams_listen(p),
+            (_, SlackMode::Socket) => self.webhook_listen(p),
             (Some(l), SlackMode::Http) => parse_addr("chat.listen", l, p),
             (None, SlackMode::Http) => {
                 p.push(
@@ -598,15 +660,31 @@ impl Config {
 }
 
 impl Config {
-    /// The chat listener Teams needs (when Slack does not already require it).
-    fn teams_listen(&self, p: &mut Vec<String>) -> Option<SocketAddr> {
-        if !self.chat.teams.enabled {
+    /// The chat listener Teams and Discord need (when Slack does not already require it).
+    fn webhook_listen(&self, p: &mut Vec<String>) -> Option<SocketAddr> {
+        let needed = [
+            (
+                self.chat.teams.enabled,
+                "chat.teams",
+                "the Azure Bot's messaging endpoint",
+            ),
+            (
+                self.chat.discord.enabled,
+                "chat.discord",
+                "the Discord interactions endpoint URL",
+            ),
+        ];
+        if !needed.iter().any(|(on, ..)| *on) {
             return None;
         }
         match &self.chat.listen {
             Some(l) => parse_addr("chat.listen", l, p),
             None => {
-                p.push("chat.teams is enabled but chat.listen is not set (the address the Azure Bot's messaging endpoint reaches)".into());
+                for (_, key, reaches) in needed.iter().filter(|(on, ..)| *on) {
+                    p.push(format!(
+                        "{key} is enabled but chat.listen is not set (the address {reaches} reaches)"
+                    ));
+                }
                 None
             }
         }
@@ -680,6 +758,59 @@ impl Config {
                 token_url,
                 service_url: t.service_url.clone(),
                 keys_min_refresh_s: t.keys_min_refresh_s,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Config {
+    /// Checks `[chat.discord]` when enabled, reading the bot token.
+    fn validate_discord(&self, p: &mut Vec<String>) -> Option<DiscordSettings> {
+        let d = &self.chat.discord;
+        if !d.enabled {
+            return None;
+        }
+        let before = p.len();
+        let app = d.application_id.trim();
+        if app.is_empty() || !app.bytes().all(|b| b.is_ascii_digit()) {
+            p.push(format!(
+                "chat.discord.application_id {app:?} must be the application's id (digits; General Information → Application ID)"
+            ));
+        }
+        let key = flotilla_chat::discord::verify::PublicKey::from_hex(&d.public_key);
+        if let Err(e) = &key {
+            p.push(format!("chat.discord.public_key: {e}"));
+        }
+        let url = d.api_url.trim_end_matches('/');
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.contains(char::is_whitespace)
+        {
+            p.push(format!(
+                "chat.discord.api_url {:?} must be an http(s):// URL",
+                d.api_url
+            ));
+        }
+        if !(1..=MAX_CONFIRM_EXPIRY_S).contains(&d.confirm_expiry_s) {
+            p.push(format!(
+                "chat.discord.confirm_expiry_s {} must be between 1 and {MAX_CONFIRM_EXPIRY_S} seconds",
+                d.confirm_expiry_s
+            ));
+        }
+        let token = one_secret(
+            "the Discord bot token",
+            "chat.discord.bot_token_file",
+            &d.bot_token_file,
+            "FLOTILLA_DISCORD_BOT_TOKEN",
+            &self.env_secrets.discord_bot_token,
+            p,
+        );
+        match (token, key) {
+            (Some(bot_token), Ok(public_key)) if p.len() == before => Some(DiscordSettings {
+                application_id: app.to_string(),
+                public_key,
+                bot_token,
+                api_url: url.to_string(),
             }),
             _ => None,
         }
@@ -922,6 +1053,26 @@ pub const ENV_VARS: &[EnvVar] = &[
         EnvKind::Text,
     ),
     var("FLOTILLA_TEAMS_TENANT", "chat.teams.tenant", EnvKind::Text),
+    var(
+        "FLOTILLA_DISCORD_ENABLED",
+        "chat.discord.enabled",
+        EnvKind::Bool,
+    ),
+    var(
+        "FLOTILLA_DISCORD_APPLICATION_ID",
+        "chat.discord.application_id",
+        EnvKind::Text,
+    ),
+    var(
+        "FLOTILLA_DISCORD_PUBLIC_KEY",
+        "chat.discord.public_key",
+        EnvKind::Text,
+    ),
+    var(
+        "FLOTILLA_DISCORD_BOT_TOKEN_FILE",
+        "chat.discord.bot_token_file",
+        EnvKind::Text,
+    ),
     var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
     var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
@@ -1051,6 +1202,10 @@ impl Config {
                 }
                 "FLOTILLA_TEAMS_APP_PASSWORD" => {
                     env_secrets.teams_app_password = secret;
+                    continue;
+                }
+                "FLOTILLA_DISCORD_BOT_TOKEN" => {
+                    env_secrets.discord_bot_token = secret;
                     continue;
                 }
                 _ => {}
@@ -1246,6 +1401,7 @@ impl Config {
         }
         let (chat_addr, slack) = self.validate_chat(&mut p);
         let teams = self.validate_teams(&mut p);
+        let discord = self.validate_discord(&mut p);
         let llm = self.validate_llm(&mut p);
         if let Some(c) = chat_addr {
             for (name, other) in [("opamp.listen", opamp_addr), ("api.listen", api_addr)] {
@@ -1264,6 +1420,7 @@ impl Config {
                 chat_addr,
                 slack,
                 teams,
+                discord,
                 llm,
             }),
             _ => Err(ConfigError::Invalid(p)),
@@ -1404,7 +1561,8 @@ impl Config {
     /// check`: never silently.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
-        let any_gateway = self.chat.slack.enabled || self.chat.teams.enabled;
+        let any_gateway =
+            self.chat.slack.enabled || self.chat.teams.enabled || self.chat.discord.enabled;
         if self.chat.listen.is_some() && !any_gateway {
             w.push(
                 "chat.listen is set but no chat gateway is enabled: the chat listener stays off"
@@ -1415,6 +1573,7 @@ impl Config {
             && self.chat.slack.enabled
             && self.chat.slack.mode == SlackMode::Socket
             && !self.chat.teams.enabled
+            && !self.chat.discord.enabled
         {
             w.push(
                 "chat.listen is set but Slack runs in Socket Mode (no webhooks): the chat listener stays off"
@@ -1449,6 +1608,8 @@ pub struct Validated {
     pub slack: Option<SlackSettings>,
     /// The Teams gateway's settings with its password read, when enabled.
     pub teams: Option<TeamsSettings>,
+    /// The Discord gateway's settings with its bot token read, when enabled.
+    pub discord: Option<DiscordSettings>,
     /// The chat LLM planner's settings with its key read, when enabled (`Debug` hides the key).
     pub llm: Option<LlmConfig>,
 }
@@ -1888,6 +2049,50 @@ mod tests {
         assert!(v.chat_addr.is_some());
         let shown = format!("{} {:?} {:?}", c.to_toml(), c, t);
         assert!(!shown.contains("s3cret-pw"), "the password is never shown");
+    }
+
+    #[test]
+    fn discord_needs_a_listener_an_application_a_public_key_and_its_token_once() {
+        let mut c = Config::default();
+        c.chat.discord.enabled = true;
+        c.chat.discord.application_id = "my-app".into();
+        c.chat.discord.public_key = "abcd".into();
+        c.chat.discord.api_url = "discord.com/api/v10".into();
+        c.chat.discord.confirm_expiry_s = 0;
+        let err = c.validate().unwrap_err().to_string();
+        for want in [
+            "chat.discord is enabled but chat.listen is not set",
+            "chat.discord.application_id \"my-app\" must be the application's id",
+            "chat.discord.public_key: the Discord public key must be 64 hex digits",
+            "chat.discord.api_url",
+            "chat.discord.confirm_expiry_s 0",
+            "the Discord bot token is missing: set chat.discord.bot_token_file or FLOTILLA_DISCORD_BOT_TOKEN",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+        let key = "ab".repeat(32);
+        let env = [
+            ("FLOTILLA_CHAT_LISTEN", "127.0.0.1:0"),
+            ("FLOTILLA_DISCORD_ENABLED", "true"),
+            ("FLOTILLA_DISCORD_APPLICATION_ID", "900000000000000001"),
+            ("FLOTILLA_DISCORD_PUBLIC_KEY", key.as_str()),
+            ("FLOTILLA_DISCORD_BOT_TOKEN", "bot-s3cret-token"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load(None, env).unwrap();
+        let v = c.validate().unwrap();
+        let d = v.discord.clone().unwrap();
+        assert_eq!(
+            (d.application_id.as_str(), d.bot_token.as_str()),
+            ("900000000000000001", "bot-s3cret-token")
+        );
+        assert_eq!(d.api_url, "https://discord.com/api/v10");
+        assert!(v.chat_addr.is_some());
+        let shown = format!("{} {:?} {:?}", c.to_toml(), c, d);
+        assert!(
+            !shown.contains("bot-s3cret-token"),
+            "the token is never shown"
+        );
     }
 
     #[test]

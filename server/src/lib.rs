@@ -166,6 +166,7 @@ pub async fn run_observed_with_chat(
 ) -> Result<(), ServerError> {
     let v_slack = v.slack.clone();
     let v_teams = v.teams.clone();
+    let v_discord = v.discord.clone();
     let v_llm = v.llm.clone();
     let cfg = v.config;
     let hub = Arc::new(Hub::new());
@@ -249,6 +250,7 @@ pub async fn run_observed_with_chat(
         fleet.clone(),
         v_slack.as_ref().map(|s| (&cfg.chat.slack, s)),
         v_teams.as_ref().map(|s| (&cfg.chat.teams, s)),
+        v_discord.as_ref().map(|s| (&cfg.chat.discord, s)),
         v_llm.as_ref(),
     )
     .await

@@ -37,7 +37,7 @@ pub struct Call {
     pub route: &'static str,
     /// The channel, guild (`commands`: `global` when none) or interaction token's interaction id.
     pub target: String,
-    /// The message id edited (`edit_message`).
+    /// The message id edited (`edit_message`) or created (`create_message`, `followup`).
     pub message: Option<String>,
     pub body: Value,
     pub authorization: Option<String>,
@@ -232,13 +232,17 @@ async fn create_message(
     body: Bytes,
 ) -> Response {
     let body = json_body(&body);
-    f.record("create_message", &channel, None, &h, body.clone());
     if !f.bot_ok(&h) {
+        f.record("create_message", &channel, None, &h, body);
         return discord_error(StatusCode::UNAUTHORIZED, 0, "401: Unauthorized");
     }
-    let mut g = f.inner.lock().unwrap();
-    let id = FakeDiscord::snowflake(&mut g);
-    g.messages.insert(id.clone());
+    let id = {
+        let mut g = f.inner.lock().unwrap();
+        let id = FakeDiscord::snowflake(&mut g);
+        g.messages.insert(id.clone());
+        id
+    };
+    f.record("create_message", &channel, Some(&id), &h, body.clone());
     Json(message(&id, &channel, &body)).into_response()
 }
 
@@ -270,10 +274,13 @@ async fn followup(
         f.record("followup", "unknown", None, &h, body);
         return discord_error(StatusCode::NOT_FOUND, 10015, "Unknown Webhook");
     };
-    f.record("followup", &interaction, None, &h, body.clone());
-    let mut g = f.inner.lock().unwrap();
-    let id = FakeDiscord::snowflake(&mut g);
-    g.messages.insert(id.clone());
+    let id = {
+        let mut g = f.inner.lock().unwrap();
+        let id = FakeDiscord::snowflake(&mut g);
+        g.messages.insert(id.clone());
+        id
+    };
+    f.record("followup", &interaction, Some(&id), &h, body.clone());
     Json(message(&id, "", &body)).into_response()
 }
 

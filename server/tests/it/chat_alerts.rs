@@ -112,7 +112,7 @@ impl Rig {
 
 /// Registers `n` healthy HTTP agents named `{prefix}-{i}` (host `{prefix}-{i}-host`), 50 at a
 /// time.
-async fn agents(server: &TestServer, prefix: &str, n: usize) -> Vec<HttpAgent> {
+pub(crate) async fn agents(server: &TestServer, prefix: &str, n: usize) -> Vec<HttpAgent> {
     let mut out = Vec::new();
     let mut set = JoinSet::new();
     for i in 1..=n {
@@ -134,7 +134,7 @@ async fn agents(server: &TestServer, prefix: &str, n: usize) -> Vec<HttpAgent> {
     out
 }
 
-fn health(healthy: bool) -> AgentToServer {
+pub(crate) fn health(healthy: bool) -> AgentToServer {
     AgentToServer {
         health: Some(ComponentHealth {
             healthy,
