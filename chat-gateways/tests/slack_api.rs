@@ -1,6 +1,7 @@
 //! The Slack Web API client against a fake Slack on loopback: what each method sends, the
 //! bot token on every call, Slack's `ok: false` errors surfaced, and HTTP 429 `Retry-After`
-//! honoured (the call is retried after the advertised time, not before).
+//! honoured (the call is retried after the advertised time, not before, and only its channel
+//! waits), and posts paced per channel (a burst, then about one a second).
 
 use std::time::Duration;
 
@@ -125,5 +126,66 @@ async fn rate_limits_are_waited_out_and_retried() {
         ApiError::RateLimited {
             method: "chat.update"
         }
+    );
+}
+
+#[tokio::test]
+async fn a_429_holds_its_channel_only_and_the_message_is_delivered_after_the_wait() {
+    let fake = FakeSlack::start(TOKEN).await;
+    let api = SlackApi::new(&fake.api_url(), BotToken::new(TOKEN).unwrap()).unwrap();
+    fake.script("chat.postMessage", Script::RateLimited { retry_after_s: 2 });
+    let held = {
+        let api = api.clone();
+        tokio::spawn(async move { api.post("C1", None, &render(&preview())).await })
+    };
+    fake.wait_for(Duration::from_secs(10), "C1's first try", |c| c.len() == 1)
+        .await;
+    // Another channel is not behind C1's hold.
+    api.post("C2", None, &render(&preview())).await.unwrap();
+    let ts = held.await.unwrap().unwrap();
+    assert!(!ts.is_empty(), "the held message is delivered, not lost");
+    let calls = fake.calls_of("chat.postMessage");
+    let channels: Vec<&str> = calls
+        .iter()
+        .map(|c| c.body["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        channels,
+        ["C1", "C2", "C1"],
+        "429, C2 meanwhile, C1's retry"
+    );
+    let waited = calls[2].at.duration_since(calls[0].at);
+    assert!(
+        waited >= Duration::from_millis(1950),
+        "C1 retried after {waited:?}, before Retry-After: 2"
+    );
+}
+
+#[tokio::test]
+async fn posts_in_one_channel_are_paced_after_a_burst_and_other_channels_are_not() {
+    let fake = FakeSlack::start(TOKEN).await;
+    let api = SlackApi::new(&fake.api_url(), BotToken::new(TOKEN).unwrap()).unwrap();
+    let burst: Vec<_> = (0..4)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { api.post("C1", None, &render(&preview())).await })
+        })
+        .collect();
+    fake.wait_for(Duration::from_secs(10), "C1's burst", |c| c.len() == 3)
+        .await;
+    api.post("C2", None, &render(&preview())).await.unwrap();
+    for b in burst {
+        b.await.unwrap().unwrap();
+    }
+    let calls = fake.calls_of("chat.postMessage");
+    let channels: Vec<&str> = calls
+        .iter()
+        .map(|c| c.body["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(channels, ["C1", "C1", "C1", "C2", "C1"]);
+    let paced = calls[4].at.duration_since(calls[0].at);
+    assert!(
+        paced >= Duration::from_millis(950),
+        "C1's fourth post {paced:?} after its first, inside Slack's one a second"
     );
 }

@@ -1,10 +1,11 @@
 //! The Slack Web API as the gateway uses it — `chat.postMessage`, `chat.update`,
 //! `chat.postEphemeral` and posts to an interaction's `response_url` — through slack-morphism's
 //! hyper client. The base URL is configurable (`chat.slack.api_url`) so tests point it at a
-//! local fake; rate limiting (HTTP 429 + `Retry-After`) is honoured by slack-morphism's rate
-//! controller, which waits the advertised time and retries.
+//! local fake. Writes are paced per channel and a 429's `Retry-After` holds that method in that
+//! channel (see [`super::pace`] for why slack-morphism's own rate control is not used here).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use serde_json::Value;
 use slack_morphism::errors::SlackClientError;
 use slack_morphism::prelude::*;
 
+use super::pace::{Pace, Pacer};
 use super::render::Rendered;
 
 /// Slack's Web API base.
@@ -20,6 +22,12 @@ pub const DEFAULT_API_URL: &str = "https://slack.com/api";
 
 /// How often a call refused with HTTP 429 is retried after the advertised `Retry-After`.
 const MAX_RETRIES: usize = 3;
+/// The longest one `Retry-After` is obeyed for; a longer one is retried after this.
+const MAX_HOLD: Duration = Duration::from_secs(120);
+/// The wait when a 429 comes without a (readable) `Retry-After`.
+const DEFAULT_HOLD: Duration = Duration::from_secs(1);
+/// Calls that may wait per method and channel; beyond it a call is refused and logged.
+const MAX_WAITING: usize = 64;
 
 pub(crate) type Connector = SlackClientHyperConnector<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -68,6 +76,13 @@ pub enum ApiError {
     RateLimited { method: &'static str },
     #[error("cannot reach Slack for {method}: {error}")]
     Transport { method: &'static str, error: String },
+    /// Too many calls already wait for this channel (Slack allows about one a second).
+    #[error("{method} to {channel} not sent: {waiting} calls already wait for that channel")]
+    Backlogged {
+        method: &'static str,
+        channel: String,
+        waiting: usize,
+    },
 }
 
 pub(crate) fn api_error(method: &'static str, e: SlackClientError) -> ApiError {
@@ -84,10 +99,19 @@ pub(crate) fn api_error(method: &'static str, e: SlackClientError) -> ApiError {
     }
 }
 
-/// slack-morphism's connector for `api_url`: rustls with webpki roots, `http://` allowed (a
-/// local fake), HTTP 429 answered by waiting the advertised `Retry-After`. Socket Mode's
-/// `apps.connections.open` goes through the same connector, so it follows `api_url` too.
+/// slack-morphism's connector for Socket Mode's `apps.connections.open`: [`plain_connector`]
+/// with the crate's rate control, which waits out a 429's `Retry-After` and retries.
 pub(crate) fn connector(api_url: &str) -> Result<Connector, ApiError> {
+    Ok(plain_connector(api_url)?.with_rate_control(
+        SlackApiRateControlConfig::new()
+            .with_max_retries(MAX_RETRIES)
+            .with_max_delay_timeout(MAX_HOLD),
+    ))
+}
+
+/// slack-morphism's connector for `api_url`: rustls with webpki roots, `http://` allowed (a
+/// local fake), no rate control (a 429 comes back as an error for the caller to pace).
+fn plain_connector(api_url: &str) -> Result<Connector, ApiError> {
     let url = api_url.trim_end_matches('/');
     if !(url.starts_with("https://") || url.starts_with("http://")) {
         return Err(ApiError::Config(format!(
@@ -100,19 +124,14 @@ pub(crate) fn connector(api_url: &str) -> Result<Connector, ApiError> {
         .enable_http1()
         .enable_http2()
         .build();
-    Ok(SlackClientHyperConnector::with_connector(https)
-        .with_slack_api_url(url)
-        .with_rate_control(
-            SlackApiRateControlConfig::new()
-                .with_max_retries(MAX_RETRIES)
-                .with_max_delay_timeout(Duration::from_secs(120)),
-        ))
+    Ok(SlackClientHyperConnector::with_connector(https).with_slack_api_url(url))
 }
 
 /// A Slack Web API client for one bot token.
 pub struct SlackApi {
     client: SlackClient<Connector>,
     token: SlackApiToken,
+    pacer: Pacer,
 }
 
 impl std::fmt::Debug for SlackApi {
@@ -126,9 +145,62 @@ impl SlackApi {
     /// fake in tests).
     pub fn new(api_url: &str, token: BotToken) -> Result<Arc<SlackApi>, ApiError> {
         Ok(Arc::new(SlackApi {
-            client: SlackClient::new(connector(api_url)?),
+            client: SlackClient::new(plain_connector(api_url)?),
             token: SlackApiToken::new(SlackApiTokenValue(token.0)),
+            pacer: Pacer::new(MAX_WAITING),
         }))
+    }
+
+    /// Runs `call` for `method` in `channel` when the channel's pace allows; a 429 holds the
+    /// pair for its `Retry-After` and the same call is retried after it (the message is not
+    /// lost), up to [`MAX_RETRIES`] times.
+    async fn paced<T, F, Fut>(
+        &self,
+        method: &'static str,
+        channel: &str,
+        pace: Pace,
+        call: F,
+    ) -> Result<T, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, SlackClientError>>,
+    {
+        let turn = self.pacer.enter(method, channel, pace).map_err(|b| {
+            tracing::warn!(
+                method,
+                channel,
+                waiting = b.waiting,
+                "Slack channel backlog full; this call is refused, not queued"
+            );
+            ApiError::Backlogged {
+                method,
+                channel: channel.to_string(),
+                waiting: b.waiting,
+            }
+        })?;
+        for attempt in 0..=MAX_RETRIES {
+            turn.wait().await;
+            match call().await {
+                Err(SlackClientError::RateLimitError(e)) => {
+                    let hold = e.retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
+                    tracing::info!(
+                        method,
+                        channel,
+                        retry_after_ms = hold.as_millis() as u64,
+                        attempt,
+                        "Slack answered 429; holding this channel's calls for Retry-After"
+                    );
+                    turn.hold(hold);
+                }
+                other => return other.map_err(|e| api_error(method, e)),
+            }
+        }
+        tracing::warn!(
+            method,
+            channel,
+            "Slack still rate-limits after {MAX_RETRIES} retries; giving up this call"
+        );
+        Err(ApiError::RateLimited { method })
     }
 
     fn content(r: &Rendered) -> Result<SlackMessageContent, ApiError> {
@@ -148,25 +220,28 @@ impl SlackApi {
         thread_ts: Option<&str>,
         r: &Rendered,
     ) -> Result<String, ApiError> {
-        let req = SlackApiChatPostMessageRequest::new(channel.into(), Self::content(r)?)
+        let req = &SlackApiChatPostMessageRequest::new(channel.into(), Self::content(r)?)
             .opt_thread_ts(thread_ts.map(Into::into));
+        let (client, token) = (&self.client, &self.token);
         let resp = self
-            .client
-            .open_session(&self.token)
-            .chat_post_message(&req)
-            .await
-            .map_err(|e| api_error("chat.postMessage", e))?;
+            .paced(
+                "chat.postMessage",
+                channel,
+                Pace::PER_CHANNEL,
+                || async move { client.open_session(token).chat_post_message(req).await },
+            )
+            .await?;
         Ok(resp.ts.0)
     }
 
     /// `chat.update` of the message `ts` in `channel`.
     pub async fn update(&self, channel: &str, ts: &str, r: &Rendered) -> Result<(), ApiError> {
-        let req = SlackApiChatUpdateRequest::new(channel.into(), Self::content(r)?, ts.into());
-        self.client
-            .open_session(&self.token)
-            .chat_update(&req)
-            .await
-            .map_err(|e| api_error("chat.update", e))?;
+        let req = &SlackApiChatUpdateRequest::new(channel.into(), Self::content(r)?, ts.into());
+        let (client, token) = (&self.client, &self.token);
+        self.paced("chat.update", channel, Pace::PER_CHANNEL, || async move {
+            client.open_session(token).chat_update(req).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -179,13 +254,17 @@ impl SlackApi {
         r: &Rendered,
     ) -> Result<(), ApiError> {
         let req =
-            SlackApiChatPostEphemeralRequest::new(channel.into(), user.into(), Self::content(r)?)
+            &SlackApiChatPostEphemeralRequest::new(channel.into(), user.into(), Self::content(r)?)
                 .opt_thread_ts(thread_ts.map(Into::into));
-        self.client
-            .open_session(&self.token)
-            .chat_post_ephemeral(&req)
-            .await
-            .map_err(|e| api_error("chat.postEphemeral", e))?;
+        let (client, token) = (&self.client, &self.token);
+        // Ephemerals are limited per workspace, far above one a second: only a 429 holds them.
+        self.paced(
+            "chat.postEphemeral",
+            channel,
+            Pace::UNPACED,
+            || async move { client.open_session(token).chat_post_ephemeral(req).await },
+        )
+        .await?;
         Ok(())
     }
 

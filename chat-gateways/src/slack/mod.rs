@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod pace;
 pub mod parse;
 pub mod render;
 pub mod socket;
