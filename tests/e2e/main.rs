@@ -1,5 +1,5 @@
 //! End-to-end tests of the real `flotilla` binary, across processes: configuration errors and
-//! the CLI (`cli`), the operator CLI against a live server (`cli_ops`), the README's try-it block
+//! the CLI (`cli`), Discord command registration (`cli_chat`), the operator CLI against a live server (`cli_ops`), the README's try-it block
 //! (`cli_tryit`), logs, metrics, completions and the packaged units and images (`cli_service`),
 //! state surviving graceful and `kill -9` restarts (`restart`), audit-trail
 //! tampering detected by `flotilla audit verify` (`audit_tamper`), and the third-party OpAMP
@@ -10,6 +10,7 @@
 
 mod audit_tamper;
 mod cli;
+mod cli_chat;
 mod cli_ops;
 mod cli_service;
 mod cli_tryit;

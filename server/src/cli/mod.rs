@@ -1,8 +1,8 @@
 //! The `flotilla` command line, defined once with clap: the definitions here also generate the
 //! shell completions and the man page (`flotilla completions SHELL`, `flotilla man`).
 //!
-//! Server-side commands (`serve`, `config check`, `audit verify`) read the server's
-//! configuration ([`server`]); the operator commands (`agents`, `agent`, `queue`, `commands`,
+//! Server-side commands (`serve`, `config check`, `audit verify`, `chat discord register`)
+//! read the server's configuration ([`server`]); the operator commands (`agents`, `agent`, `queue`, `commands`,
 //! `command`, `cancel`, `audit`, `labels`, `label`) are a client of the REST API ([`remote`]),
 //! so they get the same roles, confirmation and audit as any REST caller (channel `cli`).
 
@@ -189,6 +189,11 @@ pub enum Cmd {
         #[arg(long)]
         read_only: bool,
     },
+    /// Chat platform set-up (the gateways themselves run in `serve`).
+    Chat {
+        #[command(subcommand)]
+        command: ChatCmd,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -205,6 +210,30 @@ pub enum ConfigCmd {
     Check {
         #[command(flatten)]
         cfg: ServerConfigArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChatCmd {
+    /// Discord set-up.
+    Discord {
+        #[command(subcommand)]
+        command: DiscordCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiscordCmd {
+    /// Register the `/flotilla` command and its sub-commands with Discord, globally or in one
+    /// guild, as the bot of `[chat.discord]`. Idempotent: Discord's bulk overwrite replaces the
+    /// application's commands in that scope, so running it again leaves the same set.
+    Register {
+        #[command(flatten)]
+        cfg: ServerConfigArgs,
+        /// Register in this guild (server id) only: usable at once there. Without it the
+        /// command is global (every guild the bot is in, and DMs).
+        #[arg(long, value_name = "ID")]
+        guild: Option<String>,
     },
 }
 
@@ -249,11 +278,18 @@ fn hoist_server_flags(cli: &mut Cli) -> Result<(), Failure> {
         | Cmd::Audit {
             command: Some(AuditCmd::Verify { cfg, .. }),
             ..
+        }
+        | Cmd::Chat {
+            command:
+                ChatCmd::Discord {
+                    command: DiscordCmd::Register { cfg, .. },
+                },
         } => cfg,
         _ => {
             return Err(Failure::new(
                 Exit::Usage,
-                "--config and --data-dir apply only to serve, config check and audit verify; \
+                "--config and --data-dir apply only to serve, config check, audit verify and \
+                 chat discord register; \
                  the other commands reach a server through --server and --token-file",
             ))
         }
@@ -298,6 +334,12 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Labels(a) => remote::labels(a).await,
         Cmd::Label(a) => remote::label(a).await,
         Cmd::Mcp { client, read_only } => server::mcp(&client, read_only).await,
+        Cmd::Chat {
+            command:
+                ChatCmd::Discord {
+                    command: DiscordCmd::Register { cfg, guild },
+                },
+        } => server::discord_register(&cfg, guild.as_deref()).await,
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "flotilla", &mut std::io::stdout());

@@ -1,5 +1,5 @@
-//! The server-side commands: `serve`, `config check`, `audit verify`, and `flotilla mcp` (a
-//! stdio MCP server forwarding to a remote server's REST API).
+//! The server-side commands: `serve`, `config check`, `audit verify`, `chat discord register`,
+//! and `flotilla mcp` (a stdio MCP server forwarding to a remote server's REST API).
 //!
 //! `serve` and `config check` share [`load`] and [`check_tokens`], so `config check` passes
 //! exactly when `serve` would get as far as binding its ports.
@@ -194,6 +194,68 @@ pub async fn audit_verify(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `flotilla chat discord register [--guild ID]`: the `/flotilla` command (the table the
+/// gateway parses with) sent as Discord's bulk overwrite, with the bot token of the same
+/// `[chat.discord]` that `serve` uses. A refused token exits 4.
+pub async fn discord_register(
+    args: &ServerConfigArgs,
+    guild: Option<&str>,
+) -> anyhow::Result<Exit> {
+    use flotilla_chat::discord::client::{ApiError, BotToken, DiscordApi};
+    use flotilla_chat::discord::commands;
+
+    let v = load(args, None)?;
+    logging::init(&v.config.log.format, &v.config.log.level);
+    let Some(d) = v.discord else {
+        return Err(Failure::new(
+            Exit::Usage,
+            "chat.discord is not enabled: set [chat.discord] enabled = true (or FLOTILLA_DISCORD_ENABLED) with its application_id, public_key and bot token",
+        )
+        .into());
+    };
+    if let Some(g) = guild {
+        if g.is_empty() || !g.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("--guild {g:?} is not a guild id (digits: Server Settings → Widget, or Copy Server ID)"),
+            )
+            .into());
+        }
+    }
+    let usage = |e: ApiError| Failure::new(Exit::Usage, e.to_string());
+    let api = DiscordApi::new(
+        &d.api_url,
+        &d.application_id,
+        BotToken::new(&d.bot_token).map_err(usage)?,
+    )
+    .map_err(usage)?;
+    let registered = api
+        .overwrite_commands(guild, &serde_json::json!([commands::definition()]))
+        .await
+        .map_err(|e| match e {
+            ApiError::Discord {
+                status: 401 | 403, ..
+            } => Failure::new(Exit::Refused, e.to_string()),
+            e => Failure::new(Exit::Error, e.to_string()),
+        })?;
+    let id = registered
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == commands::NAME))
+        .and_then(|c| c["id"].as_str())
+        .unwrap_or("?");
+    let scope = match guild {
+        Some(g) => format!("in guild {g}"),
+        None => "globally".to_string(),
+    };
+    println!(
+        "registered /{} {scope} (command id {id}, {} sub-commands) for application {}",
+        commands::NAME,
+        commands::SUBS.len(),
+        d.application_id
+    );
+    Ok(Exit::Ok)
 }
 
 /// `flotilla mcp`: stdout belongs to the protocol, so logs go to stderr without colour.
