@@ -35,10 +35,46 @@ pub struct Config {
     pub mcp: McpConfig,
     pub console: ConsoleConfig,
     pub chat: ChatConfig,
+    pub store: StoreConfig,
     /// Secrets given as environment variables ([`SECRET_ENV`]); never serialised, so never in
     /// a TOML file, `config check`'s output or a log line.
     #[serde(skip)]
     pub env_secrets: EnvSecrets,
+}
+
+/// Where the registry, command queue and audit trail live: `<data_dir>/flotilla.db` (SQLite,
+/// the default) unless `url` names a PostgreSQL database that several replicas may share.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/database?...`. A password in it is never serialised (nor
+    /// logged); prefer `password_file`.
+    #[serde(serialize_with = "redacted_url")]
+    pub url: Option<String>,
+    /// The PostgreSQL password, read from this file (trimmed); overrides one in `url`.
+    pub password_file: Option<PathBuf>,
+}
+
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&crate::store::postgres::redact_url(u)),
+        None => s.serialize_none(),
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL URL, when one is configured (SQLite otherwise).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.url.as_deref().map(str::trim).filter(|u| !u.is_empty())
+    }
+
+    /// The password from `password_file`, if one is set.
+    pub fn password(&self) -> std::io::Result<Option<String>> {
+        match &self.password_file {
+            None => Ok(None),
+            Some(f) => Ok(Some(std::fs::read_to_string(f)?.trim().to_string())),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -893,6 +929,7 @@ impl Default for Config {
             mcp: McpConfig::default(),
             console: ConsoleConfig::default(),
             chat: ChatConfig::default(),
+            store: StoreConfig::default(),
             env_secrets: EnvSecrets::default(),
         }
     }
@@ -983,6 +1020,12 @@ const fn var(name: &'static str, key: &'static str, kind: EnvKind) -> EnvVar {
 /// [`Config::load`] applies and the README's list is checked against.
 pub const ENV_VARS: &[EnvVar] = &[
     var("FLOTILLA_DATA_DIR", "data_dir", EnvKind::Text),
+    var("FLOTILLA_STORE_URL", "store.url", EnvKind::Text),
+    var(
+        "FLOTILLA_STORE_PASSWORD_FILE",
+        "store.password_file",
+        EnvKind::Text,
+    ),
     var("FLOTILLA_OPAMP_LISTEN", "opamp.listen", EnvKind::Text),
     var("FLOTILLA_OPAMP_PATH", "opamp.path", EnvKind::Text),
     var(
@@ -1237,6 +1280,16 @@ impl Config {
     /// Checks every setting and reports all problems at once.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         let mut p = Vec::new();
+        if let Some(url) = self.store.postgres_url() {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                p.push(format!(
+                    "store.url {:?} must be a postgres:// URL (unset for SQLite in data_dir)",
+                    crate::store::postgres::redact_url(url)
+                ));
+            }
+        } else if self.store.password_file.is_some() {
+            p.push("store.password_file is set but store.url is not".into());
+        }
         let opamp_addr = parse_addr("opamp.listen", &self.opamp.listen, &mut p);
         let api_addr = parse_addr("api.listen", &self.api.listen, &mut p);
         if let (Some(a), Some(b)) = (opamp_addr, api_addr) {

@@ -56,11 +56,23 @@ pub enum ServerError {
     NoDatabase { path: std::path::PathBuf },
     #[error("cannot read the registry into its index: {0}")]
     Registry(String),
+    /// The PostgreSQL store could not be opened; `url` has its password redacted.
+    #[error("cannot open the PostgreSQL store at {url}: {source}")]
+    Postgres {
+        url: String,
+        source: store::StoreError,
+    },
+    /// An offline tool was pointed at a PostgreSQL database without Flotilla's tables.
+    #[error("no Flotilla schema in the PostgreSQL database at {url} (is store.url right?)")]
+    NoSchema { url: String },
 }
 
 /// Opens the configured store and prepares it for serving (nothing is connected at start).
 pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
-    let store = open_sqlite(cfg).await?;
+    let store = match cfg.store.postgres_url() {
+        Some(url) => open_postgres(cfg, url, false).await?,
+        None => open_sqlite(cfg).await?,
+    };
     store
         .mark_all_disconnected(model::now_ms())
         .await
@@ -89,11 +101,45 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// [`ServerError::NoDatabase`]: nothing is created. (SQLite is opened read-write; nothing is
 /// written.)
 pub async fn open_store_for_tools(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {
+    if let Some(url) = cfg.store.postgres_url() {
+        return open_postgres(cfg, url, true).await;
+    }
     let path = cfg.data_dir.join(store::sqlite::DB_FILE);
     if !path.is_file() {
         return Err(ServerError::NoDatabase { path });
     }
     open_sqlite(cfg).await
+}
+
+/// Opens the PostgreSQL store at `url`; `existing`: only if it has Flotilla's schema (tools).
+async fn open_postgres(
+    cfg: &config::Config,
+    url: &str,
+    existing: bool,
+) -> Result<Arc<dyn Store>, ServerError> {
+    let redacted = store::postgres::redact_url(url);
+    let failed = |source| ServerError::Postgres {
+        url: redacted.clone(),
+        source,
+    };
+    let password = cfg
+        .store
+        .password()
+        .map_err(|e| failed(store::StoreError::Io(e)))?;
+    tracing::info!(url = %redacted, "store: PostgreSQL");
+    let store = if existing {
+        store::postgres::PgStore::open_existing(url, password.as_deref())
+            .await
+            .map_err(failed)?
+            .ok_or_else(|| ServerError::NoSchema {
+                url: redacted.clone(),
+            })?
+    } else {
+        store::postgres::PgStore::open(url, password.as_deref())
+            .await
+            .map_err(failed)?
+    };
+    Ok(Arc::new(store))
 }
 
 async fn open_sqlite(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerError> {

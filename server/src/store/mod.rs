@@ -6,8 +6,13 @@
 //! command's final status and its outcome record) are single methods, each one transaction.
 
 pub mod chat;
+mod codec;
 pub mod indexed;
+mod migrations;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use async_trait::async_trait;
 use uuid::Uuid;
