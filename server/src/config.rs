@@ -530,6 +530,39 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     ),
 ];
 
+/// Whether the secret file `path` (set by `key`) is private enough to read: a file other users
+/// can read or write is refused, because anyone on the host could take or replace the secret.
+/// Group access is allowed (`chmod 640` for a service group, Kubernetes' `fsGroup`). A file that
+/// cannot be inspected passes here; reading it names the problem. Unix only: elsewhere file
+/// modes say nothing.
+pub(crate) fn private_secret_file(key: &str, path: &Path, p: &mut Vec<String>) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o006 != 0 {
+                let how = if mode & 0o004 != 0 {
+                    "readable"
+                } else {
+                    "writable"
+                };
+                p.push(format!(
+                    "{key} {} is {how} by other users (mode {mode:04o}); run `chmod 600 {}` \
+                     (or `chmod 640` for a service group; in Kubernetes set defaultMode: 0400 \
+                     on the secret volume)",
+                    path.display(),
+                    path.display()
+                ));
+                return false;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (key, path, p);
+    true
+}
+
 /// A secret from a file or from the environment, exactly one of them; every problem is named.
 fn one_secret(
     what: &str,
@@ -557,6 +590,7 @@ fn one_secret(
             }
             t => Some(t.to_string()),
         },
+        (Some(f), None) if !private_secret_file(file_key, f, p) => None,
         (Some(f), None) => match std::fs::read_to_string(f) {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
             Ok(_) => {
@@ -1287,6 +1321,9 @@ impl Config {
                     crate::store::postgres::redact_url(url)
                 ));
             }
+            if let Some(f) = &self.store.password_file {
+                private_secret_file("store.password_file", f, &mut p);
+            }
         } else if self.store.password_file.is_some() {
             p.push("store.password_file is set but store.url is not".into());
         }
@@ -1388,6 +1425,8 @@ impl Config {
                         "{name} {} does not exist or is not a file",
                         f.display()
                     ));
+                } else {
+                    private_secret_file(name, f, &mut p);
                 }
             }
         }
@@ -1983,12 +2022,73 @@ mod tests {
         assert!(err.contains("listen_on"), "{err}");
     }
 
+    /// A secret file as an operator must write it: owner-only.
+    fn secret_file(path: &Path, contents: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, contents).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn secret_files_others_can_read_or_write_are_refused_group_access_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("llm-key");
+        secret_file(&key, "sk-secret-value\n");
+        for (mode, ok, word) in [
+            (0o600, true, ""),
+            (0o640, true, ""),
+            (0o400, true, ""),
+            (0o644, false, "readable"),
+            (0o604, false, "readable"),
+            (0o602, false, "writable"),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mut p = Vec::new();
+            assert_eq!(
+                private_secret_file("chat.llm.api_key_file", &key, &mut p),
+                ok
+            );
+            if ok {
+                assert!(p.is_empty(), "{mode:o}: {p:?}");
+            } else {
+                let msg = p.join("\n");
+                for needle in [
+                    "chat.llm.api_key_file",
+                    word,
+                    &format!("{mode:04o}"),
+                    "chmod 600",
+                ] {
+                    assert!(msg.contains(needle), "{needle} missing from {msg}");
+                }
+                assert!(!msg.contains("sk-secret-value"));
+            }
+        }
+        // Through the config: the key is not read from a world-readable file.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let f = dir.path().join("flotilla.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "[chat.llm]\nenabled = true\nbase_url = \"http://localhost:11434/v1\"\n\
+                 model = \"m\"\napi_key_file = {key:?}\n"
+            ),
+        )
+        .unwrap();
+        let msg = Config::load(Some(&f), [])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("readable by other users"), "{msg}");
+    }
+
     #[test]
     fn the_chat_llm_section_is_checked_and_its_key_read_from_file_or_env() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("flotilla.toml");
         let key = dir.path().join("llm-key");
-        std::fs::write(&key, "sk-from-file\n").unwrap();
+        secret_file(&key, "sk-from-file\n");
         std::fs::write(
             &f,
             format!(
@@ -2166,9 +2266,9 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("signing-secret");
-        std::fs::write(&secret, "8f742231b10e8888abcd99yyyzzz85a5\n").unwrap();
+        secret_file(&secret, "8f742231b10e8888abcd99yyyzzz85a5\n");
         let empty = dir.path().join("empty");
-        std::fs::write(&empty, "\n").unwrap();
+        secret_file(&empty, "\n");
         // Both sources for the secret, an empty token file, the API's own address.
         let mut c = Config::load(
             None,

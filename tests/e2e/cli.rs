@@ -33,11 +33,10 @@ impl Case {
             .unwrap();
         let data_dir = dir.path().join("data");
         let tokens_file = dir.path().join("tokens");
-        std::fs::write(
+        flotilla_e2e::write_secret(
             &tokens_file,
             format!("{OPERATOR} operator 0123456789abcdef0123456789abcdef\n"),
-        )
-        .unwrap();
+        );
         Case {
             data_dir,
             tokens_file,
@@ -254,7 +253,7 @@ async fn unknown_and_empty_flotilla_variables_are_refused() {
 #[tokio::test]
 async fn config_check_reads_the_token_files_as_serve_does() {
     let case = Case::new();
-    std::fs::write(&case.tokens_file, "ops operator too-short\n").unwrap();
+    flotilla_e2e::write_secret(&case.tokens_file, "ops operator too-short\n");
     let config = case.config("", "");
     assert_failed_naming(
         &config_check(&config, &[]).await,
@@ -264,13 +263,12 @@ async fn config_check_reads_the_token_files_as_serve_does() {
     case.assert_refused(&out, &["shorter than 16"]);
 
     // An agent tokens file without a token would refuse every agent.
-    std::fs::write(
+    flotilla_e2e::write_secret(
         &case.tokens_file,
         format!("{OPERATOR} operator 0123456789abcdef0123456789abcdef\n"),
-    )
-    .unwrap();
+    );
     let agent_tokens = case.dir.path().join("agent-tokens");
-    std::fs::write(&agent_tokens, "# none yet\n").unwrap();
+    flotilla_e2e::write_secret(&agent_tokens, "# none yet\n");
     let config = case.config(
         "",
         &format!("[opamp]\nagent_tokens_file = {}\n", toml_str(&agent_tokens)),
@@ -477,14 +475,75 @@ async fn missing_or_unreadable_tokens_file_is_refused() {
     case.assert_refused(&out, &["api.tokens_file", "tokens.d"]);
 }
 
+/// A secret file other users can read (the umask's 0644) or write is refused before any port
+/// is bound, naming the file, its mode and the fix; the secret itself is never printed.
+/// Group access stays allowed for a service group.
+#[tokio::test]
+async fn secret_files_other_users_can_read_or_write_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let case = Case::new();
+    let config = case.config("", "");
+    chmod(&case.tokens_file, 0o644);
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(
+        &out,
+        &[
+            "api.tokens_file",
+            "readable by other users",
+            "0644",
+            "chmod 600",
+        ],
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !all.contains("0123456789abcdef0123456789abcdef"),
+        "the secret leaked: {all}"
+    );
+
+    chmod(&case.tokens_file, 0o602);
+    let out = case.serve(&config, &[], &[]).await;
+    case.assert_refused(&out, &["api.tokens_file", "writable by other users"]);
+
+    // A chat signing secret goes through the same check (and names its own key).
+    chmod(&case.tokens_file, 0o640);
+    let secret = case.dir.path().join("slack-signing-secret");
+    std::fs::write(&secret, "8f742231b10e8888abcd99yyyzzz85a5\n").unwrap();
+    chmod(&secret, 0o604);
+    let config = case.config(
+        "",
+        &format!(
+            "[chat]\nlisten = \"127.0.0.1:0\"\n[chat.slack]\nenabled = true\nsigning_secret_file = {}\n",
+            toml_str(&secret)
+        ),
+    );
+    let out = case
+        .serve(
+            &config,
+            &[],
+            &[("FLOTILLA_SLACK_BOT_TOKEN", "xoxb-test-token")],
+        )
+        .await;
+    case.assert_refused(
+        &out,
+        &["chat.slack.signing_secret_file", "readable by other users"],
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("8f742231b10e"));
+}
+
 #[tokio::test]
 async fn malformed_tokens_file_is_refused_before_binding() {
     let case = Case::new();
-    std::fs::write(
+    flotilla_e2e::write_secret(
         &case.tokens_file,
         "ok-user operator 0123456789abcdef0123456789abcdef\nbob superuser fedcba9876543210fedcba9876543210\n",
-    )
-    .unwrap();
+    );
     let config = case.config("", "");
     let out = case.serve(&config, &[], &[]).await;
     case.assert_refused(&out, &["superuser"]);

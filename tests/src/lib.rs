@@ -347,6 +347,26 @@ async fn collect_stderr(stream: impl AsyncRead + Unpin, buf: Arc<Mutex<String>>)
     }
 }
 
+/// Writes a secret file (tokens, signing secrets) the way an operator must: readable by its
+/// owner only, since `flotilla serve` refuses a secret file other users can read or write.
+/// Created with mode 0600 whatever the umask; an existing file is truncated and re-moded.
+pub fn write_secret(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = path.as_ref();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create secret file {}: {e}", path.display()));
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
+    f.write_all(contents.as_ref())
+        .unwrap_or_else(|e| panic!("write secret file {}: {e}", path.display()));
+}
+
 #[cfg(test)]
 mod self_test {
     //! Checks the peers and these helpers against a minimal in-process OpAMP/HTTP responder

@@ -280,14 +280,13 @@ impl Home {
             operator: random_token(),
             viewer: random_token(),
         };
-        std::fs::write(
+        crate::write_secret(
             &tokens_file,
             format!(
                 "# e2e tokens\ne2e-admin admin {}\n{OPERATOR} operator {}\ne2e-viewer viewer {}\n",
                 tokens.admin, tokens.operator, tokens.viewer
             ),
-        )
-        .expect("write tokens file");
+        );
         let config = dir.path().join("flotilla.toml");
         std::fs::write(
             &config,

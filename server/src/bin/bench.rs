@@ -887,6 +887,13 @@ impl Drop for OwnServer {
     }
 }
 
+/// Writes a secret file owner-only: `flotilla serve` refuses secret files other users can read.
+pub(crate) fn private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     // Bind-and-release: racy in theory, fine on a quiet loopback.
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -941,7 +948,7 @@ fn start_server(
     std::fs::create_dir_all(&dir)?;
     let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("bench admin {token}\n"))?;
+    private(&tokens, &format!("bench admin {token}\n"))?;
     let opamp_port = free_port()?;
     let api_port = free_port()?;
     let cfg = dir.join("flotilla.toml");

@@ -43,7 +43,7 @@ pub(crate) async fn private_answer(fake: &FakeSlack, trigger: &str) -> String {
 /// The Slack gateway on the chat listener, talking to the fake Web API at `api_url`.
 pub(crate) fn configure(c: &mut flotilla_server::config::Config, api_url: &str) {
     let secret = c.data_dir.join("slack-signing-secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    flotilla_e2e::write_secret(&secret, format!("{SECRET}\n"));
     c.chat.listen = Some("127.0.0.1:0".into());
     c.chat.slack.enabled = true;
     c.chat.slack.signing_secret_file = Some(secret);

@@ -1852,7 +1852,7 @@ async fn an_adopted_uid_that_someone_took_meanwhile_is_replaced_not_merged() {
 async fn agent_tokens_are_required_when_configured() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tmp.path().join("agent-tokens");
-    std::fs::write(&tokens, "# agents\nagent-token-1\n").unwrap();
+    flotilla_e2e::write_secret(&tokens, "# agents\nagent-token-1\n");
     let server = TestServer::start_with(|c| c.opamp.agent_tokens_file = Some(tokens.clone())).await;
     let body = full(new_uid(), 0, REPORTS_STATUS).encode_to_vec();
     assert_eq!(post_raw(&server, body.clone(), &[]).await.status(), 401);

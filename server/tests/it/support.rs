@@ -68,13 +68,12 @@ impl TestServer {
     ) -> TestServer {
         let tokens = data_dir.join("tokens.txt");
         std::fs::create_dir_all(&data_dir).expect("data dir");
-        std::fs::write(
+        flotilla_e2e::write_secret(
             &tokens,
             format!(
                 "# name role token\nadmin admin {ADMIN_TOKEN}\nops operator {OPERATOR_TOKEN}\nwatcher viewer {VIEWER_TOKEN}\n"
             ),
-        )
-        .expect("tokens file");
+        );
         let mut config = Config {
             data_dir: data_dir.clone(),
             ..Config::default()

@@ -787,7 +787,7 @@ async fn oauth2_client_credentials_token_is_used_and_refreshed() {
 async fn static_bearer_token_against_the_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("agent-tokens");
-    std::fs::write(&tokens, "agent-secret-1\n").unwrap();
+    write_private(&tokens, "agent-secret-1\n");
     let server = Server::start_with(vec![(
         "FLOTILLA_AGENT_TOKENS_FILE",
         tokens.to_str().unwrap(),

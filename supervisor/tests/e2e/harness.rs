@@ -121,6 +121,14 @@ pub fn real_agent(test: &str, rel: &str, version_arg: &str, expect: &str) -> Opt
     Some(exe)
 }
 
+/// Writes a file the server reads as a secret (a tokens file) owner-only, as `flotilla serve`
+/// requires of secret files, whatever the umask.
+pub fn write_private(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -227,7 +235,10 @@ impl Server {
         build_bins();
         let dir = tempfile::tempdir().unwrap();
         let token = format!("t{}", uuid::Uuid::new_v4().simple());
-        std::fs::write(dir.path().join("tokens"), format!("admin admin {token}\n")).unwrap();
+        write_private(
+            &dir.path().join("tokens"),
+            &format!("admin admin {token}\n"),
+        );
         let mut s = Server {
             child: None,
             dir,

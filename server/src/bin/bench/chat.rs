@@ -95,8 +95,8 @@ async fn api(
 pub fn config_toml(dir: &std::path::Path, port: u16, api_url: &str, secret: &str) -> String {
     let secret_file = dir.join("slack-signing-secret");
     let token_file = dir.join("slack-bot-token");
-    let _ = std::fs::write(&secret_file, secret);
-    let _ = std::fs::write(&token_file, "xoxb-bench-token");
+    let _ = super::private(&secret_file, secret);
+    let _ = super::private(&token_file, "xoxb-bench-token");
     format!(
         "\n[chat]\nlisten = \"127.0.0.1:{port}\"\n\n[chat.slack]\nenabled = true\n\
          signing_secret_file = {secret_file:?}\nbot_token_file = {token_file:?}\n\
