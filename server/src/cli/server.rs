@@ -156,7 +156,8 @@ pub fn config_check(args: &ServerConfigArgs) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// `flotilla audit verify`: 0 intact, 1 broken, 3 no database (never created).
+/// `flotilla audit verify`: 0 intact, 1 broken, 3 no database or no Flotilla schema in the
+/// PostgreSQL one (never created).
 pub async fn audit_verify(
     args: &ServerConfigArgs,
     anchor: Option<&flotilla_server::audit::ChainHead>,
@@ -165,9 +166,10 @@ pub async fn audit_verify(
     logging::init(&v.config.log.format, &v.config.log.level);
     let store = match flotilla_server::open_store_for_tools(&v.config).await {
         Ok(s) => s,
-        Err(e @ flotilla_server::ServerError::NoDatabase { .. }) => {
-            return Err(Failure::new(Exit::NotFound, e.to_string()).into())
-        }
+        Err(
+            e @ (flotilla_server::ServerError::NoDatabase { .. }
+            | flotilla_server::ServerError::NoSchema { .. }),
+        ) => return Err(Failure::new(Exit::NotFound, e.to_string()).into()),
         Err(e) => return Err(e.into()),
     };
     match flotilla_server::audit::verify(store.as_ref(), anchor).await {

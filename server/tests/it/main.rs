@@ -17,6 +17,7 @@ mod fluent_opamp;
 mod mcp;
 mod net;
 mod opamp;
+mod postgres;
 mod registry;
 mod rest;
 mod scale;

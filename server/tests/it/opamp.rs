@@ -205,7 +205,7 @@ impl Ws {
     }
 
     /// Nothing arrives within `d` (used to prove "exactly once").
-    async fn silent_for(&mut self, d: Duration) -> bool {
+    pub(crate) async fn silent_for(&mut self, d: Duration) -> bool {
         tokio::time::timeout(d, self.frames.recv()).await.is_err()
     }
 
