@@ -8,6 +8,12 @@ use std::sync::Arc;
 use sqlx::Connection;
 use uuid::Uuid;
 
+use flotilla_chat::core::planner::ThreadContext;
+use flotilla_chat::core::state::{ChatState, Mute, PendingConfirmation, Subscription, ThreadState};
+use flotilla_chat::{ChatUser, ConversationRef, Platform};
+use serde_json::json;
+
+use super::chat::StoreChatState;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use super::*;
@@ -190,6 +196,8 @@ on_every_backend!(
     verify_detects_updated_record,
     verify_detects_deleted_record,
     data_survives_close_and_reopen,
+    chat_confirmations_threads_and_deliveries_survive_a_restart,
+    chat_subscriptions_and_mutes_are_kept_removed_by_channel_and_audited,
     audit_appends_from_two_stores_form_one_chain,
     concurrent_claims_from_two_stores_deliver_each_command_once,
 );
@@ -1272,4 +1280,127 @@ async fn concurrent_claims_from_two_stores_deliver_each_command_once(db: &Db) {
     assert_eq!(claimed.len(), commands.len(), "a command was never claimed");
     let counts = db.store.command_counts().await.unwrap();
     assert!(counts.contains(&(CommandStatus::Sent, 200)), "{counts:?}");
+}
+
+// ---- the chat gateways' state (ChatStore) ----
+
+fn pending(id: &str, expires_at_ms: i64) -> PendingConfirmation {
+    PendingConfirmation {
+        id: id.into(),
+        requester: ChatUser {
+            id: "U1".into(),
+            name: "Ada".into(),
+            groups: vec![],
+        },
+        conversation: ConversationRef {
+            platform: Platform::Slack,
+            workspace: "T1".into(),
+            channel: "C1".into(),
+            thread: None,
+        },
+        tool: "command_queue".into(),
+        args: json!({"agent": "u-1", "kind": "restart"}),
+        expect_targets: json!({"count": 1, "digest": "d"}),
+        target_count: 1,
+        expires_at_ms,
+    }
+}
+
+async fn chat_confirmations_threads_and_deliveries_survive_a_restart(db: &Db) {
+    {
+        let store = db.store.clone();
+        let s = StoreChatState(store.clone().chat_store().unwrap());
+        s.put_confirmation(&pending("c1", 2_000)).await.unwrap();
+        s.put_confirmation(&pending("c2", 500)).await.unwrap();
+        let mut t = ThreadState {
+            context: ThreadContext::default(),
+            last_used_ms: 1_000,
+            conversation: None,
+        };
+        t.context.last_query = Some("type:fluentd".into());
+        s.put_thread("slack/T1/C1/-", &t).await.unwrap();
+        assert!(s.first_delivery("Ev1", 1_000).await.unwrap());
+        store.close().await;
+    }
+    let db = db.reopen().await;
+    let s = StoreChatState(db.store.clone().chat_store().unwrap());
+    // A retry after the restart is still recognised.
+    assert!(!s.first_delivery("Ev1", 1_500).await.unwrap());
+    assert_eq!(s.expire_confirmations(1_000).await.unwrap(), 1);
+    assert_eq!(
+        s.take_confirmation("c1").await.unwrap(),
+        Some(pending("c1", 2_000))
+    );
+    // Single use: the second take finds nothing.
+    assert_eq!(s.take_confirmation("c1").await.unwrap(), None);
+    assert_eq!(s.take_confirmation("c2").await.unwrap(), None);
+    let t = s.get_thread("slack/T1/C1/-").await.unwrap().unwrap();
+    assert_eq!(t.context.last_query.as_deref(), Some("type:fluentd"));
+    let idle = s.take_idle_threads(1_001).await.unwrap();
+    assert_eq!(idle.len(), 1);
+    assert_eq!(s.get_thread("slack/T1/C1/-").await.unwrap(), None);
+}
+
+async fn chat_subscriptions_and_mutes_are_kept_removed_by_channel_and_audited(db: &Db) {
+    let store = db.store.clone();
+    let s = StoreChatState(store.clone().chat_store().unwrap());
+    let conv = pending("x", 0).conversation;
+    let ada = pending("x", 0).requester;
+    let sub = Subscription {
+        id: "s-1".into(),
+        conversation: conv.clone(),
+        query: "state:offline".into(),
+        events: vec!["offline".into(), "recovered".into()],
+        created_by: ada.clone(),
+        created_at_ms: 5,
+    };
+    s.put_subscription(&sub).await.unwrap();
+    assert_eq!(s.list_subscriptions().await.unwrap(), vec![sub.clone()]);
+    let m = Mute {
+        subscription: "s-1".into(),
+        agent: "u-1".into(),
+        until_ms: 10_000,
+    };
+    assert!(s.mute(&m, &ada).await.unwrap());
+    let unknown = Mute {
+        subscription: "s-nope".into(),
+        ..m.clone()
+    };
+    assert!(!s.mute(&unknown, &ada).await.unwrap());
+    assert_eq!(s.mutes(9_999).await.unwrap(), vec![m.clone()]);
+    assert!(s.mutes(10_000).await.unwrap().is_empty(), "expired");
+    assert!(s.mute(&m, &ada).await.unwrap());
+    // Another channel cannot remove it.
+    let other = ConversationRef {
+        channel: "C2".into(),
+        ..conv.clone()
+    };
+    assert_eq!(
+        s.remove_subscription("s-1", &other, &ada).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.remove_subscription("s-1", &conv, &ada).await.unwrap(),
+        Some(sub)
+    );
+    assert!(s.list_subscriptions().await.unwrap().is_empty());
+    assert!(
+        s.mutes(0).await.unwrap().is_empty(),
+        "its mutes went with it"
+    );
+    let trail = store
+        .query_audit(&crate::model::AuditFilter::default())
+        .await
+        .unwrap();
+    let ops: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|r| (r.operation.as_str(), r.actor.as_str()))
+        .collect();
+    for op in ["chat.subscribe", "chat.mute", "chat.unsubscribe"] {
+        assert!(ops.contains(&(op, "slack:T1/U1 (Ada)")), "{op}: {ops:?}");
+    }
+    // The refused mute and removal wrote nothing.
+    assert_eq!(ops.len(), 4, "{ops:?}");
+    let mute = trail.iter().find(|r| r.operation == "chat.mute").unwrap();
+    assert_eq!(mute.targets, vec!["u-1".to_string()]);
 }
