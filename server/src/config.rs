@@ -36,6 +36,8 @@ pub struct Config {
     pub console: ConsoleConfig,
     pub chat: ChatConfig,
     pub store: StoreConfig,
+    /// The certificate every listener serves TLS with, unless its own `tls` section names one.
+    pub tls: TlsConfig,
     /// Secrets given as environment variables ([`SECRET_ENV`]); never serialised, so never in
     /// a TOML file, `config check`'s output or a log line.
     #[serde(skip)]
@@ -123,6 +125,8 @@ pub struct OpampConfig {
     pub malformed_log_burst: u32,
     /// The window of `malformed_log_burst`, seconds.
     pub malformed_log_window_s: u64,
+    /// TLS of the agent listener (`[opamp.tls]`), with the optional client-certificate check.
+    pub tls: AgentTlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -142,6 +146,8 @@ pub struct ApiConfig {
     pub header_read_timeout_s: u64,
     /// As `opamp.body_read_timeout_s`, for the operator listener.
     pub body_read_timeout_s: u64,
+    /// TLS of the operator listener (`[api.tls]`).
+    pub tls: ListenerTlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -233,6 +239,65 @@ pub struct ChatConfig {
     pub discord: DiscordConfig,
     /// The optional LLM planner of every gateway (`[chat.llm]`).
     pub llm: LlmSection,
+    /// TLS of the chat listener (`[chat.tls]`), used when a chat gateway is enabled.
+    pub tls: ListenerTlsConfig,
+}
+
+/// `[tls]`: the certificate shared by every listener that does not name its own.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first). With `key_file`, every listener serves TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (mode 0600 or 0640; readable by others is refused).
+    pub key_file: Option<PathBuf>,
+    /// Seconds between checks of every listener's certificate and key files: a changed valid
+    /// pair is used for new handshakes, a broken one is logged and the old one kept.
+    pub reload_interval_s: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            reload_interval_s: 5,
+        }
+    }
+}
+
+/// `[api.tls]`, `[chat.tls]`: a listener's own certificate (overrides `[tls]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Whether the agent listener's TLS handshake demands a client certificate.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// A client without a certificate may connect (and is then checked like any other agent);
+    /// one that presents a certificate must present one the client CA signed.
+    Optional,
+    /// No certificate from the client CA, no handshake.
+    #[default]
+    Required,
+}
+
+/// `[opamp.tls]`: the agent listener's own certificate and the agents' client certificates.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentTlsConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign agents' client certificates: turns on mTLS.
+    pub client_ca_file: Option<PathBuf>,
+    pub client_auth: ClientAuthMode,
+    /// The first client-certificate identity seen for an agent uid is pinned: another
+    /// certificate presenting that uid is refused.
+    pub pin_uid: bool,
 }
 
 /// `[chat.llm]`: an OpenAI-compatible chat-completions endpoint the gateways ask about what the
@@ -964,6 +1029,7 @@ impl Default for Config {
             console: ConsoleConfig::default(),
             chat: ChatConfig::default(),
             store: StoreConfig::default(),
+            tls: TlsConfig::default(),
             env_secrets: EnvSecrets::default(),
         }
     }
@@ -988,6 +1054,7 @@ impl Default for OpampConfig {
             body_read_timeout_s: 60,
             malformed_log_burst: 10,
             malformed_log_window_s: 60,
+            tls: AgentTlsConfig::default(),
         }
     }
 }
@@ -1001,6 +1068,7 @@ impl Default for ApiConfig {
             max_connections: 1024,
             header_read_timeout_s: 30,
             body_read_timeout_s: 60,
+            tls: ListenerTlsConfig::default(),
         }
     }
 }
@@ -1150,6 +1218,8 @@ pub const ENV_VARS: &[EnvVar] = &[
         "chat.discord.bot_token_file",
         EnvKind::Text,
     ),
+    var("FLOTILLA_TLS_CERT_FILE", "tls.cert_file", EnvKind::Text),
+    var("FLOTILLA_TLS_KEY_FILE", "tls.key_file", EnvKind::Text),
     var("FLOTILLA_LOG_FORMAT", "log.format", EnvKind::Text),
     var("FLOTILLA_LOG", "log.level", EnvKind::Text),
 ];
@@ -1495,6 +1565,7 @@ impl Config {
         let teams = self.validate_teams(&mut p);
         let discord = self.validate_discord(&mut p);
         let llm = self.validate_llm(&mut p);
+        let tls = self.validate_tls(chat_addr.is_some(), &mut p);
         if let Some(c) = chat_addr {
             for (name, other) in [("opamp.listen", opamp_addr), ("api.listen", api_addr)] {
                 if other == Some(c) && c.port() != 0 {
@@ -1514,6 +1585,7 @@ impl Config {
                 teams,
                 discord,
                 llm,
+                tls,
             }),
             _ => Err(ConfigError::Invalid(p)),
         }
@@ -1704,6 +1776,116 @@ pub struct Validated {
     pub discord: Option<DiscordSettings>,
     /// The chat LLM planner's settings with its key read, when enabled (`Debug` hides the key).
     pub llm: Option<LlmConfig>,
+    /// Each listener's TLS, loaded and checked.
+    pub tls: TlsListeners,
+}
+
+/// The listeners' TLS, each `None` when that listener serves plain HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct TlsListeners {
+    pub opamp: Option<std::sync::Arc<crate::tls::ListenerTls>>,
+    pub api: Option<std::sync::Arc<crate::tls::ListenerTls>>,
+    pub chat: Option<std::sync::Arc<crate::tls::ListenerTls>>,
+}
+
+impl Config {
+    /// Loads every listener's certificate (its own `tls` section, else `[tls]`) and checks it,
+    /// so a bad pair stops the server before any port is bound.
+    fn validate_tls(&self, chat_on: bool, p: &mut Vec<String>) -> TlsListeners {
+        use crate::tls::{CertFiles, ClientAuth, ListenerTls};
+        if !(1..=86_400).contains(&self.tls.reload_interval_s) {
+            p.push(format!(
+                "tls.reload_interval_s = {} must be between 1 and 86400 seconds",
+                self.tls.reload_interval_s
+            ));
+        }
+        let shared = self.pair("tls", &self.tls.cert_file, &self.tls.key_file, p);
+        let load = |section: &str,
+                    cert: &Option<PathBuf>,
+                    key: &Option<PathBuf>,
+                    client: Option<ClientAuth>,
+                    p: &mut Vec<String>| {
+            let files: Option<CertFiles> = self.pair(section, cert, key, p).or(shared.clone());
+            match (files, client) {
+                (None, Some(_)) => {
+                    p.push(format!(
+                        "{section}.client_ca_file needs TLS on that listener: set {section}.cert_file and key_file, or [tls]"
+                    ));
+                    None
+                }
+                (None, None) => None,
+                (Some(f), client) => match ListenerTls::load(f, client.as_ref()) {
+                    Ok(t) => Some(std::sync::Arc::new(t)),
+                    Err(e) => {
+                        p.push(e.to_string());
+                        None
+                    }
+                },
+            }
+        };
+        let o = &self.opamp.tls;
+        let client = o.client_ca_file.as_ref().map(|f| ClientAuth {
+            ca_file: f.clone(),
+            required: o.client_auth == ClientAuthMode::Required,
+        });
+        if o.pin_uid && client.is_none() {
+            p.push(
+                "opamp.tls.pin_uid needs opamp.tls.client_ca_file (client certificates to pin)"
+                    .into(),
+            );
+        }
+        let opamp = load("opamp.tls", &o.cert_file, &o.key_file, client, p);
+        let api = load(
+            "api.tls",
+            &self.api.tls.cert_file,
+            &self.api.tls.key_file,
+            None,
+            p,
+        );
+        let chat = if chat_on {
+            load(
+                "chat.tls",
+                &self.chat.tls.cert_file,
+                &self.chat.tls.key_file,
+                None,
+                p,
+            )
+        } else {
+            None
+        };
+        TlsListeners { opamp, api, chat }
+    }
+
+    /// A section's certificate and key, both or neither.
+    fn pair(
+        &self,
+        section: &str,
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+        p: &mut Vec<String>,
+    ) -> Option<crate::tls::CertFiles> {
+        match (cert, key) {
+            (Some(c), Some(k)) => Some(crate::tls::CertFiles {
+                cert_file: c.clone(),
+                key_file: k.clone(),
+                cert_key: format!("{section}.cert_file"),
+                key_key: format!("{section}.key_file"),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                p.push(format!(
+                    "{section}.cert_file is set without {section}.key_file"
+                ));
+                None
+            }
+            (None, Some(_)) => {
+                p.push(format!(
+                    "{section}.key_file is set without {section}.cert_file"
+                ));
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod registry;
 pub mod rest;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod views;
 
 use std::future::Future;
@@ -214,6 +215,7 @@ pub async fn run_observed_with_chat(
     let v_teams = v.teams.clone();
     let v_discord = v.discord.clone();
     let v_llm = v.llm.clone();
+    let tls = v.tls.clone();
     let cfg = v.config;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
@@ -265,7 +267,7 @@ pub async fn run_observed_with_chat(
         api: cfg.api.clone(),
         console: cfg.console.clone(),
         data_dir: cfg.data_dir.clone(),
-        tls: false,
+        tls: tls.api.is_some(),
     });
     let rest_app = rest::router(rest_ctx)
         .merge(mcp_backend::routes(fleet.clone(), &cfg, token.clone()))
@@ -287,11 +289,36 @@ pub async fn run_observed_with_chat(
         "flotilla serving"
     );
     if cfg.console.enabled {
-        tracing::info!("web console at http://{}/", api.local_addr()?);
+        let scheme = if tls.api.is_some() { "https" } else { "http" };
+        tracing::info!("web console at {scheme}://{}/", api.local_addr()?);
+    }
+    let reload_every = Duration::from_secs(cfg.tls.reload_interval_s);
+    for (name, t) in [
+        ("agent", &tls.opamp),
+        ("operator", &tls.api),
+        ("chat", &tls.chat),
+    ] {
+        if let Some(t) = t {
+            tracing::info!(listener = name, "serving TLS (1.2/1.3)");
+            tokio::spawn(t.clone().watch(name, reload_every, token.clone()));
+        }
     }
     let (agent_limits, operator_limits) = listener_limits(&cfg);
-    let opamp_srv = net::serve(opamp, opamp_app, agent_limits, token.clone());
-    let api_srv = net::serve(api, rest_app, operator_limits.clone(), token.clone());
+    let opamp_srv = net::serve(
+        opamp,
+        opamp_app,
+        agent_limits,
+        tls.opamp.as_ref().map(|t| t.acceptor()),
+        token.clone(),
+    );
+    let api_srv = net::serve(
+        api,
+        rest_app,
+        operator_limits.clone(),
+        tls.api.as_ref().map(|t| t.acceptor()),
+        token.clone(),
+    );
+    let chat_tls = tls.chat.as_ref().map(|t| t.acceptor());
     let chat = chat::gateways(
         fleet.clone(),
         v_slack.as_ref().map(|s| (&cfg.chat.slack, s)),
@@ -320,7 +347,7 @@ pub async fn run_observed_with_chat(
             let t = token.clone();
             Some(tokio::spawn(async move {
                 let r = match listener {
-                    Some((app, l)) => net::serve(l, app, operator_limits, t).await,
+                    Some((app, l)) => net::serve(l, app, operator_limits, chat_tls, t).await,
                     None => Ok(()),
                 };
                 if let Err(e) = housekeeping.await {

@@ -73,10 +73,16 @@ pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops accepting, lets
 /// requests in progress finish, and returns once every connection has ended (upgraded
 /// WebSockets have left by then: their sessions see the same cancellation).
+///
+/// With `tls`, each connection's handshake must finish within `header_read_timeout` (a client
+/// that connects and stays silent holds its slot no longer than one that sends no request
+/// head), and a verified client certificate rides on every request as a
+/// [`crate::tls::PeerCert`] extension.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -118,8 +124,33 @@ pub async fn serve(
         let app = app.clone();
         let limits = limits.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            serve_connection(io, remote, app, &limits, shutdown).await;
+            let Some(acceptor) = tls else {
+                serve_connection(io, remote, app, &limits, None, shutdown).await;
+                return;
+            };
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io)) => r,
+            };
+            match stream {
+                Ok(Ok(stream)) => {
+                    let peer = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| crate::tls::PeerCert::from_der(c));
+                    serve_connection(stream, remote, app, &limits, peer, shutdown).await;
+                }
+                // Debug only: scanners and plain-HTTP clients on a TLS port are routine, and
+                // the client sees the TLS alert (or the close) that says why.
+                Ok(Err(e)) => tracing::debug!(listener = limits.name, %remote, error = %e,
+                    "TLS handshake failed"),
+                Err(_) => tracing::debug!(listener = limits.name, %remote,
+                    "TLS handshake not finished within the header read timeout; closed"),
+            }
         });
     }
     drop(listener);
@@ -134,6 +165,7 @@ async fn serve_connection<S>(
     remote: SocketAddr,
     app: Router,
     limits: &Limits,
+    peer: Option<crate::tls::PeerCert>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -142,6 +174,9 @@ async fn serve_connection<S>(
     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let mut req = req.map(|b| Body::new(TimedBody::new(b, body_timeout)));
         req.extensions_mut().insert(ConnectInfo(remote));
+        if let Some(p) = &peer {
+            req.extensions_mut().insert(p.clone());
+        }
         app.clone().oneshot(req)
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

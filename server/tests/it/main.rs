@@ -22,3 +22,4 @@ mod registry;
 mod rest;
 mod scale;
 mod support;
+mod tls;

@@ -1,0 +1,476 @@
+//! TLS for the listeners: certificate and key files loaded and checked before any port is
+//! bound, re-read while serving so a renewed certificate is used without a restart, and the
+//! optional client-certificate (mTLS) check of the agent listener.
+//!
+//! rustls with the ring provider (already in the tree through reqwest; no aws-lc, no C
+//! toolchain), TLS 1.2 and 1.3 only, ALPN `http/1.1` (the listeners speak nothing else: see
+//! `net.rs`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// Why a listener's TLS could not be set up. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{key} {}: cannot be read: {error}", .path.display())]
+    Read {
+        key: String,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{key} {}: no PEM certificate in it", .path.display())]
+    NoCertificate { key: String, path: PathBuf },
+    #[error("{key} {}: no PEM private key in it ({reason})", .path.display())]
+    NoKey {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{key} {} is readable by other users (mode {mode:o}): chmod 600 (or 640 with a dedicated group) it", .path.display())]
+    Exposed {
+        key: String,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error("{cert_key} {} and {key_key} {} do not make a pair: {reason}", .cert.display(), .key.display())]
+    Mismatch {
+        cert_key: String,
+        cert: PathBuf,
+        key_key: String,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("{key} {}: {reason}", .path.display())]
+    ClientCa {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Where one listener's certificate chain and key come from, and the config keys that named
+/// them (for error messages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub cert_key: String,
+    pub key_key: String,
+}
+
+/// The client-certificate check of a listener (mTLS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificates that sign agents' client certificates.
+    pub ca_file: PathBuf,
+    /// Refuse the handshake of a client without a certificate (otherwise it may go on, and the
+    /// OpAMP layer decides).
+    pub required: bool,
+}
+
+/// The certificate a client presented and rustls verified against the client CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Subject CN, else the first DNS/URI subject alternative name, else empty.
+    pub identity: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub sha256: String,
+}
+
+impl PeerCert {
+    pub fn from_der(der: &[u8]) -> PeerCert {
+        PeerCert {
+            identity: cert_identity(der).unwrap_or_default(),
+            sha256: hex::encode(Sha256::digest(der)),
+        }
+    }
+}
+
+/// The provider every listener uses: ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// One listener's TLS: the acceptor to hand to `net::serve` and the certificate it presents,
+/// replaced in place when the files change.
+pub struct ListenerTls {
+    files: CertFiles,
+    current: Arc<Current>,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for ListenerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerTls")
+            .field("cert_file", &self.files.cert_file)
+            .field("key_file", &self.files.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pair in use, with a digest of the file contents it came from; also the digest of a
+/// broken pair already reported, so it is logged once, not every poll.
+struct Current {
+    state: RwLock<(Arc<CertifiedKey>, [u8; 32], Option<[u8; 32]>)>,
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Current")
+    }
+}
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        Some(s.0.clone())
+    }
+}
+
+impl ListenerTls {
+    /// Reads and checks the pair (and the client CA), and builds the acceptor.
+    pub fn load(files: CertFiles, client: Option<&ClientAuth>) -> Result<ListenerTls, TlsError> {
+        let provider = provider();
+        let (key, digest) = load_pair(&files, &provider)?;
+        let current = Arc::new(Current {
+            state: RwLock::new((key, digest, None)),
+        });
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Mismatch {
+                cert_key: files.cert_key.clone(),
+                cert: files.cert_file.clone(),
+                key_key: files.key_key.clone(),
+                key: files.key_file.clone(),
+                reason: e.to_string(),
+            })?;
+        let builder = match client {
+            None => builder.with_no_client_auth(),
+            Some(c) => builder.with_client_cert_verifier(client_verifier(c, provider)?),
+        };
+        let mut cfg = builder.with_cert_resolver(current.clone());
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ListenerTls {
+            files,
+            current,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        })
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor.clone()
+    }
+
+    /// Re-reads the files; a changed, valid pair is used for new handshakes from now on, a
+    /// broken one is reported (once per content) and the pair in use kept. Returns whether the
+    /// certificate changed.
+    pub fn reload(&self, listener: &str) -> bool {
+        let Some(digest) = file_digest(&self.files) else {
+            // Unreadable (e.g. mid-rename): load_pair below reports it.
+            return self.try_load(listener, None);
+        };
+        {
+            let s = self.current.state.read().unwrap_or_else(|p| p.into_inner());
+            if s.1 == digest || s.2 == Some(digest) {
+                return false;
+            }
+        }
+        self.try_load(listener, Some(digest))
+    }
+
+    fn try_load(&self, listener: &str, digest: Option<[u8; 32]>) -> bool {
+        match load_pair(&self.files, &provider()) {
+            Ok((key, d)) => {
+                let mut s = self
+                    .current
+                    .state
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                if s.1 == d {
+                    return false;
+                }
+                *s = (key, d, None);
+                tracing::info!(listener, cert_file = %self.files.cert_file.display(),
+                    "TLS certificate reloaded: new handshakes use it");
+                true
+            }
+            Err(e) => {
+                let mut s = self
+                    .current
+                    .state
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                if digest.is_none() || s.2 != digest {
+                    tracing::error!(listener, error = %e,
+                        "TLS certificate reload failed: keeping the certificate in use");
+                }
+                s.2 = digest;
+                false
+            }
+        }
+    }
+
+    /// Polls the files every `every` until `shutdown`.
+    pub async fn watch(
+        self: Arc<Self>,
+        listener: &'static str,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let me = self.clone();
+                    // File reads and key parsing are blocking work; the caller's subscriber
+                    // goes along so the reload's log lines land where the server's do.
+                    let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        tracing::dispatcher::with_default(&dispatch, || me.reload(listener))
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+fn file_digest(files: &CertFiles) -> Option<[u8; 32]> {
+    let cert = std::fs::read(&files.cert_file).ok()?;
+    let key = std::fs::read(&files.key_file).ok()?;
+    Some(digest_of(&cert, &key))
+}
+
+fn digest_of(cert: &[u8], key: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((cert.len() as u64).to_be_bytes());
+    h.update(cert);
+    h.update(key);
+    h.finalize().into()
+}
+
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::Read {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+/// Refuses a private key that other users can read. Group access is allowed: Debian's
+/// `ssl-cert` group convention gives keys mode 0640.
+fn check_private(key: &str, path: &Path) -> Result<(), TlsError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(path).map_err(|error| TlsError::Read {
+            key: key.to_string(),
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(TlsError::Exposed {
+                key: key.to_string(),
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (key, path);
+    Ok(())
+}
+
+fn load_pair(
+    files: &CertFiles,
+    provider: &CryptoProvider,
+) -> Result<(Arc<CertifiedKey>, [u8; 32]), TlsError> {
+    check_private(&files.key_key, &files.key_file)?;
+    let cert_pem = read(&files.cert_key, &files.cert_file)?;
+    let key_pem = read(&files.key_key, &files.key_file)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .filter_map(Result::ok)
+        .collect();
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            key: files.cert_key.clone(),
+            path: files.cert_file.clone(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::NoKey {
+        key: files.key_key.clone(),
+        path: files.key_file.clone(),
+        reason: e.to_string(),
+    })?;
+    let mismatch = |reason: String| TlsError::Mismatch {
+        cert_key: files.cert_key.clone(),
+        cert: files.cert_file.clone(),
+        key_key: files.key_key.clone(),
+        key: files.key_file.clone(),
+        reason,
+    };
+    let ck = CertifiedKey::from_der(chain, key, provider).map_err(|e| mismatch(e.to_string()))?;
+    // from_der lets "cannot tell" through; a key whose public half is unknown is refused here
+    // rather than discovered at the first handshake.
+    ck.keys_match().map_err(|e| mismatch(e.to_string()))?;
+    Ok((Arc::new(ck), digest_of(&cert_pem, &key_pem)))
+}
+
+fn client_verifier(
+    c: &ClientAuth,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let key = "opamp.tls.client_ca_file";
+    let err = |reason: String| TlsError::ClientCa {
+        key: key.to_string(),
+        path: c.ca_file.clone(),
+        reason,
+    };
+    let pem = read(key, &c.ca_file)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| err(format!("not PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| err(format!("not a CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no PEM certificate in it".into()));
+    }
+    let b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let b = if c.required {
+        b
+    } else {
+        b.allow_unauthenticated()
+    };
+    b.build().map_err(|e| err(e.to_string()))
+}
+
+/// The subject CN of a DER certificate, else its first DNS or URI subject alternative name.
+/// A small DER walk (tbsCertificate's subject and extensions) rather than an X.509 parser
+/// dependency: rustls has already verified the certificate, this only reads two fields.
+pub fn cert_identity(der: &[u8]) -> Option<String> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    // [0] version is optional.
+    if rest.first() == Some(&0xa0) {
+        rest = tlv(rest)?.2;
+    }
+    // serial, signature algorithm, issuer, validity, subject.
+    let mut fields = Vec::new();
+    for _ in 0..5 {
+        let (_, body, next) = tlv(rest)?;
+        fields.push(body);
+        rest = next;
+    }
+    if let Some(cn) = subject_cn(fields[4]) {
+        return Some(cn);
+    }
+    // subjectPublicKeyInfo, then optional [1] [2] unique ids and [3] extensions.
+    rest = tlv(rest)?.2;
+    while !rest.is_empty() {
+        let (tag, body, next) = tlv(rest)?;
+        if tag == 0xa3 {
+            return first_san(tlv(body)?.1);
+        }
+        rest = next;
+    }
+    None
+}
+
+const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
+const OID_SAN: &[u8] = &[0x55, 0x1d, 0x11];
+
+fn subject_cn(mut name: &[u8]) -> Option<String> {
+    while !name.is_empty() {
+        let (_, set, next) = tlv(name)?;
+        let mut attrs = set;
+        while !attrs.is_empty() {
+            let (_, atv, n) = tlv(attrs)?;
+            let (_, oid, v) = tlv(atv)?;
+            if oid == OID_CN {
+                let (_, value, _) = tlv(v)?;
+                return Some(String::from_utf8_lossy(value).into_owned());
+            }
+            attrs = n;
+        }
+        name = next;
+    }
+    None
+}
+
+fn first_san(mut exts: &[u8]) -> Option<String> {
+    while !exts.is_empty() {
+        let (_, ext, next) = tlv(exts)?;
+        let (_, oid, mut rest) = tlv(ext)?;
+        if oid == OID_SAN {
+            // Optional `critical` BOOLEAN, then the OCTET STRING holding GeneralNames.
+            if rest.first() == Some(&0x01) {
+                rest = tlv(rest)?.2;
+            }
+            let (_, octets, _) = tlv(rest)?;
+            let (_, mut names, _) = tlv(octets)?;
+            while !names.is_empty() {
+                let (tag, value, n) = tlv(names)?;
+                // [2] dNSName, [6] uniformResourceIdentifier (SPIFFE ids).
+                if tag == 0x82 || tag == 0x86 {
+                    return Some(String::from_utf8_lossy(value).into_owned());
+                }
+                names = n;
+            }
+            return None;
+        }
+        exts = next;
+    }
+    None
+}
+
+/// One DER element: (tag, contents, what follows).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)? as usize;
+    let (len, head) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *b.get(2 + i)? as usize;
+        }
+        (len, 2 + n)
+    };
+    let end = head.checked_add(len)?;
+    if end > b.len() {
+        return None;
+    }
+    Some((tag, &b[head..end], &b[end..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_der_is_no_identity() {
+        assert_eq!(cert_identity(&[]), None);
+        assert_eq!(cert_identity(&[0x30, 0x85, 1, 2, 3, 4, 5]), None);
+        assert_eq!(cert_identity(&[0x30, 0x05, 0x30]), None);
+    }
+}
