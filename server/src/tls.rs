@@ -120,7 +120,14 @@ impl std::fmt::Debug for ListenerTls {
 /// The pair in use, with a digest of the file contents it came from; also the digest of a
 /// broken pair already reported, so it is logged once, not every poll.
 struct Current {
-    state: RwLock<(Arc<CertifiedKey>, [u8; 32], Option<[u8; 32]>)>,
+    state: RwLock<InUse>,
+}
+
+struct InUse {
+    key: Arc<CertifiedKey>,
+    digest: [u8; 32],
+    /// The digest of a broken pair already reported.
+    refused: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Current {
@@ -132,7 +139,7 @@ impl std::fmt::Debug for Current {
 impl ResolvesServerCert for Current {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
-        Some(s.0.clone())
+        Some(s.key.clone())
     }
 }
 
@@ -142,7 +149,11 @@ impl ListenerTls {
         let provider = provider();
         let (key, digest) = load_pair(&files, &provider)?;
         let current = Arc::new(Current {
-            state: RwLock::new((key, digest, None)),
+            state: RwLock::new(InUse {
+                key,
+                digest,
+                refused: None,
+            }),
         });
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -180,7 +191,7 @@ impl ListenerTls {
         };
         {
             let s = self.current.state.read().unwrap_or_else(|p| p.into_inner());
-            if s.1 == digest || s.2 == Some(digest) {
+            if s.digest == digest || s.refused == Some(digest) {
                 return false;
             }
         }
@@ -195,10 +206,14 @@ impl ListenerTls {
                     .state
                     .write()
                     .unwrap_or_else(|p| p.into_inner());
-                if s.1 == d {
+                if s.digest == d {
                     return false;
                 }
-                *s = (key, d, None);
+                *s = InUse {
+                    key,
+                    digest: d,
+                    refused: None,
+                };
                 tracing::info!(listener, cert_file = %self.files.cert_file.display(),
                     "TLS certificate reloaded: new handshakes use it");
                 true
@@ -209,11 +224,11 @@ impl ListenerTls {
                     .state
                     .write()
                     .unwrap_or_else(|p| p.into_inner());
-                if digest.is_none() || s.2 != digest {
+                if digest.is_none() || s.refused != digest {
                     tracing::error!(listener, error = %e,
                         "TLS certificate reload failed: keeping the certificate in use");
                 }
-                s.2 = digest;
+                s.refused = digest;
                 false
             }
         }
