@@ -8,6 +8,7 @@ mod core_planner;
 mod core_sessions;
 mod core_types;
 mod discord_gateway;
+mod discord_ws;
 mod slack_api;
 mod slack_gateway;
 mod teams_gateway;

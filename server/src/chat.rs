@@ -6,7 +6,8 @@
 //! Socket Mode (`chat.slack.mode = "socket"`) there is no listener: the gateway opens its
 //! WebSockets to Slack and hands the envelopes to the same gateway below the transport.
 //! Teams (`[chat.teams]`) posts to `/chat/teams/messages` on the same listener, Discord
-//! (`[chat.discord]`) to `/chat/discord/interactions`. Beside them
+//! (`[chat.discord]`) to `/chat/discord/interactions`, and with `chat.discord.gateway` the bot
+//! also holds a Gateway WebSocket for mentions and DMs. Beside them
 //! runs one alert engine (`flotilla_chat::core::alerts`), fed by the fleet event bus and
 //! posting to subscribed channels through each platform's outbox, and one housekeeping over
 //! the shared chat state. The same gateways also run as their own process (`flotilla chat`,
@@ -26,6 +27,7 @@ use flotilla_chat::core::types::Outboxes;
 use flotilla_chat::discord::client::{BotToken as DiscordToken, DiscordApi};
 use flotilla_chat::discord::gateway::DiscordGateway;
 use flotilla_chat::discord::verify::Verifier as DiscordVerifier;
+use flotilla_chat::discord::ws::{DiscordWs, WsOptions};
 use flotilla_chat::slack::client::{BotToken, SlackApi};
 use flotilla_chat::slack::gateway::{routes as slack_routes, SlackGateway};
 use flotilla_chat::slack::socket::{AppToken, SocketMode, SocketOptions};
@@ -246,11 +248,19 @@ pub async fn gateways(
         any_core = Some(core.clone());
         let token = DiscordToken::new(&s.bot_token).map_err(|e| setup(&e))?;
         let api = DiscordApi::new(&s.api_url, &s.application_id, token).map_err(|e| setup(&e))?;
+        let api = Arc::new(api);
         let gw = DiscordGateway::new(
             DiscordVerifier::new(s.public_key.clone()),
-            Arc::new(api),
-            core,
+            api.clone(),
+            core.clone(),
         );
+        if s.gateway {
+            // Mentions and DMs: a refused bot token stops the start here.
+            let ws = DiscordWs::start(api, &s.bot_token, core, gw.outbox(), WsOptions::default())
+                .await
+                .map_err(|e| setup(&e))?;
+            drains.discord_ws = Some(ws);
+        }
         let r = flotilla_chat::discord::gateway::routes(gw.clone());
         routes = Some(match routes {
             Some(x) => x.merge(r),
@@ -289,6 +299,7 @@ struct Drains {
     socket: Option<SocketMode>,
     teams: Option<Arc<TeamsGateway>>,
     discord: Option<Arc<DiscordGateway>>,
+    discord_ws: Option<DiscordWs>,
 }
 
 /// The gateway's periodic and shutdown duties: expiring confirmations, signing off idle
@@ -331,6 +342,9 @@ impl ChatHousekeeping {
         // No new deliveries; Slack keeps (and retries) what arrives meanwhile.
         if let Some(socket) = &self.drains.socket {
             socket.shutdown().await;
+        }
+        if let Some(ws) = &self.drains.discord_ws {
+            ws.shutdown().await;
         }
         // Conversation turns still running finish their answers before the notice.
         if let Some(gw) = &self.drains.slack {

@@ -501,6 +501,10 @@ pub struct DiscordConfig {
     pub bot_token_file: Option<PathBuf>,
     /// The Discord REST API base URL (changed only to point tests at a fake).
     pub api_url: String,
+    /// Also connect to the Discord Gateway (the bot's WebSocket) so bot mentions in channels
+    /// and DMs are answered; needs the privileged Message Content intent (Bot → Privileged
+    /// Gateway Intents). Off: only `/flotilla` and buttons, through the interactions endpoint.
+    pub gateway: bool,
     /// How long a Confirm button stays good, in seconds (1..=3600; default 300).
     pub confirm_expiry_s: u64,
     /// Who may do what from Discord (`[chat.discord.access]`): `users` keyed by user id (or
@@ -516,6 +520,7 @@ impl Default for DiscordConfig {
             public_key: String::new(),
             bot_token_file: None,
             api_url: flotilla_chat::discord::client::DEFAULT_API_URL.into(),
+            gateway: false,
             confirm_expiry_s: DEFAULT_CONFIRM_EXPIRY_S,
             access: ChatAccess::default(),
         }
@@ -529,6 +534,8 @@ pub struct DiscordSettings {
     pub public_key: flotilla_chat::discord::verify::PublicKey,
     pub bot_token: String,
     pub api_url: String,
+    /// Mentions and DMs through the Gateway too.
+    pub gateway: bool,
 }
 
 impl std::fmt::Debug for DiscordSettings {
@@ -536,6 +543,7 @@ impl std::fmt::Debug for DiscordSettings {
         f.debug_struct("DiscordSettings")
             .field("application_id", &self.application_id)
             .field("api_url", &self.api_url)
+            .field("gateway", &self.gateway)
             .finish_non_exhaustive()
     }
 }
@@ -946,6 +954,7 @@ impl Config {
                 public_key,
                 bot_token,
                 api_url: url.to_string(),
+                gateway: d.gateway,
             }),
             _ => None,
         }
@@ -1217,6 +1226,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         "FLOTILLA_DISCORD_BOT_TOKEN_FILE",
         "chat.discord.bot_token_file",
         EnvKind::Text,
+    ),
+    var(
+        "FLOTILLA_DISCORD_GATEWAY",
+        "chat.discord.gateway",
+        EnvKind::Bool,
     ),
     var("FLOTILLA_TLS_CERT_FILE", "tls.cert_file", EnvKind::Text),
     var("FLOTILLA_TLS_KEY_FILE", "tls.key_file", EnvKind::Text),

@@ -12,6 +12,10 @@
 //! /applications/{app}[/guilds/{guild}]/commands`, which replaces the set and keeps a
 //! command's id when its name is unchanged. A missing or wrong bot token is 401.
 //!
+//! `GET /gateway/bot` (bot token) names the Gateway's URL; [`FakeGateway`] is that Gateway
+//! (HELLO, IDENTIFY/READY, RESUME/RESUMED, heartbeats and ACKs, dispatches, RECONNECT,
+//! INVALID_SESSION, closes), on a port of its own.
+//!
 //! The signature is Ed25519 over `timestamp + body` ("Receiving and Responding: security and
 //! authorization"), made with ring from a test seed, independently of the gateway's verifier.
 
@@ -24,7 +28,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::{json, Value};
@@ -33,7 +37,7 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone)]
 pub struct Call {
     /// `create_message`, `edit_message`, `edit_original`, `followup`, `delete_original`,
-    /// `commands`.
+    /// `commands`, `gateway_bot`.
     pub route: &'static str,
     /// The channel, guild (`commands`: `global` when none) or interaction token's interaction id.
     pub target: String,
@@ -63,6 +67,8 @@ pub struct FakeDiscord {
     bot_token: String,
     inner: Arc<Mutex<Inner>>,
     notify: Arc<tokio::sync::Notify>,
+    /// What `GET /gateway/bot` answers (a [`FakeGateway`]'s URL once set).
+    gateway: Arc<Mutex<String>>,
 }
 
 fn discord_error(status: StatusCode, code: u64, message: &str) -> Response {
@@ -82,8 +88,10 @@ impl FakeDiscord {
                 ..Default::default()
             })),
             notify: Arc::new(tokio::sync::Notify::new()),
+            gateway: Arc::new(Mutex::new("wss://gateway.discord.gg".into())),
         };
         let app = Router::new()
+            .route("/api/v10/gateway/bot", get(gateway_bot))
             .route("/api/v10/channels/{channel}/messages", post(create_message))
             .route(
                 "/api/v10/channels/{channel}/messages/{id}",
@@ -104,6 +112,11 @@ impl FakeDiscord {
             let _ = axum::serve(listener, app).await;
         });
         fake
+    }
+
+    /// Makes `GET /gateway/bot` name `url` (a [`FakeGateway`]).
+    pub fn set_gateway(&self, url: &str) {
+        *self.gateway.lock().unwrap() = url.to_string();
     }
 
     /// The REST base URL to configure (`chat.discord.api_url`).
@@ -223,6 +236,17 @@ fn json_body(body: &Bytes) -> Value {
 fn message(id: &str, channel: &str, body: &Value) -> Value {
     json!({"id": id, "channel_id": channel, "type": 0, "content": body["content"],
         "embeds": body["embeds"], "components": body["components"]})
+}
+
+async fn gateway_bot(State(f): State<FakeDiscord>, h: HeaderMap) -> Response {
+    f.record("gateway_bot", "", None, &h, Value::Null);
+    if !f.bot_ok(&h) {
+        return discord_error(StatusCode::UNAUTHORIZED, 0, "401: Unauthorized");
+    }
+    let url = f.gateway.lock().unwrap().clone();
+    Json(json!({"url": url, "shards": 1, "session_start_limit":
+        {"total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1}}))
+    .into_response()
 }
 
 async fn create_message(
@@ -515,6 +539,252 @@ pub fn custom_ids(message: &Value) -> Vec<String> {
 /// A message body's text: its content and embeds, as one searchable string.
 pub fn text_of(message: &Value) -> String {
     format!("{} {}", message["content"], message["embeds"])
+}
+
+/// A fake of Discord's Gateway (the bot's WebSocket), API v10 JSON encoding, on its own
+/// loopback port: `HELLO` with a heartbeat interval on connect; `IDENTIFY` checked against the
+/// bot token (else close 4004) and answered with `READY` (a new session id, a
+/// `resume_gateway_url` on this fake's `/resume`, the bot user); `RESUME` of a session it
+/// issued answered `RESUMED`, of another `INVALID_SESSION` (`d: false`); heartbeats `ACK`ed
+/// unless told not to. Every frame the client sends is recorded with its connection; the test
+/// pushes dispatches and opcodes to the newest connection.
+#[derive(Clone)]
+pub struct FakeGateway {
+    pub addr: SocketAddr,
+    bot_token: String,
+    /// The bot's user id, in READY.
+    pub bot_id: String,
+    heartbeat_ms: u64,
+    inner: Arc<Mutex<GwInner>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+/// One connection the client opened.
+#[derive(Debug, Clone)]
+pub struct GwConnection {
+    /// Path and query it connected to (`/?v=10&encoding=json`, `/resume/?v=10&encoding=json`).
+    pub uri: String,
+}
+
+/// One frame the client sent.
+#[derive(Debug, Clone)]
+pub struct GwFrame {
+    /// Index into [`FakeGateway::connections`].
+    pub conn: usize,
+    pub op: u64,
+    pub d: Value,
+}
+
+#[derive(Default)]
+struct GwInner {
+    connections: Vec<GwConnection>,
+    frames: Vec<GwFrame>,
+    current: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    seq: u64,
+    sessions: HashSet<String>,
+    next_session: u64,
+    no_ack: bool,
+}
+
+impl FakeGateway {
+    /// Starts the fake Gateway for a bot with `bot_token` and user id `bot_id`, asking for a
+    /// heartbeat every `heartbeat_ms`.
+    pub async fn start(bot_token: &str, bot_id: &str, heartbeat_ms: u64) -> FakeGateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = FakeGateway {
+            addr: listener.local_addr().unwrap(),
+            bot_token: bot_token.to_string(),
+            bot_id: bot_id.to_string(),
+            heartbeat_ms,
+            inner: Arc::default(),
+            notify: Arc::new(tokio::sync::Notify::new()),
+        };
+        let g = gw.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let g = g.clone();
+                tokio::spawn(async move { g.serve(tcp).await });
+            }
+        });
+        gw
+    }
+
+    /// The URL `GET /gateway/bot` answers with.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn connections(&self) -> Vec<GwConnection> {
+        self.inner.lock().unwrap().connections.clone()
+    }
+
+    pub fn frames(&self) -> Vec<GwFrame> {
+        self.inner.lock().unwrap().frames.clone()
+    }
+
+    /// Frames with opcode `op`.
+    pub fn frames_of(&self, op: u64) -> Vec<GwFrame> {
+        self.frames().into_iter().filter(|f| f.op == op).collect()
+    }
+
+    /// Stops (or resumes) acknowledging heartbeats: the client should see a zombie.
+    pub fn set_ack(&self, ack: bool) {
+        self.inner.lock().unwrap().no_ack = !ack;
+    }
+
+    /// Forgets every session: a RESUME is then answered INVALID_SESSION.
+    pub fn forget_sessions(&self) {
+        self.inner.lock().unwrap().sessions.clear();
+    }
+
+    /// Sends a raw payload on the newest connection.
+    pub fn send(&self, payload: Value) {
+        let g = self.inner.lock().unwrap();
+        if let Some(tx) = &g.current {
+            let _ = tx.send(payload.to_string());
+        }
+    }
+
+    /// Dispatches event `t` with the next sequence number on the newest connection.
+    pub fn dispatch(&self, t: &str, d: Value) {
+        let mut g = self.inner.lock().unwrap();
+        g.seq += 1;
+        let payload = json!({"op": 0, "t": t, "s": g.seq, "d": d});
+        if let Some(tx) = &g.current {
+            let _ = tx.send(payload.to_string());
+        }
+    }
+
+    /// The last sequence number dispatched.
+    pub fn seq(&self) -> u64 {
+        self.inner.lock().unwrap().seq
+    }
+
+    /// Waits until `pred` holds for the frames received; panics with them after `timeout`.
+    pub async fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&[GwFrame]) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            if pred(&self.frames()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let frames = self.frames();
+                assert!(
+                    pred(&frames),
+                    "timed out waiting for {what}; frames: {frames:#?}"
+                );
+                return;
+            }
+        }
+    }
+
+    async fn serve(&self, tcp: tokio::net::TcpStream) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let uri = Arc::new(Mutex::new(String::new()));
+        let u2 = uri.clone();
+        let cb = move |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+            *u2.lock().unwrap() = req.uri().to_string();
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let conn = {
+            let mut g = self.inner.lock().unwrap();
+            g.connections.push(GwConnection {
+                uri: uri.lock().unwrap().clone(),
+            });
+            g.current = Some(tx.clone());
+            g.connections.len() - 1
+        };
+        self.notify.notify_waiters();
+        let hello = json!({"op": 10, "d": {"heartbeat_interval": self.heartbeat_ms}});
+        if ws.send(Message::text(hello.to_string())).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                out = rx.recv() => {
+                    let Some(out) = out else { return };
+                    if let Some(code) = out.strip_prefix("close:") {
+                        let code: u16 = code.parse().unwrap_or(1000);
+                        let _ = ws.send(Message::Close(Some(
+                            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                code: code.into(),
+                                reason: "".into(),
+                            }))).await;
+                        return;
+                    }
+                    if ws.send(Message::text(out)).await.is_err() {
+                        return;
+                    }
+                }
+                m = ws.next() => {
+                    let text = match m {
+                        Some(Ok(Message::Text(t))) => t.to_string(),
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                        Some(Ok(_)) => continue,
+                    };
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let op = v["op"].as_u64().unwrap_or(u64::MAX);
+                    self.inner.lock().unwrap().frames.push(GwFrame { conn, op, d: v["d"].clone() });
+                    self.notify.notify_waiters();
+                    self.answer(op, &v["d"], &tx);
+                }
+            }
+        }
+    }
+
+    fn answer(&self, op: u64, d: &Value, tx: &tokio::sync::mpsc::UnboundedSender<String>) {
+        let mut g = self.inner.lock().unwrap();
+        match op {
+            1 if !g.no_ack => {
+                let _ = tx.send(json!({"op": 11}).to_string());
+            }
+            2 => {
+                if d["token"].as_str() != Some(self.bot_token.as_str()) {
+                    let _ = tx.send("close:4004".into());
+                    return;
+                }
+                g.next_session += 1;
+                let session = format!("session-{}", g.next_session);
+                g.sessions.insert(session.clone());
+                g.seq += 1;
+                let ready = json!({"op": 0, "t": "READY", "s": g.seq, "d": {
+                    "v": 10, "session_id": session,
+                    "resume_gateway_url": format!("ws://{}/resume", self.addr),
+                    "user": {"id": self.bot_id, "username": "flotilla", "bot": true},
+                    "guilds": [], "application": {"id": "0", "flags": 0},
+                }});
+                let _ = tx.send(ready.to_string());
+            }
+            6 => {
+                let known = d["session_id"]
+                    .as_str()
+                    .is_some_and(|s| g.sessions.contains(s))
+                    && d["token"].as_str() == Some(self.bot_token.as_str());
+                if known {
+                    g.seq += 1;
+                    let resumed = json!({"op": 0, "t": "RESUMED", "s": g.seq, "d": null});
+                    let _ = tx.send(resumed.to_string());
+                } else {
+                    let _ = tx.send(json!({"op": 9, "d": false}).to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes the newest connection with `code`.
+    pub fn close(&self, code: u16) {
+        let g = self.inner.lock().unwrap();
+        if let Some(tx) = &g.current {
+            let _ = tx.send(format!("close:{code}"));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! sign-offs, edits of messages the bot posted), the interaction webhook with the interaction's
 //! token (`PATCH /webhooks/{app}/{token}/messages/@original`, follow-ups `POST
 //! /webhooks/{app}/{token}`), and the bulk overwrite of application commands (`PUT
-//! /applications/{app}[/guilds/{guild}]/commands`). The base URL is configurable
+//! /applications/{app}[/guilds/{guild}]/commands`), and `GET /gateway/bot` (where the Gateway
+//! WebSocket is, `ws.rs`). The base URL is configurable
 //! (`chat.discord.api_url`) so tests point it at a local fake.
 //!
 //! HTTP 429 is honoured as Discord's "Rate Limits" page describes: wait the body's
@@ -267,6 +268,24 @@ impl DiscordApi {
             )
             .await?;
         message_id(what, v)
+    }
+
+    /// The Gateway's WebSocket URL for this bot (`GET /gateway/bot`, bot token): where
+    /// mentions and DMs are received. A refused token fails here.
+    pub async fn gateway_url(&self) -> Result<String, ApiError> {
+        let what = "gateway/bot";
+        let v = self
+            .call(what, Method::GET, "/gateway/bot", Auth::Bot, None)
+            .await?;
+        v.as_ref()
+            .and_then(|v| v["url"].as_str())
+            .filter(|u| u.starts_with("wss://") || u.starts_with("ws://"))
+            .map(str::to_string)
+            .ok_or(ApiError::Discord {
+                what,
+                status: 200,
+                message: "the answer has no ws(s):// url".into(),
+            })
     }
 
     /// Replaces the application's commands (in `guild`, or globally) with `commands`: Discord's
