@@ -679,6 +679,8 @@ impl FakeGateway {
         }
     }
 
+    // tungstenite fixes the handshake callback's error type (an HTTP response).
+    #[allow(clippy::result_large_err)]
     async fn serve(&self, tcp: tokio::net::TcpStream) {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;

@@ -344,11 +344,11 @@ impl Conn {
                             }
                             self.dispatch(v["t"].as_str().unwrap_or(""), &v["d"]);
                         }
-                        Some(HEARTBEAT) => {
-                            if self.heartbeat(&mut ws).await.is_err() {
-                                return Next::Resume;
-                            }
+                        // Discord asking for a heartbeat now.
+                        Some(HEARTBEAT) if self.heartbeat(&mut ws).await.is_err() => {
+                            return Next::Resume;
                         }
+                        Some(HEARTBEAT) => {}
                         Some(HEARTBEAT_ACK) => acked = true,
                         Some(RECONNECT) => {
                             tracing::info!("Discord Gateway: RECONNECT asked; resuming on a new connection");
