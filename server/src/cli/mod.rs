@@ -189,17 +189,10 @@ pub enum Cmd {
         #[arg(long)]
         read_only: bool,
     },
-    /// Chat: with a subcommand, platform set-up; without one, run the chat gateways configured
-    /// in --config ([chat.slack], [chat.teams], [chat.discord], chat.listen) as their own
-    /// process, reaching a Flotilla through its REST API with a gateway token (a line of its
-    /// api.tokens_file ending in `gateway`). Every call is audited as `<token name> for <chat
-    /// user>`; alerts need `flotilla serve`.
-    #[command(args_conflicts_with_subcommands = true)]
+    /// Chat platform set-up (the gateways themselves run in `serve`).
     Chat {
         #[command(subcommand)]
-        command: Option<ChatCmd>,
-        #[command(flatten)]
-        run: ChatArgs,
+        command: ChatCmd,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -208,15 +201,6 @@ pub enum Cmd {
     },
     /// Print the man page (roff) of flotilla(1).
     Man,
-}
-
-/// `flotilla chat`: where the server is, and the chat settings.
-#[derive(Args, Debug)]
-pub struct ChatArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    #[command(flatten)]
-    pub cfg: ServerConfigArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -297,14 +281,9 @@ fn hoist_server_flags(cli: &mut Cli) -> Result<(), Failure> {
         }
         | Cmd::Chat {
             command:
-                Some(ChatCmd::Discord {
+                ChatCmd::Discord {
                     command: DiscordCmd::Register { cfg, .. },
-                }),
-            ..
-        }
-        | Cmd::Chat {
-            command: None,
-            run: ChatArgs { cfg, .. },
+                },
         } => cfg,
         _ => {
             return Err(Failure::new(
@@ -357,12 +336,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Mcp { client, read_only } => server::mcp(&client, read_only).await,
         Cmd::Chat {
             command:
-                Some(ChatCmd::Discord {
+                ChatCmd::Discord {
                     command: DiscordCmd::Register { cfg, guild },
-                }),
-            ..
+                },
         } => server::discord_register(&cfg, guild.as_deref()).await,
-        Cmd::Chat { command: None, run } => server::chat(&run).await,
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "flotilla", &mut std::io::stdout());
