@@ -603,37 +603,46 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     ),
 ];
 
-/// Whether the secret file `path` (set by `key`) is private enough to read: a file other users
-/// can read or write is refused, because anyone on the host could take or replace the secret.
-/// Group access is allowed (`chmod 640` for a service group, Kubernetes' `fsGroup`). A file that
-/// cannot be inspected passes here; reading it names the problem. Unix only: elsewhere file
-/// modes say nothing.
-pub(crate) fn private_secret_file(key: &str, path: &Path, p: &mut Vec<String>) -> bool {
+/// Why the secret file `path` (set by `key`) must not be used, if it is exposed: a file other
+/// users can read or write is refused, because anyone on the host could take or replace the
+/// secret. Group access is allowed (`chmod 640` for a service group, Debian's `ssl-cert`,
+/// Kubernetes' `fsGroup`). A file that cannot be inspected passes here; reading it names the
+/// problem. Unix only: elsewhere file modes say nothing. Shared by every secret the server
+/// reads, TLS keys included (also on reload).
+pub(crate) fn exposed_secret_file(key: &str, path: &Path) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o006 != 0 {
-                let how = if mode & 0o004 != 0 {
-                    "readable"
-                } else {
-                    "writable"
-                };
-                p.push(format!(
-                    "{key} {} is {how} by other users (mode {mode:04o}); run `chmod 600 {}` \
-                     (or `chmod 640` for a service group; in Kubernetes set defaultMode: 0400 \
-                     on the secret volume)",
-                    path.display(),
-                    path.display()
-                ));
-                return false;
-            }
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        if mode & 0o006 != 0 {
+            let how = if mode & 0o004 != 0 {
+                "readable"
+            } else {
+                "writable"
+            };
+            return Some(format!(
+                "{key} {} is {how} by other users (mode {mode:04o}); run `chmod 600 {}` \
+                 (or `chmod 640` for a service group; in Kubernetes set defaultMode: 0400 \
+                 on the secret volume)",
+                path.display(),
+                path.display()
+            ));
         }
     }
     #[cfg(not(unix))]
-    let _ = (key, path, p);
-    true
+    let _ = (key, path);
+    None
+}
+
+/// Whether the secret file is private enough to read; the reason it is not goes to `p`.
+pub(crate) fn private_secret_file(key: &str, path: &Path, p: &mut Vec<String>) -> bool {
+    match exposed_secret_file(key, path) {
+        Some(why) => {
+            p.push(why);
+            false
+        }
+        None => true,
+    }
 }
 
 /// A secret from a file or from the environment, exactly one of them; every problem is named.

@@ -35,12 +35,9 @@ pub enum TlsError {
         path: PathBuf,
         reason: String,
     },
-    #[error("{key} {} is readable by other users (mode {mode:o}): chmod 600 (or 640 with a dedicated group) it", .path.display())]
-    Exposed {
-        key: String,
-        path: PathBuf,
-        mode: u32,
-    },
+    /// The key file is open to other users (the reason, from the shared secret-file check).
+    #[error("{0}")]
+    Exposed(String),
     #[error("{cert_key} {} and {key_key} {} do not make a pair: {reason}", .cert.display(), .key.display())]
     Mismatch {
         cert_key: String,
@@ -284,36 +281,13 @@ fn read(key: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Refuses a private key that other users can read. Group access is allowed: Debian's
-/// `ssl-cert` group convention gives keys mode 0640.
-fn check_private(key: &str, path: &Path) -> Result<(), TlsError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let m = std::fs::metadata(path).map_err(|error| TlsError::Read {
-            key: key.to_string(),
-            path: path.to_path_buf(),
-            error,
-        })?;
-        let mode = m.permissions().mode() & 0o777;
-        if mode & 0o007 != 0 {
-            return Err(TlsError::Exposed {
-                key: key.to_string(),
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (key, path);
-    Ok(())
-}
-
 fn load_pair(
     files: &CertFiles,
     provider: &CryptoProvider,
 ) -> Result<(Arc<CertifiedKey>, [u8; 32]), TlsError> {
-    check_private(&files.key_key, &files.key_file)?;
+    if let Some(why) = crate::config::exposed_secret_file(&files.key_key, &files.key_file) {
+        return Err(TlsError::Exposed(why));
+    }
     let cert_pem = read(&files.cert_key, &files.cert_file)?;
     let key_pem = read(&files.key_key, &files.key_file)?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)

@@ -13,6 +13,7 @@ pub mod fake_llm;
 pub mod fake_slack;
 pub mod fake_teams;
 pub mod mcp_client;
+pub mod pg;
 pub mod server;
 
 pub use agent::HttpAgent;

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use sqlx::Connection;
 use uuid::Uuid;
 
 use flotilla_chat::core::planner::ThreadContext;
@@ -22,63 +21,7 @@ use crate::model::{
     CommandStatus, DesiredConfig, Millis, NewAudit, Transport,
 };
 
-/// The machine's PostgreSQL, as the tests reach it.
-pub(crate) fn pg_url() -> String {
-    std::env::var("FLOTILLA_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
-
-/// A schema of its own in the test database, dropped when this is dropped (also when the test
-/// panicked), so parallel tests and runs share nothing.
-pub(crate) struct PgSchema {
-    pub name: String,
-    /// A store URL that puts everything in this schema.
-    pub url: String,
-}
-
-impl PgSchema {
-    pub(crate) async fn create() -> PgSchema {
-        let base = pg_url();
-        let name = format!("flotilla_{}", Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&base)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL at {base} is required by the PostgreSQL store tests: {e}")
-            });
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
-        PgSchema { name, url }
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let (base, name) = (pg_url(), self.name.clone());
-        // Drop runs inside the test's runtime, which cannot be blocked on: use another.
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let mut admin = sqlx::PgConnection::connect(&base).await?;
-                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .execute(&mut admin)
-                        .await?;
-                    admin.close().await
-                })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
-            panic!("could not drop test schema {}: {dropped:?}", self.name);
-        }
-    }
-}
+use flotilla_e2e::pg::PgSchema;
 
 enum Place {
     Sqlite(tempfile::TempDir),

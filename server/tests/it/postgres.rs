@@ -9,60 +9,11 @@ use std::time::Duration;
 use flotilla_proto::AgentCapabilities as AC;
 use serde_json::json;
 use sqlx::Connection;
-use uuid::Uuid;
 
 use crate::opamp::{beat, full, new_uid, queue, wait_command, Ws};
 use crate::support::TestServer;
 
-fn pg_url() -> String {
-    std::env::var("FLOTILLA_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
-
-/// A schema of its own, dropped at the end (also after a failure).
-struct Schema {
-    name: String,
-    url: String,
-}
-
-impl Schema {
-    async fn create() -> Schema {
-        let base = pg_url();
-        let name = format!("flotilla_it_{}", Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&base)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {base} is required by this test: {e}"));
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
-        Schema { name, url }
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let (base, name) = (pg_url(), self.name.clone());
-        // Not on the test's runtime, which must not be blocked.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let mut admin = sqlx::PgConnection::connect(&base).await?;
-                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .execute(&mut admin)
-                        .await?;
-                    admin.close().await
-                })
-        })
-        .join();
-    }
-}
+use flotilla_e2e::pg::{pg_url, PgSchema as Schema};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_postgres_delivers_once_restarts_and_its_audit_chain_verifies() {
