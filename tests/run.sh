@@ -17,7 +17,7 @@ step() {
   local name="$1"; shift
   echo "==> $name" >&2
   local t0=$SECONDS
-  "$@"
+  "$@" || { echo "==> $name: FAILED" >&2; exit 1; }
   echo "==> $name: ok ($((SECONDS - t0)) s)" >&2
 }
 
@@ -35,6 +35,9 @@ step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 # MCP benchmark binary would otherwise rot unnoticed.
 step "cargo clippy (supervisor tls)" cargo clippy -p flotilla-supervisor --features tls --all-targets -- -D warnings
 step "cargo clippy (mcp bench)" cargo clippy -p flotilla-mcp --features bench --all-targets -- -D warnings
+# `cargo test --workspace` builds the supervisor without its `tls` feature: its TLS unit tests
+# and the end-to-end tests against the server's TLS (private CA, wss/https, mTLS) run here.
+step "cargo test (supervisor tls)" cargo test -p flotilla-supervisor --features tls --lib --test e2e -- tls
 # Last, so the output ends with cargo test's own summary lines.
 echo "==> cargo test" >&2
 exec cargo test --workspace "$@"

@@ -95,6 +95,28 @@ pub struct ServerConfig {
     pub full_state: FullStateController,
     /// Which server-offered OpAMP endpoints are followed (an offer that drops TLS never is).
     pub accept_offered_endpoint: OfferedEndpoint,
+    /// `[server.tls]`: a private CA and a client certificate for wss/https (OpAMP and the
+    /// OAuth2 token endpoint).
+    pub tls: ServerTlsConfig,
+}
+
+/// `[server.tls]`. Unset, a TLS build trusts the public (webpki) roots and presents no client
+/// certificate.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM CA certificate(s) trusted besides the public roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain (leaf first), for servers that ask for one (mTLS).
+    pub cert_file: Option<PathBuf>,
+    /// Its PEM private key; refused when other users can read or write it.
+    pub key_file: Option<PathBuf>,
+}
+
+impl ServerTlsConfig {
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 /// Which `destination_endpoint` offers the supervisor follows. The connection carries the
@@ -274,6 +296,7 @@ impl Default for ServerConfig {
             connect_timeout_s: 10,
             full_state: FullStateController::TimeSend { secs: 600 },
             accept_offered_endpoint: OfferedEndpoint::SameOrigin,
+            tls: ServerTlsConfig::default(),
         }
     }
 }
@@ -453,6 +476,7 @@ impl Config {
             p.push(format!("server.url: {e}"));
         }
         self.validate_auth(&mut p);
+        self.validate_tls(&mut p);
         // Durations are bounded above too: `Instant + Duration` panics on overflow, and no
         // sensible setting is longer than a day.
         let sv = &self.server;
@@ -760,6 +784,30 @@ impl Config {
         }
     }
 
+    fn validate_tls(&self, p: &mut Vec<String>) {
+        let t = &self.server.tls;
+        if !t.is_set() {
+            return;
+        }
+        if !cfg!(feature = "tls") {
+            p.push(
+                "server.tls: set, but this build does not include TLS; build with `--features tls`"
+                    .into(),
+            );
+            return;
+        }
+        let problem = match (&t.cert_file, &t.key_file) {
+            (Some(_), None) => Some("server.tls.cert_file: set without server.tls.key_file".into()),
+            (None, Some(_)) => Some("server.tls.key_file: set without server.tls.cert_file".into()),
+            // An exposed key is not read at all.
+            (Some(_), Some(key)) => exposed_secret_file("server.tls.key_file", key),
+            (None, None) => None,
+        };
+        #[cfg(feature = "tls")]
+        let problem = problem.or_else(|| crate::tls::client_config(t).err().map(|e| e.to_string()));
+        p.extend(problem);
+    }
+
     /// The agent kind (validated configs always have one).
     pub fn kind(&self) -> AgentKind {
         self.agent.kind.unwrap_or(AgentKind::Fluentbit)
@@ -806,6 +854,27 @@ fn check_secret_file(p: &mut Vec<String>, field: &str, file: &Path) {
         Ok(_) => p.push(format!("{field}: {} is empty", file.display())),
         Err(e) => p.push(format!("{field}: cannot read {}: {e}", file.display())),
     }
+}
+
+/// The rule `flotilla serve` applies to its secret files: no access for other users (group
+/// access stays allowed, for a service group). The reason, naming the key and the fix.
+pub fn exposed_secret_file(key: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    if mode & 0o006 == 0 {
+        return None;
+    }
+    let how = if mode & 0o004 != 0 {
+        "readable"
+    } else {
+        "writable"
+    };
+    Some(format!(
+        "{key}: {} is {how} by other users (mode {mode:04o}); run `chmod 600 {}` \
+         (or `chmod 640` for a service group)",
+        path.display(),
+        path.display()
+    ))
 }
 
 fn check_range(p: &mut Vec<String>, field: &str, v: u64, min: u64, max: u64) {
@@ -1266,6 +1335,83 @@ mod tests {
         c.server.auth.kind = "oauth2".into();
         c.server.auth.token_url = Some("https://idp.example.com/token".into());
         assert_bad(&c, "server.auth.token_url");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn server_tls_needs_the_tls_feature() {
+        let mut c = good();
+        c.server.tls.ca_file = Some("/etc/ssl/private-ca.pem".into());
+        let p = problems(&c);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("server.tls") && m.contains("--features tls")),
+            "{p:?}"
+        );
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn server_tls_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let key = dir.path().join("client.key");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cases: [(&str, ServerTlsConfig, &str); 5] = [
+            (
+                "server.tls.ca_file",
+                ServerTlsConfig {
+                    ca_file: Some(dir.path().join("missing.pem")),
+                    ..Default::default()
+                },
+                "cannot read",
+            ),
+            (
+                "server.tls.ca_file",
+                ServerTlsConfig {
+                    ca_file: Some(not_pem.clone()),
+                    ..Default::default()
+                },
+                "no PEM certificate",
+            ),
+            (
+                "server.tls.cert_file",
+                ServerTlsConfig {
+                    cert_file: Some(not_pem.clone()),
+                    ..Default::default()
+                },
+                "without server.tls.key_file",
+            ),
+            (
+                "server.tls.key_file",
+                ServerTlsConfig {
+                    key_file: Some(key.clone()),
+                    ..Default::default()
+                },
+                "without server.tls.cert_file",
+            ),
+            (
+                "server.tls.key_file",
+                ServerTlsConfig {
+                    cert_file: Some(not_pem.clone()),
+                    key_file: Some(key.clone()),
+                    ..Default::default()
+                },
+                "readable by other users (mode 0644)",
+            ),
+        ];
+        for (field, tls, why) in cases {
+            let mut c = good();
+            c.server.tls = tls;
+            let p = problems(&c);
+            assert!(
+                p.iter().any(|m| m.starts_with(field) && m.contains(why)),
+                "{field} / {why}: {p:?}"
+            );
+        }
     }
 
     #[cfg(feature = "tls")]

@@ -15,5 +15,7 @@ pub mod remote;
 pub mod reporter;
 pub mod state;
 pub mod supervisor;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 pub mod view;

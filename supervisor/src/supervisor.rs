@@ -42,6 +42,9 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[cfg(feature = "tls")]
+    #[error("{0}")]
+    Tls(crate::tls::TlsError),
 }
 
 /// A started agent counts as up (its start time is reported, so a restart is confirmed, and
@@ -174,6 +177,10 @@ struct Core {
 /// Runs the supervisor until SIGTERM/SIGINT or a shutdown command. Returns the exit code.
 pub async fn run(cfg: Config) -> Result<i32, StartError> {
     let cfg = Arc::new(cfg);
+    // One TLS configuration for OpAMP over wss and https and the OAuth2 token endpoint; built
+    // before the agent starts, so a file gone since validation stops nothing half-started.
+    #[cfg(feature = "tls")]
+    let tls = crate::tls::client_config(&cfg.server.tls).map_err(StartError::Tls)?;
     let state = State::open(&cfg.data_dir)?;
     let uid = state.instance_uid()?;
     if let Some(msg) = remote::recover(&state)? {
@@ -255,9 +262,10 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
 
     // Transport.
     let server_http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(cfg.server.connect_timeout_s))
-        .build()
-        .expect("HTTP client");
+        .connect_timeout(Duration::from_secs(cfg.server.connect_timeout_s));
+    #[cfg(feature = "tls")]
+    let server_http = server_http.use_preconfigured_tls((*tls).clone());
+    let server_http = server_http.build().expect("HTTP client");
     let tokens = Arc::new(TokenSource::from_config(
         &cfg.server.auth,
         server_http.clone(),
@@ -271,6 +279,8 @@ pub async fn run(cfg: Config) -> Result<i32, StartError> {
         backoff_max: Duration::from_secs(cfg.server.backoff_max_s),
         local_heartbeat_s: cfg.server.heartbeat_interval_s,
         offer_policy: cfg.server.accept_offered_endpoint,
+        #[cfg(feature = "tls")]
+        tls,
     };
     let transport_task = tokio::spawn(transport::run(
         settings,

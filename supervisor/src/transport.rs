@@ -92,6 +92,40 @@ pub struct Settings {
     pub local_heartbeat_s: u64,
     /// Which offered endpoints may be followed.
     pub offer_policy: OfferedEndpoint,
+    /// `[server.tls]` for wss:// (the HTTP client is built with the same configuration).
+    #[cfg(feature = "tls")]
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// An error with its sources: reqwest's own message ("error sending request") hides the TLS
+/// reason (`invalid peer certificate: UnknownIssuer`) one level down.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// What a failed connection needs the operator to check, when it is about certificates.
+fn tls_hint(error: &str) -> Option<&'static str> {
+    [
+        ("UnknownIssuer", "the server's certificate is not signed by a trusted CA: check server.tls.ca_file"),
+        ("NotValidForName", "the server's certificate does not name the host in server.url"),
+        ("Expired", "the server's certificate has expired (or this host's clock is wrong)"),
+        ("CertificateRequired", "the server requires a client certificate: set server.tls.cert_file and key_file"),
+        ("UnknownCA", "the server refused our client certificate (server.tls.cert_file): not signed by its client CA"),
+        ("BadCertificate", "the server refused our client certificate (server.tls.cert_file)"),
+    ]
+    .into_iter()
+    .find(|(needle, _)| error.contains(needle))
+    .map(|(_, hint)| hint)
 }
 
 /// True for `ws://` and `wss://` endpoints.
@@ -254,10 +288,17 @@ pub async fn run(
             }
             End::Lost(why) => {
                 let d = backoff.next_delay();
-                tracing::warn!(
-                    retry_in_ms = d.as_millis() as u64,
-                    "OpAMP connection: {why}"
-                );
+                match tls_hint(&why) {
+                    Some(hint) => tracing::warn!(
+                        retry_in_ms = d.as_millis() as u64,
+                        hint,
+                        "OpAMP connection: {why}"
+                    ),
+                    None => tracing::warn!(
+                        retry_in_ms = d.as_millis() as u64,
+                        "OpAMP connection: {why}"
+                    ),
+                }
                 d
             }
         };
@@ -442,6 +483,14 @@ async fn ws_session(
         Ok(None) => {}
         Err(e) => return End::Lost(e.to_string()),
     }
+    #[cfg(feature = "tls")]
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        None,
+        false,
+        Some(tokio_tungstenite::Connector::Rustls(sess.s.tls.clone())),
+    );
+    #[cfg(not(feature = "tls"))]
     let connect = tokio_tungstenite::connect_async(req);
     let ws = match tokio::time::timeout(sess.s.connect_timeout, connect).await {
         Err(_) => return End::Lost("connect timed out".into()),
@@ -460,7 +509,7 @@ async fn ws_session(
             }
             return End::Lost(format!("WebSocket upgrade refused: HTTP {status}"));
         }
-        Ok(Err(e)) => return End::Lost(e.to_string()),
+        Ok(Err(e)) => return End::Lost(error_chain(&e)),
         Ok(Ok((ws, _))) => ws,
     };
     tracing::info!(url = %sess.url, "OpAMP WebSocket connected");
@@ -633,7 +682,7 @@ async fn post(
         Ok(None) => {}
         Err(e) => return Err(End::Lost(e.to_string())),
     }
-    let resp = req.send().await.map_err(|e| End::Lost(e.to_string()))?;
+    let resp = req.send().await.map_err(|e| End::Lost(error_chain(&e)))?;
     let status = resp.status().as_u16();
     match status {
         200 => {}
@@ -751,6 +800,8 @@ mod tests {
             backoff_max: Duration::from_secs(1),
             local_heartbeat_s: 30,
             offer_policy: OfferedEndpoint::SameOrigin,
+            #[cfg(feature = "tls")]
+            tls: crate::tls::client_config(&Default::default()).unwrap(),
         };
         let tokens = TokenSource::from_config(
             &crate::config::AuthConfig {

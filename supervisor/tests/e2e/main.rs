@@ -8,3 +8,5 @@ mod fluentbit;
 mod fluentd;
 mod harness;
 mod real;
+#[cfg(feature = "tls")]
+mod tls;
