@@ -903,6 +903,8 @@ pub fn agent_overview(view: &Value, include: &[Detail]) -> Value {
         "first_seen",
         "last_seen",
         "previous_uid",
+        // mTLS: the agent's client certificate (identity, SANs, SHA-256), null without one.
+        "client_certificate",
     ] {
         o.insert(k.into(), view[k].clone());
     }

@@ -113,6 +113,11 @@ pub struct OpampConfig {
     /// File with bearer tokens agents must present (one per line); unset means agents need no
     /// token.
     pub agent_tokens_file: Option<PathBuf>,
+    /// How agents authenticate: `none`, `token` (a bearer token from `agent_tokens_file`) or
+    /// `mtls` (a client certificate verified against `opamp.tls.client_ca_file` is enough; a
+    /// token from `agent_tokens_file`, if set, also admits). Unset: `token` when
+    /// `agent_tokens_file` is set, else `none`.
+    pub agent_auth: Option<AgentAuthMode>,
     /// A new connection must send a complete request head within this many seconds, and an
     /// idle keep-alive connection its next one; otherwise it is closed (idle and slowloris
     /// connections). An upgraded WebSocket is watched by `ws_idle_ping_s` instead.
@@ -272,6 +277,37 @@ impl Default for TlsConfig {
 pub struct ListenerTlsConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+}
+
+/// `opamp.agent_auth`: what admits an agent to the OpAMP endpoint.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentAuthMode {
+    None,
+    Token,
+    Mtls,
+}
+
+impl AgentAuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentAuthMode::None => "none",
+            AgentAuthMode::Token => "token",
+            AgentAuthMode::Mtls => "mtls",
+        }
+    }
+}
+
+impl OpampConfig {
+    /// `agent_auth`, or what it defaults to.
+    pub fn agent_auth_mode(&self) -> AgentAuthMode {
+        self.agent_auth
+            .unwrap_or(if self.agent_tokens_file.is_some() {
+                AgentAuthMode::Token
+            } else {
+                AgentAuthMode::None
+            })
+    }
 }
 
 /// Whether the agent listener's TLS handshake demands a client certificate.
@@ -1068,6 +1104,7 @@ impl Default for OpampConfig {
             ws_idle_ping_s: 90,
             ws_pong_timeout_s: 10,
             agent_tokens_file: None,
+            agent_auth: None,
             header_read_timeout_s: 30,
             body_read_timeout_s: 60,
             malformed_log_burst: 10,
@@ -1851,6 +1888,21 @@ impl Config {
             ca_file: f.clone(),
             required: o.client_auth == ClientAuthMode::Required,
         });
+        match (self.opamp.agent_auth, &self.opamp.agent_tokens_file) {
+            (Some(AgentAuthMode::Token), None) => p.push(
+                "opamp.agent_auth = \"token\" needs opamp.agent_tokens_file (the tokens agents present)"
+                    .into(),
+            ),
+            (Some(AgentAuthMode::None), Some(_)) => p.push(
+                "opamp.agent_auth = \"none\" but opamp.agent_tokens_file is set: say \"token\" (or \"mtls\"), or unset the file"
+                    .into(),
+            ),
+            (Some(AgentAuthMode::Mtls), _) if client.is_none() => p.push(
+                "opamp.agent_auth = \"mtls\" needs opamp.tls.client_ca_file (the CA that signs agents' certificates)"
+                    .into(),
+            ),
+            _ => {}
+        }
         if o.pin_uid && client.is_none() {
             p.push(
                 "opamp.tls.pin_uid needs opamp.tls.client_ca_file (client certificates to pin)"

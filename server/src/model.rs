@@ -279,6 +279,10 @@ pub struct Agent {
     /// has not been heard from since: offline whatever its last message's age.
     #[serde(default)]
     pub departed: bool,
+    /// The client certificate (mTLS) of its latest registry write; with `opamp.tls.pin_uid`
+    /// the first one seen, which every later connection for this uid must present.
+    #[serde(default)]
+    pub client_cert: Option<crate::tls::PeerCert>,
 }
 
 impl Agent {
@@ -306,6 +310,7 @@ impl Agent {
             replaces: None,
             replaced_by: None,
             departed: false,
+            client_cert: None,
         }
     }
 

@@ -219,6 +219,8 @@ pub fn agent_view(a: &Agent, now: Millis) -> Value {
         "previous_uid": a.previous_uid,
         "replaces": a.replaces,
         "replaced_by": a.replaced_by,
+        // mTLS: subject CN, subject alternative names and SHA-256 of the agent's certificate.
+        "client_certificate": a.client_cert,
     })
 }
 
@@ -1089,6 +1091,23 @@ impl Fleet {
             done,
             commands,
         })
+    }
+
+    /// Audits an agent refused at connect by the protocol layer (a client certificate that
+    /// is not the one pinned to its uid): who it claimed to be, from where, and why.
+    pub async fn audit_agent_refused(&self, uid: Uuid, params: Value) -> FleetResult<()> {
+        let audit = NewAudit {
+            actor: "flotilla".into(),
+            channel: Channel::System,
+            operation: "agent.refused".into(),
+            targets: vec![uid.to_string()],
+            params,
+            outcome: "refused".into(),
+            ref_id: None,
+        };
+        self.store.append_audit(audit).await?;
+        self.audited();
+        Ok(())
     }
 
     pub async fn audit(

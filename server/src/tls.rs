@@ -74,19 +74,31 @@ pub struct ClientAuth {
     pub required: bool,
 }
 
-/// The certificate a client presented and rustls verified against the client CA.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The certificate a client presented and rustls verified against the client CA: what the
+/// agent record shows and what `opamp.tls.pin_uid` pins. Public data (no secret in it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerCert {
     /// Subject CN, else the first DNS/URI subject alternative name, else empty.
     pub identity: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_cn: Option<String>,
+    /// DNS names, URIs (SPIFFE ids) and IP addresses among the subject alternative names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sans: Vec<String>,
     /// SHA-256 of the certificate's DER, lowercase hex.
     pub sha256: String,
 }
 
 impl PeerCert {
     pub fn from_der(der: &[u8]) -> PeerCert {
+        let (subject_cn, sans) = cert_names(der).unwrap_or_default();
         PeerCert {
-            identity: cert_identity(der).unwrap_or_default(),
+            identity: subject_cn
+                .clone()
+                .or_else(|| sans.first().cloned())
+                .unwrap_or_default(),
+            subject_cn,
+            sans,
             sha256: hex::encode(Sha256::digest(der)),
         }
     }
@@ -349,9 +361,15 @@ fn client_verifier(
 }
 
 /// The subject CN of a DER certificate, else its first DNS or URI subject alternative name.
-/// A small DER walk (tbsCertificate's subject and extensions) rather than an X.509 parser
-/// dependency: rustls has already verified the certificate, this only reads two fields.
 pub fn cert_identity(der: &[u8]) -> Option<String> {
+    let (cn, sans) = cert_names(der)?;
+    cn.or_else(|| sans.into_iter().next())
+}
+
+/// The subject CN and the subject alternative names of a DER certificate. A small DER walk
+/// (tbsCertificate's subject and extensions) rather than an X.509 parser dependency: rustls
+/// has already verified the certificate, this only reads two fields.
+fn cert_names(der: &[u8]) -> Option<(Option<String>, Vec<String>)> {
     let (_, cert, _) = tlv(der)?;
     let (_, tbs, _) = tlv(cert)?;
     let mut rest = tbs;
@@ -366,19 +384,17 @@ pub fn cert_identity(der: &[u8]) -> Option<String> {
         fields.push(body);
         rest = next;
     }
-    if let Some(cn) = subject_cn(fields[4]) {
-        return Some(cn);
-    }
+    let cn = subject_cn(fields[4]);
     // subjectPublicKeyInfo, then optional [1] [2] unique ids and [3] extensions.
     rest = tlv(rest)?.2;
     while !rest.is_empty() {
         let (tag, body, next) = tlv(rest)?;
         if tag == 0xa3 {
-            return first_san(tlv(body)?.1);
+            return Some((cn, sans(tlv(body)?.1).unwrap_or_default()));
         }
         rest = next;
     }
-    None
+    Some((cn, Vec::new()))
 }
 
 const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
@@ -402,7 +418,7 @@ fn subject_cn(mut name: &[u8]) -> Option<String> {
     None
 }
 
-fn first_san(mut exts: &[u8]) -> Option<String> {
+fn sans(mut exts: &[u8]) -> Option<Vec<String>> {
     while !exts.is_empty() {
         let (_, ext, next) = tlv(exts)?;
         let (_, oid, mut rest) = tlv(ext)?;
@@ -413,15 +429,25 @@ fn first_san(mut exts: &[u8]) -> Option<String> {
             }
             let (_, octets, _) = tlv(rest)?;
             let (_, mut names, _) = tlv(octets)?;
+            let mut out = Vec::new();
             while !names.is_empty() {
                 let (tag, value, n) = tlv(names)?;
-                // [2] dNSName, [6] uniformResourceIdentifier (SPIFFE ids).
-                if tag == 0x82 || tag == 0x86 {
-                    return Some(String::from_utf8_lossy(value).into_owned());
+                match tag {
+                    // [2] dNSName, [6] uniformResourceIdentifier (SPIFFE ids).
+                    0x82 | 0x86 => out.push(String::from_utf8_lossy(value).into_owned()),
+                    // [7] iPAddress.
+                    0x87 => {
+                        if let Ok(a) = <[u8; 4]>::try_from(value) {
+                            out.push(std::net::Ipv4Addr::from(a).to_string());
+                        } else if let Ok(a) = <[u8; 16]>::try_from(value) {
+                            out.push(std::net::Ipv6Addr::from(a).to_string());
+                        }
+                    }
+                    _ => {}
                 }
                 names = n;
             }
-            return None;
+            return Some(out);
         }
         exts = next;
     }

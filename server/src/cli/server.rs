@@ -85,7 +85,11 @@ fn check_tokens(cfg: &Config, generate: bool) -> anyhow::Result<TokenReport> {
             }
         }
     };
+    let mtls = cfg.opamp.agent_auth_mode() == flotilla_server::config::AgentAuthMode::Mtls;
     let agents = match &cfg.opamp.agent_tokens_file {
+        None if mtls => {
+            "agents authenticate by client certificate (opamp.agent_auth = mtls)".to_string()
+        }
         None => "no opamp.agent_tokens_file: agents connect without a token".to_string(),
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -107,7 +111,12 @@ fn check_tokens(cfg: &Config, generate: bool) -> anyhow::Result<TokenReport> {
                 ))
                 .into());
             }
-            format!("{n} agent token(s) from {}", path.display())
+            let or_cert = if mtls {
+                ", or a client certificate"
+            } else {
+                ""
+            };
+            format!("{n} agent token(s) from {}{or_cert}", path.display())
         }
     };
     Ok(TokenReport { api, agents })

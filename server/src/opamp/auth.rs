@@ -1,5 +1,7 @@
-//! Optional agent authentication: bearer tokens from `opamp.agent_tokens_file`, compared in
-//! constant time. Checked before a request body is read or a WebSocket is upgraded.
+//! Agent authentication (`opamp.agent_auth`): none, bearer tokens from
+//! `opamp.agent_tokens_file` compared in constant time, or mTLS (a client certificate the TLS
+//! layer verified against `opamp.tls.client_ca_file`). Checked before a request body is read or
+//! a WebSocket is upgraded.
 
 use std::path::Path;
 
@@ -57,6 +59,46 @@ impl AgentTokens {
             ok |= t.as_slice().ct_eq(presented);
         }
         bool::from(ok)
+    }
+}
+
+/// What admits an agent: the mode and, for `token` and `mtls`, the tokens.
+pub struct AgentAuth {
+    pub mode: crate::config::AgentAuthMode,
+    tokens: AgentTokens,
+}
+
+impl AgentAuth {
+    pub fn new(cfg: &crate::config::OpampConfig) -> AgentAuth {
+        AgentAuth {
+            mode: cfg.agent_auth_mode(),
+            tokens: match &cfg.agent_tokens_file {
+                Some(path) => AgentTokens::load(path),
+                None => AgentTokens::none(),
+            },
+        }
+    }
+
+    /// `Ok` if the request may proceed, else why not (never what was presented).
+    pub fn check(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&crate::tls::PeerCert>,
+    ) -> Result<(), &'static str> {
+        use crate::config::AgentAuthMode as M;
+        match self.mode {
+            M::None => Ok(()),
+            M::Token if self.tokens.allows(headers) => Ok(()),
+            M::Token if bearer(headers).is_none() => Err("no bearer token"),
+            M::Token => Err("unknown bearer token"),
+            // The certificate is only here when rustls verified it against the client CA.
+            M::Mtls if cert.is_some() => Ok(()),
+            M::Mtls if self.tokens.tokens.is_some() && self.tokens.allows(headers) => Ok(()),
+            M::Mtls if self.tokens.tokens.is_some() && bearer(headers).is_some() => {
+                Err("no client certificate, and an unknown bearer token")
+            }
+            M::Mtls => Err("no client certificate"),
+        }
     }
 }
 

@@ -46,6 +46,7 @@ pub async fn serve(
     body: Body,
     remote: Option<SocketAddr>,
     endpoint: Option<String>,
+    cert: Option<Box<crate::tls::PeerCert>>,
 ) -> Response {
     let cfg = &sh.ctx.cfg;
     let metrics = sh.ctx.fleet.metrics().clone();
@@ -107,6 +108,7 @@ pub async fn serve(
         endpoint,
         memo.map_or_else(|| sh.ctx.fleet.hub().next_conn_id(), |m| m.conn_id),
     );
+    link.cert = cert;
     if let Some(m) = memo {
         link.bound = uid;
         link.peer = Some(m.peer);

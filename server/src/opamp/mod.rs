@@ -57,9 +57,14 @@ pub fn router(ctx: Arc<OpampContext>) -> (Router, tokio::task::JoinHandle<()>) {
         let sh = sh.clone();
         tokio::spawn(async move {
             let stop = sh.ctx.drain.clone();
-            sh.malformed_log
-                .report("malformed OpAMP messages", stop)
-                .await
+            tokio::join!(
+                sh.malformed_log
+                    .report("malformed OpAMP messages", stop.clone()),
+                sh.refusal_log.report(
+                    "refused agents: client certificate not the pinned one",
+                    stop
+                ),
+            );
         });
     }
     (
@@ -73,13 +78,25 @@ async fn entry(State(sh): State<Arc<shared::Shared>>, req: Request) -> Response 
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    if !sh.tokens.allows(req.headers()) {
+    let cert = req
+        .extensions()
+        .get::<crate::tls::PeerCert>()
+        .map(|c| Box::new(c.clone()));
+    if let Err(reason) = sh.auth.check(req.headers(), cert.as_deref()) {
         sh.ctx.fleet.metrics().reject("unauthorized");
         // Never log what was presented: a near-miss token is still a secret.
-        tracing::warn!(remote = ?remote, "OpAMP agent authentication failed");
+        tracing::warn!(mode = sh.auth.mode.as_str(), remote = ?remote, reason,
+            "OpAMP agent authentication failed");
         let mut r = http::text(
             StatusCode::UNAUTHORIZED,
-            "agent authentication required: send Authorization: Bearer <token>".into(),
+            match sh.auth.mode {
+                crate::config::AgentAuthMode::Mtls => {
+                    "agent authentication required: present a client certificate from the \
+                     server's client CA"
+                }
+                _ => "agent authentication required: send Authorization: Bearer <token>",
+            }
+            .into(),
         );
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -93,12 +110,12 @@ async fn entry(State(sh): State<Arc<shared::Shared>>, req: Request) -> Response 
     let (mut parts, body) = req.into_parts();
     if plain_http {
         let endpoint = endpoint(&parts, &sh.ctx.cfg.path, false);
-        return http::serve(sh, parts.headers, body, remote, endpoint).await;
+        return http::serve(sh, parts.headers, body, remote, endpoint, cert).await;
     }
     match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(upgrade) => {
             let endpoint = endpoint(&parts, &sh.ctx.cfg.path, true);
-            ws::upgrade(sh, upgrade, remote, endpoint)
+            ws::upgrade(sh, upgrade, remote, endpoint, cert)
         }
         // A POST is plain HTTP with the wrong content type: say that, not why it is no
         // WebSocket upgrade either ("method must be `GET`" read as if POST were wrong).

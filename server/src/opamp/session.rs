@@ -122,6 +122,12 @@ pub struct Link {
     /// A delivery failed on store trouble: the agent's next message, heartbeats included,
     /// looks at its queue again.
     pub retry: bool,
+    /// The client certificate of this connection (mTLS), verified by the TLS layer.
+    pub cert: Option<Box<crate::tls::PeerCert>>,
+    /// The uid whose pinned certificate this connection's was checked against.
+    pub pin_checked: Option<Uuid>,
+    /// The agent was refused (`opamp.tls.pin_uid`): a WebSocket closes after the answer.
+    pub refused: bool,
 }
 
 impl Link {
@@ -145,8 +151,77 @@ impl Link {
             first_reply: None,
             deferred: false,
             retry: false,
+            cert: None,
+            pin_checked: None,
+            refused: false,
         }
     }
+}
+
+/// Checks the connection's client certificate against the one pinned to `uid` (the first
+/// seen for it). `Some`: the refusal to answer with; the agent is not bound or recorded.
+async fn check_pin(
+    sh: &Shared,
+    link: &mut Link,
+    uid: Uuid,
+    instance_uid: &[u8],
+    remote: &str,
+) -> Result<Option<Handled>, Unavailable> {
+    use subtle::ConstantTimeEq;
+    let presented = link.cert.as_ref().map(|c| c.sha256.clone());
+    let pinned = match sh.pins.get(&uid) {
+        Some(p) => Some(p),
+        None => {
+            let stored = timed(sh.ctx.fleet.store().get_agent(uid)).await?;
+            match stored.and_then(|a| a.client_cert).map(|c| c.sha256) {
+                Some(p) => Some(sh.pins.get_or_insert(uid, p)),
+                None => match &presented {
+                    // The first certificate for this uid: pinned from now on (the record
+                    // written for this message carries it, so the registry is read and
+                    // written even if this is a heartbeat).
+                    Some(c) => {
+                        link.peer = None;
+                        Some(sh.pins.get_or_insert(uid, c.clone()))
+                    }
+                    // Nothing to pin (no certificate while client_auth is optional).
+                    None => None,
+                },
+            }
+        }
+    };
+    let reason = match (&pinned, &presented) {
+        (None, _) => return Ok(None),
+        (Some(p), Some(c)) if bool::from(p.as_bytes().ct_eq(c.as_bytes())) => return Ok(None),
+        (Some(_), Some(_)) => "client certificate is not the one pinned to this instance_uid",
+        (Some(_), None) => "no client certificate, and this instance_uid has one pinned",
+    };
+    let fleet = &sh.ctx.fleet;
+    fleet.metrics().reject("pinned_certificate");
+    if sh.refusal_log.allow(&uid.to_string()) {
+        let identity = link.cert.as_ref().map(|c| c.identity.as_str());
+        tracing::warn!(mode = "mtls", %remote, %uid, reason, certificate = ?identity,
+            "OpAMP agent refused");
+        let params = serde_json::json!({
+            "mode": "mtls",
+            "reason": reason,
+            "remote_addr": remote,
+            "certificate": link.cert.as_deref(),
+            "pinned_sha256": pinned,
+        });
+        if let Err(e) = timed(fleet.audit_agent_refused(uid, params)).await {
+            tracing::error!(%uid, error = %e, "could not audit the refusal of an agent");
+        }
+    }
+    link.refused = true;
+    Ok(Some(Handled {
+        reply: error_reply(
+            instance_uid.to_vec(),
+            ServerErrorResponseType::BadRequest,
+            format!("refused: {reason}"),
+        ),
+        deliver_to: None,
+        disconnected: false,
+    }))
 }
 
 /// The result of handling one message.
@@ -314,6 +389,14 @@ pub async fn handle(
         link.peer = None;
     }
 
+    // 2b. With `pin_uid`, only the certificate pinned to this uid may speak for it.
+    if cfg.tls.pin_uid && link.pin_checked != Some(uid) {
+        if let Some(refusal) = check_pin(sh, link, uid, &msg.instance_uid, &remote).await? {
+            return Ok(refusal);
+        }
+        link.pin_checked = Some(uid);
+    }
+
     let disconnect = msg.agent_disconnect.is_some();
     let wants_uid = requests_instance_uid(msg.flags);
     let has_desc = msg.agent_description.is_some();
@@ -421,6 +504,9 @@ pub async fn handle(
             after.connected = !disconnect;
             after.departed = disconnect;
             after.transport = Some(link.transport);
+            if cfg.tls.client_ca_file.is_some() {
+                after.client_cert = link.cert.as_deref().cloned();
+            }
             if let Some(a) = link.remote {
                 after.remote_addr = Some(a.to_string());
             }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::auth::AgentTokens;
+use super::auth::AgentAuth;
 use super::OpampContext;
 use crate::model::{now_ms, Millis};
 use crate::store::Touch;
@@ -47,6 +47,15 @@ impl<V> Sharded<V> {
 
     pub fn insert(&self, uid: Uuid, v: V) {
         self.shard(&uid).insert(uid, v);
+    }
+
+    /// The value held for `uid`, or `v` stored and returned when there is none (one step, so
+    /// two callers racing for an absent key agree on the winner).
+    pub fn get_or_insert(&self, uid: Uuid, v: V) -> V
+    where
+        V: Clone,
+    {
+        self.shard(&uid).entry(uid).or_insert(v).clone()
     }
 
     pub fn remove(&self, uid: &Uuid) -> Option<V> {
@@ -196,7 +205,10 @@ const RENAME_TTL_MS: Millis = 24 * 3600 * 1000;
 /// State shared by every OpAMP request and session of one server.
 pub struct Shared {
     pub ctx: Arc<OpampContext>,
-    pub tokens: AgentTokens,
+    pub auth: AgentAuth,
+    /// With `opamp.tls.pin_uid`: the certificate fingerprint pinned to each uid seen since
+    /// start (read from its record once), so a message costs no registry read to check.
+    pub pins: Sharded<String>,
     /// Plain-HTTP requests being processed now (`max_in_flight` permits).
     pub in_flight: Arc<Semaphore>,
     /// Open WebSocket connections (bounded by `max_connections`).
@@ -217,22 +229,27 @@ pub struct Shared {
     pub ws_styles: Sharded<(WsStyle, Millis)>,
     /// The log budget for malformed messages, per source address.
     pub malformed_log: crate::logflood::SourceLimiter,
+    /// The log and audit budget for refusals of a pinned uid, per uid: an agent retrying with
+    /// the wrong certificate must not fill the audit trail.
+    pub refusal_log: crate::logflood::SourceLimiter,
 }
 
 impl Shared {
     pub fn new(ctx: Arc<OpampContext>) -> Shared {
-        let tokens = match &ctx.cfg.agent_tokens_file {
-            Some(path) => AgentTokens::load(path),
-            None => AgentTokens::none(),
-        };
+        let auth = AgentAuth::new(&ctx.cfg);
         let in_flight = Arc::new(Semaphore::new(ctx.cfg.max_in_flight.max(1)));
         let malformed_log = crate::logflood::SourceLimiter::new(
             std::time::Duration::from_secs(ctx.cfg.malformed_log_window_s),
             ctx.cfg.malformed_log_burst,
         );
+        let refusal_log = crate::logflood::SourceLimiter::new(
+            std::time::Duration::from_secs(ctx.cfg.malformed_log_window_s),
+            ctx.cfg.malformed_log_burst,
+        );
         Shared {
             ctx,
-            tokens,
+            auth,
+            pins: Sharded::new(),
             in_flight,
             ws_open: AtomicUsize::new(0),
             http_peers: Sharded::new(),
@@ -241,6 +258,7 @@ impl Shared {
             touches: Sharded::new(),
             ws_styles: Sharded::new(),
             malformed_log,
+            refusal_log,
         }
     }
 

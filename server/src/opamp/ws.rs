@@ -35,6 +35,7 @@ use crate::model::{now_ms, Transport};
 
 /// RFC 6455 close codes we send.
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Commands claimed per store round trip when delivering.
@@ -59,6 +60,8 @@ enum End {
     /// A ping went unanswered, or a write did not complete: the peer is gone without closing
     /// (half-open TCP) or stopped reading.
     Dead,
+    /// The agent was refused (a client certificate not the one pinned to its uid) and told why.
+    Refused,
 }
 
 /// The pong deadline of a connection whose uid a newcomer claims: short, because the newcomer
@@ -71,6 +74,7 @@ pub fn upgrade(
     ws: WebSocketUpgrade,
     remote: Option<SocketAddr>,
     endpoint: Option<String>,
+    cert: Option<Box<crate::tls::PeerCert>>,
 ) -> Response {
     let Some(slot) = sh.open_ws() else {
         sh.ctx.fleet.metrics().reject("overload");
@@ -99,7 +103,7 @@ pub fn upgrade(
             // Upgraded connections leave axum's graceful-shutdown tracking; the tracker lets
             // `run()` wait until every session has sent its Close frame.
             let sessions = sh.ctx.sessions.clone();
-            sessions.track_future(run(sh, socket, remote, endpoint, slot))
+            sessions.track_future(run(sh, socket, remote, endpoint, cert, slot))
         })
 }
 
@@ -108,12 +112,14 @@ async fn run(
     mut socket: WebSocket,
     remote: Option<SocketAddr>,
     endpoint: Option<String>,
+    cert: Option<Box<crate::tls::PeerCert>>,
     slot: WsSlot,
 ) {
     let hub = sh.ctx.fleet.hub().clone();
     let (wake_tx, mut wake_rx) = mpsc::channel(WAKE_CAPACITY);
     let mut link = Link::new(Transport::Websocket, remote, endpoint, hub.next_conn_id());
     link.wake = Some(wake_tx);
+    link.cert = cert;
     // Pinned once, so the session registers with the token once, not per message.
     let shutdown = sh.ctx.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
@@ -329,6 +335,7 @@ async fn finish(sh: &Shared, socket: &mut WebSocket, link: &mut Link, end: End) 
     let remote = link.remote;
     match end {
         End::Shutdown => close_gracefully(socket, CLOSE_GOING_AWAY, "server shutting down").await,
+        End::Refused => close_gracefully(socket, CLOSE_POLICY, "agent refused").await,
         End::TooLarge => {
             sh.ctx.fleet.metrics().reject("too_large");
             if sh.log_malformed(remote) {
@@ -435,6 +442,10 @@ async fn on_binary(
     };
     drop(data);
     match handle(sh, link, &msg).await {
+        Ok(h) if link.refused => {
+            send(sh, socket, h.reply).await?;
+            Err(End::Refused)
+        }
         Ok(h) => {
             let mut reply = h.reply;
             // Due commands ride in the answer: for some agents it is the only frame they read.
@@ -608,9 +619,10 @@ mod tests {
             WebSocket,
             Option<SocketAddr>,
             Option<String>,
+            Option<Box<crate::tls::PeerCert>>,
             WsSlot,
         );
-        let session = future_size(|(sh, s, r, e, slot): Args| run(sh, s, r, e, slot));
+        let session = future_size(|(sh, s, r, e, c, slot): Args| run(sh, s, r, e, c, slot));
         // The session task's whole state while idle; message handling is boxed separately.
         // (Socket buffers are heap: ws_read_buffer_bytes + what the write buffer holds.)
         assert!(session < 2048, "session future is {session} bytes");

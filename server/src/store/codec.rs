@@ -161,6 +161,7 @@ pub(super) fn agent_from_row(row: &impl Cols) -> StoreResult<Agent> {
         replaces: opt_parse_uuid(row.col("replaces")?, &what)?,
         replaced_by: opt_parse_uuid(row.col("replaced_by")?, &what)?,
         departed: row.col("departed")?,
+        client_cert: opt_from_json(row.col("client_cert")?, &what)?,
     })
 }
 

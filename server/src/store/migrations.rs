@@ -174,6 +174,13 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         ],
         postgres: PG_5,
     },
+    Migration {
+        version: 6,
+        // mTLS: the agent's client certificate (JSON: identity, subject CN, SANs, SHA-256),
+        // pinned to its uid with `opamp.tls.pin_uid`.
+        sqlite: &["ALTER TABLE agents ADD COLUMN client_cert TEXT"],
+        postgres: &["ALTER TABLE agents ADD COLUMN client_cert TEXT"],
+    },
 ];
 
 const PG_1: &[&str] = &[

@@ -295,9 +295,9 @@ impl Store for PgStore {
                 custom_capabilities, health, effective_config, remote_config_status,
                 desired_config, labels, transport, remote_addr, first_seen, last_seen,
                 connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key,
-                departed)
+                departed, client_cert)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                     $17, $18, $19, $20)
+                     $17, $18, $19, $20, $21)
              ON CONFLICT (uid) DO UPDATE SET
                 identifying = excluded.identifying,
                 non_identifying = excluded.non_identifying,
@@ -315,7 +315,8 @@ impl Store for PgStore {
                 heartbeat_interval_s = excluded.heartbeat_interval_s,
                 previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid),
                 identity_key = excluded.identity_key,
-                departed = excluded.departed",
+                departed = excluded.departed,
+                client_cert = excluded.client_cert",
         )
         .bind(uid(a.uid))
         .bind(to_json(&a.identifying, "identifying attributes")?)
@@ -340,6 +341,7 @@ impl Store for PgStore {
         .bind(opt_uid(a.previous_uid))
         .bind(a.identity_key().as_deref().map(identity_text))
         .bind(a.departed)
+        .bind(opt_to_json(&a.client_cert, "client certificate")?)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -383,7 +385,7 @@ impl Store for PgStore {
                 health, NULL::text AS effective_config, remote_config_status,
                 NULL::text AS desired_config, labels, transport, remote_addr, first_seen,
                 last_seen, connected, sequence_num, heartbeat_interval_s, previous_uid,
-                replaces, replaced_by, departed
+                replaces, replaced_by, departed, NULL::text AS client_cert
              FROM agents",
             after,
             limit,

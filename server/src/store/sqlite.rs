@@ -196,6 +196,7 @@ impl BriefRow {
             replaces: opt_parse_uuid(self.16, &what)?,
             replaced_by: opt_parse_uuid(self.17, &what)?,
             departed: self.18 != 0,
+            client_cert: None,
         })
     }
 }
@@ -309,8 +310,8 @@ impl Store for SqliteStore {
                 custom_capabilities, health, effective_config, remote_config_status,
                 desired_config, labels, transport, remote_addr, first_seen, last_seen,
                 connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key,
-                departed)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                departed, client_cert)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (uid) DO UPDATE SET
                 identifying = excluded.identifying,
                 non_identifying = excluded.non_identifying,
@@ -328,7 +329,8 @@ impl Store for SqliteStore {
                 heartbeat_interval_s = excluded.heartbeat_interval_s,
                 previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid),
                 identity_key = excluded.identity_key,
-                departed = excluded.departed",
+                departed = excluded.departed,
+                client_cert = excluded.client_cert",
         )
         .bind(uid(a.uid))
         .bind(to_json(&a.identifying, "identifying attributes")?)
@@ -353,6 +355,7 @@ impl Store for SqliteStore {
         .bind(opt_uid(a.previous_uid))
         .bind(a.identity_key())
         .bind(a.departed)
+        .bind(opt_to_json(&a.client_cert, "client certificate")?)
         .execute(&self.pool)
         .await?;
         Ok(())

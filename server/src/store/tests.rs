@@ -227,6 +227,12 @@ fn full_agent() -> Agent {
         replaces: None,
         replaced_by: None,
         departed: true,
+        client_cert: Some(crate::tls::PeerCert {
+            identity: "agent-7".into(),
+            subject_cn: Some("agent-7".into()),
+            sans: vec!["web-7.example".into(), "spiffe://example/agent/7".into()],
+            sha256: "ef".repeat(32),
+        }),
     }
 }
 
@@ -343,6 +349,8 @@ async fn brief_listing_is_the_record_without_config_bodies(db: &Db) {
     let mut expect = a.clone();
     expect.effective_config = None;
     expect.desired_config = None;
+    // Listings do not show certificates; the agent's own record does.
+    expect.client_cert = None;
     assert_eq!(brief, vec![expect]);
     assert_eq!(s.list_agents(None, 10).await.unwrap(), vec![a]);
 }

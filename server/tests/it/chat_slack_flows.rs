@@ -516,13 +516,7 @@ async fn cancel_replaces_the_preview_and_the_cancelled_confirmation_cannot_be_us
 
 #[tokio::test]
 async fn forged_stale_replayed_and_malformed_requests_are_refused_logged_and_run_nothing() {
-    let logs = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogBuf::capture(tracing::Level::INFO);
     let f = flow(|_| {}).await;
     let web = f.agent("web-1", HOLD).await;
     let body = cmd("UOPS", "ada", "restart web-1", "t-1").body(&f.fake);

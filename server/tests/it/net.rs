@@ -271,19 +271,25 @@ impl LogBuf {
     pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
+
+    /// Captures this thread's log lines at `level` and above (a current-thread test runtime
+    /// runs the server here too) until the guard is dropped.
+    pub(crate) fn capture(level: tracing::Level) -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let logs = LogBuf::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
 }
 
 /// Defect 5: 200 malformed messages from one address write a few WARN lines and then one
 /// summary line with the count of the rest (today: 200 WARN lines, no summary).
 #[tokio::test]
 async fn malformed_messages_are_logged_a_few_times_per_source_then_summed_up() {
-    let logs = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogBuf::capture(tracing::Level::WARN);
     let server = TestServer::start_with(|c| {
         c.opamp.malformed_log_burst = 3;
         c.opamp.malformed_log_window_s = 2;

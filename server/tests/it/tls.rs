@@ -1,7 +1,8 @@
 //! TLS on the listeners with certificates made here by rcgen (a private CA, good, expired and
 //! wrong-host server certificates, client certificates): OpAMP over https and wss, REST over
-//! https, old protocol versions and plain HTTP refused, certificate reload without restart, and
-//! the startup checks of the key file.
+//! https, old protocol versions and plain HTTP refused, certificate reload without restart, the
+//! startup checks of the key file, and mTLS for agents: client certificates verified, recorded
+//! on the agent and pinned to its uid, and `opamp.agent_auth = "mtls"`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,11 @@ impl Ca {
     /// A server certificate for `names` (DNS names), valid now.
     pub(crate) fn server(&self, names: &[&str]) -> Leaf {
         self.leaf(names, "server", false, None)
+    }
+
+    /// A client certificate with subject CN `cn` and DNS/URI names `names`, valid now.
+    pub(crate) fn client(&self, cn: &str, names: &[&str]) -> Leaf {
+        self.leaf(names, cn, true, None)
     }
 
     /// A server certificate for `names` that expired in 2021.
@@ -369,13 +375,7 @@ async fn tls_1_2_is_served_older_versions_and_plain_http_are_refused() {
 
 #[tokio::test]
 async fn a_renewed_certificate_is_served_without_restart_and_a_broken_one_is_not() {
-    let logs = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogBuf::capture(tracing::Level::INFO);
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("Flotilla test CA");
     let first = ca.server(&["localhost"]);
@@ -556,4 +556,446 @@ fn the_tls_files_come_from_the_environment_too() {
     let v = cfg.validate().unwrap();
     assert!(v.tls.opamp.is_some() && v.tls.api.is_some());
     assert!(v.tls.chat.is_none(), "no chat gateway, no chat listener");
+}
+
+/// A server whose agent listener serves a `localhost` certificate from `ca` and verifies client
+/// certificates against `agents` (PEM in `dir`), configured further by `f`.
+async fn mtls_server(
+    dir: &Path,
+    ca: &Ca,
+    agents: &Ca,
+    f: impl FnOnce(&mut flotilla_server::config::Config),
+) -> TestServer {
+    let (cert, key) = write_pair(dir, "server", &ca.server(&["localhost"]));
+    let client_ca = dir.join("agents-ca.crt");
+    std::fs::write(&client_ca, agents.pem()).unwrap();
+    TestServer::start_with(move |c| {
+        c.opamp.tls.cert_file = Some(cert);
+        c.opamp.tls.key_file = Some(key);
+        c.opamp.tls.client_ca_file = Some(client_ca);
+        f(c);
+    })
+    .await
+}
+
+/// An OpAMP WebSocket over TLS to the agent listener, presenting `identity`.
+async fn wss(
+    server: &TestServer,
+    ca_pem: &str,
+    identity: Option<&Leaf>,
+) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+    let tls = connect(server.opamp, "localhost", ca_pem, identity)
+        .await
+        .expect("TLS handshake");
+    let url = format!(
+        "wss://localhost:{}{}",
+        server.opamp.port(),
+        server.config.opamp.path
+    );
+    tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("WebSocket upgrade over TLS")
+        .0
+}
+
+/// Sends one `AgentToServer` and returns the answer, or `None` if the connection was closed
+/// (after a Close frame, whose code comes back in the `Err`).
+async fn exchange(
+    ws: &mut tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+    msg: &flotilla_proto::AgentToServer,
+) -> flotilla_proto::ServerToAgent {
+    use tokio_tungstenite::tungstenite::Message as M;
+    let mut frame = vec![0u8];
+    frame.extend(msg.encode_to_vec());
+    ws.send(M::Binary(frame.into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("answer") {
+            Some(Ok(M::Binary(b))) => {
+                return flotilla_proto::ServerToAgent::decode(&b[1..]).unwrap()
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("no ServerToAgent: {other:?}"),
+        }
+    }
+}
+
+/// The close code of the server's Close frame, once it comes.
+async fn closed_with(ws: &mut tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>) -> u16 {
+    use tokio_tungstenite::tungstenite::Message as M;
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(M::Close(Some(f)))) => return f.code.into(),
+            Some(Ok(_)) => continue,
+            other => panic!("no Close frame: {other:?}"),
+        }
+    }
+}
+
+/// OpAMP over https presenting `identity` (and `token` as a bearer, if any): the status and,
+/// on 200, the answer.
+async fn https_post(
+    server: &TestServer,
+    ca_pem: &str,
+    identity: Option<&Leaf>,
+    token: Option<&str>,
+    msg: &flotilla_proto::AgentToServer,
+) -> Result<(u16, Option<flotilla_proto::ServerToAgent>), reqwest::Error> {
+    let mut b = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .resolve("localhost", server.opamp);
+    if let Some(l) = identity {
+        let pem = format!("{}{}", l.pem, l.key_pem);
+        b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    let mut req = b
+        .build()
+        .unwrap()
+        .post(format!(
+            "https://localhost:{}{}",
+            server.opamp.port(),
+            server.config.opamp.path
+        ))
+        .header("Content-Type", "application/x-protobuf")
+        .body(msg.encode_to_vec());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await?;
+    Ok((
+        status,
+        (status == 200).then(|| flotilla_proto::ServerToAgent::decode(body.as_ref()).unwrap()),
+    ))
+}
+
+/// True when the listener refuses a TLS client presenting `identity`: the handshake fails, or
+/// (TLS 1.3 sends the client's certificate after the client considers itself connected) the
+/// first request gets no HTTP answer.
+async fn refuses(server: &TestServer, ca_pem: &str, identity: Option<&Leaf>) -> bool {
+    let Ok(mut s) = connect(server.opamp, "localhost", ca_pem, identity).await else {
+        return true;
+    };
+    let out = http_over(
+        &mut s,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    !out.starts_with("HTTP/")
+}
+
+#[tokio::test]
+async fn client_certificates_are_verified_recorded_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Flotilla test CA");
+    let agents = Ca::new("Flotilla agents CA");
+    let server = mtls_server(dir.path(), &ca, &agents, |_| {}).await;
+    assert_eq!(
+        server.config.opamp.tls.client_auth,
+        flotilla_server::config::ClientAuthMode::Required,
+        "required is the default"
+    );
+
+    // A valid client certificate: accepted, and its identity recorded on the agent.
+    let leaf = agents.client(
+        "agent-7",
+        &["web-7.example", "spiffe://example.org/agent/7"],
+    );
+    let uid = uuid::Uuid::now_v7();
+    let mut ws = wss(&server, &ca.pem(), Some(&leaf)).await;
+    let reply = exchange(
+        &mut ws,
+        &agent_status(uid, 0, &[("host.name", "web-7")], 1, &[]),
+    )
+    .await;
+    assert!(reply.error_response.is_none(), "{reply:?}");
+    let (status, a) = server.rest().get(&format!("/api/v1/agents/{uid}")).await;
+    assert_eq!(status, 200, "{a}");
+    let c = &a["client_certificate"];
+    assert_eq!(c["identity"], "agent-7", "{a}");
+    assert_eq!(c["subject_cn"], "agent-7", "{a}");
+    assert_eq!(
+        c["sans"],
+        serde_json::json!(["web-7.example", "spiffe://example.org/agent/7"]),
+        "{a}"
+    );
+    use sha2::Digest;
+    assert_eq!(
+        c["sha256"],
+        hex::encode(sha2::Sha256::digest(&leaf.der)),
+        "{a}"
+    );
+    drop(ws);
+    // MCP's agent_get shows the same.
+    let mcp = crate::mcp::connect(
+        &server,
+        ADMIN_TOKEN,
+        crate::mcp::Revision::Session,
+        Default::default(),
+    )
+    .await;
+    let v = crate::mcp::ok(
+        &crate::mcp::call(
+            &mcp,
+            "agent_get",
+            serde_json::json!({"agent": uid.to_string()}),
+        )
+        .await,
+    );
+    assert_eq!(v["client_certificate"], *c, "{v}");
+    drop(mcp);
+
+    // Plain HTTP over https with the certificate: accepted too.
+    let huid = uuid::Uuid::now_v7();
+    let (status, reply) = https_post(
+        &server,
+        &ca.pem(),
+        Some(&leaf),
+        None,
+        &agent_status(huid, 0, &[("host.name", "web-7h")], 1, &[]),
+    )
+    .await
+    .expect("OpAMP over https with a client certificate");
+    assert_eq!(status, 200);
+    assert!(reply.unwrap().error_response.is_none());
+    let (_, a) = server.rest().get(&format!("/api/v1/agents/{huid}")).await;
+    assert_eq!(a["client_certificate"]["identity"], "agent-7", "{a}");
+
+    // client_auth = "required": no certificate, no handshake.
+    assert!(
+        refuses(&server, &ca.pem(), None).await,
+        "a client without a certificate was served"
+    );
+    // A certificate from another CA: refused at the handshake.
+    let stranger = Ca::new("Someone else's CA").client("agent-7", &["web-7.example"]);
+    assert!(
+        refuses(&server, &ca.pem(), Some(&stranger)).await,
+        "a certificate from another CA was served"
+    );
+    assert!(
+        https_post(
+            &server,
+            &ca.pem(),
+            Some(&stranger),
+            None,
+            &agent_status(uuid::Uuid::now_v7(), 0, &[], 1, &[])
+        )
+        .await
+        .is_err(),
+        "reqwest got through with another CA's certificate"
+    );
+    // The listener is unharmed.
+    assert!(!refuses(&server, &ca.pem(), Some(&leaf)).await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pinned_uid_refuses_another_certificate_logs_and_audits_it() {
+    let (logs, _guard) = LogBuf::capture(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Flotilla test CA");
+    let agents = Ca::new("Flotilla agents CA");
+    let server = mtls_server(dir.path(), &ca, &agents, |c| c.opamp.tls.pin_uid = true).await;
+    let first = agents.client("agent-1", &["web-1.example"]);
+    let other = agents.client("agent-2", &["web-2.example"]);
+    let uid = uuid::Uuid::now_v7();
+
+    // The first certificate seen for the uid is pinned.
+    let mut ws = wss(&server, &ca.pem(), Some(&first)).await;
+    let r = exchange(
+        &mut ws,
+        &agent_status(uid, 0, &[("host.name", "web-1")], 1, &[]),
+    )
+    .await;
+    assert!(r.error_response.is_none(), "{r:?}");
+    drop(ws);
+
+    // Another certificate of the same CA, speaking as that uid: an OpAMP error, then Close.
+    let mut ws = wss(&server, &ca.pem(), Some(&other)).await;
+    let r = exchange(
+        &mut ws,
+        &agent_status(uid, 1, &[("host.name", "web-1")], 1, &[]),
+    )
+    .await;
+    let e = r.error_response.expect("a ServerErrorResponse");
+    assert_eq!(
+        e.r#type,
+        flotilla_proto::ServerErrorResponseType::BadRequest as i32
+    );
+    assert!(e.error_message.contains("pinned"), "{}", e.error_message);
+    assert_eq!(r.instance_uid, uid.as_bytes().to_vec());
+    assert_eq!(
+        closed_with(&mut ws).await,
+        1008,
+        "closed as a policy violation"
+    );
+
+    // Over https too.
+    let (status, reply) = https_post(
+        &server,
+        &ca.pem(),
+        Some(&other),
+        None,
+        &agent_status(uid, 2, &[("host.name", "web-1")], 1, &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        reply.unwrap().error_response.is_some(),
+        "https with another certificate was not refused"
+    );
+
+    // The record keeps the pinned certificate and the impostor's attributes never reached it.
+    let (_, a) = server.rest().get(&format!("/api/v1/agents/{uid}")).await;
+    use sha2::Digest;
+    assert_eq!(
+        a["client_certificate"]["sha256"],
+        hex::encode(sha2::Sha256::digest(&first.der)),
+        "{a}"
+    );
+    assert_eq!(a["sequence_num"], 0, "{a}");
+
+    // The agent with its own certificate still gets in.
+    let mut ws = wss(&server, &ca.pem(), Some(&first)).await;
+    let r = exchange(
+        &mut ws,
+        &agent_status(uid, 1, &[("host.name", "web-1")], 1, &[]),
+    )
+    .await;
+    assert!(r.error_response.is_none(), "{r:?}");
+    drop(ws);
+
+    // Logged with mode, source and reason; the refusal is audited.
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("OpAMP agent refused"))
+        .unwrap_or_else(|| panic!("no log line: {text}"));
+    assert!(
+        line.contains("WARN")
+            && line.contains("mode=\"mtls\"")
+            && line.contains("remote=127.0.0.1:")
+            && line.contains("not the one pinned"),
+        "{line}"
+    );
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    let (status, page) = server
+        .rest()
+        .get("/api/v1/audit?operation=agent.refused")
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "one per refusal: {page}");
+    let rec = &items[0];
+    assert_eq!(
+        rec["targets"],
+        serde_json::json!([uid.to_string()]),
+        "{rec}"
+    );
+    assert_eq!(rec["channel"], "system", "{rec}");
+    assert_eq!(rec["params"]["mode"], "mtls", "{rec}");
+    assert_eq!(
+        rec["params"]["certificate"]["sha256"],
+        hex::encode(sha2::Sha256::digest(&other.der)),
+        "{rec}"
+    );
+    let (_, v) = server.rest().get("/api/v1/audit/verify").await;
+    assert_eq!(v["intact"], true, "{v}");
+    drop(_guard);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn agent_auth_mtls_admits_by_certificate_alone() {
+    let (logs, _guard) = LogBuf::capture(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Flotilla test CA");
+    let agents = Ca::new("Flotilla agents CA");
+    let tokens = dir.path().join("agent-tokens");
+    write_private(&tokens, "agent-token-0123456789\n");
+    let server = mtls_server(dir.path(), &ca, &agents, |c| {
+        c.opamp.tls.client_auth = flotilla_server::config::ClientAuthMode::Optional;
+        c.opamp.agent_tokens_file = Some(tokens);
+        c.opamp.agent_auth = Some(flotilla_server::config::AgentAuthMode::Mtls);
+    })
+    .await;
+    let leaf = agents.client("agent-9", &[]);
+    let msg = |host: &str| agent_status(uuid::Uuid::now_v7(), 0, &[("host.name", host)], 1, &[]);
+
+    // A certificate alone, the token alone: in. Neither (or a wrong token): 401, logged.
+    let cases: [(Option<&Leaf>, Option<&str>, u16); 4] = [
+        (Some(&leaf), None, 200),
+        (None, Some("agent-token-0123456789"), 200),
+        (None, None, 401),
+        (None, Some("agent-token-guess"), 401),
+    ];
+    for (i, (identity, token, want)) in cases.into_iter().enumerate() {
+        let (status, _) = https_post(&server, &ca.pem(), identity, token, &msg(&format!("a{i}")))
+            .await
+            .unwrap();
+        assert_eq!(status, want, "case {i}");
+    }
+    let text = logs.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("OpAMP agent authentication failed"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("mode=\"mtls\"") && lines[0].contains("reason=\"no client certificate\""),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("unknown bearer token"), "{}", lines[1]);
+    assert!(
+        !text.contains("agent-token-guess"),
+        "a token was logged: {text}"
+    );
+    drop(_guard);
+    server.stop().await;
+}
+
+#[test]
+fn agent_auth_modes_are_checked_at_start() {
+    use flotilla_server::config::AgentAuthMode;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("agent-tokens");
+    write_private(&tokens, "t0123456789\n");
+    let base = flotilla_server::config::Config {
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    };
+    let cases = [
+        (
+            Some(AgentAuthMode::Mtls),
+            None,
+            "needs opamp.tls.client_ca_file",
+        ),
+        (
+            Some(AgentAuthMode::Token),
+            None,
+            "needs opamp.agent_tokens_file",
+        ),
+        (
+            Some(AgentAuthMode::None),
+            Some(tokens.clone()),
+            "opamp.agent_tokens_file is set",
+        ),
+    ];
+    for (mode, file, why) in cases {
+        let mut c = base.clone();
+        c.opamp.agent_auth = mode;
+        c.opamp.agent_tokens_file = file;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains(why), "{mode:?}: {err}");
+    }
+    let mut c = base.clone();
+    c.opamp.agent_tokens_file = Some(tokens);
+    assert_eq!(c.opamp.agent_auth_mode(), AgentAuthMode::Token);
+    assert!(c.validate().is_ok());
+    assert_eq!(base.opamp.agent_auth_mode(), AgentAuthMode::None);
 }

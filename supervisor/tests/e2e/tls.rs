@@ -164,3 +164,54 @@ async fn a_client_key_readable_by_others_stops_the_start() {
         sup.events()
     );
 }
+
+#[tokio::test]
+async fn a_client_certificate_admits_the_supervisor_where_the_server_requires_one() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Flotilla supervisor test CA");
+    let agents = Ca::new("Flotilla agents CA");
+    let agents_ca = certs.path().join("agents-ca.crt");
+    std::fs::write(&agents_ca, &agents.pem).unwrap();
+    // mTLS only: no token file, a certificate from the agents' CA is the credential.
+    let server = Server::start_with_toml(&format!(
+        "[opamp]\nagent_auth = \"mtls\"\n{}",
+        server_tls_toml(
+            certs.path(),
+            &ca,
+            &format!(
+                "client_ca_file = {agents_ca:?}\nclient_auth = \"required\"\npin_uid = true\n"
+            ),
+        )
+    ))
+    .await;
+    let ca_file = certs.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (crt, key) = write_issued(
+        certs.path(),
+        "agent",
+        &agents.issue("fluent-bit-e2e", &["web-e2e.example"], true),
+    );
+
+    let mut o = SupOpts::fluent_bit(&tls_url(&server, "wss"));
+    o.server_extra =
+        format!("[server.tls]\nca_file = {ca_file:?}\ncert_file = {crt:?}\nkey_file = {key:?}\n");
+    let sup = Sup::start(o).await;
+    let uid = sup.uid().await;
+    let a = server
+        .wait_agent(&uid, "connected with its client certificate", T, |a| {
+            a["connected"] == true && a["health"]["healthy"] == true
+        })
+        .await;
+    let c = &a["client_certificate"];
+    assert_eq!(c["identity"], "fluent-bit-e2e", "{a}");
+    assert_eq!(c["sans"], serde_json::json!(["web-e2e.example"]), "{a}");
+    assert_eq!(c["sha256"].as_str().map(str::len), Some(64), "{a}");
+
+    // Without a client certificate the handshake is refused, and the log says what to set.
+    let mut o = SupOpts::fluent_bit(&tls_url(&server, "wss"));
+    o.server_extra = format!("[server.tls]\nca_file = {ca_file:?}\n");
+    let bare = Sup::start(o).await;
+    bare.wait_log("set server.tls.cert_file", T).await;
+    let uid = bare.uid().await;
+    assert!(server.agent(&uid).await.is_none(), "{}", bare.log());
+}
