@@ -10,11 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -114,6 +118,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct ListenerTls {
     files: CertFiles,
     current: Arc<Current>,
+    /// The client CA (mTLS) and the verifier built from it, replaced when the file changes.
+    client: Option<(ClientAuth, Arc<ReloadingVerifier>)>,
     acceptor: tokio_rustls::TlsAcceptor,
 }
 
@@ -173,15 +179,20 @@ impl ListenerTls {
                 key: files.key_file.clone(),
                 reason: e.to_string(),
             })?;
-        let builder = match client {
+        let client = match client {
+            None => None,
+            Some(c) => Some((c.clone(), Arc::new(ReloadingVerifier::load(c, provider)?))),
+        };
+        let builder = match &client {
             None => builder.with_no_client_auth(),
-            Some(c) => builder.with_client_cert_verifier(client_verifier(c, provider)?),
+            Some((_, v)) => builder.with_client_cert_verifier(v.clone()),
         };
         let mut cfg = builder.with_cert_resolver(current.clone());
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ListenerTls {
             files,
             current,
+            client,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
         })
     }
@@ -190,10 +201,18 @@ impl ListenerTls {
         self.acceptor.clone()
     }
 
-    /// Re-reads the files; a changed, valid pair is used for new handshakes from now on, a
-    /// broken one is reported (once per content) and the pair in use kept. Returns whether the
-    /// certificate changed.
+    /// Re-reads the files; a changed, valid pair (or client CA) is used for new handshakes
+    /// from now on, a broken one is reported (once per content) and the one in use kept.
+    /// Returns whether anything changed.
     pub fn reload(&self, listener: &str) -> bool {
+        let ca = self
+            .client
+            .as_ref()
+            .is_some_and(|(c, v)| v.reload(c, listener));
+        self.reload_pair(listener) || ca
+    }
+
+    fn reload_pair(&self, listener: &str) -> bool {
         let Some(digest) = file_digest(&self.files) else {
             // Unreadable (e.g. mid-rename): load_pair below reports it.
             return self.try_load(listener, None);
@@ -330,10 +349,134 @@ fn load_pair(
     Ok((Arc::new(ck), digest_of(&cert_pem, &key_pem)))
 }
 
+/// The client-certificate check of a listener whose CA file may change: each handshake asks
+/// the verifier built from the file as last read, so a rotated or added CA needs no restart.
+#[derive(Debug)]
+struct ReloadingVerifier {
+    state: RwLock<Verifying>,
+}
+
+#[derive(Debug)]
+struct Verifying {
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// The CA subjects offered as hints. `root_hint_subjects` lends a slice, which cannot
+    /// come out of a lock guard: each CA's hints are leaked once (a few hundred bytes per CA
+    /// file change).
+    hints: &'static [DistinguishedName],
+    digest: [u8; 32],
+    /// The digest of a broken CA file already reported.
+    refused: Option<[u8; 32]>,
+}
+
+impl ReloadingVerifier {
+    fn load(c: &ClientAuth, provider: Arc<CryptoProvider>) -> Result<ReloadingVerifier, TlsError> {
+        let (verifier, digest) = client_verifier(c, provider)?;
+        Ok(ReloadingVerifier {
+            state: RwLock::new(Verifying {
+                hints: Box::leak(verifier.root_hint_subjects().to_vec().into_boxed_slice()),
+                verifier,
+                digest,
+                refused: None,
+            }),
+        })
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        s.verifier.clone()
+    }
+
+    /// Re-reads the CA file; true if new handshakes now verify against a changed CA.
+    fn reload(&self, c: &ClientAuth, listener: &str) -> bool {
+        let digest = std::fs::read(&c.ca_file)
+            .ok()
+            .map(|pem| <[u8; 32]>::from(Sha256::digest(pem)));
+        {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            if digest == Some(s.digest) || (digest.is_some() && s.refused == digest) {
+                return false;
+            }
+        }
+        let built = client_verifier(c, provider());
+        let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
+        match built {
+            Ok((verifier, d)) => {
+                if s.digest == d {
+                    return false;
+                }
+                *s = Verifying {
+                    hints: Box::leak(verifier.root_hint_subjects().to_vec().into_boxed_slice()),
+                    verifier,
+                    digest: d,
+                    refused: None,
+                };
+                tracing::info!(listener, client_ca_file = %c.ca_file.display(),
+                    "TLS client CA reloaded: new handshakes verify client certificates against it");
+                true
+            }
+            Err(e) => {
+                if digest.is_none() || s.refused != digest {
+                    tracing::error!(listener, error = %e,
+                        "TLS client CA reload failed: keeping the client CA in use");
+                }
+                s.refused = digest;
+                false
+            }
+        }
+    }
+}
+
+impl ClientCertVerifier for ReloadingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.current().offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.current().client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// The verifier for the CA file as it is now, and the digest of what was read.
 fn client_verifier(
     c: &ClientAuth,
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+) -> Result<(Arc<dyn ClientCertVerifier>, [u8; 32]), TlsError> {
     let key = "opamp.tls.client_ca_file";
     let err = |reason: String| TlsError::ClientCa {
         key: key.to_string(),
@@ -341,6 +484,7 @@ fn client_verifier(
         reason,
     };
     let pem = read(key, &c.ca_file)?;
+    let digest = Sha256::digest(&pem).into();
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| err(format!("not PEM: {e}")))?;
@@ -357,7 +501,7 @@ fn client_verifier(
     } else {
         b.allow_unauthenticated()
     };
-    b.build().map_err(|e| err(e.to_string()))
+    Ok((b.build().map_err(|e| err(e.to_string()))?, digest))
 }
 
 /// The subject CN of a DER certificate, else its first DNS or URI subject alternative name.

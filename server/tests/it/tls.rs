@@ -999,3 +999,63 @@ fn agent_auth_modes_are_checked_at_start() {
     assert!(c.validate().is_ok());
     assert_eq!(base.opamp.agent_auth_mode(), AgentAuthMode::None);
 }
+
+#[tokio::test]
+async fn the_client_ca_is_reloaded_when_its_file_changes() {
+    let (logs, _guard) = LogBuf::capture(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Flotilla test CA");
+    let old = Ca::new("Agents CA 2025");
+    let new = Ca::new("Agents CA 2026");
+    let server = mtls_server(dir.path(), &ca, &old, |c| c.tls.reload_interval_s = 1).await;
+    let client_ca = dir.path().join("agents-ca.crt");
+    let (old_leaf, new_leaf) = (old.client("agent-old", &[]), new.client("agent-new", &[]));
+    assert!(!refuses(&server, &ca.pem(), Some(&old_leaf)).await);
+    assert!(refuses(&server, &ca.pem(), Some(&new_leaf)).await);
+
+    // The CA is rotated in place: new handshakes verify against the new one, no restart.
+    std::fs::write(&client_ca, new.pem()).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while refuses(&server, &ca.pem(), Some(&new_leaf)).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new client CA was never used: {}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(refuses(&server, &ca.pem(), Some(&old_leaf)).await);
+    assert!(
+        logs.text().contains("TLS client CA reloaded"),
+        "{}",
+        logs.text()
+    );
+
+    // A broken CA file: reported once at ERROR, the CA in use kept.
+    std::fs::write(&client_ca, "not a certificate\n").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !logs.text().contains("TLS client CA reload failed") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ERROR for the broken CA file: {}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let text = logs.text();
+    let failures: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("TLS client CA reload failed"))
+        .collect();
+    assert_eq!(failures.len(), 1, "reported once per content: {text}");
+    assert!(
+        failures[0].contains("ERROR") && failures[0].contains("opamp.tls.client_ca_file"),
+        "{}",
+        failures[0]
+    );
+    assert!(!refuses(&server, &ca.pem(), Some(&new_leaf)).await);
+    assert!(refuses(&server, &ca.pem(), Some(&old_leaf)).await);
+    drop(_guard);
+    server.stop().await;
+}
