@@ -626,6 +626,53 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 mod tests {
     use super::*;
 
+    fn cert_der(cn: Option<&str>, sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        p.subject_alt_names = sans;
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn identity_subject_and_every_kind_of_san_are_read() {
+        use rcgen::SanType;
+        let sans = || {
+            vec![
+                SanType::DnsName("web-1.example".try_into().unwrap()),
+                SanType::URI("spiffe://example.org/agent/1".try_into().unwrap()),
+                SanType::IpAddress("10.0.0.7".parse().unwrap()),
+                SanType::IpAddress("fd00::7".parse().unwrap()),
+            ]
+        };
+        let der = cert_der(Some("agent-1"), sans());
+        let c = PeerCert::from_der(&der);
+        assert_eq!(c.identity, "agent-1");
+        assert_eq!(c.subject_cn.as_deref(), Some("agent-1"));
+        assert_eq!(
+            c.sans,
+            [
+                "web-1.example",
+                "spiffe://example.org/agent/1",
+                "10.0.0.7",
+                "fd00::7"
+            ]
+        );
+        assert_eq!(c.sha256, hex::encode(Sha256::digest(&der)));
+        // No CN: the first SAN is the identity.
+        let c = PeerCert::from_der(&cert_der(None, sans()));
+        assert_eq!((c.identity.as_str(), c.subject_cn), ("web-1.example", None));
+        // Neither: an empty identity, still a fingerprint.
+        let c = PeerCert::from_der(&cert_der(None, vec![]));
+        assert_eq!(
+            (c.identity.as_str(), c.sans.len(), c.sha256.len()),
+            ("", 0, 64)
+        );
+    }
+
     #[test]
     fn truncated_der_is_no_identity() {
         assert_eq!(cert_identity(&[]), None);
