@@ -250,6 +250,16 @@ fn schemas() -> Value {
     let statuses: Vec<&str> = CommandStatus::ALL.iter().map(|s| s.as_str()).collect();
     let state = schema_ref("AgentState");
     let labels = json!({"type": "object", "additionalProperties": {"type": "string"}});
+    let client_cert = json!({
+        "type": ["object", "null"], "required": ["identity", "sha256"],
+        "description": "mTLS (opamp.tls.client_ca_file): the client certificate of the agent's latest report; with opamp.tls.pin_uid the one pinned to its uid.",
+        "properties": {
+            "identity": {"type": "string", "description": "Subject CN, else the first subject alternative name."},
+            "subject_cn": {"type": "string"},
+            "sans": {"type": "array", "items": {"type": "string"}, "description": "DNS names, URIs (e.g. SPIFFE ids) and IP addresses."},
+            "sha256": {"type": "string", "description": "SHA-256 of the certificate (DER), lowercase hex."}
+        }
+    });
     let attrs = json!({"type": "object", "additionalProperties": {"type": "string"}});
     let skipped = json!({"type": "object", "required": ["agent_uid", "reason"], "properties": {
         "agent_uid": uuid_schema(), "reason": {"type": "string"}}});
@@ -332,6 +342,7 @@ fn schemas() -> Value {
                              "description": "A silent earlier record of this same agent (same service.instance.id and host) that it re-registered in place of."},
                 "replaced_by": {"type": ["string", "null"], "format": "uuid",
                                 "description": "Set on such an earlier record: the agent that took its place."},
+                "client_certificate": client_cert,
                 "recent_commands": {"type": "array", "items": schema_ref("Command"),
                                     "description": "The agent's 10 newest commands."}
             }
