@@ -1,7 +1,8 @@
 //! The `flotilla` command line, defined once with clap: the definitions here also generate the
 //! shell completions and the man page (`flotilla completions SHELL`, `flotilla man`).
 //!
-//! Server-side commands (`serve`, `config check`, `audit verify`, `chat discord register`)
+//! Server-side commands (`serve`, `config check`, `audit verify`, `chat discord register`,
+//! `chat teams package`)
 //! read the server's configuration ([`server`]); the operator commands (`agents`, `agent`, `queue`, `commands`,
 //! `command`, `cancel`, `audit`, `labels`, `label`) are a client of the REST API ([`remote`]),
 //! so they get the same roles, confirmation and audit as any REST caller (channel `cli`).
@@ -220,6 +221,37 @@ pub enum ChatCmd {
         #[command(subcommand)]
         command: DiscordCmd,
     },
+    /// Microsoft Teams set-up.
+    Teams {
+        #[command(subcommand)]
+        command: TeamsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TeamsCmd {
+    /// Build the Teams app package (manifest.json naming the bot of `[chat.teams]`, and its
+    /// icons, zipped) to upload in Teams: Apps → Manage your apps → Upload an app.
+    Package {
+        #[command(flatten)]
+        cfg: ServerConfigArgs,
+        /// Where to write the zip.
+        #[arg(long, value_name = "FILE", default_value = "flotilla-teams.zip")]
+        out: PathBuf,
+        /// The public host name of the chat listener (the messaging endpoint's host): the
+        /// manifest's validDomains, and its developer URLs unless --website-url is given.
+        #[arg(long, value_name = "HOST", required = true)]
+        domain: Vec<String>,
+        /// The developer's website (also used as privacy and terms-of-use URL).
+        #[arg(long, value_name = "URL")]
+        website_url: Option<String>,
+        /// The developer name Teams shows.
+        #[arg(long, value_name = "NAME", default_value = "Flotilla")]
+        developer: String,
+        /// The app version (raise it for each upload of an update).
+        #[arg(long, value_name = "X.Y.Z", default_value = env!("CARGO_PKG_VERSION"))]
+        app_version: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -284,12 +316,18 @@ fn hoist_server_flags(cli: &mut Cli) -> Result<(), Failure> {
                 ChatCmd::Discord {
                     command: DiscordCmd::Register { cfg, .. },
                 },
+        }
+        | Cmd::Chat {
+            command:
+                ChatCmd::Teams {
+                    command: TeamsCmd::Package { cfg, .. },
+                },
         } => cfg,
         _ => {
             return Err(Failure::new(
                 Exit::Usage,
                 "--config and --data-dir apply only to serve, config check, audit verify and \
-                 chat discord register; \
+                 chat discord register and chat teams package; \
                  the other commands reach a server through --server and --token-file",
             ))
         }
@@ -340,6 +378,32 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
                     command: DiscordCmd::Register { cfg, guild },
                 },
         } => server::discord_register(&cfg, guild.as_deref()).await,
+        Cmd::Chat {
+            command:
+                ChatCmd::Teams {
+                    command:
+                        TeamsCmd::Package {
+                            cfg,
+                            out,
+                            domain,
+                            website_url,
+                            developer,
+                            app_version,
+                        },
+                },
+        } => server::teams_package(
+            &cfg,
+            &out,
+            flotilla_chat::teams::package::PackageSpec {
+                app_id: String::new(),
+                app_name: String::new(),
+                version: app_version,
+                website_url: website_url
+                    .unwrap_or_else(|| format!("https://{}/", domain[0].trim())),
+                domains: domain,
+                developer,
+            },
+        ),
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "flotilla", &mut std::io::stdout());

@@ -1,5 +1,5 @@
 //! The server-side commands: `serve`, `config check`, `audit verify`, `chat discord register`,
-//! and `flotilla mcp` (a stdio MCP server forwarding to a remote server's REST API).
+//! `chat teams package`, and `flotilla mcp` (a stdio MCP server forwarding to a remote server's REST API).
 //!
 //! `serve` and `config check` share [`load`] and [`check_tokens`], so `config check` passes
 //! exactly when `serve` would get as far as binding its ports.
@@ -265,6 +265,34 @@ pub async fn discord_register(
         commands::NAME,
         commands::SUBS.len(),
         d.application_id
+    );
+    Ok(Exit::Ok)
+}
+
+/// `flotilla chat teams package`: the app package for the bot of `[chat.teams]`. Only the
+/// app id and name are read (not the password), so the package can be built where the secrets
+/// are not; the rest of the file must still parse.
+pub fn teams_package(
+    args: &ServerConfigArgs,
+    out: &std::path::Path,
+    mut spec: flotilla_chat::teams::package::PackageSpec,
+) -> anyhow::Result<Exit> {
+    let cfg = Config::load(
+        args.config.as_deref(),
+        flotilla_server::config::process_env(),
+    )
+    .map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    spec.app_id = cfg.chat.teams.app_id.clone();
+    spec.app_name = cfg.chat.teams.app_name.clone();
+    let zip = flotilla_chat::teams::package::build(&spec)
+        .map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
+    std::fs::write(out, &zip).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "wrote {} ({} bytes): Teams app {:?} for bot {}; upload it in Teams (Apps → Manage your apps → Upload an app)",
+        out.display(),
+        zip.len(),
+        spec.app_name,
+        spec.app_id.trim()
     );
     Ok(Exit::Ok)
 }
