@@ -148,35 +148,39 @@ pub(crate) fn health(healthy: bool) -> AgentToServer {
     }
 }
 
+/// An alert's buttons, in order: Restart, Show health, Mute 1 h.
+pub(crate) const ALERT_ACTIONS: [&str; 3] = [
+    "flotilla_alert_restart",
+    "flotilla_alert_health",
+    "flotilla_alert_mute",
+];
+
+/// N of "N agents went offline" in a message's text, on any platform.
+pub(crate) fn offline_count(text: &str) -> Option<u64> {
+    let i = text.find(" agents went offline")?;
+    let n: String = text[..i]
+        .chars()
+        .rev()
+        .take_while(|ch| ch.is_ascii_digit() || *ch == ',')
+        .filter(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    n.parse().ok()
+}
+
 /// The counts of "N agents went offline" in the summaries Slack got.
 fn offline_counts(fake: &FakeSlack) -> Vec<u64> {
     fake.calls_of("chat.postMessage")
         .iter()
-        .filter_map(|c| {
-            let t = c.body["text"].as_str()?.to_string();
-            let i = t.find(" agents went offline")?;
-            let n: String = t[..i]
-                .chars()
-                .rev()
-                .take_while(|ch| ch.is_ascii_digit() || *ch == ',')
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .filter(char::is_ascii_digit)
-                .collect();
-            n.parse().ok()
-        })
+        .filter_map(|c| offline_count(c.body["text"].as_str()?))
         .collect()
 }
 
-#[tokio::test]
-async fn a_storm_of_1000_agents_going_offline_is_a_handful_of_messages() {
-    let rig = rig().await;
-    let fleet = agents(&rig.server, "web", 1000).await;
-    rig.subscribe("state:offline", "t-sub").await;
-    let before = rig.fake.calls_of("chat.postMessage").len();
-
-    // Every agent says goodbye (agent_disconnect): each goes offline at once.
+/// Every agent in `fleet` says goodbye (agent_disconnect), 50 at a time: each goes offline
+/// at once.
+pub(crate) async fn goodbye(fleet: Vec<HttpAgent>) {
     let mut set = JoinSet::new();
     for mut a in fleet {
         set.spawn(async move {
@@ -193,6 +197,16 @@ async fn a_storm_of_1000_agents_going_offline_is_a_handful_of_messages() {
     while let Some(r) = set.join_next().await {
         r.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_storm_of_1000_agents_going_offline_is_a_handful_of_messages() {
+    let rig = rig().await;
+    let fleet = agents(&rig.server, "web", 1000).await;
+    rig.subscribe("state:offline", "t-sub").await;
+    let before = rig.fake.calls_of("chat.postMessage").len();
+
+    goodbye(fleet).await;
     rig.fake
         .wait_for(WAIT, "summaries covering all 1,000 agents", |_| {
             offline_counts(&rig.fake).iter().sum::<u64>() >= 1000
@@ -247,14 +261,7 @@ async fn an_unhealthy_agent_alerts_once_with_buttons_and_subscriptions_are_manag
         .iter()
         .map(|e| e["action_id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        [
-            "flotilla_alert_restart",
-            "flotilla_alert_health",
-            "flotilla_alert_mute"
-        ]
-    );
+    assert_eq!(ids, ALERT_ACTIONS);
     let value = |i: usize| actions[i]["value"].as_str().unwrap().to_string();
     let ts = alert.body["ts"].as_str().unwrap_or("1700000000.000900");
 
