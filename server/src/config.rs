@@ -46,7 +46,7 @@ pub struct Config {
 
 /// Where the registry, command queue and audit trail live: `<data_dir>/flotilla.db` (SQLite,
 /// the default) unless `url` names a PostgreSQL database that several replicas may share.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// `postgres://user@host:port/database?...`. A password in it is never serialised (nor
@@ -55,7 +55,27 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// The PostgreSQL password, read from this file (trimmed); overrides one in `url`.
     pub password_file: Option<PathBuf>,
+    /// This process's name among the replicas sharing the store (the agent record's `replica`,
+    /// `/metrics`). Unset: `<hostname>-<pid>`, so a restart is a new replica.
+    pub replica_id: Option<String>,
+    /// How often this replica writes its heartbeat row; one silent for 3 intervals is dead and
+    /// its agents are marked disconnected by the others.
+    pub replica_heartbeat_s: u64,
 }
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            password_file: None,
+            replica_id: None,
+            replica_heartbeat_s: 5,
+        }
+    }
+}
+
+/// Longest `store.replica_id`.
+pub const MAX_REPLICA_ID: usize = 128;
 
 fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match url {
@@ -65,6 +85,22 @@ fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::O
 }
 
 impl StoreConfig {
+    /// This replica's id: `replica_id`, else `<hostname>-<pid>`.
+    pub fn replica(&self) -> String {
+        if let Some(id) = self.replica_id.as_deref().map(str::trim) {
+            if !id.is_empty() {
+                return id.to_string();
+            }
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "flotilla".into());
+        format!("{host}-{}", std::process::id())
+    }
+
     /// The PostgreSQL URL, when one is configured (SQLite otherwise).
     pub fn postgres_url(&self) -> Option<&str> {
         self.url.as_deref().map(str::trim).filter(|u| !u.is_empty())
@@ -1183,6 +1219,16 @@ pub const ENV_VARS: &[EnvVar] = &[
         "store.password_file",
         EnvKind::Text,
     ),
+    var(
+        "FLOTILLA_STORE_REPLICA_ID",
+        "store.replica_id",
+        EnvKind::Text,
+    ),
+    var(
+        "FLOTILLA_STORE_REPLICA_HEARTBEAT_S",
+        "store.replica_heartbeat_s",
+        EnvKind::Number,
+    ),
     var("FLOTILLA_OPAMP_LISTEN", "opamp.listen", EnvKind::Text),
     var("FLOTILLA_OPAMP_PATH", "opamp.path", EnvKind::Text),
     var(
@@ -1456,6 +1502,26 @@ impl Config {
             }
         } else if self.store.password_file.is_some() {
             p.push("store.password_file is set but store.url is not".into());
+        }
+        if let Some(id) = &self.store.replica_id {
+            let id = id.trim();
+            if id.is_empty()
+                || id.len() > MAX_REPLICA_ID
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                p.push(format!(
+                    "store.replica_id {id:?} must be 1 to {MAX_REPLICA_ID} letters, digits or \
+                     - _ . :"
+                ));
+            }
+        }
+        if !(1..=300).contains(&self.store.replica_heartbeat_s) {
+            p.push(format!(
+                "store.replica_heartbeat_s = {} must be between 1 and 300",
+                self.store.replica_heartbeat_s
+            ));
         }
         let opamp_addr = parse_addr("opamp.listen", &self.opamp.listen, &mut p);
         let api_addr = parse_addr("api.listen", &self.api.listen, &mut p);

@@ -330,11 +330,20 @@ impl Events {
 
     /// A WebSocket closed without another connection taking the agent over.
     pub fn connection_closed(&self, uid: Uuid, at: Millis) {
+        self.disconnected(uid, at, "closed");
+    }
+
+    /// The replica holding the agent's connection died (its heartbeat went silent).
+    pub fn disconnected_by_replica(&self, uid: Uuid, at: Millis) {
+        self.disconnected(uid, at, "replica_lost");
+    }
+
+    fn disconnected(&self, uid: Uuid, at: Millis, reason: &str) {
         let (host, ty) = self.names(uid);
         self.emit(
             "agent.disconnected",
             at,
-            json!({"uid": uid, "host": host, "agent_type": ty, "reason": "closed"}),
+            json!({"uid": uid, "host": host, "agent_type": ty, "reason": reason}),
         );
     }
 

@@ -74,13 +74,17 @@ pub async fn open_store(cfg: &config::Config) -> Result<Arc<dyn Store>, ServerEr
         Some(url) => open_postgres(cfg, url, false).await?,
         None => open_sqlite(cfg).await?,
     };
-    store
-        .mark_all_disconnected(model::now_ms())
+    let now = model::now_ms();
+    let stale = 3 * (cfg.store.replica_heartbeat_s.max(1) as model::Millis) * 1000;
+    let replica = cfg.store.replica();
+    let released = store
+        .start_replica(&replica, now, now - stale)
         .await
         .map_err(|source| ServerError::Store {
             dir: cfg.data_dir.clone(),
             source,
         })?;
+    tracing::info!(%replica, marked_disconnected = released, "store: started as replica");
     Ok(store)
 }
 
@@ -229,6 +233,8 @@ pub async fn run_observed_with_chat(
             max_fanout: cfg.commands.max_fanout,
             heartbeat_interval_s: cfg.opamp.heartbeat_interval_s,
             admin_shutdown_above: cfg.commands.admin_shutdown_above,
+            replica_id: cfg.store.replica(),
+            replica_heartbeat_s: cfg.store.replica_heartbeat_s,
         },
     );
     // Search, the summary and /metrics answer from the in-memory index: fill it before
@@ -279,6 +285,13 @@ pub async fn run_observed_with_chat(
 
     log_audit_head(store.as_ref(), "at start").await;
     let sweeper = tokio::spawn(sweep_loop(fleet.clone(), token.clone()));
+    let beat = tokio::spawn(replica_loop(fleet.clone(), token.clone()));
+    // Replicas sharing a PostgreSQL store wake each other's sessions through it.
+    let waker = fleet
+        .store()
+        .clone()
+        .wake_feed()
+        .map(|feed| tokio::spawn(fleet.clone().follow_wakes(feed)));
     let bus = tokio::spawn(events::run(fleet.clone(), events::TICK, token.clone()));
     for w in cfg.warnings() {
         tracing::warn!("{w}");
@@ -367,7 +380,11 @@ pub async fn run_observed_with_chat(
         }
     }
     sweeper.abort();
+    beat.abort();
     bus.abort();
+    if let Some(w) = waker {
+        w.abort();
+    }
     // Sessions saw the same cancellation and are sending Close frames; give them a bounded
     // time so a stuck peer cannot hold the shutdown.
     sessions.close();
@@ -497,6 +514,27 @@ async fn sweep_loop(fleet: Fleet, token: CancellationToken) {
                     Err(e) => tracing::warn!(error = %e, "delivery sweep failed; will retry"),
                 }
             }
+        }
+    }
+}
+
+/// Writes this replica's heartbeat every `store.replica_heartbeat_s`, releasing the agents of
+/// replicas that died.
+async fn replica_loop(fleet: Fleet, token: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(
+        fleet.settings().replica_heartbeat_s.max(1),
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => match fleet.replica_heartbeat(model::now_ms()).await {
+                Ok(0) => {}
+                Ok(released) => tracing::info!(released,
+                    "agents of a replica that stopped answering marked disconnected"),
+                Err(e) => tracing::warn!(error = %e,
+                    "replica heartbeat failed; the others may think this replica dead"),
+            },
         }
     }
 }

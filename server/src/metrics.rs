@@ -61,6 +61,21 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabel {
+    pub replica: String,
+}
+
+/// What `/metrics` shows of one replica sharing the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaGauges {
+    pub id: String,
+    /// Its heartbeat is fresh (written within 3 intervals).
+    pub up: bool,
+    pub connections: u64,
+    pub heartbeat_age_s: f64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     commit: &'static str,
@@ -99,6 +114,12 @@ pub struct Metrics {
     agents: Family<StateLabel, Gauge>,
     commands: Family<StatusLabel, Gauge>,
     ws_connections: Gauge,
+    /// Sessions woken here for commands queued through another replica.
+    remote_wakes: Counter,
+    replica_up: Family<ReplicaLabel, Gauge>,
+    replica_connections: Family<ReplicaLabel, Gauge>,
+    replica_heartbeat_age: Family<ReplicaLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    replica_self: Family<ReplicaLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -118,6 +139,12 @@ impl Metrics {
         let agents = Family::<StateLabel, Gauge>::default();
         let commands = Family::<StatusLabel, Gauge>::default();
         let ws_connections = Gauge::default();
+        let remote_wakes = Counter::default();
+        let replica_up = Family::<ReplicaLabel, Gauge>::default();
+        let replica_connections = Family::<ReplicaLabel, Gauge>::default();
+        let replica_heartbeat_age =
+            Family::<ReplicaLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let replica_self = Family::<ReplicaLabel, Gauge>::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
@@ -166,6 +193,31 @@ impl Metrics {
             "Open agent WebSocket connections",
             ws_connections.clone(),
         );
+        registry.register(
+            "replica_wakes",
+            "Agent sessions woken here for commands queued through another replica",
+            remote_wakes.clone(),
+        );
+        registry.register(
+            "replica_up",
+            "Replicas sharing the store: 1 while its heartbeat is fresh, 0 once it is silent",
+            replica_up.clone(),
+        );
+        registry.register(
+            "replica_connections",
+            "Agent connections each replica held at its last heartbeat",
+            replica_connections.clone(),
+        );
+        registry.register(
+            "replica_heartbeat_age_seconds",
+            "Time since each replica last wrote its heartbeat",
+            replica_heartbeat_age.clone(),
+        );
+        registry.register(
+            "replica_self",
+            "The replica answering this scrape (always 1)",
+            replica_self.clone(),
+        );
         let mut process = Registry::default();
         process.register_collector(Box::new(ProcessCollector));
         Metrics {
@@ -179,7 +231,43 @@ impl Metrics {
             agents,
             commands,
             ws_connections,
+            remote_wakes,
+            replica_up,
+            replica_connections,
+            replica_heartbeat_age,
+            replica_self,
         }
+    }
+
+    /// Sets the replica gauges to `replicas` (those no longer known disappear) and names
+    /// this one.
+    pub fn set_replicas(&self, this: &str, replicas: &[ReplicaGauges]) {
+        self.replica_up.clear();
+        self.replica_connections.clear();
+        self.replica_heartbeat_age.clear();
+        self.replica_self.clear();
+        for r in replicas {
+            let l = ReplicaLabel {
+                replica: r.id.clone(),
+            };
+            self.replica_up.get_or_create(&l).set(i64::from(r.up));
+            self.replica_connections
+                .get_or_create(&l)
+                .set(r.connections as i64);
+            self.replica_heartbeat_age
+                .get_or_create(&l)
+                .set(r.heartbeat_age_s);
+        }
+        self.replica_self
+            .get_or_create(&ReplicaLabel {
+                replica: this.to_string(),
+            })
+            .set(1);
+    }
+
+    /// Counts one session woken for a command queued through another replica.
+    pub fn remote_wake(&self) {
+        self.remote_wakes.inc();
     }
 
     /// Counts one handled message of `kind`.

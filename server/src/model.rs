@@ -283,6 +283,10 @@ pub struct Agent {
     /// the first one seen, which every later connection for this uid must present.
     #[serde(default)]
     pub client_cert: Option<crate::tls::PeerCert>,
+    /// The replica (`store.replica_id`) that holds or last held its connection; set by the
+    /// store on every connected write.
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 impl Agent {
@@ -311,6 +315,7 @@ impl Agent {
             replaced_by: None,
             departed: false,
             client_cert: None,
+            replica: None,
         }
     }
 

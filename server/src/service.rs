@@ -24,7 +24,7 @@ use crate::model::{
 use crate::query::Query;
 use crate::registry::Registry;
 use crate::store::indexed::IndexedStore;
-use crate::store::{Finish, Store, StoreError};
+use crate::store::{Finish, Store, StoreError, Wakeup};
 
 /// Why an operation was refused or failed. Each variant has a stable [`FleetError::code`].
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +95,17 @@ pub struct FleetSettings {
     pub heartbeat_interval_s: u64,
     /// A `shutdown` fan-out reaching more agents than this needs the admin role.
     pub admin_shutdown_above: usize,
+    /// This process among the replicas sharing the store (`store.replica_id`).
+    pub replica_id: String,
+    /// How often it writes its heartbeat; silent for 3 intervals is dead.
+    pub replica_heartbeat_s: u64,
+}
+
+impl FleetSettings {
+    /// Heartbeats older than this (ms before now) are a dead replica's.
+    pub fn replica_stale_ms(&self) -> Millis {
+        3 * (self.replica_heartbeat_s.max(1) as Millis) * 1000
+    }
 }
 
 /// What needs the admin role rather than operator. The one list: REST, MCP, chat and the
@@ -221,6 +232,8 @@ pub fn agent_view(a: &Agent, now: Millis) -> Value {
         "replaced_by": a.replaced_by,
         // mTLS: subject CN, subject alternative names and SHA-256 of the agent's certificate.
         "client_certificate": a.client_cert,
+        // The replica holding its connection (the last one that did, when disconnected).
+        "replica": a.replica,
     })
 }
 
@@ -1282,6 +1295,76 @@ impl Fleet {
             }
         }
         Ok((requeued, woken))
+    }
+
+    /// Writes this replica's heartbeat and releases the agents of replicas that died (see
+    /// [`Store::replica_heartbeat`]); how many were released.
+    pub async fn replica_heartbeat(&self, now: Millis) -> FleetResult<usize> {
+        let (ws, http) = self.hub.counts();
+        let stale = self.settings.replica_stale_ms();
+        // A dead replica stays visible (up 0) for a while before it is forgotten.
+        let forget = stale.max(600_000);
+        let released = self
+            .store
+            .replica_heartbeat((ws + http) as u64, now, now - stale, now - forget)
+            .await?;
+        for uid in &released {
+            self.events.disconnected_by_replica(*uid, now);
+        }
+        Ok(released.len())
+    }
+
+    /// The replicas sharing the store, as `/metrics` shows them.
+    pub async fn replicas(&self) -> FleetResult<Vec<crate::metrics::ReplicaGauges>> {
+        let now = now_ms();
+        let stale = self.settings.replica_stale_ms();
+        Ok(self
+            .store
+            .replicas()
+            .await?
+            .into_iter()
+            .map(|r| crate::metrics::ReplicaGauges {
+                up: r.heartbeat_at >= now - stale,
+                heartbeat_age_s: (now - r.heartbeat_at).max(0) as f64 / 1000.0,
+                connections: r.connections,
+                id: r.id,
+            })
+            .collect())
+    }
+
+    /// Follows the wake-ups of other processes sharing the store ([`Store::wake_feed`]) until
+    /// the feed ends: the agents named are woken if connected here; after the feed was cut,
+    /// every connected agent with a queued command is (wake-ups sent meanwhile were lost).
+    pub async fn follow_wakes(self, mut feed: tokio::sync::mpsc::Receiver<Wakeup>) {
+        while let Some(w) = feed.recv().await {
+            match w {
+                Wakeup::Agents(uids) => {
+                    for u in uids {
+                        if self.hub.notify(u) {
+                            self.metrics.remote_wake();
+                        }
+                    }
+                }
+                Wakeup::Resumed => {
+                    let now = now_ms();
+                    match self
+                        .store
+                        .agents_with_queued(now, now, REDELIVER_MAX_AGENTS)
+                        .await
+                    {
+                        Ok(agents) => {
+                            let woken = agents.into_iter().filter(|a| self.hub.notify(*a)).count();
+                            tracing::info!(
+                                woken,
+                                "wake feed resumed: agents with queued commands woken"
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %e,
+                            "wake feed resumed but the queues could not be read; the delivery sweep will catch up"),
+                    }
+                }
+            }
+        }
     }
 
     /// Expires queued commands past their TTL and sent commands with no result in time.

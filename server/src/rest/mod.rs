@@ -188,6 +188,8 @@ mod tests {
                 max_fanout: 10,
                 heartbeat_interval_s: 30,
                 admin_shutdown_above: 10,
+                replica_id: "test".into(),
+                replica_heartbeat_s: 5,
             },
         );
         let token = "a-token-long-enough-0123";

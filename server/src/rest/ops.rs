@@ -74,6 +74,14 @@ pub async fn metrics(State(st): State<Arc<ApiState>>) -> Response {
         })
         .collect();
     let ws = fleet.hub().counts().0 as u64;
+    match fleet.replicas().await {
+        Ok(r) => fleet
+            .metrics()
+            .set_replicas(&fleet.settings().replica_id, &r),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot read the replicas; their gauges are stale")
+        }
+    }
     let body = fleet.metrics().render(&agents, &commands, ws);
     (
         [(

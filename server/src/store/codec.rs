@@ -162,7 +162,20 @@ pub(super) fn agent_from_row(row: &impl Cols) -> StoreResult<Agent> {
         replaced_by: opt_parse_uuid(row.col("replaced_by")?, &what)?,
         departed: row.col("departed")?,
         client_cert: opt_from_json(row.col("client_cert")?, &what)?,
+        replica: row.col("replica")?,
     })
+}
+
+/// `replicas` rows as `(id, started_at, heartbeat_at, connections)`.
+pub(super) fn replica_rows(rows: Vec<(String, i64, i64, i64)>) -> Vec<super::ReplicaRow> {
+    rows.into_iter()
+        .map(|(id, started_at, heartbeat_at, c)| super::ReplicaRow {
+            id,
+            started_at,
+            heartbeat_at,
+            connections: u64_from_db(c),
+        })
+        .collect()
 }
 
 pub(super) fn command_from_row(row: &impl Cols) -> StoreResult<Command> {

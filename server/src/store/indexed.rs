@@ -79,6 +79,29 @@ impl Store for IndexedStore {
         self.registry.mark_all_disconnected();
         Ok(n)
     }
+    async fn start_replica(&self, id: &str, at: Millis, stale_before: Millis) -> StoreResult<u64> {
+        // Called before the index is loaded (which then reads the result), or not at all.
+        self.inner.start_replica(id, at, stale_before).await
+    }
+    async fn replica_heartbeat(
+        &self,
+        connections: u64,
+        at: Millis,
+        stale_before: Millis,
+        forget_before: Millis,
+    ) -> StoreResult<Vec<Uuid>> {
+        let released = self
+            .inner
+            .replica_heartbeat(connections, at, stale_before, forget_before)
+            .await?;
+        for uid in &released {
+            self.registry.set_connected(*uid, false, None, None, at);
+        }
+        Ok(released)
+    }
+    async fn replicas(&self) -> StoreResult<Vec<super::ReplicaRow>> {
+        self.inner.replicas().await
+    }
     async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool> {
         let done = self.inner.rename_agent(old, new, audit).await?;
         if done && old != new {
@@ -193,5 +216,8 @@ impl Store for IndexedStore {
     }
     fn chat_store(self: Arc<Self>) -> Option<Arc<dyn ChatStore>> {
         self.inner.clone().chat_store()
+    }
+    fn wake_feed(self: Arc<Self>) -> Option<tokio::sync::mpsc::Receiver<super::Wakeup>> {
+        self.inner.clone().wake_feed()
     }
 }

@@ -181,6 +181,21 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sqlite: &["ALTER TABLE agents ADD COLUMN client_cert TEXT"],
         postgres: &["ALTER TABLE agents ADD COLUMN client_cert TEXT"],
     },
+    Migration {
+        version: 7,
+        sqlite: &[
+            // The replica holding each agent's connection, and each replica's heartbeat, so
+            // replicas sharing a database release only the agents of replicas that died.
+            "ALTER TABLE agents ADD COLUMN replica TEXT",
+            "CREATE TABLE replicas (
+            id TEXT PRIMARY KEY NOT NULL,
+            started_at INTEGER NOT NULL,
+            heartbeat_at INTEGER NOT NULL,
+            connections INTEGER NOT NULL
+        )",
+        ],
+        postgres: PG_7,
+    },
 ];
 
 const PG_1: &[&str] = &[
@@ -305,6 +320,17 @@ const PG_5: &[&str] = &[
         agent TEXT NOT NULL,
         until BIGINT NOT NULL,
         PRIMARY KEY (subscription, agent)
+    )",
+];
+
+const PG_7: &[&str] = &[
+    "ALTER TABLE agents ADD COLUMN replica TEXT",
+    "CREATE INDEX agents_replica ON agents(replica) WHERE connected",
+    "CREATE TABLE replicas (
+        id TEXT PRIMARY KEY NOT NULL,
+        started_at BIGINT NOT NULL,
+        heartbeat_at BIGINT NOT NULL,
+        connections BIGINT NOT NULL
     )",
 ];
 

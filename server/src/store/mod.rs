@@ -9,6 +9,7 @@ pub mod chat;
 mod codec;
 pub mod indexed;
 mod migrations;
+mod pg_wake;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
@@ -108,6 +109,26 @@ pub struct Touch {
     pub heartbeat_interval_s: Option<u64>,
 }
 
+/// What another process sharing the store says about delivery (see [`Store::wake_feed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakeup {
+    /// Commands were queued (or put back) for these agents: wake those connected here.
+    Agents(Vec<Uuid>),
+    /// The feed was cut and is back: wake-ups may have been missed meanwhile, so look at
+    /// every connected agent's queue.
+    Resumed,
+}
+
+/// One replica's row: when it started, last wrote its heartbeat, and how many agent
+/// connections it held then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRow {
+    pub id: String,
+    pub started_at: Millis,
+    pub heartbeat_at: Millis,
+    pub connections: u64,
+}
+
 /// How a command finishes, applied with a compare-and-set on its status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
@@ -157,6 +178,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// At start-up nothing is connected yet: marks every agent disconnected.
     async fn mark_all_disconnected(&self, at: Millis) -> StoreResult<u64>;
+    /// Starts this process as replica `id`: later connected writes name it, its heartbeat row
+    /// is written, and the agents it cannot be holding are marked disconnected — on a store
+    /// only one process can open (SQLite) every agent; on a shared one only those recorded on
+    /// `id` itself (an earlier run), on a replica silent since `stale_before`, or on none,
+    /// never those of live replicas. Returns how many were marked.
+    async fn start_replica(&self, id: &str, at: Millis, stale_before: Millis) -> StoreResult<u64>;
+    /// Writes this replica's heartbeat with its live `connections`, marks disconnected the
+    /// agents of replicas silent since `stale_before` (their process died: nobody else would),
+    /// and forgets replicas silent since `forget_before`. Returns the agents it released.
+    async fn replica_heartbeat(
+        &self,
+        connections: u64,
+        at: Millis,
+        stale_before: Millis,
+        forget_before: Millis,
+    ) -> StoreResult<Vec<Uuid>>;
+    /// Every replica known, by id.
+    async fn replicas(&self) -> StoreResult<Vec<ReplicaRow>>;
     /// Moves an agent (record, labels, queued and sent commands) to a new uid after it adopted
     /// `new_instance_uid`, and appends `audit`, in one transaction. The new record keeps
     /// `previous_uid = old`. Returns false (nothing written) if `old` is unknown or `new`
@@ -250,6 +289,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and closes (checkpoints the WAL on SQLite).
     async fn close(&self);
+
+    /// Wake-ups from the other processes sharing this store: when one of them queues a command
+    /// for an agent connected here, it is named on this feed, so delivery does not wait for
+    /// the sweep. `None` for a store no other process can share (SQLite). The feed ends when
+    /// the store closes; dropping the receiver stops it.
+    fn wake_feed(self: std::sync::Arc<Self>) -> Option<tokio::sync::mpsc::Receiver<Wakeup>> {
+        None
+    }
 
     /// The same store's chat tables, when it has them: the chat gateways keep pending
     /// confirmations there so a restart does not void them.

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::codec::*;
 use super::migrations::{self, MIGRATIONS};
+use super::pg_wake::{self, WakeChannel};
 use super::{ChatStore, ChatSubscriptionRow, Finish, Store, StoreError, StoreResult, Touch};
 use crate::audit;
 use crate::model::{
@@ -31,6 +32,7 @@ const LOCK_SPACE: i32 = 0x666c_6f74;
 /// Second-level lock names, combined with the schema: see [`lock`].
 const AUDIT_LOCK: &str = "audit";
 const MIGRATE_LOCK: &str = "migrate";
+const REPLICAS_LOCK: &str = "replicas";
 
 /// Commands per INSERT statement (15 bound parameters each, under PostgreSQL's 65535).
 const INSERT_CHUNK: usize = 1000;
@@ -38,6 +40,10 @@ const INSERT_CHUNK: usize = 1000;
 /// The PostgreSQL store. Cheap to share behind an `Arc`.
 pub struct PgStore {
     pool: PgPool,
+    wake: Arc<WakeChannel>,
+    /// This process's replica id ([`Store::start_replica`]); `None` for tools and tests that
+    /// never serve.
+    replica: std::sync::OnceLock<String>,
 }
 
 /// `url` with its password replaced by `***`, for logs and error messages.
@@ -90,7 +96,12 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(PgStore { pool })
+        let wake = Arc::new(WakeChannel::of(&pool).await?);
+        Ok(PgStore {
+            pool,
+            wake,
+            replica: std::sync::OnceLock::new(),
+        })
     }
 
     /// The underlying pool, for administrative tools and tamper tests. Writing through it
@@ -295,9 +306,9 @@ impl Store for PgStore {
                 custom_capabilities, health, effective_config, remote_config_status,
                 desired_config, labels, transport, remote_addr, first_seen, last_seen,
                 connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key,
-                departed, client_cert)
+                departed, client_cert, replica)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                     $17, $18, $19, $20, $21)
+                     $17, $18, $19, $20, $21, CASE WHEN $15 THEN $22 END)
              ON CONFLICT (uid) DO UPDATE SET
                 identifying = excluded.identifying,
                 non_identifying = excluded.non_identifying,
@@ -316,7 +327,9 @@ impl Store for PgStore {
                 previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid),
                 identity_key = excluded.identity_key,
                 departed = excluded.departed,
-                client_cert = excluded.client_cert",
+                client_cert = excluded.client_cert,
+                replica = CASE WHEN excluded.connected THEN excluded.replica
+                    ELSE agents.replica END",
         )
         .bind(uid(a.uid))
         .bind(to_json(&a.identifying, "identifying attributes")?)
@@ -342,6 +355,7 @@ impl Store for PgStore {
         .bind(a.identity_key().as_deref().map(identity_text))
         .bind(a.departed)
         .bind(opt_to_json(&a.client_cert, "client certificate")?)
+        .bind(self.replica.get())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -385,7 +399,7 @@ impl Store for PgStore {
                 health, NULL::text AS effective_config, remote_config_status,
                 NULL::text AS desired_config, labels, transport, remote_addr, first_seen,
                 last_seen, connected, sequence_num, heartbeat_interval_s, previous_uid,
-                replaces, replaced_by, departed, NULL::text AS client_cert
+                replaces, replaced_by, departed, NULL::text AS client_cert, replica
              FROM agents",
             after,
             limit,
@@ -434,20 +448,25 @@ impl Store for PgStore {
         at: Millis,
     ) -> StoreResult<()> {
         // `None` transport/address means "not known now", so keep what we had for display.
-        // A connection is also a sign of life (and ends a goodbye); a disconnect is not.
+        // A connection is also a sign of life (and ends a goodbye); a disconnect is not, and
+        // is ours to write only while the agent is recorded on this replica: once another
+        // holds it, a connection closing here says nothing about it.
         sqlx::query(
             "UPDATE agents SET connected = $1,
                 departed = CASE WHEN $1 THEN FALSE ELSE departed END,
                 transport = COALESCE($2, transport),
                 remote_addr = COALESCE($3, remote_addr),
-                last_seen = CASE WHEN $1 THEN GREATEST(last_seen, $4) ELSE last_seen END
-             WHERE uid = $5 AND ($1 OR last_seen <= $4)",
+                last_seen = CASE WHEN $1 THEN GREATEST(last_seen, $4) ELSE last_seen END,
+                replica = CASE WHEN $1 THEN $6 ELSE replica END
+             WHERE uid = $5 AND ($1 OR (last_seen <= $4
+                AND (replica IS NULL OR $6::text IS NULL OR replica = $6)))",
         )
         .bind(connected)
         .bind(transport.map(Transport::as_str))
         .bind(remote_addr)
         .bind(at)
         .bind(uid(id))
+        .bind(self.replica.get())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -458,6 +477,87 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn start_replica(&self, id: &str, at: Millis, stale_before: Millis) -> StoreResult<u64> {
+        let _ = self.replica.set(id.to_string());
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, connections)
+             VALUES ($1, $2, $2, 0)
+             ON CONFLICT (id) DO UPDATE SET started_at = $2, heartbeat_at = $2, connections = 0",
+        )
+        .bind(id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query(
+            "UPDATE agents SET connected = FALSE
+             WHERE connected AND (replica IS NULL OR replica = $1 OR replica NOT IN
+                (SELECT id FROM replicas WHERE heartbeat_at >= $2))",
+        )
+        .bind(id)
+        .bind(stale_before)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn replica_heartbeat(
+        &self,
+        connections: u64,
+        at: Millis,
+        stale_before: Millis,
+        forget_before: Millis,
+    ) -> StoreResult<Vec<Uuid>> {
+        let Some(id) = self.replica.get() else {
+            return Ok(Vec::new());
+        };
+        let mut tx = self.begin().await?;
+        // One reaper at a time: two replicas releasing the same dead replica's agents would
+        // only wait for each other's row locks.
+        lock(&mut tx, REPLICAS_LOCK).await?;
+        // Upsert: a row forgotten while this replica was partitioned away comes back.
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, connections)
+             VALUES ($1, $2, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = $2, connections = $3",
+        )
+        .bind(id)
+        .bind(at)
+        .bind(u64_to_db(connections))
+        .execute(&mut *tx)
+        .await?;
+        let released: Vec<String> = sqlx::query_scalar(
+            "UPDATE agents SET connected = FALSE
+             WHERE connected AND replica IS NOT NULL AND replica <> $1 AND replica NOT IN
+                (SELECT id FROM replicas WHERE heartbeat_at >= $2)
+             RETURNING uid",
+        )
+        .bind(id)
+        .bind(stale_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM replicas WHERE heartbeat_at < $1 AND id <> $2")
+            .bind(forget_before)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        released
+            .iter()
+            .map(|u| parse_uuid(u, "released agent"))
+            .collect()
+    }
+
+    async fn replicas(&self) -> StoreResult<Vec<super::ReplicaRow>> {
+        let rows = sqlx::query_as(
+            "SELECT id, started_at, heartbeat_at, connections FROM replicas ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(replica_rows(rows))
     }
 
     async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool> {
@@ -618,6 +718,9 @@ impl Store for PgStore {
             })
             .collect();
         insert_commands(&mut tx, &commands).await?;
+        self.wake
+            .notify(&mut tx, commands.iter().map(|c| c.agent_uid))
+            .await?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -728,20 +831,26 @@ impl Store for PgStore {
         }
         let ids: Vec<String> = claims.iter().map(|(id, _)| uid(*id)).collect();
         let sent: Vec<i64> = claims.iter().map(|(_, at)| *at).collect();
-        let moved: Vec<String> = sqlx::query_scalar(
+        let mut tx = self.begin().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
             "UPDATE commands AS c SET status = 'queued', sent_at = NULL
              FROM UNNEST($1::text[], $2::int8[]) AS u(id, sent_at)
              WHERE c.id = u.id AND c.status = 'sent' AND c.sent_at = u.sent_at
-             RETURNING c.id",
+             RETURNING c.id, c.agent_uid",
         )
         .bind(ids)
         .bind(sent)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        let mut moved = moved
-            .iter()
-            .map(|s| parse_uuid(s, "unclaimed command"))
-            .collect::<StoreResult<Vec<_>>>()?;
+        let mut moved = Vec::with_capacity(rows.len());
+        let mut agents = Vec::with_capacity(rows.len());
+        for (id, agent) in &rows {
+            moved.push(parse_uuid(id, "unclaimed command")?);
+            agents.push(parse_uuid(agent, "unclaimed command's agent")?);
+        }
+        // The agent may have moved to another replica since it was claimed for it here.
+        self.wake.notify(&mut tx, agents).await?;
+        tx.commit().await?;
         // In the order asked, as the SQLite backend answers.
         moved.sort_by_key(|m| claims.iter().position(|(id, _)| id == m));
         Ok(moved)
@@ -912,6 +1021,10 @@ impl Store for PgStore {
 
     fn chat_store(self: Arc<Self>) -> Option<Arc<dyn ChatStore>> {
         Some(self)
+    }
+
+    fn wake_feed(self: Arc<Self>) -> Option<tokio::sync::mpsc::Receiver<super::Wakeup>> {
+        Some(pg_wake::feed(self.pool.clone(), self.wake.clone()))
     }
 
     async fn close(&self) {

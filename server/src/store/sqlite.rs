@@ -46,6 +46,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Serialises write transactions (SQLite has a single writer anyway).
     writer: Mutex<()>,
+    /// This process's replica id ([`Store::start_replica`]), shown on the agents it holds.
+    replica: std::sync::OnceLock<String>,
 }
 
 impl SqliteStore {
@@ -76,6 +78,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             writer: Mutex::new(()),
+            replica: std::sync::OnceLock::new(),
         })
     }
 
@@ -169,6 +172,7 @@ struct BriefRow(
     Option<String>,
     Option<String>,
     i64,
+    Option<String>,
 );
 
 impl BriefRow {
@@ -197,6 +201,7 @@ impl BriefRow {
             replaced_by: opt_parse_uuid(self.17, &what)?,
             departed: self.18 != 0,
             client_cert: None,
+            replica: self.19,
         })
     }
 }
@@ -310,8 +315,9 @@ impl Store for SqliteStore {
                 custom_capabilities, health, effective_config, remote_config_status,
                 desired_config, labels, transport, remote_addr, first_seen, last_seen,
                 connected, sequence_num, heartbeat_interval_s, previous_uid, identity_key,
-                departed, client_cert)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                departed, client_cert, replica)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                     CASE WHEN ? THEN ? END)
              ON CONFLICT (uid) DO UPDATE SET
                 identifying = excluded.identifying,
                 non_identifying = excluded.non_identifying,
@@ -330,7 +336,9 @@ impl Store for SqliteStore {
                 previous_uid = COALESCE(excluded.previous_uid, agents.previous_uid),
                 identity_key = excluded.identity_key,
                 departed = excluded.departed,
-                client_cert = excluded.client_cert",
+                client_cert = excluded.client_cert,
+                replica = CASE WHEN excluded.connected THEN excluded.replica
+                    ELSE agents.replica END",
         )
         .bind(uid(a.uid))
         .bind(to_json(&a.identifying, "identifying attributes")?)
@@ -356,6 +364,8 @@ impl Store for SqliteStore {
         .bind(a.identity_key())
         .bind(a.departed)
         .bind(opt_to_json(&a.client_cert, "client certificate")?)
+        .bind(a.connected)
+        .bind(self.replica.get())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -407,7 +417,7 @@ impl Store for SqliteStore {
                 || ',' || first_seen || ',' || last_seen || ',' || connected || ','
                 || sequence_num || ',' || heartbeat_interval_s || ',' || json_quote(previous_uid)
                 || ',' || json_quote(replaces) || ',' || json_quote(replaced_by) || ','
-                || departed || ']',
+                || departed || ',' || json_quote(replica) || ']',
                 ',' ORDER BY uid), '') || ']'
              FROM (SELECT * FROM agents",
         );
@@ -483,7 +493,8 @@ impl Store for SqliteStore {
                 departed = CASE WHEN ? THEN 0 ELSE departed END,
                 transport = COALESCE(?, transport),
                 remote_addr = COALESCE(?, remote_addr),
-                last_seen = CASE WHEN ? THEN MAX(last_seen, ?) ELSE last_seen END
+                last_seen = CASE WHEN ? THEN MAX(last_seen, ?) ELSE last_seen END,
+                replica = CASE WHEN ? THEN ? ELSE replica END
              WHERE uid = ? AND (? OR last_seen <= ?)",
         )
         .bind(connected)
@@ -492,6 +503,8 @@ impl Store for SqliteStore {
         .bind(remote_addr)
         .bind(connected)
         .bind(at)
+        .bind(connected)
+        .bind(self.replica.get())
         .bind(uid(id))
         .bind(connected)
         .bind(at)
@@ -506,6 +519,63 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn start_replica(&self, id: &str, at: Millis, _stale_before: Millis) -> StoreResult<u64> {
+        let _ = self.replica.set(id.to_string());
+        let _w = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        // One process holds the file: every earlier row is a run that ended.
+        sqlx::query("DELETE FROM replicas")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, connections) VALUES (?, ?, ?, 0)",
+        )
+        .bind(id)
+        .bind(at)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query("UPDATE agents SET connected = 0 WHERE connected <> 0")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn replica_heartbeat(
+        &self,
+        connections: u64,
+        at: Millis,
+        _stale_before: Millis,
+        _forget_before: Millis,
+    ) -> StoreResult<Vec<Uuid>> {
+        let Some(id) = self.replica.get() else {
+            return Ok(Vec::new());
+        };
+        let _w = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO replicas (id, started_at, heartbeat_at, connections) VALUES (?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,
+                connections = excluded.connections",
+        )
+        .bind(id)
+        .bind(at)
+        .bind(at)
+        .bind(u64_to_db(connections))
+        .execute(&self.pool)
+        .await?;
+        Ok(Vec::new())
+    }
+
+    async fn replicas(&self) -> StoreResult<Vec<super::ReplicaRow>> {
+        let rows = sqlx::query_as(
+            "SELECT id, started_at, heartbeat_at, connections FROM replicas ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(replica_rows(rows))
     }
 
     async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool> {

@@ -143,6 +143,7 @@ on_every_backend!(
     chat_subscriptions_and_mutes_are_kept_removed_by_channel_and_audited,
     audit_appends_from_two_stores_form_one_chain,
     concurrent_claims_from_two_stores_deliver_each_command_once,
+    the_agent_record_names_the_replica_holding_it,
 );
 
 use std::collections::BTreeMap;
@@ -233,6 +234,7 @@ fn full_agent() -> Agent {
             sans: vec!["web-7.example".into(), "spiffe://example/agent/7".into()],
             sha256: "ef".repeat(32),
         }),
+        replica: None,
     }
 }
 
@@ -1354,4 +1356,233 @@ async fn chat_subscriptions_and_mutes_are_kept_removed_by_channel_and_audited(db
     assert_eq!(ops.len(), 4, "{ops:?}");
     let mute = trail.iter().find(|r| r.operation == "chat.mute").unwrap();
     assert_eq!(mute.targets, vec!["u-1".to_string()]);
+}
+
+fn connected_agent(at: Millis) -> Agent {
+    let mut a = Agent::new(Uuid::now_v7(), at, 30);
+    a.connected = true;
+    a
+}
+
+async fn the_agent_record_names_the_replica_holding_it(db: &Db) {
+    let s = &db.store;
+    assert_eq!(s.start_replica("r-1", 1000, 0).await.unwrap(), 0);
+    let a = connected_agent(1000);
+    s.put_agent(&a).await.unwrap();
+    assert_eq!(
+        s.get_agent(a.uid)
+            .await
+            .unwrap()
+            .unwrap()
+            .replica
+            .as_deref(),
+        Some("r-1")
+    );
+    let brief = s.list_agents_brief(None, 10).await.unwrap();
+    assert_eq!(brief[0].replica.as_deref(), Some("r-1"));
+    s.replica_heartbeat(3, 2000, 0, 0).await.unwrap();
+    let rows = s.replicas().await.unwrap();
+    assert_eq!(
+        rows,
+        vec![ReplicaRow {
+            id: "r-1".into(),
+            started_at: 1000,
+            heartbeat_at: 2000,
+            connections: 3
+        }]
+    );
+}
+
+/// What only a store several processes share does: replicas and their wake-ups.
+mod shared {
+    use super::*;
+
+    const STALE_MS: Millis = 15_000;
+
+    async fn connected(db: &Db, uid: Uuid) -> (bool, Option<String>) {
+        let a = db.store.get_agent(uid).await.unwrap().unwrap();
+        (a.connected, a.replica)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_starting_replica_releases_only_agents_no_live_replica_holds() {
+        let a = Db::postgres().await;
+        let b = a.another().await;
+        let t0: Millis = 1_000_000;
+        a.store.start_replica("a", t0, t0 - STALE_MS).await.unwrap();
+        b.store.start_replica("b", t0, t0 - STALE_MS).await.unwrap();
+        let (x, y) = (connected_agent(t0), connected_agent(t0));
+        a.store.put_agent(&x).await.unwrap();
+        b.store.put_agent(&y).await.unwrap();
+        let lost = connected_agent(t0);
+        b.store.put_agent(&lost).await.unwrap();
+        // `lost` moves to a: a connection on a replica names it.
+        a.store
+            .set_connected(lost.uid, true, None, None, t0 + 10)
+            .await
+            .unwrap();
+        assert_eq!(connected(&a, x.uid).await, (true, Some("a".into())));
+        assert_eq!(connected(&a, y.uid).await, (true, Some("b".into())));
+        assert_eq!(connected(&a, lost.uid).await, (true, Some("a".into())));
+        // b's old connection of `lost` closing says nothing about a's.
+        b.store
+            .set_connected(lost.uid, false, None, None, t0 + 20)
+            .await
+            .unwrap();
+        assert_eq!(connected(&a, lost.uid).await.0, true);
+
+        // a restarts under its id: its own agents are released, b's are not.
+        let a2 = a.another().await;
+        let t1 = t0 + 1000;
+        assert_eq!(
+            a2.store
+                .start_replica("a", t1, t1 - STALE_MS)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(connected(&a, x.uid).await.0, false);
+        assert_eq!(connected(&a, y.uid).await, (true, Some("b".into())));
+
+        // b beats once more, then falls silent: a's heartbeat releases b's agents once b is
+        // stale, and forgets b later still.
+        let released = b
+            .store
+            .replica_heartbeat(1, t1, t1 - STALE_MS, t1 - 600_000)
+            .await
+            .unwrap();
+        assert!(released.is_empty());
+        let t2 = t1 + STALE_MS - 1;
+        let released = a2
+            .store
+            .replica_heartbeat(2, t2, t2 - STALE_MS, t2 - 600_000)
+            .await
+            .unwrap();
+        assert!(released.is_empty(), "b is not stale yet: {released:?}");
+        let t3 = t1 + STALE_MS + 1;
+        let released = a2
+            .store
+            .replica_heartbeat(2, t3, t3 - STALE_MS, t3 - 600_000)
+            .await
+            .unwrap();
+        assert_eq!(released, vec![y.uid]);
+        assert_eq!(connected(&a, y.uid).await.0, false);
+        let ids: Vec<String> = a
+            .store
+            .replicas()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["a", "b"], "a dead replica stays listed for a while");
+        let t4 = t1 + 600_001;
+        a2.store
+            .replica_heartbeat(0, t4, t4 - STALE_MS, t4 - 600_000)
+            .await
+            .unwrap();
+        let rows = a.store.replicas().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (
+                rows[0].id.as_str(),
+                rows[0].heartbeat_at,
+                rows[0].connections
+            ),
+            ("a", t4, 0)
+        );
+    }
+
+    /// Waits until `n` connections listen on this schema's wake channel.
+    async fn listening(db: &Db, n: i64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let got = db
+                .scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN \"flotilla_wake_'
+                        || substr(md5(current_schema()), 1, 16) || '\"%'",
+                )
+                .await;
+            if got == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{got} listeners, not {n}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn next(feed: &mut tokio::sync::mpsc::Receiver<Wakeup>) -> Wakeup {
+        tokio::time::timeout(std::time::Duration::from_secs(10), feed.recv())
+            .await
+            .expect("a wake-up in time")
+            .expect("the feed is open")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wake_feed_names_agents_queued_elsewhere_and_survives_a_cut_connection() {
+        let a = Db::postgres().await;
+        let b = a.another().await;
+        let mut feed = b
+            .store
+            .clone()
+            .wake_feed()
+            .expect("PostgreSQL has a wake feed");
+        listening(&a, 1).await;
+        let (u1, u2, u3) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // b's own queuing is not echoed back to it; a's is, once per agent.
+        b.store
+            .enqueue(None, &[cmd(u1, 1, i64::MAX)], op("command.queue", &[u1]))
+            .await
+            .unwrap();
+        a.store
+            .enqueue(
+                None,
+                &[cmd(u2, 1, i64::MAX), cmd(u2, 2, i64::MAX)],
+                op("command.queue", &[u2]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(next(&mut feed).await, Wakeup::Agents(vec![u2]));
+        // A fan-out too large for one payload arrives whole, in several.
+        let many: Vec<Uuid> = (0..450).map(|_| Uuid::now_v7()).collect();
+        let cmds: Vec<Command> = many.iter().map(|u| cmd(*u, 1, i64::MAX)).collect();
+        a.store
+            .enqueue(None, &cmds, op("batch.queue", &[]))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < many.len() {
+            match next(&mut feed).await {
+                Wakeup::Agents(u) => got.extend(u),
+                other => panic!("{other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, many);
+        // A command put back after a claim nobody wrote wakes its agent wherever it is now.
+        mark_sent(&a, cmds[0].id, 5).await;
+        a.store.unclaim(&[(cmds[0].id, 5)]).await.unwrap();
+        assert_eq!(next(&mut feed).await, Wakeup::Agents(vec![many[0]]));
+
+        // The listening connection is cut: the feed says so once it listens again, and goes on.
+        let cut = a
+            .exec(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE \
+                 'LISTEN \"flotilla_wake_' || substr(md5(current_schema()), 1, 16) || '\"%'",
+            )
+            .await;
+        assert_eq!(cut, 1);
+        assert_eq!(next(&mut feed).await, Wakeup::Resumed);
+        listening(&a, 1).await;
+        a.store
+            .enqueue(None, &[cmd(u3, 1, i64::MAX)], op("command.queue", &[u3]))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut feed).await, Wakeup::Agents(vec![u3]));
+        drop(feed);
+        listening(&a, 0).await;
+    }
 }

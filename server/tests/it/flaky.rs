@@ -149,6 +149,30 @@ impl Store for FlakyStore {
         let r = self.inner.mark_all_disconnected(at).await;
         self.answer(r).await
     }
+    async fn start_replica(&self, id: &str, at: Millis, stale_before: Millis) -> StoreResult<u64> {
+        self.check().await?;
+        let r = self.inner.start_replica(id, at, stale_before).await;
+        self.answer(r).await
+    }
+    async fn replica_heartbeat(
+        &self,
+        connections: u64,
+        at: Millis,
+        stale_before: Millis,
+        forget_before: Millis,
+    ) -> StoreResult<Vec<Uuid>> {
+        self.check().await?;
+        let r = self
+            .inner
+            .replica_heartbeat(connections, at, stale_before, forget_before)
+            .await;
+        self.answer(r).await
+    }
+    async fn replicas(&self) -> StoreResult<Vec<flotilla_server::store::ReplicaRow>> {
+        self.check().await?;
+        let r = self.inner.replicas().await;
+        self.answer(r).await
+    }
     async fn rename_agent(&self, old: Uuid, new: Uuid, audit: NewAudit) -> StoreResult<bool> {
         self.check().await?;
         let r = self.inner.rename_agent(old, new, audit).await;

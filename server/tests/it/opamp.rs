@@ -138,10 +138,19 @@ impl Ws {
         Ws::answering(Ws::connect_raw(server).await)
     }
 
+    /// An agent connected to any server's WebSocket endpoint (`ws://host:port/v1/opamp`).
+    pub(crate) async fn connect_url(url: &str) -> Ws {
+        Ws::answering(Ws::open(url).await)
+    }
+
     /// A connection that nobody reads: the server's pings go unanswered, as with a host that
     /// vanished and left a half-open TCP connection behind.
     async fn connect_raw(server: &TestServer) -> WsStream {
-        let (s, resp) = tokio::time::timeout(WAIT, connect_async(server.opamp_ws_url()))
+        Ws::open(&server.opamp_ws_url()).await
+    }
+
+    async fn open(url: &str) -> WsStream {
+        let (s, resp) = tokio::time::timeout(WAIT, connect_async(url))
             .await
             .expect("connect in time")
             .expect("WebSocket connect");
