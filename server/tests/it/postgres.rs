@@ -336,7 +336,7 @@ async fn agents_of_a_killed_replica_move_to_another_and_get_pending_commands_onc
     let sent = b
         .wait_command(&pending, "sent", Duration::from_secs(10))
         .await;
-    assert_eq!(b.command(&first).await["sent_at"].is_null(), false);
+    assert!(!b.command(&first).await["sent_at"].is_null());
     assert_ne!(sent["sent_at"], b.command(&first).await["sent_at"]);
     let view = b.agent(&x.to_string()).await;
     assert_eq!(
