@@ -16,6 +16,10 @@ use crate::backend::{
 
 /// Header naming the adapter a REST call comes from.
 pub const CHANNEL_HEADER: &str = "X-Flotilla-Channel";
+/// Header naming the chat user a gateway token acts for (percent-encoded chat identity).
+pub const ACTING_FOR_HEADER: &str = "X-Flotilla-Acting-For";
+/// Header with the role the gateway's identity mapping gave that chat user.
+pub const ACTING_ROLE_HEADER: &str = "X-Flotilla-Acting-Role";
 
 /// How long one REST call may take before the tool call fails with `unavailable`.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,6 +42,18 @@ pub struct RestBackend {
     token: Option<String>,
     http: reqwest::Client,
     identity: String,
+    /// Set by [`RestBackend::acting_for`].
+    acting: Option<Acting>,
+}
+
+/// The chat user a gateway's calls are made for.
+#[derive(Debug, Clone)]
+struct Acting {
+    /// The chat identity, percent-encoded for its header.
+    encoded: String,
+    role: String,
+    /// The chat platform (`slack`, `discord`, `teams`), declared as the call's channel.
+    channel: String,
 }
 
 impl std::fmt::Debug for RestBackend {
@@ -122,7 +138,33 @@ impl RestBackend {
             token,
             http,
             identity,
+            acting: None,
         })
+    }
+
+    /// This server and token acting for a chat user (`flotilla chat` as its own process):
+    /// every call carries `X-Flotilla-Acting-For: <identity>` (percent-encoded, e.g.
+    /// `slack:T1/U1 (Alice)`) and `X-Flotilla-Acting-Role: <role>`. The server accepts them
+    /// only from a token marked `gateway` and audits the call as `<token name> for <identity>`
+    /// with the lower of the two roles.
+    pub fn acting_for(&self, identity: &str, role: &str) -> RestBackend {
+        let channel = identity
+            .split_once(':')
+            .map(|(p, _)| p.to_string())
+            .unwrap_or_default();
+        RestBackend {
+            identity: format!("{} for {identity}", self.identity),
+            acting: Some(Acting {
+                encoded: percent_encoding::utf8_percent_encode(
+                    identity,
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .to_string(),
+                role: role.to_string(),
+                channel,
+            }),
+            ..self.clone()
+        }
     }
 
     async fn call(
@@ -137,8 +179,14 @@ impl RestBackend {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
-            .header(CHANNEL_HEADER, "mcp")
             .query(query);
+        req = match &self.acting {
+            Some(a) => req
+                .header(CHANNEL_HEADER, &a.channel)
+                .header(ACTING_FOR_HEADER, &a.encoded)
+                .header(ACTING_ROLE_HEADER, &a.role),
+            None => req.header(CHANNEL_HEADER, "mcp"),
+        };
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -388,6 +436,22 @@ mod tests {
         assert_eq!(b.base, "http://h:1");
         assert!(RestBackend::new("ftp://x", None).is_err());
         assert!(RestBackend::new("not a url", None).is_err());
+    }
+
+    #[test]
+    fn acting_for_encodes_the_chat_identity_and_keeps_the_token() {
+        let b = RestBackend::new("http://h:1/", Some("secret-token-123456".into())).unwrap();
+        let a = b.acting_for("slack:T1/U1 (Alïce)", "operator");
+        let acting = a.acting.as_ref().unwrap();
+        assert_eq!(acting.encoded, "slack%3AT1%2FU1%20%28Al%C3%AFce%29");
+        assert_eq!(
+            (acting.channel.as_str(), acting.role.as_str()),
+            ("slack", "operator")
+        );
+        assert_eq!(a.token, b.token);
+        assert!(a.identity().ends_with(" for slack:T1/U1 (Alïce)"));
+        assert!(a.identity().starts_with(&b.identity()));
+        assert!(b.acting.is_none(), "the original is unchanged");
     }
 
     #[test]

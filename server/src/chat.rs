@@ -10,7 +10,9 @@
 //! also holds a Gateway WebSocket for mentions and DMs. Beside them
 //! runs one alert engine (`flotilla_chat::core::alerts`), fed by the fleet event bus and
 //! posting to subscribed channels through each platform's outbox, and one housekeeping over
-//! the shared chat state.
+//! the shared chat state. The same gateways also run as their own process (`flotilla chat`,
+//! [`Sources::standalone`]): tool calls then reach a remote server's REST API as a gateway
+//! token acting for the chat user, and no alerts run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -108,11 +110,49 @@ fn identity(access: &ChatAccess) -> IdentityConfig {
     }
 }
 
-/// Builds the enabled gateways over one chat state and one alert engine; Slack in Socket Mode
-/// also opens its connections here (a refused app token fails at start). With `llm`, messages
-/// the rule planner asks back about go to the LLM planner. `None` when no gateway is enabled.
+/// What the gateways run over: how a chat user reaches the fleet, where conversation state
+/// lives, and the fleet events for alerts.
+pub struct Sources {
+    pub backend_for: BackendFor,
+    pub state: Arc<dyn ChatState>,
+    /// `None` in a standalone `flotilla chat`: no alert engine runs and `subscribe` says why.
+    pub events: Option<EventReceiver>,
+}
+
+impl Sources {
+    /// Inside `flotilla serve`: the service layer itself, the store's chat tables, the event
+    /// bus (subscribed now, before anything is served, so no event after start is missed).
+    pub fn fleet(fleet: &Fleet) -> Sources {
+        // Pending confirmations and thread context live in the store when it has chat tables,
+        // so a server restart does not void a preview someone is about to confirm.
+        let state: Arc<dyn ChatState> = match fleet.store().clone().chat_store() {
+            Some(cs) => Arc::new(StoreChatState(cs)),
+            None => Arc::new(MemoryState::default()),
+        };
+        Sources {
+            backend_for: backend_for(fleet.clone()),
+            state,
+            events: Some(fleet.subscribe()),
+        }
+    }
+
+    /// A standalone `flotilla chat`: every chat user's calls go through `backend_for` (a
+    /// remote server's REST API, acting for the user); state in memory; no alerts.
+    pub fn standalone(backend_for: BackendFor) -> Sources {
+        Sources {
+            backend_for,
+            state: Arc::new(MemoryState::default()),
+            events: None,
+        }
+    }
+}
+
+/// Builds the enabled gateways over one chat state and, when `sources` has events, one alert
+/// engine; Slack in Socket Mode also opens its connections here (a refused app token fails at
+/// start). With `llm`, messages the rule planner asks back about go to the LLM planner. `None`
+/// when no gateway is enabled.
 pub async fn gateways(
-    fleet: Fleet,
+    sources: Sources,
     slack: Option<(&SlackConfig, &SlackSettings)>,
     teams: Option<(&TeamsConfig, &TeamsSettings)>,
     discord: Option<(&DiscordConfig, &DiscordSettings)>,
@@ -121,12 +161,11 @@ pub async fn gateways(
     if slack.is_none() && teams.is_none() && discord.is_none() {
         return Ok(None);
     }
-    // Pending confirmations and thread context live in the store when it has chat tables, so
-    // a server restart does not void a preview someone is about to confirm.
-    let state: Arc<dyn ChatState> = match fleet.store().clone().chat_store() {
-        Some(cs) => Arc::new(StoreChatState(cs)),
-        None => Arc::new(MemoryState::default()),
-    };
+    let Sources {
+        backend_for,
+        state,
+        events,
+    } = sources;
     let llm = match llm {
         Some(c) => {
             let p = LlmPlanner::new(c.clone()).map_err(|e| ChatSetupError(e.to_string()))?;
@@ -135,17 +174,16 @@ pub async fn gateways(
         }
         None => None,
     };
-    // Taken before anything is served, so no event after start is missed by the alerts.
-    let events = fleet.subscribe();
     let core = |access: &ChatAccess, confirm_expiry_s: u64| {
         let options = CoreOptions {
             llm: llm.clone(),
             confirm_ttl: std::time::Duration::from_secs(confirm_expiry_s),
+            alerts: events.is_some(),
             ..CoreOptions::default()
         };
         Arc::new(Core::new(
             identity(access),
-            backend_for(fleet.clone()),
+            backend_for.clone(),
             state.clone(),
             options,
         ))
@@ -234,19 +272,22 @@ pub async fn gateways(
     let Some(core) = any_core else {
         return Ok(None);
     };
-    let engine = Arc::new(AlertEngine::new(
-        state,
-        backend_for(fleet),
-        outboxes.clone(),
-        AlertOptions::default(),
-    ));
+    let alerts = events.map(|events| {
+        let engine = Arc::new(AlertEngine::new(
+            state,
+            backend_for,
+            outboxes.clone(),
+            AlertOptions::default(),
+        ));
+        (engine, events)
+    });
     Ok(Some(Chat {
         routes,
         housekeeping: ChatHousekeeping {
             core,
             outbox: Arc::new(Outboxes(outboxes)),
             drains,
-            alerts: (engine, events),
+            alerts,
         },
     }))
 }
@@ -269,10 +310,10 @@ pub struct ChatHousekeeping {
     /// Every gateway's outbox, by platform.
     outbox: Arc<Outboxes>,
     drains: Drains,
-    alerts: (Arc<AlertEngine>, EventReceiver),
+    alerts: Option<(Arc<AlertEngine>, EventReceiver)>,
 }
 
-type EventReceiver = tokio::sync::broadcast::Receiver<crate::events::Event>;
+pub type EventReceiver = tokio::sync::broadcast::Receiver<crate::events::Event>;
 
 /// How often idle threads and expired confirmations are looked for.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
@@ -280,8 +321,9 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 impl ChatHousekeeping {
     /// Sweeps until `stop`, then finishes the turns in flight and posts the shutdown notice.
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
-        let (engine, events) = self.alerts;
-        let alerts = tokio::spawn(engine.run(events, stop.clone()));
+        let alerts = self
+            .alerts
+            .map(|(engine, events)| tokio::spawn(engine.run(events, stop.clone())));
         let outbox = self.outbox.clone();
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -291,7 +333,10 @@ impl ChatHousekeeping {
                 _ = tick.tick() => { self.core.sweep(outbox.as_ref()).await; }
             }
         }
-        if let Err(e) = alerts.await {
+        if let Some(Err(e)) = match alerts {
+            Some(a) => Some(a.await),
+            None => None,
+        } {
             tracing::warn!(error = %e, "chat alerts ended abnormally");
         }
         // No new deliveries; Slack keeps (and retries) what arrives meanwhile.

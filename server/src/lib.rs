@@ -188,6 +188,63 @@ pub async fn run_with_chat(
     run_observed_with_chat(v, store, opamp, api, chat, shutdown, |_| {}).await
 }
 
+/// `flotilla chat`: the chat gateways configured in `v` alone, without a fleet of their own.
+/// Every chat user's tool calls go through `backend_for` (a remote Flotilla's REST API with a
+/// gateway token, acting for the user); conversation state is in memory and no alerts run.
+/// Serves the chat routes on `listener` (when a gateway has any) until `shutdown` resolves,
+/// then finishes the turns in flight and posts the shutdown notice.
+pub async fn run_chat_gateway(
+    v: Validated,
+    backend_for: flotilla_chat::BackendFor,
+    listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let cfg = &v.config;
+    let chat = chat::gateways(
+        chat::Sources::standalone(backend_for),
+        v.slack.as_ref().map(|s| (&cfg.chat.slack, s)),
+        v.teams.as_ref().map(|s| (&cfg.chat.teams, s)),
+        v.discord.as_ref().map(|s| (&cfg.chat.discord, s)),
+        v.llm.as_ref(),
+    )
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?
+    .ok_or_else(|| {
+        std::io::Error::other(
+            "no chat gateway is enabled ([chat.slack], [chat.teams] or [chat.discord])",
+        )
+    })?;
+    let token = CancellationToken::new();
+    {
+        let token = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+    }
+    let housekeeping = tokio::spawn(chat.housekeeping.run(token.clone()));
+    let served = match (chat.routes, listener) {
+        (Some(app), Some(l)) => {
+            tracing::info!(chat = %l.local_addr()?, "chat gateways listening");
+            let (_, limits) = listener_limits(cfg);
+            net::serve(l, app, limits, None, token.clone()).await
+        }
+        (Some(_), None) => Err(std::io::Error::other(
+            "the chat gateways need chat.listen: the platforms post to it",
+        )),
+        (None, _) => {
+            token.cancelled().await;
+            Ok(())
+        }
+    };
+    token.cancel();
+    if let Err(e) = housekeeping.await {
+        tracing::warn!(error = %e, "chat housekeeping ended abnormally");
+    }
+    served?;
+    Ok(())
+}
+
 /// [`run`], handing the fleet service to `started` before anything is served: in-process
 /// consumers (tests, a gateway) subscribe to its event bus there and miss no event.
 pub async fn run_observed(
@@ -333,7 +390,7 @@ pub async fn run_observed_with_chat(
     );
     let chat_tls = tls.chat.as_ref().map(|t| t.acceptor());
     let chat = chat::gateways(
-        fleet.clone(),
+        chat::Sources::fleet(&fleet),
         v_slack.as_ref().map(|s| (&cfg.chat.slack, s)),
         v_teams.as_ref().map(|s| (&cfg.chat.teams, s)),
         v_discord.as_ref().map(|s| (&cfg.chat.discord, s)),

@@ -332,7 +332,8 @@ fn secs(d: Duration) -> String {
     format!("{}", d.as_secs_f64())
 }
 
-async fn collect_stderr(stream: impl AsyncRead + Unpin, buf: Arc<Mutex<String>>) {
+/// Appends each line of `stream` to `buf` (a child process's stderr, for failure messages).
+pub async fn collect_stderr(stream: impl AsyncRead + Unpin, buf: Arc<Mutex<String>>) {
     let mut reader = BufReader::new(stream).lines();
     while let Ok(Some(line)) = reader.next_line().await {
         let mut b = buf.lock().expect("stderr lock");

@@ -43,6 +43,10 @@ pub struct CoreOptions {
     pub idle_after: Duration,
     /// The optional LLM planner, asked only when the rule planner asks back.
     pub llm: Option<Arc<LlmPlanner>>,
+    /// Whether fleet events reach an alert engine. Off in a standalone `flotilla chat`, which
+    /// has no event feed over REST: `subscribe` then says so instead of storing a
+    /// subscription that would never fire.
+    pub alerts: bool,
 }
 
 impl Default for CoreOptions {
@@ -53,6 +57,7 @@ impl Default for CoreOptions {
             progress_for: Duration::from_secs(600),
             idle_after: Duration::from_secs(30 * 60),
             llm: None,
+            alerts: true,
         }
     }
 }
@@ -295,6 +300,13 @@ impl Core {
                 &suggestions,
             )],
             Plan::Local(Local::Help) => vec![help()],
+            Plan::Local(Local::Subscribe { .. }) if !self.options.alerts => {
+                return private(
+                    "Alerts are not available from this gateway: it runs as its own process \
+                     (`flotilla chat`) and receives no fleet events over the REST API. \
+                     Subscribe through a gateway run inside `flotilla serve`.",
+                );
+            }
             Plan::Local(Local::Subscribe { query, events }) => {
                 let b = self.backend(user, conv, role);
                 alerts::subscribe(&*self.state, &*b, conv, user, role, &query, &events).await

@@ -190,10 +190,17 @@ pub enum Cmd {
         #[arg(long)]
         read_only: bool,
     },
-    /// Chat platform set-up (the gateways themselves run in `serve`).
+    /// Chat: with a subcommand, platform set-up; without one, run the chat gateways configured
+    /// in --config ([chat.slack], [chat.teams], [chat.discord], chat.listen) as their own
+    /// process, reaching a Flotilla through its REST API with a gateway token (a line of its
+    /// api.tokens_file ending in `gateway`). Every call is audited as `<token name> for <chat
+    /// user>`; alerts need `flotilla serve`.
+    #[command(args_conflicts_with_subcommands = true)]
     Chat {
         #[command(subcommand)]
-        command: ChatCmd,
+        command: Option<ChatCmd>,
+        #[command(flatten)]
+        run: ChatArgs,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -202,6 +209,15 @@ pub enum Cmd {
     },
     /// Print the man page (roff) of flotilla(1).
     Man,
+}
+
+/// `flotilla chat`: where the server is, and the chat settings.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub cfg: ServerConfigArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -313,15 +329,21 @@ fn hoist_server_flags(cli: &mut Cli) -> Result<(), Failure> {
         }
         | Cmd::Chat {
             command:
-                ChatCmd::Discord {
+                Some(ChatCmd::Discord {
                     command: DiscordCmd::Register { cfg, .. },
-                },
+                }),
+            ..
         }
         | Cmd::Chat {
             command:
-                ChatCmd::Teams {
+                Some(ChatCmd::Teams {
                     command: TeamsCmd::Package { cfg, .. },
-                },
+                }),
+            ..
+        }
+        | Cmd::Chat {
+            command: None,
+            run: ChatArgs { cfg, .. },
         } => cfg,
         _ => {
             return Err(Failure::new(
@@ -374,13 +396,14 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Mcp { client, read_only } => server::mcp(&client, read_only).await,
         Cmd::Chat {
             command:
-                ChatCmd::Discord {
+                Some(ChatCmd::Discord {
                     command: DiscordCmd::Register { cfg, guild },
-                },
+                }),
+            ..
         } => server::discord_register(&cfg, guild.as_deref()).await,
         Cmd::Chat {
             command:
-                ChatCmd::Teams {
+                Some(ChatCmd::Teams {
                     command:
                         TeamsCmd::Package {
                             cfg,
@@ -390,7 +413,8 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
                             developer,
                             app_version,
                         },
-                },
+                }),
+            ..
         } => server::teams_package(
             &cfg,
             &out,
@@ -404,6 +428,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<Exit> {
                 developer,
             },
         ),
+        Cmd::Chat { command: None, run } => server::chat(&run).await,
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "flotilla", &mut std::io::stdout());

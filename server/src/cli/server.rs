@@ -1,5 +1,6 @@
 //! The server-side commands: `serve`, `config check`, `audit verify`, `chat discord register`,
-//! `chat teams package`, and `flotilla mcp` (a stdio MCP server forwarding to a remote server's REST API).
+//! `chat teams package`, `flotilla mcp` (a stdio MCP server forwarding to a remote server's
+//! REST API) and `flotilla chat` (the chat gateways as their own process, over the same REST API).
 //!
 //! `serve` and `config check` share [`load`] and [`check_tokens`], so `config check` passes
 //! exactly when `serve` would get as far as binding its ports.
@@ -314,6 +315,51 @@ pub async fn mcp(client: &ClientArgs, read_only: bool) -> anyhow::Result<Exit> {
         flotilla_mcp::RestBackend::with_options(&settings.server, settings.token, &options)
             .map_err(|e| anyhow::anyhow!(e.message))?;
     flotilla_mcp::run_stdio(std::sync::Arc::new(backend), read_only).await?;
+    Ok(Exit::Ok)
+}
+
+/// `flotilla chat`: the chat gateways of `--config` as their own process, over a remote
+/// server's REST API.
+pub async fn chat(args: &super::ChatArgs) -> anyhow::Result<Exit> {
+    let v = load(&args.cfg, None)?;
+    logging::init(&v.config.log.format, &v.config.log.level);
+    if v.slack.is_none() && v.teams.is_none() && v.discord.is_none() {
+        return Err(Failure::new(
+            Exit::Usage,
+            "no chat gateway is enabled in the configuration ([chat.slack], [chat.teams] or [chat.discord])",
+        )
+        .into());
+    }
+    let settings = args.client.resolve()?;
+    let Some(token) = settings.token else {
+        return Err(Failure::new(
+            Exit::Usage,
+            "flotilla chat needs its gateway token (--token-file, FLOTILLA_TOKEN_FILE, FLOTILLA_TOKEN \
+             or the client config): a line of the server's api.tokens_file ending in `gateway`",
+        )
+        .into());
+    };
+    let options = flotilla_mcp::RestOptions {
+        ca_file: settings.ca_file.clone(),
+    };
+    let rest = flotilla_mcp::RestBackend::with_options(&settings.server, Some(token), &options)
+        .map_err(|e| Failure::new(Exit::Usage, e.message))?;
+    let listener = match v.chat_addr {
+        Some(a) => Some(
+            flotilla_server::bind(a).with_context(|| format!("cannot listen for chat on {a}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(server = %settings.server, "flotilla chat: tool calls go to the server's REST API as the gateway token acting for each chat user");
+    let backend_for: flotilla_chat::BackendFor = std::sync::Arc::new(
+        move |user: &flotilla_chat::ChatUser,
+              conv: &flotilla_chat::ConversationRef,
+              role: flotilla_chat::Role|
+              -> std::sync::Arc<dyn flotilla_mcp::FleetBackend> {
+            std::sync::Arc::new(rest.acting_for(&flotilla_chat::actor(user, conv), role.as_str()))
+        },
+    );
+    flotilla_server::run_chat_gateway(v, backend_for, listener, shutdown_signal()).await?;
     Ok(Exit::Ok)
 }
 

@@ -56,6 +56,8 @@ struct Entry {
     name: String,
     role: Role,
     digest: [u8; 32],
+    /// Marked `gateway` in the tokens file: may act for chat users (see [`acting_caller`]).
+    gateway: bool,
 }
 
 /// The accepted API tokens, as digests.
@@ -99,9 +101,9 @@ impl Tokens {
         }
     }
 
-    /// Parses a tokens file: one `name role token` per line; blank lines and `#` comments are
-    /// skipped. Refuses unknown roles, short tokens and a token listed twice (which identity
-    /// would it be?).
+    /// Parses a tokens file: one `name role token [gateway]` per line; blank lines and `#`
+    /// comments are skipped. Refuses unknown roles, short tokens, a 4th field other than
+    /// `gateway`, and a token listed twice (which identity would it be?).
     pub fn parse(text: &str, path: &Path) -> Result<Tokens, AuthError> {
         let mut entries: Vec<Entry> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
@@ -115,11 +117,20 @@ impl Tokens {
                 message,
             };
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [name, role, token] = fields[..] else {
-                return Err(bad(format!(
-                    "expected 3 fields `name role token`, found {}",
-                    fields.len()
-                )));
+            let (name, role, token, gateway) = match fields[..] {
+                [name, role, token] => (name, role, token, false),
+                [name, role, token, "gateway"] => (name, role, token, true),
+                [_, _, _, other] => {
+                    return Err(bad(format!(
+                    "the 4th field may only be `gateway` (a chat gateway's token), not {other:?}"
+                )))
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "expected 3 fields `name role token` (and optionally `gateway`), found {}",
+                        fields.len()
+                    )))
+                }
             };
             let role = Role::parse(role)
                 .ok_or_else(|| bad(format!("role {role:?} must be viewer, operator or admin")))?;
@@ -136,6 +147,7 @@ impl Tokens {
                 name: name.to_string(),
                 role,
                 digest,
+                gateway,
             });
         }
         if entries.is_empty() {
@@ -182,6 +194,7 @@ impl Tokens {
                 name: "admin".into(),
                 role: Role::Admin,
                 digest: digest(&token),
+                gateway: false,
             }],
         })
     }
@@ -203,6 +216,11 @@ impl Tokens {
         &self,
         headers: &axum::http::HeaderMap,
     ) -> Result<Caller, BearerRefusal> {
+        self.bearer(headers).map(|(caller, _)| caller)
+    }
+
+    /// [`Tokens::caller_from_headers`], and whether the token is a gateway token.
+    fn bearer(&self, headers: &axum::http::HeaderMap) -> Result<(Caller, bool), BearerRefusal> {
         let refuse = |reason, invalid_token| {
             Err(BearerRefusal {
                 reason,
@@ -221,13 +239,17 @@ impl Tokens {
         if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
             return refuse("Authorization is not a Bearer token", false);
         }
-        match self.authenticate(token) {
-            Some(c) => Ok(c),
+        match self.entry(token) {
+            Some(e) => Ok((e.caller(), e.gateway)),
             None => refuse("unknown token", true),
         }
     }
 
     pub fn authenticate(&self, token: &str) -> Option<Caller> {
+        self.entry(token).map(Entry::caller)
+    }
+
+    fn entry(&self, token: &str) -> Option<&Entry> {
         let d = digest(token);
         let mut found: Option<&Entry> = None;
         for e in &self.entries {
@@ -235,11 +257,17 @@ impl Tokens {
                 found = Some(e);
             }
         }
-        found.map(|e| Caller {
-            actor: e.name.clone(),
+        found
+    }
+}
+
+impl Entry {
+    fn caller(&self) -> Caller {
+        Caller {
+            actor: self.name.clone(),
             channel: Channel::Rest,
-            role: e.role,
-        })
+            role: self.role,
+        }
     }
 }
 
@@ -330,6 +358,86 @@ fn declared_channel(headers: &axum::http::HeaderMap) -> Result<Option<Channel>, 
     }
 }
 
+/// Header with which a chat gateway running as its own process (`flotilla chat`) names the
+/// chat user a request is made for: the percent-encoded chat identity, e.g.
+/// `slack%3AT1%2FU1%20(Alice)` for `slack:T1/U1 (Alice)`.
+pub const ACTING_FOR_HEADER: &str = "x-flotilla-acting-for";
+/// The role the gateway's identity mapping gave that chat user.
+pub const ACTING_ROLE_HEADER: &str = "x-flotilla-acting-role";
+
+/// Longest chat identity accepted in [`ACTING_FOR_HEADER`] (decoded).
+const MAX_ACTING_FOR: usize = 256;
+
+/// Why the acting-for headers were refused: malformed (400) or not allowed for this token
+/// (403).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActingRefusal {
+    Malformed(String),
+    NotGateway,
+}
+
+/// The caller a request stands for once the acting-for headers are applied. `token` is the
+/// authenticated token's caller and whether it is a gateway token. Without the headers the
+/// caller is the token's own; with them (gateway tokens only) it is `<token name> for
+/// <chat identity>`, in the chat platform's channel, with the lower of the token's role and the
+/// role the gateway gave the chat user — a gateway can never lend more than it holds.
+pub fn acting_caller(
+    headers: &axum::http::HeaderMap,
+    token: (Caller, bool),
+) -> Result<Caller, ActingRefusal> {
+    let (caller, gateway) = token;
+    let for_ = headers.get(ACTING_FOR_HEADER);
+    let role = headers.get(ACTING_ROLE_HEADER);
+    if for_.is_none() && role.is_none() {
+        return Ok(caller);
+    }
+    if !gateway {
+        return Err(ActingRefusal::NotGateway);
+    }
+    let bad = |m: String| Err(ActingRefusal::Malformed(m));
+    let (Some(for_), Some(role)) = (for_, role) else {
+        return bad(format!(
+            "{ACTING_FOR_HEADER} and {ACTING_ROLE_HEADER} go together; one was sent alone"
+        ));
+    };
+    let Ok(raw) = for_.to_str() else {
+        return bad(format!(
+            "{ACTING_FOR_HEADER} is not ASCII (percent-encode it)"
+        ));
+    };
+    let Ok(identity) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
+        return bad(format!("{ACTING_FOR_HEADER} does not decode to UTF-8"));
+    };
+    if identity.is_empty()
+        || identity.chars().count() > MAX_ACTING_FOR
+        || identity.chars().any(char::is_control)
+    {
+        return bad(format!(
+            "{ACTING_FOR_HEADER} must be 1 to {MAX_ACTING_FOR} characters without control characters"
+        ));
+    }
+    let channel = match identity.split_once(':') {
+        Some(("slack", rest)) if !rest.is_empty() => Channel::Slack,
+        Some(("discord", rest)) if !rest.is_empty() => Channel::Discord,
+        Some(("teams", rest)) if !rest.is_empty() => Channel::Teams,
+        _ => {
+            return bad(format!(
+                "{ACTING_FOR_HEADER} must name a chat identity `slack:…`, `discord:…` or `teams:…`"
+            ))
+        }
+    };
+    let acting_role = role.to_str().ok().and_then(Role::parse).ok_or_else(|| {
+        ActingRefusal::Malformed(format!(
+            "{ACTING_ROLE_HEADER} must be viewer, operator or admin"
+        ))
+    })?;
+    Ok(Caller {
+        actor: format!("{} for {identity}", caller.actor),
+        channel,
+        role: caller.role.min(acting_role),
+    })
+}
+
 /// Middleware on every `/api/v1` route: requires `Authorization: Bearer <token>`, puts the
 /// [`Caller`] in the request extensions, then admits at most [`super::MAX_IN_FLIGHT`]
 /// authenticated requests at once (429 beyond).
@@ -359,14 +467,34 @@ pub(super) async fn require_bearer(
             &req,
         );
     };
-    let caller = match tokens.caller_from_headers(req.headers()) {
-        Ok(c) => c,
+    let token = match tokens.bearer(req.headers()) {
+        Ok(t) => t,
         Err(e) => return deny(e.reason, e.invalid_token, &req),
     };
     let caller = match declared_channel(req.headers()) {
-        Ok(Some(channel)) => Caller { channel, ..caller },
-        Ok(None) => caller,
+        Ok(Some(channel)) => Caller { channel, ..token.0 },
+        Ok(None) => token.0,
         Err(msg) => return ApiError::new("bad_request", msg).into_response(),
+    };
+    let token_name = caller.actor.clone();
+    let caller = match acting_caller(req.headers(), (caller, token.1)) {
+        Ok(c) => c,
+        Err(ActingRefusal::NotGateway) => {
+            tracing::warn!(%remote, actor = %token_name, path = %req.uri().path(),
+                "refused: acting-for headers from a token not marked `gateway` in api.tokens_file");
+            return ApiError::new(
+                "forbidden",
+                format!(
+                    "only a gateway token (4th field `gateway` in api.tokens_file) may send \
+                     {ACTING_FOR_HEADER} / {ACTING_ROLE_HEADER}"
+                ),
+            )
+            .into_response();
+        }
+        Err(ActingRefusal::Malformed(msg)) => {
+            tracing::warn!(%remote, actor = %token_name, reason = %msg, "refused: malformed acting-for headers");
+            return ApiError::new("bad_request", msg).into_response();
+        }
     };
     let Ok(_permit) = st.inflight.clone().try_acquire_owned() else {
         let mut e = ApiError::new(
@@ -402,6 +530,111 @@ mod tests {
         assert!(t.authenticate("nope-nope-nope-nope").is_none());
         assert!(t.authenticate("").is_none());
         assert!(!format!("{t:?}").contains(T1));
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn gw(role: Role) -> (Caller, bool) {
+        (
+            Caller {
+                actor: "chat-dmz".into(),
+                channel: Channel::Rest,
+                role,
+            },
+            true,
+        )
+    }
+
+    #[test]
+    fn gateway_tokens_are_marked_by_a_fourth_field() {
+        let text = format!("dmz operator {T1} gateway\nbob viewer {T2}\n");
+        let t = Tokens::parse(&text, Path::new("t")).unwrap();
+        assert!(t.entry(T1).unwrap().gateway);
+        assert!(!t.entry(T2).unwrap().gateway);
+        let err = Tokens::parse(&format!("dmz operator {T1} gatewy"), Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4th field"), "{err}");
+    }
+
+    #[test]
+    fn a_gateway_acts_for_a_chat_user_with_the_lower_role() {
+        let h = headers(&[
+            (ACTING_FOR_HEADER, "slack%3AT1%2FU1%20(Al%C3%AFce)"),
+            (ACTING_ROLE_HEADER, "admin"),
+        ]);
+        let c = acting_caller(&h, gw(Role::Operator)).unwrap();
+        assert_eq!(c.actor, "chat-dmz for slack:T1/U1 (Alïce)");
+        assert_eq!(c.channel, Channel::Slack);
+        assert_eq!(c.role, Role::Operator, "never more than the token holds");
+        let h = headers(&[
+            (ACTING_FOR_HEADER, "teams:tenant/29%3Aabc"),
+            (ACTING_ROLE_HEADER, "Viewer"),
+        ]);
+        let c = acting_caller(&h, gw(Role::Admin)).unwrap();
+        assert_eq!((c.channel, c.role), (Channel::Teams, Role::Viewer));
+        assert_eq!(c.actor, "chat-dmz for teams:tenant/29:abc");
+        // Without the headers the token is itself.
+        let c = acting_caller(&headers(&[]), gw(Role::Admin)).unwrap();
+        assert_eq!((c.actor.as_str(), c.role), ("chat-dmz", Role::Admin));
+    }
+
+    #[test]
+    fn acting_headers_are_refused_from_ordinary_tokens_and_when_malformed() {
+        let ok = [
+            (ACTING_FOR_HEADER, "slack%3AT1%2FU1"),
+            (ACTING_ROLE_HEADER, "viewer"),
+        ];
+        let (caller, _) = gw(Role::Admin);
+        assert_eq!(
+            acting_caller(&headers(&ok), (caller, false)),
+            Err(ActingRefusal::NotGateway)
+        );
+        for (pairs, needle) in [
+            (&[ok[0]][..], "go together"),
+            (&[ok[1]][..], "go together"),
+            (
+                &[(ACTING_FOR_HEADER, "mastodon%3Ax"), ok[1]][..],
+                "chat identity",
+            ),
+            (
+                &[(ACTING_FOR_HEADER, "slack%3A"), ok[1]][..],
+                "chat identity",
+            ),
+            (
+                &[(ACTING_FOR_HEADER, "slack%3AT%0AU"), ok[1]][..],
+                "control",
+            ),
+            (&[(ACTING_FOR_HEADER, "slack%3A%FF"), ok[1]][..], "UTF-8"),
+            (&[(ACTING_FOR_HEADER, ""), ok[1]][..], "1 to"),
+            (
+                &[ok[0], (ACTING_ROLE_HEADER, "root")][..],
+                "viewer, operator or admin",
+            ),
+            (
+                &[ok[0], (ACTING_ROLE_HEADER, "none")][..],
+                "viewer, operator or admin",
+            ),
+        ] {
+            match acting_caller(&headers(pairs), gw(Role::Admin)) {
+                Err(ActingRefusal::Malformed(m)) => assert!(m.contains(needle), "{pairs:?}: {m}"),
+                other => panic!("{pairs:?}: {other:?}"),
+            }
+        }
+        let long = format!("slack%3A{}", "x".repeat(MAX_ACTING_FOR));
+        assert!(matches!(
+            acting_caller(
+                &headers(&[(ACTING_FOR_HEADER, &long), ok[1]]),
+                gw(Role::Admin)
+            ),
+            Err(ActingRefusal::Malformed(_))
+        ));
     }
 
     #[test]
