@@ -167,6 +167,12 @@ impl RestBackend {
         }
     }
 
+    /// `GET /api/v1/whoami`: `{actor, channel, role, gateway}`, the caller as the server
+    /// authorises and audits it.
+    pub async fn whoami(&self) -> BackendResult<Value> {
+        self.call(Method::GET, "/api/v1/whoami", &[], None).await
+    }
+
     async fn call(
         &self,
         method: Method,

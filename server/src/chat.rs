@@ -117,6 +117,9 @@ pub struct Sources {
     pub state: Arc<dyn ChatState>,
     /// `None` in a standalone `flotilla chat`: no alert engine runs and `subscribe` says why.
     pub events: Option<EventReceiver>,
+    /// The gateway token's name in a standalone `flotilla chat` (see
+    /// `CoreOptions::acting_as`).
+    pub acting_as: Option<String>,
 }
 
 impl Sources {
@@ -133,18 +136,30 @@ impl Sources {
             backend_for: backend_for(fleet.clone()),
             state,
             events: Some(fleet.subscribe()),
+            acting_as: None,
         }
     }
 
-    /// A standalone `flotilla chat`: every chat user's calls go through `backend_for` (a
-    /// remote server's REST API, acting for the user); state in memory; no alerts.
-    pub fn standalone(backend_for: BackendFor) -> Sources {
+    /// A standalone `flotilla chat`: every chat user's calls go to a remote server's REST API
+    /// as the gateway token `token_name` acting for the user; state in memory; no alerts.
+    pub fn standalone(rest: flotilla_mcp::RestBackend, token_name: String) -> Sources {
         Sources {
-            backend_for,
+            backend_for: rest_backend_for(rest),
             state: Arc::new(MemoryState::default()),
             events: None,
+            acting_as: Some(token_name),
         }
     }
+}
+
+/// A remote server's fleet as one chat user sees it: `rest` (a gateway token) acting for the
+/// user with the role the access map gave them.
+pub fn rest_backend_for(rest: flotilla_mcp::RestBackend) -> BackendFor {
+    Arc::new(
+        move |user: &ChatUser, conv: &ConversationRef, r: ChatRole| -> Arc<dyn FleetBackend> {
+            Arc::new(rest.acting_for(&actor(user, conv), r.as_str()))
+        },
+    )
 }
 
 /// Builds the enabled gateways over one chat state and, when `sources` has events, one alert
@@ -165,6 +180,7 @@ pub async fn gateways(
         backend_for,
         state,
         events,
+        acting_as,
     } = sources;
     let llm = match llm {
         Some(c) => {
@@ -179,6 +195,7 @@ pub async fn gateways(
             llm: llm.clone(),
             confirm_ttl: std::time::Duration::from_secs(confirm_expiry_s),
             alerts: events.is_some(),
+            acting_as: acting_as.clone(),
             ..CoreOptions::default()
         };
         Arc::new(Core::new(

@@ -189,19 +189,21 @@ pub async fn run_with_chat(
 }
 
 /// `flotilla chat`: the chat gateways configured in `v` alone, without a fleet of their own.
-/// Every chat user's tool calls go through `backend_for` (a remote Flotilla's REST API with a
-/// gateway token, acting for the user); conversation state is in memory and no alerts run.
+/// Every chat user's tool calls go to a remote Flotilla's REST API (`rest`, with the gateway
+/// token named `token_name` on the server), acting for the user; conversation state is in
+/// memory and no alerts run.
 /// Serves the chat routes on `listener` (when a gateway has any) until `shutdown` resolves,
 /// then finishes the turns in flight and posts the shutdown notice.
 pub async fn run_chat_gateway(
     v: Validated,
-    backend_for: flotilla_chat::BackendFor,
+    rest: flotilla_mcp::RestBackend,
+    token_name: String,
     listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let cfg = &v.config;
     let chat = chat::gateways(
-        chat::Sources::standalone(backend_for),
+        chat::Sources::standalone(rest, token_name),
         v.slack.as_ref().map(|s| (&cfg.chat.slack, s)),
         v.teams.as_ref().map(|s| (&cfg.chat.teams, s)),
         v.discord.as_ref().map(|s| (&cfg.chat.discord, s)),

@@ -1,15 +1,17 @@
 //! `flotilla chat` as its own process: a real `flotilla serve`, a separate `flotilla chat`
 //! reaching it through the REST API with a gateway token, and a fake Slack Web API. A signed
 //! slash command reaches the standalone gateway, its confirmed restart is queued on the
-//! server, and the audit trail names both the gateway token and the Slack user. The server
-//! refuses the acting-for headers from an ordinary token (403) and malformed ones (400).
+//! server and delivered to the agent once, and the audit trail names both the gateway token
+//! and the Slack user. A viewer cannot restart, neither through the gateway nor by the gateway
+//! token claiming the viewer role on the REST API itself. The server refuses the acting-for
+//! headers from an ordinary token (403) and malformed ones (400).
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use flotilla_e2e::fake_slack::{Click, FakeSlack, SlackSigner, SlashCommand};
-use flotilla_e2e::server::{flotilla_command, free_port, toml_str};
+use flotilla_e2e::server::{flotilla_command, free_port, run_flotilla, toml_str};
 use flotilla_e2e::{Home, HttpAgent, Server};
 use serde_json::Value;
 
@@ -32,6 +34,7 @@ fn secret_file(path: &std::path::Path, text: &str) {
 struct ChatProcess {
     child: tokio::process::Child,
     listen: SocketAddr,
+    config: std::path::PathBuf,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -50,7 +53,8 @@ impl ChatProcess {
             format!(
                 "data_dir = {}\n[log]\nlevel = \"info\"\n[chat]\nlisten = \"{listen}\"\n\
                  [chat.slack]\nenabled = true\nsigning_secret_file = {}\nbot_token_file = {}\n\
-                 api_url = \"{}\"\n[chat.slack.access.users]\nUOPS = \"admin\"\n",
+                 api_url = \"{}\"\n[chat.slack.access.users]\nUOPS = \"admin\"\n\
+                 UVIEW = \"viewer\"\n",
                 toml_str(&dir.join("data")),
                 toml_str(&signing),
                 toml_str(&bot),
@@ -92,6 +96,7 @@ impl ChatProcess {
         ChatProcess {
             child,
             listen,
+            config,
             stderr,
         }
     }
@@ -117,6 +122,35 @@ async fn a_standalone_gateway_queues_through_rest_as_its_token_for_the_slack_use
     let dir = tempfile::tempdir().unwrap();
     let chat = ChatProcess::start(&server, &fake, dir.path()).await;
     let slack = SlackSigner::new(SECRET, &format!("http://{}", chat.listen));
+
+    // A viewer asking for a restart: refused privately by the gateway, nothing queued.
+    let a = slack
+        .command(
+            &fake,
+            &SlashCommand {
+                team: "T1",
+                channel: "C1",
+                user: "UVIEW",
+                user_name: "vic",
+                text: "restart gw-web-host",
+                trigger_id: "t-viewer",
+            },
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    fake.wait_for(T, "the viewer's private answer", |c| {
+        c.iter()
+            .any(|c| c.method == "response_url" && c.target.as_deref() == Some("t-viewer"))
+    })
+    .await;
+    let why = fake
+        .calls_of("response_url")
+        .into_iter()
+        .find(|c| c.target.as_deref() == Some("t-viewer"))
+        .unwrap()
+        .body["text"]
+        .to_string();
+    assert!(why.contains("operator"), "{why}");
 
     let a = slack
         .command(
@@ -185,6 +219,12 @@ async fn a_standalone_gateway_queues_through_rest_as_its_token_for_the_slack_use
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(queued["kind"], "restart", "{queued}");
+    assert_eq!(queued["agent_uid"], web.uid_str(), "{queued}");
+    // Delivered on the agent's next poll, and only once.
+    let reply = web.send(web.heartbeat()).await;
+    assert!(reply.command.is_some(), "restart delivered: {reply:?}");
+    let again = web.send(web.heartbeat()).await;
+    assert!(again.command.is_none(), "delivered twice: {again:?}");
     assert_eq!(
         server.get("/api/v1/commands").await.expect(200, "commands")["items"]
             .as_array()
@@ -226,10 +266,53 @@ async fn a_standalone_gateway_queues_through_rest_as_its_token_for_the_slack_use
             .contains("gateway"),
         "{body}"
     );
+    // The gateway token claiming the viewer role for a user cannot restart: the lower of the
+    // two roles applies, whatever the token itself may do.
+    let r = http
+        .post(server.url("/api/v1/commands"))
+        .bearer_auth(GATEWAY_TOKEN)
+        .header("X-Flotilla-Acting-For", "slack%3AT1%2FUVIEW%20%28vic%29")
+        .header("X-Flotilla-Acting-Role", "viewer")
+        .json(&serde_json::json!({"agent": web.uid_str(), "kind": "restart", "params": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    assert_eq!(
+        server.get("/api/v1/commands").await.expect(200, "commands")["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "nothing queued for the viewer"
+    );
     let r = send(GATEWAY_TOKEN, "irc%3Anick", "viewer").await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let r = send(GATEWAY_TOKEN, "slack%3AT1%2FUOPS", "root")
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+
+    // A token not marked `gateway`: `flotilla chat` refuses to start (exit 4), saying why.
+    let plain = dir.path().join("plain-token");
+    secret_file(&plain, &home.tokens.operator);
+    let out = run_flotilla(
+        &[
+            "chat",
+            "--config",
+            chat.config.to_str().unwrap(),
+            "--server",
+            &server.url(""),
+            "--token-file",
+            plain.to_str().unwrap(),
+        ],
+        &[("XDG_CONFIG_HOME", dir.path().to_str().unwrap())],
+        T,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("not marked `gateway`"), "{err}");
 }

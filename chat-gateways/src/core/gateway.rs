@@ -47,6 +47,10 @@ pub struct CoreOptions {
     /// has no event feed over REST: `subscribe` then says so instead of storing a
     /// subscription that would never fire.
     pub alerts: bool,
+    /// The gateway token's name when tool calls reach a server as that token acting for the
+    /// chat user (a standalone `flotilla chat`): the server audits them as `<name> for
+    /// <chat identity>`, so "my last command" must look for that actor, not the bare identity.
+    pub acting_as: Option<String>,
 }
 
 impl Default for CoreOptions {
@@ -58,6 +62,7 @@ impl Default for CoreOptions {
             idle_after: Duration::from_secs(30 * 60),
             llm: None,
             alerts: true,
+            acting_as: None,
         }
     }
 }
@@ -274,7 +279,11 @@ impl Core {
         text: &str,
     ) -> Vec<Reply> {
         let ctx = self.context(conv).await;
-        let mut plan = rules::plan(text, &ctx, &actor(user, conv));
+        let me = match &self.options.acting_as {
+            Some(token) => format!("{token} for {}", actor(user, conv)),
+            None => actor(user, conv),
+        };
+        let mut plan = rules::plan(text, &ctx, &me);
         // Rules first; the model only for what they ask back about.
         let mut fell_back = None;
         if let (Plan::AskBack { .. }, Some(llm)) = (&plan, self.options.llm.clone()) {

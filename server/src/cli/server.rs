@@ -344,22 +344,42 @@ pub async fn chat(args: &super::ChatArgs) -> anyhow::Result<Exit> {
     };
     let rest = flotilla_mcp::RestBackend::with_options(&settings.server, Some(token), &options)
         .map_err(|e| Failure::new(Exit::Usage, e.message))?;
+    // Checked before serving: a token the server does not know, or one not marked `gateway`,
+    // would fail every chat request later with nothing but a 401/403 in the platform.
+    let me = rest.whoami().await.map_err(|e| {
+        Failure::new(
+            if e.code == "unauthorized" {
+                Exit::Refused
+            } else {
+                Exit::Error
+            },
+            format!(
+                "flotilla chat: cannot check the gateway token with {}: {}",
+                settings.server, e.message
+            ),
+        )
+    })?;
+    if me["gateway"] != serde_json::Value::Bool(true) {
+        return Err(Failure::new(
+            Exit::Refused,
+            format!(
+                "flotilla chat: the token {:?} is not marked `gateway` in the server's api.tokens_file \
+                 (add a 4th field `gateway` to its line), so it may not act for chat users",
+                me["actor"].as_str().unwrap_or_default()
+            ),
+        )
+        .into());
+    }
+    let token_name = me["actor"].as_str().unwrap_or_default().to_string();
     let listener = match v.chat_addr {
         Some(a) => Some(
             flotilla_server::bind(a).with_context(|| format!("cannot listen for chat on {a}"))?,
         ),
         None => None,
     };
-    tracing::info!(server = %settings.server, "flotilla chat: tool calls go to the server's REST API as the gateway token acting for each chat user");
-    let backend_for: flotilla_chat::BackendFor = std::sync::Arc::new(
-        move |user: &flotilla_chat::ChatUser,
-              conv: &flotilla_chat::ConversationRef,
-              role: flotilla_chat::Role|
-              -> std::sync::Arc<dyn flotilla_mcp::FleetBackend> {
-            std::sync::Arc::new(rest.acting_for(&flotilla_chat::actor(user, conv), role.as_str()))
-        },
-    );
-    flotilla_server::run_chat_gateway(v, backend_for, listener, shutdown_signal()).await?;
+    tracing::info!(server = %settings.server, token = %token_name, role = %me["role"].as_str().unwrap_or_default(),
+        "flotilla chat: tool calls go to the server's REST API as the gateway token acting for each chat user");
+    flotilla_server::run_chat_gateway(v, rest, token_name, listener, shutdown_signal()).await?;
     Ok(Exit::Ok)
 }
 

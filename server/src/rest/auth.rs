@@ -506,7 +506,27 @@ pub(super) async fn require_bearer(
         return e.into_response();
     };
     req.extensions_mut().insert(caller);
+    req.extensions_mut().insert(GatewayToken(token.1));
     next.run(req).await
+}
+
+/// Whether the request's token is marked `gateway` (set by [`require_bearer`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayToken(pub bool);
+
+/// `GET /api/v1/whoami`: the caller as the server audits it — `{actor, channel, role,
+/// gateway}`. A standalone chat gateway asks once at start, to refuse to run with a token
+/// that may not act for chat users and to learn the name its users' records carry.
+pub(super) async fn whoami(
+    Auth(caller): Auth,
+    gateway: Option<axum::Extension<GatewayToken>>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "actor": caller.actor,
+        "channel": caller.channel.as_str(),
+        "role": caller.role.as_str(),
+        "gateway": gateway.is_some_and(|g| g.0 .0),
+    }))
 }
 
 #[cfg(test)]

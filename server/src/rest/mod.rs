@@ -94,6 +94,7 @@ fn api_table() -> Vec<RouteEntry> {
         r("GET", "/api/v1/audit", audit::query),
         r("GET", "/api/v1/audit/verify", audit::verify),
         r("GET", "/api/v1/audit/export", audit::export),
+        r("GET", "/api/v1/whoami", auth::whoami),
     ]
 }
 

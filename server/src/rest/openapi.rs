@@ -796,6 +796,30 @@ pub fn document() -> Value {
         ),
         &["forbidden"],
     );
+    let whoami = op(
+        "whoami",
+        "meta",
+        "Who the server takes the caller to be",
+        "The caller as its calls are authorised and audited: the actor (with \
+         `X-Flotilla-Acting-For`, `<token> for <chat identity>`), channel, role, and whether the \
+         token is marked `gateway` in api.tokens_file. A standalone `flotilla chat` checks its \
+         token with it at start.",
+        vec![],
+        None,
+        (
+            "200",
+            ok(
+                "The caller.",
+                json!({"type": "object", "required": ["actor", "channel", "role", "gateway"], "properties": {
+                    "actor": {"type": "string"},
+                    "channel": {"type": "string"},
+                    "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                    "gateway": {"type": "boolean", "description": "The token may act for chat users."}
+                }}),
+            ),
+        ),
+        &["forbidden"],
+    );
     let export = op(
         "exportAudit",
         "audit",
@@ -864,6 +888,7 @@ pub fn document() -> Value {
             "/api/v1/audit": {"get": audit},
             "/api/v1/audit/verify": {"get": verify},
             "/api/v1/audit/export": {"get": export},
+            "/api/v1/whoami": {"get": whoami},
             "/api/v1/openapi.json": {"get": openapi},
             "/healthz": {"get": ops_op("healthz", "Liveness", "200 `ok` while the process serves requests.", "text/plain", "Alive.")},
             "/readyz": {"get": ops_op("readyz", "Readiness", "200 when the store answers a trivial query, else 503.", "text/plain", "Ready.")},

@@ -527,3 +527,56 @@ async fn a_batch_command_moved_to_another_agent_is_refused_and_legacy_commands_s
     );
     server.stop().await;
 }
+
+/// `GET /api/v1/whoami`: the caller as the server audits it. A token marked `gateway` says so,
+/// and acting for a chat user it is `<token> for <identity>` in the platform's channel with the
+/// lower of the two roles; an ordinary token acting for anyone is refused (403).
+#[tokio::test]
+async fn whoami_names_the_caller_and_marks_gateway_tokens() {
+    use crate::support::OPERATOR_TOKEN;
+    const GATEWAY: &str = "gateway-secret-token-0123456789";
+    let server = TestServer::start_with(|c| {
+        let tokens = c.api.tokens_file.clone().unwrap();
+        let mut text = std::fs::read_to_string(&tokens).unwrap();
+        text.push_str(&format!("chatgw admin {GATEWAY} gateway\n"));
+        flotilla_e2e::write_secret(&tokens, text);
+    })
+    .await;
+    let (s, v) = server
+        .rest_as(Some(OPERATOR_TOKEN))
+        .get("/api/v1/whoami")
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"actor": "ops", "channel": "rest", "role": "operator", "gateway": false})
+    );
+    let (_, v) = server.rest_as(Some(GATEWAY)).get("/api/v1/whoami").await;
+    assert_eq!(
+        v,
+        json!({"actor": "chatgw", "channel": "rest", "role": "admin", "gateway": true})
+    );
+    let http = reqwest::Client::new();
+    let acting = |token: &str| {
+        http.get(server.api_url("/api/v1/whoami"))
+            .bearer_auth(token)
+            .header(
+                "X-Flotilla-Acting-For",
+                "discord%3AG1%2F42%20%28Z%C3%B6e%29",
+            )
+            .header("X-Flotilla-Acting-Role", "operator")
+            .send()
+    };
+    let r = acting(GATEWAY).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"actor": "chatgw for discord:G1/42 (Zöe)", "channel": "discord",
+               "role": "operator", "gateway": true})
+    );
+    let r = acting(OPERATOR_TOKEN).await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "forbidden", "{v}");
+}

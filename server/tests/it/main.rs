@@ -5,6 +5,7 @@ mod auth;
 mod chat_alerts;
 mod chat_discord;
 mod chat_llm;
+mod chat_rest;
 mod chat_slack;
 mod chat_slack_flows;
 mod chat_socket;

@@ -136,6 +136,19 @@ fn looks_like_host(w: &str) -> bool {
     has_alpha && ((has_sep && has_digit) || w.matches('.').count() >= 2)
 }
 
+/// gw-web-host, logs.eu: letters and digits joined by `-`, `.` or `_`, at least one joint and
+/// one letter; an agent's name when it is the only target word of a restart, shutdown or
+/// resync.
+fn looks_like_name(w: &str) -> bool {
+    w.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && w.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && w.contains(['-', '.', '_'])
+        && w.chars().any(|c| c.is_ascii_alphabetic())
+        && !KNOWN_COMPOUNDS.contains(&w)
+}
+
 const KNOWN_COMPOUNDS: &[&str] = &["fluent-bit", "td-agent", "push-config", "force-resync"];
 
 /// 3.1.4, v5.1, 2.0.
@@ -1003,6 +1016,19 @@ fn mutating(kind: &'static str, words: &[String], ctx: &ThreadContext) -> Plan {
             format!("{example} type:fluentbit health:unhealthy label:env=prod"),
         ],
     };
+    // A lone word shaped like a name (`gw-web-host`, `logs.eu`) names one agent even without
+    // the digit `looks_like_host` wants: the server resolves it exactly (a unique host or
+    // service name, `not_found` otherwise) and the preview shows that agent before anything
+    // runs, so nothing is widened to a query on a guess. Only when nothing else was said
+    // ("the flaky-ish ones" describes agents, it does not name one).
+    if let ([name], true, false, false) = (t.unknown.as_slice(), t.is_empty(), t.them, t.all) {
+        let alone = rest
+            .iter()
+            .all(|w| w == name || matches!(w.as_str(), "the" | "please" | "now"));
+        if alone && looks_like_name(name) {
+            return Plan::tool("command_queue", json!({"agent": name, "kind": kind}));
+        }
+    }
     if !t.unknown.is_empty() {
         return ask(format!(
             "a {kind}, but not which agents \"{}\" means",
